@@ -1,0 +1,1 @@
+"""Benchmarks behind the `hfs bench-*` commands."""

@@ -1,0 +1,324 @@
+"""The one YAML configuration schema shared by every ``hfs`` command.
+
+Each section is a typed dataclass. Validation lives in field metadata (``choices``,
+``ge``/``gt``/``le``) so adding a key is one line. Loading merges, in order: the
+dataclass defaults, a YAML file, then ``--set section.key=value`` overrides. Unknown keys
+and bad values raise :class:`ConfigError` with a message naming the key. Derived values
+are properties, never written back into the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message names the key."""
+
+
+def _f(default: Any, *, help: str = "", choices: Iterable[Any] | None = None,
+       ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
+    """A dataclass field with its validation rules and help text in metadata."""
+    meta = {"help": help, "choices": tuple(choices) if choices is not None else None,
+            "ge": ge, "gt": gt, "le": le}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("synthetic", choices=("synthetic", "list", "rec"),
+                     help="where training images come from")
+    root: str = _f("", help="folder of `hfs convert` output (source=list) or of train.rec/.idx (source=rec)")
+    train_list: str = _f("train_list.txt", help="training list inside root (source=list)")
+    val_list: str = _f("val_list.txt", help="validation list inside root (source=list); empty: none")
+    image_size: int = _f(112, gt=0, help="square input size in pixels")
+    hflip: bool = _f(True, help="random horizontal flip during training")
+    num_workers: int = _f(2, ge=0, help="DataLoader worker processes")
+    synthetic_classes: int = _f(1000, gt=0, help="identities of the synthetic source")
+    synthetic_images_per_class: int = _f(20, gt=0, help="images per synthetic identity")
+    synthetic_val_per_class: int = _f(2, ge=0, help="held-out images per synthetic identity")
+    synthetic_seed: int = _f(0, help="seed of the synthetic identities")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = _f("iresnet50", help="backbone name from the registry (`hfs.models`)")
+    embedding_size: int = _f(512, gt=0, help="feature dimension D")
+    dropout: float = _f(0.0, ge=0.0, le=1.0, help="dropout before the embedding layer")
+
+
+@dataclass
+class HeadConfig:
+    type: str = _f("arcface", choices=("softmax", "cosface", "arcface"), help="margin head")
+    scale: float = _f(64.0, gt=0.0, help="logit scale s (cosface/arcface)")
+    margin: float = _f(0.5, ge=0.0, help="margin m (cosface: cosine margin, arcface: angular margin)")
+
+
+@dataclass
+class FCConfig:
+    mode: str = _f("full", choices=("full", "sampled", "sharded"),
+                   help="full: whole matrix as a parameter; sampled: HF-softmax over active classes; "
+                        "sharded: model-parallel shards across ranks (train-dist)")
+    num_classes: int = _f(0, ge=0, help="number of classes C; 0 = take it from the data")
+    sample_num: int = _f(1000, gt=0, help="active classes per step (sampled/sharded modes)")
+    init: str = _f("gaussian", choices=("gaussian", "uniform", "zeros"), help="initialisation of the classifier rows")
+    init_std: float = _f(0.01, ge=0.0, help="std (gaussian) or half-width (uniform) of the initialisation")
+    lr_scale: float = _f(1.0, gt=0.0, help="classifier lr = backbone lr x lr_scale")
+
+
+@dataclass
+class SamplerConfig:
+    type: str = _f("annoy", choices=("annoy", "hnsw", "exact", "random"),
+                   help="how hard negatives are found (random = Partial FC's rule)")
+    metric: str = _f("auto", choices=("auto", "cosine", "dot"),
+                     help="similarity; auto = cosine for margin heads, dot for softmax")
+    refresh: str = _f("adaptive", choices=("interval", "adaptive"),
+                      help="interval: rebuild every `interval` steps; adaptive: when weights moved enough")
+    interval: int = _f(100, gt=0, help="steps between index rebuilds (refresh=interval; the cap for adaptive)")
+    drift_threshold: float = _f(0.05, gt=0.0, help="relative weight change that triggers a rebuild (adaptive)")
+    background: bool = _f(True, help="rebuild the index in the background while training queries the old one")
+    annoy_trees: int = _f(50, gt=0, help="annoy: number of trees in the hashing forest")
+    annoy_search_k: int = _f(-1, help="annoy: nodes inspected per query (-1 = trees x k)")
+    hnsw_m: int = _f(16, gt=0, help="hnsw: graph degree M")
+    hnsw_ef_construction: int = _f(200, gt=0, help="hnsw: ef at build time")
+    hnsw_ef: int = _f(100, gt=0, help="hnsw: ef at query time")
+    exact_chunk: int = _f(65536, gt=0, help="exact: rows per matmul chunk")
+    seed: int = _f(0, help="seed of the uniform fill")
+
+
+@dataclass
+class ParamServerConfig:
+    address: str = _f("", help="tcp://host:port[,tcp://host:port...] of `hfs serve-params` shards; empty = in-process store")
+    timeout_s: float = _f(60.0, gt=0.0, help="client request timeout and synchronous-step timeout")
+    snapshot_dir: str = _f("", help="server snapshots folder; empty = <train.output_dir>/store")
+    keep_snapshots: int = _f(3, gt=0, help="snapshots kept (oldest removed)")
+    secret: str = _f("", help="shared secret for non-loopback servers (or HFS_PS_SECRET)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(0.1, gt=0.0, help="base learning rate (per global batch)")
+    momentum: float = _f(0.9, ge=0.0, le=1.0, help="SGD momentum")
+    weight_decay: float = _f(5e-4, ge=0.0, help="SGD weight decay")
+    schedule: str = _f("multistep", choices=("multistep", "cosine", "poly", "constant"), help="lr schedule")
+    milestones: list[int] = _f([], help="multistep: steps at which lr *= gamma")
+    gamma: float = _f(0.1, gt=0.0, help="multistep: lr factor at each milestone")
+    power: float = _f(2.0, gt=0.0, help="poly: exponent")
+    warmup_steps: int = _f(0, ge=0, help="linear warmup steps")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _f("runs/default", help="checkpoints, metrics and logs go here")
+    batch_size: int = _f(128, gt=0, help="images per step per process")
+    max_steps: int = _f(0, ge=0, help="stop after N steps (0 = run `epochs` epochs)")
+    epochs: int = _f(1, gt=0, help="epochs when max_steps = 0")
+    grad_accum: int = _f(1, gt=0, help="micro-batches per optimizer step")
+    amp: str = _f("none", choices=("none", "bf16", "fp16"), help="mixed precision on CUDA")
+    device: str = _f("auto", help="auto, cpu, cuda or cuda:N")
+    seed: int = _f(0, help="global seed")
+    log_every: int = _f(10, gt=0, help="steps between progress/metrics lines")
+    checkpoint_every: int = _f(1000, ge=0, help="steps between checkpoints (0 = only at the end)")
+    keep_checkpoints: int = _f(3, gt=0, help="checkpoints kept")
+    val_every: int = _f(0, ge=0, help="steps between validations (0 = only at the end)")
+
+
+@dataclass
+class DistConfig:
+    backend: str = _f("gloo", choices=("gloo", "nccl"), help="torch.distributed backend")
+    nproc: int = _f(0, ge=0, help="processes per node (0 = visible GPUs, or 1 on CPU)")
+    nnodes: int = _f(1, gt=0, help="number of nodes")
+    node_rank: int = _f(0, ge=0, help="this node's rank")
+    master_addr: str = _f("127.0.0.1", help="rendezvous host")
+    master_port: int = _f(29500, gt=0, le=65535, help="rendezvous port")
+
+
+@dataclass
+class EvalConfig:
+    bins: list[str] = _f([], help="verification .bin files scored during training and by `hfs verify`")
+    flip: bool = _f(False, help="add the embedding of the mirrored image")
+    folds: int = _f(10, ge=2, help="cross-validation folds")
+    batch_size: int = _f(256, gt=0, help="images per extraction batch")
+    every: int = _f(0, ge=0, help="steps between verification runs during training (0 = only at the end)")
+
+
+@dataclass
+class HfsConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    fc: FCConfig = field(default_factory=FCConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    paramserver: ParamServerConfig = field(default_factory=ParamServerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def sampler_metric(self) -> str:
+        """Cosine for margin heads (they normalise rows), inner product for plain softmax."""
+        if self.sampler.metric != "auto":
+            return self.sampler.metric
+        return "dot" if self.head.type == "softmax" else "cosine"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _unknown_key(key: str, valid: Iterable[str]) -> ConfigError:
+    valid = list(valid)
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], [v.rsplit(".", 1)[-1] for v in valid], n=1)
+    hint = ""
+    if close:
+        prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        hint = f" (did you mean '{prefix}{close[0]}'?)"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotated type; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if value is None:
+            return []
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
+
+
+def _check_rules(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}")
+    for rule, ok, text in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                           ("le", lambda v, b: v <= b, "<=")):
+        bound = meta.get(rule)
+        if bound is not None and not ok(value, bound):
+            raise ConfigError(f"config key '{key}' must be {text} {bound}; got {value!r}")
+
+
+def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        full = f"{name}.{key}"
+        if key not in fields:
+            raise _unknown_key(full, [f"{name}.{k}" for k in fields])
+        coerced = _coerce(full, value, hints[key])
+        _check_rules(full, coerced, fields[key].metadata)
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """Turn ``section.key=value`` into a nested dict; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    dotted, raw = text.split("=", 1)
+    parts = [p for p in dotted.strip().split(".") if p]
+    if len(parts) != 2:
+        raise ConfigError(f"override key '{dotted}' must be section.key (e.g. train.max_steps=100)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc.__class__.__name__})") from None
+    return {parts[0]: {parts[1]: value}}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path}{where}: invalid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+    return data
+
+
+def config_from_dict(data: dict[str, Any]) -> HfsConfig:
+    """Validate a nested dict into :class:`HfsConfig`; unknown sections/keys are errors."""
+    sections = typing.get_type_hints(HfsConfig)
+    built: dict[str, Any] = {}
+    for name, values in data.items():
+        if name not in sections:
+            raise _unknown_key(str(name), sections)
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{name}' must be a mapping, got {type(values).__name__}")
+        built[name] = _build_section(name, sections[name], values)
+    return HfsConfig(**built)
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> HfsConfig:
+    """Defaults, then the YAML file, then ``section.key=value`` overrides."""
+    data: dict[str, Any] = read_yaml(path) if path else {}
+    for text in overrides:
+        data = _merge(data, parse_override(text))
+    return config_from_dict(data)
+
+
+def describe_keys() -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, help) for every key; the README's config reference comes from this."""
+    rows = []
+    for section, cls in typing.get_type_hints(HfsConfig).items():
+        hints = typing.get_type_hints(cls)
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            rows.append((f"{section}.{f.name}", _type_name(hints[f.name]), getattr(defaults, f.name),
+                         f.metadata.get("help", "")))
+    return rows

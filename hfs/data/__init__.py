@@ -1,0 +1,1 @@
+"""Datasets and file formats: RecordIO, verification .bin, file lists, synthetic identities."""

@@ -1,0 +1,1 @@
+"""The classifier layer: FullFC (baseline) and SampledFC (active rows from a weight store)."""

@@ -1,0 +1,1 @@
+"""Backbones and margin heads behind registries."""

@@ -1,0 +1,1 @@
+"""The classifier's big matrix outside the trainer: in-process store, ZeroMQ server and client."""

@@ -1,0 +1,90 @@
+"""The WeightStore seam: what the classifier needs from wherever the big matrix lives.
+
+The in-process store (`store.py`) and the ZeroMQ client (`client.py`) both implement this
+interface, so the trainer never knows which one it has. Rows are int64 numpy arrays,
+values float32 numpy arrays of shape (len(rows), dim).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class HParams:
+    """Optimizer hyper-parameters the trainer pushes to the store (its lr schedule)."""
+
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+
+class WeightStore(ABC):
+    """Named row-matrices with sparse SGD (momentum + weight decay) applied on push."""
+
+    # -- workers (synchronous steps) -------------------------------------------------
+    def register(self, worker: str) -> None:  # pragma: no cover - default for single worker
+        """Join the set of workers whose pushes make up a synchronous step."""
+
+    def leave(self, worker: str) -> None:  # pragma: no cover - default for single worker
+        """Leave the set of workers; pending steps stop waiting for this one."""
+
+    # -- matrices --------------------------------------------------------------------
+    @abstractmethod
+    def create(self, name: str, num_rows: int, dim: int, *, init: str = "gaussian", std: float = 0.01,
+               seed: int = 0, exist_ok: bool = False) -> None:
+        """Create a float32 matrix (and its momentum). With exist_ok, keep an existing one of that shape."""
+
+    @abstractmethod
+    def shape(self, name: str) -> tuple[int, int]:
+        """(num_rows, dim) of a matrix."""
+
+    @abstractmethod
+    def get_rows(self, name: str, rows: np.ndarray, step: int | None = None) -> np.ndarray:
+        """Rows' current values. With ``step``, wait until every step before it is applied."""
+
+    @abstractmethod
+    def set_rows(self, name: str, rows: np.ndarray, values: np.ndarray) -> None:
+        """Overwrite rows (momentum untouched)."""
+
+    @abstractmethod
+    def push_grads(self, name: str, rows: np.ndarray, grads: np.ndarray, step: int) -> None:
+        """Add this worker's row gradients to ``step``; the step is applied once all workers pushed.
+
+        Duplicate rows, within and across pushes, add up. Applied with the SGD rule of
+        ``torch.optim.SGD`` on the touched rows only (untouched rows keep their momentum).
+        """
+
+    @abstractmethod
+    def set_hparams(self, name: str, hparams: HParams) -> None:
+        """Learning rate, momentum and weight decay for the next applied steps."""
+
+    @abstractmethod
+    def iter_chunks(self, name: str, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (first_row, rows) chunks of the whole matrix, for index rebuilds and evaluation."""
+
+    # -- persistence -----------------------------------------------------------------
+    @abstractmethod
+    def snapshot(self, tag: str | None = None) -> str:
+        """Write all matrices + momentum + step + hparams; return the snapshot's name."""
+
+    @abstractmethod
+    def restore(self, tag: str = "latest") -> int:
+        """Load a snapshot by name (or the latest complete one); return its step."""
+
+    @abstractmethod
+    def stats(self) -> dict:
+        """Counters for logs and benchmarks (requests, bytes, latency percentiles, ...)."""
+
+    def close(self) -> None:
+        """Release sockets/threads. Idempotent."""
+
+    def __enter__(self) -> "WeightStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,1 @@
+"""Class samplers: which classes are active in a mini-batch."""

@@ -1,0 +1,31 @@
+"""Logging and the user-facing rich console; configured by the CLI, never at import."""
+
+from __future__ import annotations
+
+import logging
+
+
+def make_console(stderr: bool = False):
+    """A rich Console (imported lazily so `hfs --help` stays fast)."""
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+def setup_logging(verbose: int = 0) -> None:
+    """Route `logging` through rich on stderr: INFO by default, DEBUG with -v."""
+    from rich.logging import RichHandler
+
+    level = logging.DEBUG if verbose > 0 else logging.INFO
+    handler = RichHandler(console=make_console(stderr=True), show_path=False, rich_tracebacks=False)
+    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]", handlers=[handler], force=True)
+
+
+def progress(console=None, transient: bool = False):
+    """The one progress-bar style used by every long-running command."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console or make_console(stderr=True), transient=transient)

@@ -1,0 +1,100 @@
+from pathlib import Path
+
+import pytest
+
+from hfs.config import ConfigError, HfsConfig, describe_keys, load_config, parse_override
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_are_valid():
+    cfg = load_config()
+    assert isinstance(cfg, HfsConfig)
+    assert cfg.fc.sample_num == 1000
+
+
+def test_yaml_then_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  max_steps: 7\n  batch_size: 4\nhead:\n  type: cosface\n")
+    cfg = load_config(p, ["train.max_steps=9", "optim.milestones=[10, 20]", "optim.lr=1"])
+    assert cfg.train.max_steps == 9 and cfg.train.batch_size == 4
+    assert cfg.head.type == "cosface"
+    assert cfg.optim.milestones == [10, 20]
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.max_step=3", "did you mean 'train.max_steps'"),
+    ("trian.max_steps=3", "did you mean 'train'"),
+    ("head.type=arcfac", "head.type"),
+    ("train.batch_size=-1", "train.batch_size"),
+    ("train.batch_size=abc", "expects int"),
+    ("train.hflip=1", "unknown config key 'train.hflip'"),
+    ("data.hflip=yes please", "data.hflip"),
+    ("optim.milestones=[1, x]", "optim.milestones[1]"),
+])
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(None, [override])
+    assert needle in str(info.value)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("train.max_steps")
+    with pytest.raises(ConfigError, match="must be section.key"):
+        parse_override("max_steps=3")
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)
+    notmap = tmp_path / "list.yaml"
+    notmap.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(notmap)
+    section = tmp_path / "section.yaml"
+    section.write_text("train: 3\n")
+    with pytest.raises(ConfigError, match="section 'train'"):
+        load_config(section)
+
+
+def test_derived_metric_is_a_property():
+    assert load_config(None, ["head.type=softmax"]).sampler_metric == "dot"
+    assert load_config(None, ["head.type=arcface"]).sampler_metric == "cosine"
+    cfg = load_config(None, ["head.type=softmax", "sampler.metric=cosine"])
+    assert cfg.sampler_metric == "cosine"
+    assert "sampler_metric" not in cfg.to_dict()
+
+
+def test_every_shipped_config_loads_and_starts_with_its_command():
+    files = sorted(CONFIGS.glob("*.yaml"))
+    assert files
+    for f in files:
+        load_config(f)
+        first = f.read_text().splitlines()[0]
+        assert first.startswith("# hfs "), f"{f.name} must start with the command that runs it"
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(None, ["train.max_steps=5", "eval.bins=[a.bin, b.bin]"])
+    p = tmp_path / "out.yaml"
+    p.write_text(cfg.to_yaml())
+    assert load_config(p) == cfg
+
+
+def test_every_key_has_help():
+    for key, _, _, text in describe_keys():
+        assert text, f"{key} has no help text"
+
+
+def test_default_config_file_is_current():
+    from hfs.utils.default_config import render_default_config
+
+    assert (CONFIGS / "default.yaml").read_text() == render_default_config(), \
+        "regenerate: python -m hfs.utils.default_config > configs/default.yaml"
+    assert load_config(CONFIGS / "default.yaml") == HfsConfig()
