@@ -73,6 +73,7 @@ class FCConfig:
     init: str = _f("gaussian", choices=("gaussian", "uniform", "zeros"), help="initialisation of the classifier rows")
     init_std: float = _f(0.01, ge=0.0, help="std (gaussian) or half-width (uniform) of the initialisation")
     lr_scale: float = _f(1.0, gt=0.0, help="classifier lr = backbone lr x lr_scale")
+    overlap_push: bool = _f(True, help="sampled: push row gradients on a background thread, overlapping the backbone's backward")
 
 
 @dataclass
