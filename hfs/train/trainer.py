@@ -448,3 +448,21 @@ def _progress_info(record: dict) -> str:
 def train(cfg: HfsConfig, resume: str | Path | None = None, **kwargs) -> TrainResult:
     """Train as configured (resuming from a checkpoint path when given)."""
     return Trainer(cfg, resume=resume, **kwargs).run()
+
+
+def summarize(result: TrainResult, console=None) -> None:
+    """A short rich table of what the run did (the end of `hfs train` and `make demo`)."""
+    from rich.table import Table
+
+    from hfs.utils.log import make_console
+
+    table = Table(title="training" + (" (interrupted)" if result.interrupted else ""), show_header=False)
+    table.add_row("mode", f"{result.mode}: {result.active_classes} of {result.num_classes} classes per step")
+    table.add_row("steps", f"{result.start_step} -> {result.steps} in {result.seconds:.1f} s")
+    table.add_row("last loss / train acc", f"{result.loss:.4f} / {result.train_acc:.1%}")
+    if result.val_top1 is not None:
+        table.add_row("val top-1 (all classes)", f"{result.val_top1:.2%}")
+    for name, acc in result.verification.items():
+        table.add_row(f"verification {name}", f"{acc:.2%}")
+    table.add_row("checkpoint", result.checkpoint)
+    (console or make_console()).print(table)
