@@ -376,6 +376,8 @@ class Trainer:
                                  num_classes=self.num_classes,
                                  active_classes=self.sample_num if self.mode == "sampled" else self.num_classes)
             last_ckpt: Path | None = None
+            pos = self.stream.position
+            self._epochs_done = pos.epoch + (1 if pos.batch >= self.stream.batches_per_epoch else 0)
             window = _Window(self._sampler_seconds())
             bar = stack.enter_context(progress(self.console))
             task = bar.add_task(f"train ({self.mode})", total=self.total_steps, completed=start, info="")
@@ -393,7 +395,7 @@ class Trainer:
                     record["val_top1"] = result.val_top1 = self.validate()
                 if len(record) > 2:
                     metrics.write(record)
-                if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                if self._checkpoint_due():
                     last_ckpt = self.save()
                 bar.update(task, completed=self.step)
                 for callback in self.callbacks:
@@ -411,6 +413,17 @@ class Trainer:
             result.steps, result.checkpoint = self.step, str(last_ckpt)
         result.seconds = time.perf_counter() - t_start
         return result
+
+    def _checkpoint_due(self) -> bool:
+        """Every train.checkpoint_every steps, and when an epoch completes per checkpoint_every_epochs."""
+        t = self.cfg.train
+        if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+            return True
+        pos = self.stream.position
+        epochs_done = pos.epoch + (1 if pos.batch >= self.stream.batches_per_epoch else 0)
+        new_epoch = epochs_done > self._epochs_done
+        self._epochs_done = epochs_done
+        return bool(t.checkpoint_every_epochs and new_epoch and epochs_done % t.checkpoint_every_epochs == 0)
 
     def _sampler_seconds(self) -> float:
         return self.fc.sampler_seconds() if isinstance(self.fc, SampledFC) else 0.0

@@ -93,3 +93,11 @@ def test_schedules():
     p = OptimConfig(lr=1.0, schedule="poly", power=2.0)
     assert lr_at(5, p, 10) == pytest.approx(0.25)
     assert lr_at(7, OptimConfig(lr=0.3, schedule="constant"), 10) == pytest.approx(0.3)
+
+
+def test_checkpoint_every_epochs(tiny_cfg, blobs, tmp_path):
+    # 192 images / 24 = 8 batches per epoch; accum 3 -> epochs end inside steps 3, 6 (mid-step), 8.
+    train(tiny_cfg("train.max_steps=9", "train.grad_accum=3", "train.checkpoint_every_epochs=1",
+                   "train.keep_checkpoints=10"), datasets=blobs)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == [
+        "step-00000003.pt", "step-00000006.pt", "step-00000008.pt", "step-00000009.pt"]
