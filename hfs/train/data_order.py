@@ -48,6 +48,9 @@ class BatchStream:
 
     def _loader(self) -> DataLoader:
         pos = self.position
+        set_epoch = getattr(self.dataset, "set_epoch", None)
+        if set_epoch is not None:  # datasets that vary augmentation per epoch (seeded, so resumable)
+            set_epoch(pos.epoch)
         order = _EpochOrder(len(self.dataset), self.seed, pos.epoch, pos.batch * self.batch_size)  # type: ignore[arg-type]
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + pos.epoch)
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=order, drop_last=True,
