@@ -63,6 +63,36 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = [], keys: Annotated[boo
     typer.echo(resolve_config(config, set_, False).to_yaml(), nl=False)
 
 
+@app.command("verify")
+def verify(
+    bins: Annotated[List[Path], typer.Option("--bin", help="Verification .bin file (repeatable; default: eval.bins).")] = [],
+    features: Annotated[List[Path], typer.Option("--features", help="Features .npy from `hfs extract`, one per --bin, same order.")] = [],
+    folds: Annotated[Optional[int], typer.Option("--folds", min=2, help="Cross-validation folds (default: eval.folds).")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the ROC curves to this PNG (needs the plot extra: pip install 'hfs\\[plot]').")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write all metrics to this JSON file.")] = None,
+    config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
+) -> None:
+    """Verification accuracy (10-fold), VAL@FAR, AUC and EER on InsightFace .bin pair sets."""
+    cfg = resolve_config(config, set_, print_config)
+    from hfs.eval.evaluate import verify_feature_files
+    from hfs.eval.report import plot_roc, require_matplotlib, results_table, write_results_json
+    from hfs.utils.log import make_console
+
+    if plot:
+        require_matplotlib()  # fail before the work, not after
+    bins = bins or [Path(b) for b in cfg.eval.bins]
+    if not bins:
+        raise HfsError("no verification set: give --bin FILE (or set eval.bins)")
+    if not features:
+        raise HfsError("give --features FILE.npy (one per --bin)")
+    results, sources = verify_feature_files(bins, features, folds or cfg.eval.folds, cfg.eval.far_target)
+    make_console().print(results_table(results))
+    if json_out:
+        write_results_json(json_out, results, sources)
+    if plot:
+        plot_roc(plot, results)
+
+
 def main() -> None:
     """Console entry: user errors become one line on stderr and exit code 2."""
     try:

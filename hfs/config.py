@@ -149,6 +149,8 @@ class EvalConfig:
     folds: int = _f(10, ge=2, help="cross-validation folds")
     batch_size: int = _f(256, gt=0, help="images per extraction batch")
     every: int = _f(0, ge=0, help="steps between verification runs during training (0 = only at the end)")
+    far_target: float = _f(1e-3, gt=0.0, le=1.0, help="false accept rate at which VAL is reported")
+    num_workers: int = _f(2, ge=0, help="DataLoader workers decoding images for extraction")
 
 
 @dataclass
