@@ -112,3 +112,13 @@ def test_feature_count_must_be_twice_the_pairs(tmp_path, tiny_bin):
     assert "39 feature rows" in msg and "20 pairs" in msg and "needs 40" in msg and str(tiny_bin) in msg
     with pytest.raises(HfsError, match="2 --features file"):
         verify_feature_files([tiny_bin], [tmp_path / "f.npy"] * 2)
+
+
+@pytest.mark.gpu
+def test_cuda_amp_matches_cpu(tiny_bin, tiny_model):
+    images, _ = load_bin(tiny_bin)
+    data = EncodedImages(images, 8, "tiny.bin")
+    cpu = extract_features(tiny_model, data, flip=True, device="cpu", show_progress=False)
+    gpu = extract_features(tiny_model.cuda(), data, flip=True, device="cuda", show_progress=False)
+    assert gpu.dtype == np.float32
+    np.testing.assert_allclose(gpu, cpu, rtol=2e-2, atol=2e-2)  # fp16 autocast
