@@ -133,7 +133,7 @@ def decode(frames: Sequence[Any], secret: bytes | None = None, max_bytes: int | 
     if not isinstance(header, dict):
         raise ProtocolError("header must be a JSON object")
     version = header.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})")
     specs = _array_specs(header)
     data = views[1:]
