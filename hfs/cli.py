@@ -93,6 +93,47 @@ def verify(
         plot_roc(plot, results)
 
 
+@app.command("serve-params")
+def serve_params(
+    config: ConfigOpt = None,
+    set_: SetOpt = [],
+    print_config: PrintConfigOpt = False,
+    host: Annotated[Optional[str], typer.Option(help="Address to listen on (default paramserver.host, 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port of shard 0; shard i listens on port + i (default paramserver.port).")] = None,
+    shards: Annotated[Optional[int], typer.Option(help="Start N shard processes, each owning a contiguous row range.")] = None,
+    snapshot_dir: Annotated[Optional[Path], typer.Option(help="Snapshot folder (default paramserver.snapshot_dir, else <train.output_dir>/store).")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Restore this snapshot at start: 'latest' or a snapshot name.")] = None,
+    secret_file: Annotated[Optional[Path], typer.Option(help="File holding the shared secret that HMAC-signs every message.")] = None,
+    insecure: Annotated[bool, typer.Option(help="Allow a non-loopback --host without a secret (anyone who can connect can write).")] = False,
+    shard_index: Annotated[int, typer.Option(hidden=True, help="This process's shard (set by --shards).")] = 0,
+    num_shards: Annotated[int, typer.Option(hidden=True, help="Shards in the group (set by --shards).")] = 1,
+    peers: Annotated[str, typer.Option(hidden=True, help="Comma-separated endpoints of all shards (set by --shards).")] = "",
+) -> None:
+    """Serve the classifier matrices over ZeroMQ (sparse SGD, synchronous steps, snapshots)."""
+    from hfs.paramserver import resolve_secret
+    from hfs.paramserver.server import ServeOptions, serve, serve_shards
+    from hfs.paramserver.store import ShardSpec
+
+    cfg = resolve_config(config, set_, print_config)
+    ps = cfg.paramserver
+    opts = ServeOptions(
+        host=host or ps.host, port=port or ps.port, shard=ShardSpec(shard_index, num_shards),
+        peers=tuple(p for p in peers.split(",") if p),
+        snapshot_dir=snapshot_dir or Path(ps.snapshot_dir or Path(cfg.train.output_dir) / "store"),
+        keep_snapshots=ps.keep_snapshots, timeout_s=ps.timeout_s, snapshot_every_steps=ps.snapshot_every_steps,
+        snapshot_every_s=ps.snapshot_every_s, resume=resume, secret=resolve_secret(ps.secret, secret_file),
+        insecure=insecure, max_message_bytes=int(ps.max_message_mb * 2**20))
+    count = shards or ps.shards
+    if count > 1 and num_shards == 1:
+        # Each shard process re-reads the same config; the secret travels in HFS_PS_SECRET.
+        args = [arg for c in ([config] if config else []) for arg in ("--config", str(c))]
+        args += [arg for item in set_ for arg in ("--set", item)]
+        args += ["--snapshot-dir", str(opts.snapshot_dir)] + (["--resume", resume] if resume else [])
+        args += ["--insecure"] if insecure else []
+        raise typer.Exit(serve_shards(opts, count, args))
+    serve(opts)
+
+
 def main() -> None:
     """Console entry: user errors become one line on stderr and exit code 2."""
     try:
