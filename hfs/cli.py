@@ -63,6 +63,33 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = [], keys: Annotated[boo
     typer.echo(resolve_config(config, set_, False).to_yaml(), nl=False)
 
 
+@app.command("convert")
+def convert(
+    in_folder: Annotated[Path, typer.Option("--in-folder", help=(
+        "Folder with train.rec/train.idx/property (--to images), or with train_list.txt/val_list.txt "
+        "or class folders of images (--to rec)."))],
+    out_folder: Annotated[Path, typer.Option("--out-folder", help="Where the converted dataset goes.")],
+    to: Annotated[str, typer.Option("--to", help="images: unpack a .rec; rec: pack images into a .rec.")] = "images",
+    val_ratio: Annotated[float, typer.Option("--val-ratio", min=0.0, max=0.9, help=(
+        "Share of each identity's images listed in val_list.txt (--to images)."))] = 0.05,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the validation split (--to images).")] = 0,
+    workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Parallel worker processes (reader threads for --to rec).")] = 4,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip images already written by an interrupted run (--to images).")] = False,
+    rec_name: Annotated[str, typer.Option("--rec-name", help="Base name of the .rec/.idx files.")] = "train",
+) -> None:
+    """Convert InsightFace train.rec <-> images + lists, losslessly (stored bytes, never re-encoded)."""
+    from hfs.data.convert import images_to_rec, rec_to_images
+    from hfs.utils.log import make_console
+
+    if to == "images":
+        summary = rec_to_images(in_folder, out_folder, val_ratio, seed, workers, resume, rec_name)
+    elif to == "rec":
+        summary = images_to_rec(in_folder, out_folder, workers, rec_name)
+    else:
+        raise HfsError(f"--to must be 'images' or 'rec', got {to!r}")
+    make_console().print(f"converted {summary.describe()}", soft_wrap=True)
+
+
 @app.command("make-synthetic")
 def make_synthetic(
     out: Annotated[Path, typer.Option("--out", help="Folder for train.rec, train.idx and property.")],

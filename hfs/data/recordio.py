@@ -284,6 +284,18 @@ class RecordFile:
         where = self.idx_path or self.rec_path
         raise HfsError(f"{where}: no record with key {key}")
 
+    def offsets_of(self, keys: np.ndarray) -> np.ndarray:
+        """Vectorised :meth:`offset_of` for many keys (all must exist)."""
+        keys = np.asarray(keys, dtype=np.int64)
+        found = self.has_keys(keys)
+        if not found.all():
+            self.offset_of(int(keys[~found][0]))  # raises, naming the key
+        if self._dense_start is not None:
+            return self.offsets[keys - self._dense_start]
+        if self._sorted is None:
+            self._sorted = np.argsort(self.keys, kind="stable")
+        return self.offsets[self._sorted[np.searchsorted(self.keys, keys, sorter=self._sorted)]]
+
     def has_keys(self, keys: np.ndarray) -> np.ndarray:
         """Vectorised membership test of many keys."""
         keys = np.asarray(keys, dtype=np.int64)
