@@ -47,6 +47,11 @@ class DataConfig:
     synthetic_images_per_class: int = _f(20, gt=0, help="images per synthetic identity")
     synthetic_val_per_class: int = _f(2, ge=0, help="held-out images per synthetic identity")
     synthetic_seed: int = _f(0, help="seed of the synthetic identities")
+    synthetic_cluster_size: int = _f(8, gt=0, help="consecutive synthetic identities that look alike (hard negatives)")
+    rec_name: str = _f("train", help="source=rec: read <root>/<rec_name>.rec and .idx")
+    rec_val_ratio: float = _f(0.0, ge=0.0, le=0.9, help="source=rec: share of each identity's images held out "
+                                                       "for validation (the rule `hfs convert` uses)")
+    split_seed: int = _f(0, help="source=rec: seed of the validation split (as `hfs convert --seed`)")
 
 
 @dataclass
