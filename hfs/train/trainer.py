@@ -87,20 +87,8 @@ def resolve_num_classes(configured: int, in_data: int) -> int:
     return configured
 
 
-def check_data_config(cfg: HfsConfig) -> None:
-    """Fail early, naming the key, when a file-based source has no usable root."""
-    if cfg.data.source == "synthetic":
-        return
-    if not cfg.data.root:
-        raise HfsError(f"config key 'data.root' is empty but data.source is '{cfg.data.source}'; "
-                       "point it at the `hfs convert` output (list) or the folder of train.rec (rec)")
-    if not Path(cfg.data.root).is_dir():
-        raise HfsError(f"config key 'data.root': folder {cfg.data.root} does not exist")
-
-
 def build_datasets_for(cfg: HfsConfig):
-    """(train, val or None, num_classes) from `hfs.data.datasets`, with the root checked first."""
-    check_data_config(cfg)
+    """(train, val or None, num_classes) from `hfs.data.datasets` (which checks data.root)."""
     from hfs.data.datasets import build_datasets
 
     return build_datasets(cfg)

@@ -75,7 +75,7 @@ def test_too_few_classes_in_config_is_rejected(tiny_cfg, blobs):
 def test_missing_data_root_is_rejected(tiny_cfg, tmp_path):
     with pytest.raises(HfsError, match="data.root"):
         train(tiny_cfg("data.source=list"))
-    with pytest.raises(HfsError, match="does not exist"):
+    with pytest.raises(HfsError, match="data.root.*not a folder"):
         train(tiny_cfg("data.source=list", f"data.root={tmp_path / 'nope'}"))
 
 
