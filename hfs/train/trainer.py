@@ -123,6 +123,7 @@ class Trainer:
         self.console = console
         self._stop = threading.Event()
         self._stop_reason = ""
+        self._verification_sets = None
 
     # ------------------------------------------------------------------ control
     def request_stop(self, reason: str = "stop requested") -> None:
@@ -213,6 +214,10 @@ class Trainer:
             sample_num = self.num_classes
         self.sample_num = sample_num
         snapshot_dir = cfg.paramserver.snapshot_dir or str(Path(cfg.train.output_dir) / "store")
+        if cfg.paramserver.keep_snapshots < cfg.train.keep_checkpoints:
+            log.warning("paramserver.keep_snapshots=%d < train.keep_checkpoints=%d: the oldest checkpoints "
+                        "will name store snapshots that no longer exist", cfg.paramserver.keep_snapshots,
+                        cfg.train.keep_checkpoints)
         store = open_store(cfg.paramserver, snapshot_dir)
         stack.callback(store.close)
         store.create(MATRIX, self.num_classes, cfg.model.embedding_size, init=cfg.fc.init,
@@ -327,12 +332,26 @@ class Trainer:
             self.backbone.train()
         return float((pred == labels).float().mean().item())
 
+    def verify(self) -> dict[str, float]:
+        """Verification accuracy on each of eval.bins (10-fold protocol of `hfs verify`)."""
+        if not self.cfg.eval.bins:
+            return {}
+        from hfs.eval.evaluate import evaluate_bins, load_verification_sets
+
+        if self._verification_sets is None:  # read and unpickle each .bin once per run
+            self._verification_sets = load_verification_sets(self.cfg.eval.bins)
+        e = self.cfg.eval
+        results = evaluate_bins(self.backbone, self._verification_sets, self.cfg.data.image_size,
+                                batch_size=e.batch_size, flip=e.flip, device=self.device, folds=e.folds,
+                                num_workers=e.num_workers)
+        return {name: float(r["accuracy"]) for name, r in results.items()}
+
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
         snapshot = None
         if isinstance(self.fc, SampledFC):
             self.fc.wait()
-            snapshot = self.store.snapshot(f"step-{self.step:08d}")
+            snapshot = self.store.snapshot()  # the store's own step-named (and pruned) snapshot
         payload: dict[str, Any] = {
             "config": self.cfg.to_dict(), "fc_mode": self.mode, "num_classes": self.num_classes,
             "backbone": self.backbone.state_dict(),
@@ -381,6 +400,9 @@ class Trainer:
                     bar.update(task, info=_progress_info(record))
                 if cfg.train.val_every and self.step % cfg.train.val_every == 0 and self.step < self.total_steps:
                     record["val_top1"] = result.val_top1 = self.validate()
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.total_steps:
+                    result.verification = self.verify()
+                    record.update({f"verify_{k}": v for k, v in result.verification.items()})
                 if len(record) > 2:
                     metrics.write(record)
                 if self._checkpoint_due():
@@ -392,6 +414,8 @@ class Trainer:
             if not result.interrupted:
                 final = {"step": self.step, "val_top1": self.validate()}
                 result.val_top1 = final["val_top1"]
+                result.verification = self.verify()
+                final.update({f"verify_{k}": v for k, v in result.verification.items()})
                 metrics.write(final)
             if last_ckpt is None or last_ckpt != ckpt_io.checkpoint_path(cfg.train.output_dir, self.step):
                 last_ckpt = self.save()

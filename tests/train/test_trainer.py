@@ -101,3 +101,16 @@ def test_checkpoint_every_epochs(tiny_cfg, blobs, tmp_path):
                    "train.keep_checkpoints=10"), datasets=blobs)
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == [
         "step-00000003.pt", "step-00000006.pt", "step-00000008.pt", "step-00000009.pt"]
+
+
+def test_verification_bins_scored_during_and_after_training(tiny_cfg, blobs, tmp_path):
+    from hfs.data.bins import write_bin
+    from hfs.data.synthetic import synthetic_verification_pairs
+
+    images, issame = synthetic_verification_pairs(20, first_class=100, num_classes=6, image_size=16)
+    write_bin(tmp_path / "pairs.bin", images, issame)
+    result = train(tiny_cfg("train.max_steps=4", "eval.every=2", "eval.folds=2",
+                            f"eval.bins=[{tmp_path / 'pairs.bin'}]"), datasets=blobs)
+    assert set(result.verification) == {"pairs"} and 0.0 <= result.verification["pairs"] <= 1.0
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "verify_pairs" in r] == [2, 4]
