@@ -162,6 +162,9 @@ class Trainer:
             raise HfsError(f"the training set has {len(train_ds)} images, fewer than "
                            f"train.batch_size={cfg.train.batch_size}")
         self.ckpt = ckpt_io.load_checkpoint(self.resume_path) if self.resume_path else None
+        if self.ckpt is None and ckpt_io.list_checkpoints(cfg.train.output_dir):
+            raise HfsError(f"train.output_dir {cfg.train.output_dir} already holds checkpoints of another run; "
+                           "continue it with --resume latest or choose another train.output_dir")
         if self.ckpt is not None and self.ckpt.get("num_classes") != self.num_classes:
             raise HfsError(f"checkpoint {self.resume_path} was trained with {self.ckpt.get('num_classes')} "
                            f"classes, this config has {self.num_classes}")

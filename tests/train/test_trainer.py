@@ -67,6 +67,12 @@ def test_keeps_last_k_checkpoints(tiny_cfg, blobs, tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000005.pt", "step-00000006.pt"]
 
 
+def test_fresh_run_refuses_a_folder_with_checkpoints(tiny_cfg, blobs):
+    train(tiny_cfg("train.max_steps=2"), datasets=blobs)
+    with pytest.raises(HfsError, match="already holds checkpoints.*--resume latest"):
+        train(tiny_cfg("train.max_steps=2"), datasets=blobs)
+
+
 def test_too_few_classes_in_config_is_rejected(tiny_cfg, blobs):
     with pytest.raises(HfsError, match="fc.num_classes.*12 classes"):
         train(tiny_cfg("fc.num_classes=5"), datasets=blobs)
