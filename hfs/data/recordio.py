@@ -220,7 +220,7 @@ class RecordFile:
             self.keys, self.offsets = read_index(self.idx_path)
             self._check_offsets()
         else:
-            self.offsets = np.array([off for off, _ in self._scan_offsets()], dtype=np.int64)
+            self.offsets = np.array([off for off, _ in self.scan()], dtype=np.int64)
             self.keys = np.arange(len(self.offsets), dtype=np.int64)
         self._dense_start = self._dense_key_start()
         self._sorted: np.ndarray | None = None
@@ -325,14 +325,6 @@ class RecordFile:
     def read_image(self, key: int) -> tuple[IRHeader, bytes]:
         offset = self.offset_of(key)
         return unpack(self.read_at(offset), f"{self.rec_path} record {key} at byte offset {offset}")
-
-    def _scan_offsets(self) -> Iterator[tuple[int, int]]:
-        buf = self._buffer()
-        pos, total = 0, len(buf)
-        while pos < total:
-            _, nxt = decode_record(buf, pos, self.rec_path)
-            yield pos, nxt
-            pos = nxt
 
     def scan(self) -> Iterator[tuple[int, bytes]]:
         """Every record in file order as (byte offset, payload), without using the index."""

@@ -12,7 +12,6 @@ images on the fly and any process regenerates the same bytes.
 from __future__ import annotations
 
 import io
-import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -21,8 +20,6 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image
-
-log = logging.getLogger(__name__)
 
 # Parameters of one identity: name -> (size, low, high). Values are drawn in [0, 1] and mapped.
 _PARAMS: dict[str, tuple[int, float, float]] = {
