@@ -78,3 +78,16 @@ def test_verification_pairs_balanced_and_deterministic():
     assert images == again and np.array_equal(issame, issame2)
     with Image.open(io.BytesIO(images[0])) as img:
         assert img.format == "JPEG" and img.size == (24, 24)
+
+
+def test_make_synthetic_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from hfs.cli import app
+
+    result = CliRunner().invoke(app, ["make-synthetic", "--out", str(tmp_path / "s"), "--classes", "3",
+                                      "--images-per-class", "2", "--image-size", "16", "--seed", "5"])
+    assert result.exit_code == 0, result.output
+    layout = read_layout(RecordFile(tmp_path / "s/train.rec", tmp_path / "s/train.idx"))
+    assert layout.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert read_property(tmp_path / "s/property") == (3, 16, 16)
