@@ -63,6 +63,77 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = [], keys: Annotated[boo
     typer.echo(resolve_config(config, set_, False).to_yaml(), nl=False)
 
 
+@app.command("verify")
+def verify(
+    bins: Annotated[List[Path], typer.Option("--bin", help="Verification .bin file (repeatable; default: eval.bins).")] = [],
+    features: Annotated[List[Path], typer.Option("--features", help="Features .npy from `hfs extract`, one per --bin, same order.")] = [],
+    folds: Annotated[Optional[int], typer.Option("--folds", min=2, help="Cross-validation folds (default: eval.folds).")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the ROC curves to this PNG (needs the plot extra: pip install 'hfs\\[plot]').")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write all metrics to this JSON file.")] = None,
+    config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
+) -> None:
+    """Verification accuracy (10-fold), VAL@FAR, AUC and EER on InsightFace .bin pair sets."""
+    cfg = resolve_config(config, set_, print_config)
+    from hfs.eval.evaluate import verify_feature_files
+    from hfs.eval.report import plot_roc, require_matplotlib, results_table, write_results_json
+    from hfs.utils.log import make_console
+
+    if plot:
+        require_matplotlib()  # fail before the work, not after
+    bins = bins or [Path(b) for b in cfg.eval.bins]
+    if not bins:
+        raise HfsError("no verification set: give --bin FILE (or set eval.bins)")
+    if not features:
+        raise HfsError("give --features FILE.npy (one per --bin)")
+    results, sources = verify_feature_files(bins, features, folds or cfg.eval.folds, cfg.eval.far_target)
+    make_console().print(results_table(results))
+    if json_out:
+        write_results_json(json_out, results, sources)
+    if plot:
+        plot_roc(plot, results)
+
+
+@app.command("serve-params")
+def serve_params(
+    config: ConfigOpt = None,
+    set_: SetOpt = [],
+    print_config: PrintConfigOpt = False,
+    host: Annotated[Optional[str], typer.Option(help="Address to listen on (default paramserver.host, 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port of shard 0; shard i listens on port + i (default paramserver.port).")] = None,
+    shards: Annotated[Optional[int], typer.Option(help="Start N shard processes, each owning a contiguous row range.")] = None,
+    snapshot_dir: Annotated[Optional[Path], typer.Option(help="Snapshot folder (default paramserver.snapshot_dir, else <train.output_dir>/store).")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Restore this snapshot at start: 'latest' or a snapshot name.")] = None,
+    secret_file: Annotated[Optional[Path], typer.Option(help="File holding the shared secret that HMAC-signs every message.")] = None,
+    insecure: Annotated[bool, typer.Option(help="Allow a non-loopback --host without a secret (anyone who can connect can write).")] = False,
+    shard_index: Annotated[int, typer.Option(hidden=True, help="This process's shard (set by --shards).")] = 0,
+    num_shards: Annotated[int, typer.Option(hidden=True, help="Shards in the group (set by --shards).")] = 1,
+    peers: Annotated[str, typer.Option(hidden=True, help="Comma-separated endpoints of all shards (set by --shards).")] = "",
+) -> None:
+    """Serve the classifier matrices over ZeroMQ (sparse SGD, synchronous steps, snapshots)."""
+    from hfs.paramserver import resolve_secret
+    from hfs.paramserver.server import ServeOptions, serve, serve_shards
+    from hfs.paramserver.store import ShardSpec
+
+    cfg = resolve_config(config, set_, print_config)
+    ps = cfg.paramserver
+    opts = ServeOptions(
+        host=host or ps.host, port=port or ps.port, shard=ShardSpec(shard_index, num_shards),
+        peers=tuple(p for p in peers.split(",") if p),
+        snapshot_dir=snapshot_dir or Path(ps.snapshot_dir or Path(cfg.train.output_dir) / "store"),
+        keep_snapshots=ps.keep_snapshots, timeout_s=ps.timeout_s, snapshot_every_steps=ps.snapshot_every_steps,
+        snapshot_every_s=ps.snapshot_every_s, resume=resume, secret=resolve_secret(ps.secret, secret_file),
+        insecure=insecure, max_message_bytes=int(ps.max_message_mb * 2**20))
+    count = shards or ps.shards
+    if count > 1 and num_shards == 1:
+        # Each shard process re-reads the same config; the secret travels in HFS_PS_SECRET.
+        args = [arg for c in ([config] if config else []) for arg in ("--config", str(c))]
+        args += [arg for item in set_ for arg in ("--set", item)]
+        args += ["--snapshot-dir", str(opts.snapshot_dir)] + (["--resume", resume] if resume else [])
+        args += ["--insecure"] if insecure else []
+        raise typer.Exit(serve_shards(opts, count, args))
+    serve(opts)
+
+
 @app.command("convert")
 def convert(
     in_folder: Annotated[Path, typer.Option("--in-folder", help=(
