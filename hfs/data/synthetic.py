@@ -359,6 +359,16 @@ def synthetic_verification_pairs(num_pairs: int, first_class: int, num_classes: 
     return images, issame.astype(bool)
 
 
+def write_synthetic_bin(path: str | Path, num_pairs: int, first_class: int, num_classes: int,
+                        image_size: int = 112, seed: int = 0, fmt: str = "jpeg", cluster_size: int = 8) -> None:
+    """A verification ``.bin`` (InsightFace format) of :func:`synthetic_verification_pairs`."""
+    from hfs.data.bins import write_bin
+
+    images, issame = synthetic_verification_pairs(num_pairs, first_class, num_classes, image_size, seed, fmt,
+                                                  cluster_size)
+    write_bin(path, images, issame)
+
+
 def _negative_partner(a: int, first: int, count: int, cluster_size: int, rng: np.random.Generator,
                       hard: bool) -> int:
     if hard:
