@@ -197,15 +197,32 @@ def make_synthetic(
     image_format: Annotated[str, typer.Option("--format", help="Stored encoding: jpeg or png.")] = "jpeg",
     cluster_size: Annotated[int, typer.Option("--cluster-size", min=1, help=(
         "Consecutive identities that look alike (hard negatives)."))] = 8,
+    val_pairs: Annotated[int, typer.Option("--val-pairs", min=0, help=(
+        "Also write DIR/val.bin with this many verification pairs of held-out identities (0: none)."))] = 0,
+    val_first_class: Annotated[Optional[int], typer.Option("--val-first-class", min=0, help=(
+        "First held-out identity of val.bin (default: right after the training identities)."))] = None,
+    val_classes: Annotated[Optional[int], typer.Option("--val-classes", min=2, help=(
+        "Held-out identities in val.bin (default: --classes)."))] = None,
 ) -> None:
     """Write a synthetic face-like dataset as an InsightFace-layout .rec (no downloads needed)."""
-    from hfs.data.synthetic import make_synthetic_rec
+    from hfs.data.synthetic import make_synthetic_rec, write_synthetic_bin
     from hfs.utils.log import make_console
 
+    val_first = first_class + classes if val_first_class is None else val_first_class
+    val_count = classes if val_classes is None else val_classes
+    if val_pairs and val_first < first_class + classes and first_class < val_first + val_count:
+        raise HfsError(f"--val-first-class {val_first}: held-out identities [{val_first}, {val_first + val_count}) "
+                       f"overlap the training identities [{first_class}, {first_class + classes})")
     stats = make_synthetic_rec(out, classes, images_per_class, image_size, seed, first_class, image_format,
                                cluster_size)
-    make_console().print(f"wrote {stats['images']} images of {stats['identities']} identities "
-                         f"({stats['bytes'] / 1e6:.1f} MB) to {out} in {stats['seconds']:.1f} s")
+    console = make_console()
+    console.print(f"wrote {stats['images']} images of {stats['identities']} identities "
+                  f"({stats['bytes'] / 1e6:.1f} MB) to {out} in {stats['seconds']:.1f} s", soft_wrap=True)
+    if val_pairs:
+        write_synthetic_bin(out / "val.bin", val_pairs, val_first, val_count, image_size, seed, image_format,
+                            cluster_size)
+        console.print(f"wrote {out / 'val.bin'}: {val_pairs} pairs of identities {val_first}..{val_first + val_count - 1}",
+                      soft_wrap=True)
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, 
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -97,22 +97,42 @@ def _slices(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + size))
 
 
-def _run_slices(jobs: list[tuple], workers: int, advance: Callable[[int], None]) -> list[tuple[list[str], int, int]]:
-    """Run :func:`_convert_slice` over jobs in order (in-process for one worker, else a process pool)."""
+def _pool_context():
+    """fork where the OS has it (workers start in milliseconds), else spawn.
+
+    The pool is started before the progress bar's refresh thread exists, so nothing forks a
+    process that holds another thread's lock.
+    """
+    import multiprocessing
+
+    return get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+
+
+def _run_slices(jobs: list[tuple], workers: int, bar_title: str) -> list[tuple[list[str], int, int]]:
+    """Run :func:`_convert_slice` over jobs in order (in-process for one worker, else a process
+    pool) under a progress bar."""
+    from hfs.utils.log import progress
+
+    total = sum(len(job[2]) for job in jobs)
+    info = f"{workers} worker{'s' if workers > 1 else ''}"
     if workers <= 1:
         results = []
-        for job in jobs:
-            results.append(_convert_slice(*job))
-            advance(len(job[2]))
+        with progress() as bar:
+            task = bar.add_task(bar_title, total=total, info=info)
+            for job in jobs:
+                results.append(_convert_slice(*job))
+                bar.advance(task, len(job[2]))
         return results
     results: list = [None] * len(jobs)
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=_pool_context()) as pool:
         futures: dict[Future, int] = {pool.submit(_convert_slice, *job): i for i, job in enumerate(jobs)}
         try:
-            for future in as_completed(futures):
-                i = futures[future]
-                results[i] = future.result()
-                advance(len(jobs[i][2]))
+            with progress() as bar:
+                task = bar.add_task(bar_title, total=total, info=info)
+                for future in as_completed(futures):
+                    i = futures[future]
+                    results[i] = future.result()
+                    bar.advance(task, len(jobs[i][2]))
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
@@ -146,8 +166,6 @@ def _copy_or_make_property(in_folder: Path, out_folder: Path, num_classes: int, 
 def rec_to_images(in_folder: str | Path, out_folder: str | Path, val_ratio: float = 0.05, seed: int = 0,
                   workers: int = 1, resume: bool = False, rec_name: str = "train") -> ConvertSummary:
     """Unpack ``<in>/<rec_name>.rec`` into ``<out>/images/<label>/<key>.<ext>`` plus the lists."""
-    from hfs.utils.log import progress
-
     start = time.perf_counter()
     in_folder, out_folder = Path(in_folder), Path(out_folder)
     rec_path, idx_path = in_folder / f"{rec_name}.rec", in_folder / f"{rec_name}.idx"
@@ -166,9 +184,7 @@ def rec_to_images(in_folder: str | Path, out_folder: str | Path, val_ratio: floa
     out_folder.mkdir(parents=True, exist_ok=True)
     if resume and (stale := _remove_stale_temps(out_folder / "images")):
         log.info("removed %d temp files of an interrupted run", stale)
-    with progress() as bar:
-        task = bar.add_task("rec -> images", total=len(offsets), info=f"{workers} worker(s)")
-        results = _run_slices(jobs, workers, lambda n: bar.advance(task, n))
+    results = _run_slices(jobs, workers, "rec -> images")
     rels = [rel for part in results for rel in part[0]]
     is_val = split_per_identity(layout.labels, val_ratio, seed)
     write_image_list(out_folder / TRAIN_LIST, [r for r, v in zip(rels, is_val) if not v], layout.labels[~is_val])

@@ -20,6 +20,7 @@ rounded silently.
 from __future__ import annotations
 
 import contextlib
+import logging
 import mmap
 import os
 import struct
@@ -31,6 +32,8 @@ import numpy as np
 
 from hfs.utils.atomic import atomic_write, atomic_write_text
 from hfs.utils.errors import HfsError
+
+log = logging.getLogger(__name__)
 
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -220,7 +223,7 @@ class RecordFile:
             self.keys, self.offsets = read_index(self.idx_path)
             self._check_offsets()
         else:
-            self.offsets = np.array([off for off, _ in self._scan_offsets()], dtype=np.int64)
+            self.offsets = np.array([off for off, _ in self.scan()], dtype=np.int64)
             self.keys = np.arange(len(self.offsets), dtype=np.int64)
         self._dense_start = self._dense_key_start()
         self._sorted: np.ndarray | None = None
@@ -325,14 +328,6 @@ class RecordFile:
     def read_image(self, key: int) -> tuple[IRHeader, bytes]:
         offset = self.offset_of(key)
         return unpack(self.read_at(offset), f"{self.rec_path} record {key} at byte offset {offset}")
-
-    def _scan_offsets(self) -> Iterator[tuple[int, int]]:
-        buf = self._buffer()
-        pos, total = 0, len(buf)
-        while pos < total:
-            _, nxt = decode_record(buf, pos, self.rec_path)
-            yield pos, nxt
-            pos = nxt
 
     def scan(self) -> Iterator[tuple[int, bytes]]:
         """Every record in file order as (byte offset, payload), without using the index."""
@@ -456,6 +451,11 @@ def read_layout(rec: RecordFile) -> RecLayout:
     image_keys = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in ranges]) if len(ranges) else \
         np.zeros(0, np.int64)
     labels = np.repeat(np.arange(len(ranges), dtype=np.int64), counts)
+    if len(np.unique(image_keys)) != len(image_keys):
+        raise HfsError(f"{rec.rec_path}: identity ranges overlap (an image record belongs to two identities)")
+    if len(image_keys) != first - 1:
+        log.warning("%s: %d of the image records 1..%d belong to no identity range and are ignored",
+                    rec.rec_path, first - 1 - len(image_keys), first - 1)
     missing = image_keys[~rec.has_keys(image_keys)]
     if len(missing):
         raise HfsError(f"{rec.idx_path or rec.rec_path}: image record {int(missing[0])} named by an identity "

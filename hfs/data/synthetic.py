@@ -12,7 +12,6 @@ images on the fly and any process regenerates the same bytes.
 from __future__ import annotations
 
 import io
-import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -21,8 +20,6 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image
-
-log = logging.getLogger(__name__)
 
 # Parameters of one identity: name -> (size, low, high). Values are drawn in [0, 1] and mapped.
 _PARAMS: dict[str, tuple[int, float, float]] = {
@@ -360,6 +357,16 @@ def synthetic_verification_pairs(num_pairs: int, first_class: int, num_classes: 
         images.append(encode(faces.image(a, views)))
         images.append(encode(faces.image(b, views + 1)))
     return images, issame.astype(bool)
+
+
+def write_synthetic_bin(path: str | Path, num_pairs: int, first_class: int, num_classes: int,
+                        image_size: int = 112, seed: int = 0, fmt: str = "jpeg", cluster_size: int = 8) -> None:
+    """A verification ``.bin`` (InsightFace format) of :func:`synthetic_verification_pairs`."""
+    from hfs.data.bins import write_bin
+
+    images, issame = synthetic_verification_pairs(num_pairs, first_class, num_classes, image_size, seed, fmt,
+                                                  cluster_size)
+    write_bin(path, images, issame)
 
 
 def _negative_partner(a: int, first: int, count: int, cluster_size: int, rng: np.random.Generator,

@@ -195,3 +195,10 @@ def test_record_file_reopens_after_pickle(tmp_path):
     assert rec.read(1) == b"two"
     clone = pickle.loads(pickle.dumps(rec))
     assert clone.read(0) == b"one"
+
+
+def test_overlapping_identity_ranges_are_refused(tmp_path):
+    payloads = [pack([3.0, 5.0], b""), pack(0.0, b"a"), pack(0.0, b"b"),
+                pack([1.0, 3.0], b""), pack([2.0, 3.0], b"")]
+    with pytest.raises(HfsError, match="identity ranges overlap"):
+        read_layout(_write(tmp_path, payloads))

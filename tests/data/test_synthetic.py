@@ -4,6 +4,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hfs.data.bins import load_bin
 from hfs.data.recordio import RecordFile, read_layout, read_property
 from hfs.data.synthetic import (SyntheticFaces, SyntheticIdentities, encode_png, synthetic_verification_pairs,
                                 write_synthetic_rec)
@@ -78,3 +79,24 @@ def test_verification_pairs_balanced_and_deterministic():
     assert images == again and np.array_equal(issame, issame2)
     with Image.open(io.BytesIO(images[0])) as img:
         assert img.format == "JPEG" and img.size == (24, 24)
+
+
+def test_make_synthetic_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from hfs.cli import app
+
+    result = CliRunner().invoke(app, ["make-synthetic", "--out", str(tmp_path / "s"), "--classes", "3",
+                                      "--images-per-class", "2", "--image-size", "16", "--seed", "5",
+                                      "--val-pairs", "6"])
+    assert result.exit_code == 0, result.output
+    layout = read_layout(RecordFile(tmp_path / "s/train.rec", tmp_path / "s/train.idx"))
+    assert layout.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert read_property(tmp_path / "s/property") == (3, 16, 16)
+    images, issame = load_bin(tmp_path / "s/val.bin")
+    expected = synthetic_verification_pairs(6, first_class=3, num_classes=3, image_size=16, seed=5)
+    assert images == expected[0] and issame.tolist() == expected[1].tolist()
+    result = CliRunner().invoke(app, ["make-synthetic", "--out", str(tmp_path / "t"), "--classes", "3",
+                                      "--val-pairs", "2", "--val-first-class", "1"])
+    assert result.exit_code != 0 and "overlap the training identities" in str(result.exception)
+    assert not (tmp_path / "t").exists()
