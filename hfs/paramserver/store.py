@@ -382,7 +382,10 @@ class InProcessStore(WeightStore):
             self._dirty = True
 
     def push_grads(self, name: str, rows: np.ndarray, grads: np.ndarray, step: int, *,
-                   worker: str | None = None) -> None:
+                   worker: str | None = None, copy: bool = True) -> None:
+        """See WeightStore.push_grads. ``copy=False``: the caller will not modify ``rows``/``grads``
+        before the step is applied (the server passes read-only message buffers), so a pending
+        step keeps them without a copy."""
         with self._cond:
             m = self._matrix(name)
             local = self._local_rows(m, rows)
@@ -406,8 +409,8 @@ class InProcessStore(WeightStore):
             if worker in pending.pushed:
                 raise StoreError(f"worker {worker!r} already pushed step {step} of matrix {name!r}")
             pending.pushed.add(worker)
-            pending.rows.append(local.copy())
-            pending.grads.append(np.array(grads, copy=True))
+            pending.rows.append(local.copy() if copy and local is rows else local)
+            pending.grads.append(np.array(grads, copy=True) if copy else grads)
             if self._apply_due(m):
                 self._cond.notify_all()
 
