@@ -523,28 +523,38 @@ class InProcessStore(WeightStore):
         directory = self._require_snapshot_dir()
         folder = snaps.resolve_snapshot(directory, tag)
         manifest = snaps.read_manifest(folder)
-        shard = manifest.get("shard", {})
-        if (shard.get("index"), shard.get("count")) != (self.shard.index, self.shard.count):
-            raise StoreError(f"snapshot {folder} belongs to shard {shard.get('index')} of {shard.get('count')}, "
-                             f"this store is shard {self.shard.index} of {self.shard.count}")
-        files = manifest.get("files", {})
+        try:
+            shard = manifest["shard"]
+            if (shard["index"], shard["count"]) != (self.shard.index, self.shard.count):
+                raise StoreError(f"snapshot {folder} belongs to shard {shard['index']} of {shard['count']}, "
+                                 f"this store is shard {self.shard.index} of {self.shard.count}")
+            step = int(manifest["step"])
+            loaded = self._load_matrices(folder, manifest)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise snaps.SnapshotError(f"snapshot manifest {folder / snaps.MANIFEST} is malformed "
+                                      f"({exc.__class__.__name__}: {exc})") from None
+        with self._cond:
+            self._matrices = loaded
+            self._last_snapshot_step = step
+            self._last_snapshot_time = time.monotonic()
+            self._dirty = False
+            self._cond.notify_all()
+        log.info("restored snapshot %s (step %d, %d matrices)", folder.name, step, len(loaded))
+        return step
+
+    @staticmethod
+    def _load_matrices(folder: Path, manifest: dict) -> dict[str, Matrix]:
+        files = manifest["files"]
         loaded: dict[str, Matrix] = {}
-        for name, info in manifest.get("matrices", {}).items():
-            weight = snaps.load_array(folder, files.get(f"{name}.weight", {}))
-            momentum = snaps.load_array(folder, files.get(f"{name}.momentum", {}))
-            if weight.shape != momentum.shape or weight.dtype != np.float32:
+        for name, info in manifest["matrices"].items():
+            weight = snaps.load_array(folder, files[f"{name}.weight"])
+            momentum = snaps.load_array(folder, files[f"{name}.momentum"])
+            if weight.shape != momentum.shape or weight.dtype != np.float32 or weight.ndim != 2:
                 raise StoreError(f"snapshot {folder}: matrix {name!r} has inconsistent arrays")
             hp = info.get("hparams")
             loaded[name] = Matrix(name, int(info["rows"]), int(info["row_start"]), weight, momentum,
                                   HParams(**hp) if hp else None, int(info.get("last_applied", -1)))
-        with self._cond:
-            self._matrices = loaded
-            self._last_snapshot_step = int(manifest.get("step", 0))
-            self._last_snapshot_time = time.monotonic()
-            self._dirty = False
-            self._cond.notify_all()
-        log.info("restored snapshot %s (step %d, %d matrices)", folder.name, manifest.get("step", 0), len(loaded))
-        return int(manifest.get("step", 0))
+        return loaded
 
     def _maybe_periodic_snapshot(self) -> None:
         if self.snapshot_dir is None or not self._dirty:
