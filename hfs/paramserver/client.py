@@ -120,8 +120,10 @@ class ParamClient(WeightStore):
             raise HfsError("the parameter-server client is closed")
         zmq = self._zmq
         sock = self._ctx.socket(zmq.DEALER)
+        # No ZMQ_IMMEDIATE: with it, a reply that arrived just before the server closed (the
+        # answer to `shutdown`) is dropped with the connection. Requests queued for a server
+        # that never answers are dropped instead by replacing the socket after the timeout.
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a server that is not there
         sock.connect(endpoint)
         with self._sockets_lock:
             self._all_sockets.append(sock)

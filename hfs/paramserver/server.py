@@ -185,8 +185,9 @@ class ParamServer:
             self._send(waiting.envelope, proto.error_reply(waiting.request_id, "server is shutting down"), ())
         self._waiting.clear()
 
-    def close(self) -> None:
-        self._sock.close(0)
+    def close(self, linger_ms: int = 2000) -> None:
+        """Close the socket, giving queued replies (e.g. to `shutdown`) up to ``linger_ms`` to leave."""
+        self._sock.close(linger=linger_ms)
         self._ctx.term()
 
     def _housekeeping(self) -> None:

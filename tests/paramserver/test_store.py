@@ -249,3 +249,15 @@ def test_malformed_manifest_and_wrong_shard_are_refused(tmp_path):
     with pytest.raises(SnapshotError, match="malformed"):
         store.restore("s")
     assert store.shape("fc") == (5, 3)  # nothing replaced
+
+
+@pytest.mark.parametrize("repeats", [2, 5, 40])
+def test_duplicate_sum_matches_a_dense_reference(repeats):
+    rng = np.random.default_rng(repeats)
+    rows = np.concatenate([rng.integers(0, 30, 200), np.full(repeats, 7)])
+    grads = rng.standard_normal((rows.size, 3)).astype(np.float32)
+    uniq, summed = sum_duplicate_rows(rows, grads)
+    dense = np.zeros((30, 3), np.float64)
+    np.add.at(dense, rows, grads.astype(np.float64))
+    assert np.array_equal(uniq, np.unique(rows))
+    np.testing.assert_allclose(summed, dense[uniq], rtol=1e-5, atol=1e-5)
