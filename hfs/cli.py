@@ -201,6 +201,34 @@ def make_synthetic(
                       soft_wrap=True)
 
 
+@app.command("bench-paramserver")
+def bench_paramserver(
+    rows: Annotated[int, typer.Option(help="Rows per get/push (the sampled step's active classes).")] = 1000,
+    dim: Annotated[int, typer.Option(help="Columns (embedding size).")] = 256,
+    num_classes: Annotated[int, typer.Option(help="Rows of the benchmark matrix.")] = 100_000,
+    seconds: Annotated[float, typer.Option(help="Seconds per round-trip measurement.")] = 3.0,
+    workers: Annotated[int, typer.Option(help="Workers of the synchronous-step measurement.")] = 4,
+    sync_steps: Annotated[int, typer.Option(help="Synchronous steps per measurement.")] = 100,
+    memory_rows: Annotated[int, typer.Option(help="Rows of the memory check (10000000 needs ~5 GB free).")] = 2_000_000,
+    memory_dim: Annotated[int, typer.Option(help="Columns of the memory check.")] = 128,
+    out: Annotated[Optional[Path], typer.Option(help="Also write the results as JSON here.")] = None,
+) -> None:
+    """Measure the store in process vs over loopback, sync-step cost with N workers, and memory."""
+    import json
+
+    from hfs.bench.paramserver import BenchConfig, render, run_benchmark
+    from hfs.utils.atomic import atomic_write_text
+    from hfs.utils.log import make_console, progress
+
+    cfg = BenchConfig(rows=rows, dim=dim, num_classes=num_classes, seconds=seconds, workers=workers,
+                      sync_steps=sync_steps, memory_rows=memory_rows, memory_dim=memory_dim)
+    with progress(transient=True) as bar:
+        results = run_benchmark(cfg, bar)
+    render(results, make_console())
+    if out:
+        atomic_write_text(out, json.dumps(results, indent=1))
+
+
 def main() -> None:
     """Console entry: user errors become one line on stderr and exit code 2."""
     try:
