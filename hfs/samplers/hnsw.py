@@ -36,7 +36,7 @@ class HnswSampler(ClassSampler):
     name = "hnsw"
     update_cost = "costly"
 
-    def __init__(self, metric: str = "cosine", m: int = 16, ef_construction: int = 200, ef: int = 100,
+    def __init__(self, metric: str = "cosine", m: int = 16, ef_construction: int = 100, ef: int = 32,
                  seed: int = 0, build_threads: int = 1, query_threads: int = -1) -> None:
         self.metric, self.m, self.ef_construction, self.ef = metric, m, ef_construction, ef
         self.seed, self.build_threads, self.query_threads = seed, build_threads, query_threads
