@@ -19,8 +19,12 @@ import numpy as np
 from hfs.samplers.base import ClassSampler
 from hfs.samplers.refresh import DriftTracker, IndexBuild, RefreshPolicy
 from hfs.samplers.selection import select_active_classes
+from hfs.utils.errors import HfsError
 
 log = logging.getLogger(__name__)
+
+#: consecutive failed index builds after which the selector gives up (raises).
+MAX_FAILED_BUILDS = 3
 
 
 class ActiveClassSelector:
@@ -49,7 +53,7 @@ class ActiveClassSelector:
         self._last_build_step = 0
         self._created = time.perf_counter()
         self._fg_seconds = self._bg_cpu_seconds = self._bg_wall_seconds = 0.0
-        self._rebuilds = self._rows_updated = 0
+        self._rebuilds = self._rows_updated = self._failed_builds = 0
         probe = make_sampler()
         self.update_cost = probe.update_cost
         self.uses_index = probe.needs_index and sample_num < self.num_classes
@@ -137,7 +141,8 @@ class ActiveClassSelector:
         wall = max(time.perf_counter() - self._created, 1e-9)
         return {"fg_seconds": self._fg_seconds, "bg_cpu_seconds": bg_cpu, "bg_wall_seconds": bg_wall,
                 "wall_seconds": wall, "fg_share": self._fg_seconds / wall, "bg_share": bg_cpu / wall,
-                "rebuilds": self._rebuilds, "rows_updated": self._rows_updated, "drift": self.drift,
+                "rebuilds": self._rebuilds, "failed_builds": self._failed_builds,
+                "rows_updated": self._rows_updated, "drift": self.drift,
                 "index_ready": self.index_ready, "building": self._build is not None}
 
     def wait_ready(self, timeout: float | None = None) -> bool:
@@ -167,10 +172,19 @@ class ActiveClassSelector:
 
     def _swap_in(self) -> None:
         build, self._build = self._build, None
-        sampler, reference, files = build.take()
         if self.background:
             self._bg_cpu_seconds += build.bg_cpu_seconds
             self._bg_wall_seconds += build.bg_wall_seconds
+        try:
+            sampler, reference, files = build.take()
+        except Exception as exc:
+            self._failed_builds += 1
+            if self._failed_builds >= MAX_FAILED_BUILDS:
+                raise HfsError(f"{self._failed_builds} index builds in a row failed; last: {exc}") from exc
+            log.warning("index build from the step-%d snapshot failed (%s); keeping the %s", build.started_step, exc,
+                        "previous index" if self._sampler is not None else "uniform negatives")
+            return
+        self._failed_builds = 0
         old, old_files = self._sampler, self._sampler_files
         self._sampler, self._sampler_files = sampler, files
         self._tracker = DriftTracker(reference)

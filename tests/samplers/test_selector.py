@@ -197,3 +197,27 @@ def test_too_many_distinct_labels_keeps_positives_and_warns_once(small_world, ma
 def test_store_shape_must_match_num_classes(small_world, make_store):
     with pytest.raises(ValueError, match="num_classes"):
         build_selector(_cfg(), make_store(small_world[0]), "fc", C + 1)
+
+
+def test_failed_builds_keep_the_old_index_then_give_up(small_world, make_store, monkeypatch):
+    from hfs.samplers import selector as selector_mod
+    from hfs.utils.errors import HfsError
+
+    weights, labels, queries = small_world
+    selector = build_selector(_cfg(type="hnsw", refresh="interval", interval=1, background=False),
+                              make_store(weights), "fc", C)
+    live = selector.sampler
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(type(live), "rebuild", broken)
+    for step in range(1, selector_mod.MAX_FAILED_BUILDS):
+        selector.maybe_refresh(step)
+        assert selector.sampler is live and selector.upkeep()["failed_builds"] == step
+        _valid(*selector.select(queries, labels, step), labels)
+    with pytest.raises(HfsError, match="in a row failed; last: no room"):
+        selector.maybe_refresh(selector_mod.MAX_FAILED_BUILDS)
+    assert len(calls) == selector_mod.MAX_FAILED_BUILDS
