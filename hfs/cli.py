@@ -229,6 +229,46 @@ def bench_paramserver(
         atomic_write_text(out, json.dumps(results, indent=1))
 
 
+@app.command("bench-sampler")
+def bench_sampler(
+    num_classes: Annotated[int, typer.Option(help="Classes C (ignored with --weights).", min=2)] = 1_000_000,
+    dim: Annotated[int, typer.Option(help="Feature dimension D (ignored with --weights).", min=1)] = 256,
+    batch_size: Annotated[int, typer.Option(help="Queries per batch B.", min=1)] = 256,
+    sample_num: Annotated[int, typer.Option(help="Active classes per batch S.", min=1)] = 1000,
+    samplers: Annotated[str, typer.Option(help="Comma-separated samplers to compare.")] = "annoy,hnsw,exact,random",
+    weights: Annotated[Optional[Path], typer.Option(help="A (C, D) float .npy of class vectors; default: generated structured weights.")] = None,
+    scale: Annotated[float, typer.Option(help="Logit scale s of the exact softmax that coverage is measured against (cosine metric).", min=0.0)] = 64.0,
+    batches: Annotated[int, typer.Option(help="Query batches timed and scored per sampler.", min=1)] = 5,
+    cluster_size: Annotated[int, typer.Option(help="Generated weights: identities per cluster of similar classes.", min=1)] = 32,
+    spread: Annotated[float, typer.Option(help="Generated weights: spread of classes around their cluster centre (in-cluster cosine ~ 1/(1+spread^2)).", min=0.0)] = 1.0,
+    noise: Annotated[float, typer.Option(help="Generated queries: distance of a feature from its class vector.", min=0.0)] = 0.7,
+    seed: Annotated[int, typer.Option(help="Seed of the generated weights and queries.")] = 0,
+    upkeep_steps: Annotated[int, typer.Option(help="Also simulate this many sampled training steps per --upkeep-samplers and report index upkeep (0 = skip).", min=0)] = 0,
+    upkeep_samplers: Annotated[str, typer.Option(help="Comma-separated samplers for the upkeep simulation.")] = "annoy,hnsw",
+    lr: Annotated[float, typer.Option(help="Upkeep simulation: SGD learning rate on the active rows.", min=0.0)] = 0.1,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this file.")] = None,
+    config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
+) -> None:
+    """Measure the class samplers: build time, query time, recall@k, softmax-mass coverage, memory, upkeep."""
+    import json
+
+    from hfs.bench.sampler import SamplerBenchSettings, render_report, run_sampler_bench
+    from hfs.utils.atomic import atomic_write_text
+    from hfs.utils.log import make_console
+
+    cfg = resolve_config(config, set_, print_config)
+    settings = SamplerBenchSettings(
+        num_classes=num_classes, dim=dim, batch_size=batch_size, sample_num=sample_num,
+        samplers=[s.strip() for s in samplers.split(",") if s.strip()], weights=weights, scale=scale,
+        batches=batches, cluster_size=cluster_size, spread=spread, noise=noise, seed=seed,
+        upkeep_steps=upkeep_steps, upkeep_samplers=[s.strip() for s in upkeep_samplers.split(",") if s.strip()], lr=lr)
+    console = make_console()
+    report = run_sampler_bench(cfg, settings, console=make_console(stderr=True))
+    render_report(report, console)
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(report, indent=2, default=str) + "\n")
+
+
 def main() -> None:
     """Console entry: user errors become one line on stderr and exit code 2."""
     try:
