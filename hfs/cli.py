@@ -63,6 +63,30 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = [], keys: Annotated[boo
     typer.echo(resolve_config(config, set_, False).to_yaml(), nl=False)
 
 
+@app.command("train")
+def train_cmd(
+    config: ConfigOpt = None,
+    sampled: Annotated[bool, typer.Option("--sampled", help="HF-softmax: same as --set fc.mode=sampled.")] = False,
+    sample_num: Annotated[Optional[int], typer.Option(
+        "--sample-num", min=1, help="Active classes per step (sets fc.sample_num).")] = None,
+    resume: Annotated[Optional[str], typer.Option(
+        "--resume", help="Continue from 'latest' (in train.output_dir), a run folder or a checkpoint file.")] = None,
+    set_: SetOpt = [],
+    print_config: PrintConfigOpt = False,
+) -> None:
+    """Train a backbone with the full softmax (baseline) or HF-softmax over active classes (--sampled)."""
+    sugar = (["fc.mode=sampled"] if sampled else []) + ([f"fc.sample_num={sample_num}"] if sample_num else [])
+    cfg = resolve_config(config, sugar + list(set_), print_config)
+    from hfs.train.trainer import resume_config, summarize, train
+
+    checkpoint = None
+    if resume:
+        checkpoint, cfg = resume_config(resume, config is not None, cfg, sugar + list(set_))
+    result = train(cfg, resume=checkpoint)
+    summarize(result)
+    if result.interrupted:
+        raise typer.Exit(130)
+
 @app.command("verify")
 def verify(
     bins: Annotated[List[Path], typer.Option("--bin", help="Verification .bin file (repeatable; default: eval.bins).")] = [],

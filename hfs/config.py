@@ -78,6 +78,7 @@ class FCConfig:
     init: str = _f("gaussian", choices=("gaussian", "uniform", "zeros"), help="initialisation of the classifier rows")
     init_std: float = _f(0.01, ge=0.0, help="std (gaussian) or half-width (uniform) of the initialisation")
     lr_scale: float = _f(1.0, gt=0.0, help="classifier lr = backbone lr x lr_scale")
+    overlap_push: bool = _f(True, help="sampled: push row gradients on a background thread, overlapping the backbone's backward")
 
 
 @dataclass
@@ -143,7 +144,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = _f("runs/default", help="checkpoints, metrics and logs go here")
-    batch_size: int = _f(128, gt=0, help="images per step per process")
+    batch_size: int = _f(128, gt=0, help="images per micro-batch per process (an optimizer step sees batch_size x grad_accum)")
     max_steps: int = _f(0, ge=0, help="stop after N steps (0 = run `epochs` epochs)")
     epochs: int = _f(1, gt=0, help="epochs when max_steps = 0")
     grad_accum: int = _f(1, gt=0, help="micro-batches per optimizer step")
@@ -152,6 +153,7 @@ class TrainConfig:
     seed: int = _f(0, help="global seed")
     log_every: int = _f(10, gt=0, help="steps between progress/metrics lines")
     checkpoint_every: int = _f(1000, ge=0, help="steps between checkpoints (0 = only at the end)")
+    checkpoint_every_epochs: int = _f(0, ge=0, help="also checkpoint after every N completed epochs (0 = off)")
     keep_checkpoints: int = _f(3, gt=0, help="checkpoints kept")
     val_every: int = _f(0, ge=0, help="steps between validations (0 = only at the end)")
 
