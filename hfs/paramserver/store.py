@@ -323,6 +323,8 @@ class InProcessStore(WeightStore):
         if int(num_rows) <= 0 or int(dim) <= 0:
             raise StoreError(f"matrix {name!r} needs positive rows and dim, got ({num_rows}, {dim})")
         num_rows, dim = int(num_rows), int(dim)
+        if not (int(seed) >= 0 and np.isfinite(std) and std >= 0):
+            raise StoreError(f"matrix {name!r} needs seed >= 0 and a finite std >= 0, got seed {seed}, std {std}")
         with self._cond:
             if name in self._matrices:
                 have = self._matrices[name]
