@@ -187,12 +187,7 @@ def serve_params(
         insecure=insecure, max_message_bytes=int(ps.max_message_mb * 2**20))
     count = shards or ps.shards
     if count > 1 and num_shards == 1:
-        # Each shard process re-reads the same config; the secret travels in HFS_PS_SECRET.
-        args = [arg for c in ([config] if config else []) for arg in ("--config", str(c))]
-        args += [arg for item in set_ for arg in ("--set", item)]
-        args += ["--snapshot-dir", str(opts.snapshot_dir)] + (["--resume", resume] if resume else [])
-        args += ["--insecure"] if insecure else []
-        raise typer.Exit(serve_shards(opts, count, args))
+        raise typer.Exit(serve_shards(opts, count, config, set_))
     serve(opts)
 
 
