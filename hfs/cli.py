@@ -87,18 +87,47 @@ def train_cmd(
     if result.interrupted:
         raise typer.Exit(130)
 
+
+CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Checkpoint file or run folder (its latest checkpoint).")]
+FlipOpt = Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Add the embedding of the mirrored image (default: eval.flip).")]
+BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per batch (default: eval.batch_size).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--num-workers", min=0, help="Image-decoding workers (default: eval.num_workers).")]
+
+
+@app.command("extract")
+def extract(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint file or run folder (its latest checkpoint).")],
+    out: Annotated[Path, typer.Option("--out", help="Features file (.npy, float32 N x D); a .json is written beside it.")],
+    bin_: Annotated[Optional[Path], typer.Option("--bin", help="Verification .bin: embed its images in order.")] = None,
+    list_: Annotated[Optional[Path], typer.Option("--list", help="Image list ('relative/path label' per line, as `hfs convert` writes) to embed instead.")] = None,
+    prefix: Annotated[Optional[Path], typer.Option("--prefix", help="Folder the --list paths are relative to (default: the list's folder).")] = None,
+    flip: FlipOpt = None, batch_size: BatchSizeOpt = None, device: DeviceOpt = "auto", num_workers: WorkersOpt = None,
+    config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
+) -> None:
+    """Embed a .bin or an image list with a trained backbone; write features.npy + features.json."""
+    cfg = resolve_config(config, set_, print_config)
+    from hfs.eval.evaluate import extract_checkpoint
+
+    extract_checkpoint(checkpoint, out, bin_path=bin_, list_path=list_, prefix=prefix,
+                       flip=cfg.eval.flip if flip is None else flip, batch_size=batch_size or cfg.eval.batch_size,
+                       device=device, num_workers=cfg.eval.num_workers if num_workers is None else num_workers)
+
+
 @app.command("verify")
 def verify(
     bins: Annotated[List[Path], typer.Option("--bin", help="Verification .bin file (repeatable; default: eval.bins).")] = [],
     features: Annotated[List[Path], typer.Option("--features", help="Features .npy from `hfs extract`, one per --bin, same order.")] = [],
+    checkpoint: CheckpointOpt = None,
     folds: Annotated[Optional[int], typer.Option("--folds", min=2, help="Cross-validation folds (default: eval.folds).")] = None,
+    flip: FlipOpt = None, batch_size: BatchSizeOpt = None, device: DeviceOpt = "auto", num_workers: WorkersOpt = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the ROC curves to this PNG (needs the plot extra: pip install 'hfs\\[plot]').")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write all metrics to this JSON file.")] = None,
     config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
 ) -> None:
     """Verification accuracy (10-fold), VAL@FAR, AUC and EER on InsightFace .bin pair sets."""
     cfg = resolve_config(config, set_, print_config)
-    from hfs.eval.evaluate import verify_feature_files
+    from hfs.eval.evaluate import verify_checkpoint, verify_feature_files
     from hfs.eval.report import plot_roc, require_matplotlib, results_table, write_results_json
     from hfs.utils.log import make_console
 
@@ -107,9 +136,18 @@ def verify(
     bins = bins or [Path(b) for b in cfg.eval.bins]
     if not bins:
         raise HfsError("no verification set: give --bin FILE (or set eval.bins)")
-    if not features:
-        raise HfsError("give --features FILE.npy (one per --bin)")
-    results, sources = verify_feature_files(bins, features, folds or cfg.eval.folds, cfg.eval.far_target)
+    if bool(features) == bool(checkpoint):
+        raise HfsError("give either --features FILE.npy (one per --bin) or --checkpoint CKPT")
+    folds = folds or cfg.eval.folds
+    if checkpoint:
+        results, sources = verify_checkpoint(
+            bins, checkpoint, folds=folds, far_target=cfg.eval.far_target, flip=cfg.eval.flip if flip is None else flip,
+            batch_size=batch_size or cfg.eval.batch_size, device=device,
+            num_workers=cfg.eval.num_workers if num_workers is None else num_workers)
+    else:
+        if flip is not None:
+            log.warning("--flip has no effect with --features: flipping happens at extraction (hfs extract --flip)")
+        results, sources = verify_feature_files(bins, features, folds, cfg.eval.far_target)
     make_console().print(results_table(results))
     if json_out:
         write_results_json(json_out, results, sources)
@@ -149,12 +187,7 @@ def serve_params(
         insecure=insecure, max_message_bytes=int(ps.max_message_mb * 2**20))
     count = shards or ps.shards
     if count > 1 and num_shards == 1:
-        # Each shard process re-reads the same config; the secret travels in HFS_PS_SECRET.
-        args = [arg for c in ([config] if config else []) for arg in ("--config", str(c))]
-        args += [arg for item in set_ for arg in ("--set", item)]
-        args += ["--snapshot-dir", str(opts.snapshot_dir)] + (["--resume", resume] if resume else [])
-        args += ["--insecure"] if insecure else []
-        raise typer.Exit(serve_shards(opts, count, args))
+        raise typer.Exit(serve_shards(opts, count, config, set_))
     serve(opts)
 
 
@@ -223,6 +256,74 @@ def make_synthetic(
                             cluster_size)
         console.print(f"wrote {out / 'val.bin'}: {val_pairs} pairs of identities {val_first}..{val_first + val_count - 1}",
                       soft_wrap=True)
+
+
+@app.command("bench-paramserver")
+def bench_paramserver(
+    rows: Annotated[int, typer.Option(help="Rows per get/push (the sampled step's active classes).")] = 1000,
+    dim: Annotated[int, typer.Option(help="Columns (embedding size).")] = 256,
+    num_classes: Annotated[int, typer.Option(help="Rows of the benchmark matrix.")] = 100_000,
+    seconds: Annotated[float, typer.Option(help="Seconds per round-trip measurement.")] = 3.0,
+    workers: Annotated[int, typer.Option(help="Workers of the synchronous-step measurement.")] = 4,
+    sync_steps: Annotated[int, typer.Option(help="Synchronous steps per measurement.")] = 100,
+    memory_rows: Annotated[int, typer.Option(help="Rows of the memory check (10000000 needs ~5 GB free).")] = 2_000_000,
+    memory_dim: Annotated[int, typer.Option(help="Columns of the memory check.")] = 128,
+    out: Annotated[Optional[Path], typer.Option(help="Also write the results as JSON here.")] = None,
+) -> None:
+    """Measure the store in process vs over loopback, sync-step cost with N workers, and memory."""
+    import json
+
+    from hfs.bench.paramserver import BenchConfig, render, run_benchmark
+    from hfs.utils.atomic import atomic_write_text
+    from hfs.utils.log import make_console, progress
+
+    cfg = BenchConfig(rows=rows, dim=dim, num_classes=num_classes, seconds=seconds, workers=workers,
+                      sync_steps=sync_steps, memory_rows=memory_rows, memory_dim=memory_dim)
+    with progress(transient=True) as bar:
+        results = run_benchmark(cfg, bar)
+    render(results, make_console())
+    if out:
+        atomic_write_text(out, json.dumps(results, indent=1))
+
+
+@app.command("bench-sampler")
+def bench_sampler(
+    num_classes: Annotated[int, typer.Option(help="Classes C (ignored with --weights).", min=2)] = 1_000_000,
+    dim: Annotated[int, typer.Option(help="Feature dimension D (ignored with --weights).", min=1)] = 256,
+    batch_size: Annotated[int, typer.Option(help="Queries per batch B.", min=1)] = 256,
+    sample_num: Annotated[int, typer.Option(help="Active classes per batch S.", min=1)] = 1000,
+    samplers: Annotated[str, typer.Option(help="Comma-separated samplers to compare.")] = "annoy,hnsw,exact,random",
+    weights: Annotated[Optional[Path], typer.Option(help="A (C, D) float .npy of class vectors; default: generated structured weights.")] = None,
+    scale: Annotated[float, typer.Option(help="Logit scale s of the exact softmax that coverage is measured against (cosine metric).", min=0.0)] = 64.0,
+    batches: Annotated[int, typer.Option(help="Query batches timed and scored per sampler.", min=1)] = 5,
+    cluster_size: Annotated[int, typer.Option(help="Generated weights: identities per cluster of similar classes.", min=1)] = 32,
+    spread: Annotated[float, typer.Option(help="Generated weights: spread of classes around their cluster centre (in-cluster cosine ~ 1/(1+spread^2)).", min=0.0)] = 1.0,
+    noise: Annotated[float, typer.Option(help="Generated queries: distance of a feature from its class vector.", min=0.0)] = 0.7,
+    seed: Annotated[int, typer.Option(help="Seed of the generated weights and queries.")] = 0,
+    upkeep_steps: Annotated[int, typer.Option(help="Also simulate this many sampled training steps per --upkeep-samplers and report index upkeep (0 = skip).", min=0)] = 0,
+    upkeep_samplers: Annotated[str, typer.Option(help="Comma-separated samplers for the upkeep simulation.")] = "annoy,hnsw",
+    lr: Annotated[float, typer.Option(help="Upkeep simulation: SGD learning rate on the active rows.", min=0.0)] = 0.1,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this file.")] = None,
+    config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
+) -> None:
+    """Measure the class samplers: build time, query time, recall@k, softmax-mass coverage, memory, upkeep."""
+    import json
+
+    from hfs.bench.sampler import SamplerBenchSettings, render_report, run_sampler_bench
+    from hfs.utils.atomic import atomic_write_text
+    from hfs.utils.log import make_console
+
+    cfg = resolve_config(config, set_, print_config)
+    settings = SamplerBenchSettings(
+        num_classes=num_classes, dim=dim, batch_size=batch_size, sample_num=sample_num,
+        samplers=[s.strip() for s in samplers.split(",") if s.strip()], weights=weights, scale=scale,
+        batches=batches, cluster_size=cluster_size, spread=spread, noise=noise, seed=seed,
+        upkeep_steps=upkeep_steps, upkeep_samplers=[s.strip() for s in upkeep_samplers.split(",") if s.strip()], lr=lr)
+    console = make_console()
+    report = run_sampler_bench(cfg, settings, console=make_console(stderr=True))
+    render_report(report, console)
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(report, indent=2, default=str) + "\n")
 
 
 def main() -> None:
