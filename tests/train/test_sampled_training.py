@@ -22,6 +22,7 @@ def test_sampled_run_learns(tiny_cfg, blobs, tmp_path):
     assert rows[-1]["loss"] < 0.6 * rows[0]["loss"] and rows[-1]["acc"] > rows[0]["acc"]
     assert result.val_top1 > 0.7  # scored against all 12 classes, read from the store in chunks
     assert (tmp_path / "run" / "store").is_dir()
+    assert rows[-1]["index_rebuilds"] >= 1 and "upkeep_share" in rows[-1]
 
 
 def test_sample_num_above_classes_uses_all(tiny_cfg, blobs, caplog):
