@@ -47,7 +47,8 @@ def main() -> None:
                                                       image_size=args.image_size)
         write_bin(bin_path, images, issame)
     common = [
-        "data.source=rec", f"data.root={rec_dir}", f"data.rec_val_ratio={1 / args.images_per_class}", f"data.image_size={args.image_size}",
+        "data.source=rec", f"data.root={rec_dir}", f"data.rec_val_ratio={1 / args.images_per_class}",
+        f"data.image_size={args.image_size}",
         "data.num_workers=1", "model.arch=tiny", "model.embedding_size=128",
         "head.type=arcface", "head.scale=32", "head.margin=0.3", f"fc.sample_num={args.sample_num}",
         "sampler.refresh=interval", "sampler.interval=100", "optim.lr=0.1", "optim.schedule=cosine",
