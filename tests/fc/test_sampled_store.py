@@ -34,7 +34,7 @@ def test_store_sgd_matches_full_fc_over_steps(accum):
         for i in range(accum):
             (sampled(feats[i], labels[i], step, last_micro=i == accum - 1).loss / accum).backward()
         sampled.end_step(step)
-    stored = np.concatenate([rows for _, rows in store.iter_chunks("fc")])
+    stored = np.concatenate([rows for _, rows in sampled.iter_chunks()])  # waits for the last push
     np.testing.assert_allclose(stored, full.weight.detach().numpy(), atol=1e-5)
     sampled.close()
     store.close()
