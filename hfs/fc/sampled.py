@@ -43,7 +43,7 @@ class SampledFC:
         self._cycle: list[tuple[np.ndarray, np.ndarray]] = []
         self._refresh_step: int | None = None
         self._hparams: HParams | None = None
-        self.timers = {"select": 0.0, "refresh": 0.0, "get": 0.0, "push_wait": 0.0}
+        self.timers = {"select": 0.0, "observe": 0.0, "refresh": 0.0, "get": 0.0, "push_wait": 0.0}
 
     # -- per step ----------------------------------------------------------------------
     def set_hparams(self, lr: float, momentum: float, weight_decay: float) -> None:
@@ -63,9 +63,11 @@ class SampledFC:
                                              labels.detach().cpu().numpy().astype(np.int64), step)
         t1 = time.perf_counter()
         values = self.store.get_rows(self.matrix, active, step=step)
-        self.timers["get"] += time.perf_counter() - t1
+        t2 = time.perf_counter()
         self.selector.observe(active, values)
         self.timers["select"] += t1 - t0
+        self.timers["get"] += t2 - t1
+        self.timers["observe"] += time.perf_counter() - t2
 
         rows = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(features.device)
         rows.requires_grad_(True)
@@ -134,7 +136,7 @@ class SampledFC:
 
     def sampler_seconds(self) -> float:
         """Time spent choosing classes and keeping the index fresh (the 'upkeep' share)."""
-        return self.timers["select"] + self.timers["refresh"]
+        return self.timers["select"] + self.timers["observe"] + self.timers["refresh"]
 
     def close(self) -> None:
         """Finish the pending push and stop the push thread and the selector. Idempotent."""
