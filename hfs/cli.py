@@ -79,6 +79,7 @@ def bench_sampler(
     seed: Annotated[int, typer.Option(help="Seed of the generated weights and queries.")] = 0,
     upkeep_steps: Annotated[int, typer.Option(help="Also simulate this many sampled training steps per --upkeep-samplers and report index upkeep (0 = skip).", min=0)] = 0,
     upkeep_samplers: Annotated[str, typer.Option(help="Comma-separated samplers for the upkeep simulation.")] = "annoy,hnsw",
+    upkeep_baseline: Annotated[bool, typer.Option(help="Upkeep simulation: also run the same loop with a never-refreshed index, for the measured added wall time.")] = True,
     lr: Annotated[float, typer.Option(help="Upkeep simulation: SGD learning rate on the active rows.", min=0.0)] = 0.1,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this file.")] = None,
     config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
@@ -95,7 +96,8 @@ def bench_sampler(
         num_classes=num_classes, dim=dim, batch_size=batch_size, sample_num=sample_num,
         samplers=[s.strip() for s in samplers.split(",") if s.strip()], weights=weights, scale=scale,
         batches=batches, cluster_size=cluster_size, spread=spread, noise=noise, seed=seed,
-        upkeep_steps=upkeep_steps, upkeep_samplers=[s.strip() for s in upkeep_samplers.split(",") if s.strip()], lr=lr)
+        upkeep_steps=upkeep_steps, upkeep_samplers=[s.strip() for s in upkeep_samplers.split(",") if s.strip()],
+        upkeep_baseline=upkeep_baseline, lr=lr)
     console = make_console()
     report = run_sampler_bench(cfg, settings, console=make_console(stderr=True))
     render_report(report, console)
