@@ -1,0 +1,175 @@
+"""Start one worker per device through torch's elastic launcher (what ``torchrun`` uses).
+
+``hfs train-dist`` calls the launcher programmatically (``LaunchConfig`` +
+``elastic_launch``) instead of re-executing a script, so every worker gets the very same
+resolved config and flags. The launcher sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/
+``MASTER_ADDR``/``MASTER_PORT`` for each worker (see :mod:`hfs.train.distributed`), watches
+them, and stops the rest as soon as one fails (``max_restarts=0``): a failed worker ends the
+job with one line naming its rank and error, never a hung peer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from hfs.utils.errors import HfsError
+
+log = logging.getLogger(__name__)
+
+#: Static rendezvous uses the run id as the key prefix in the master's store, so every node
+#: must use the same one.
+RUN_ID = "hfs-train-dist"
+
+#: Errors that already are one clear line for the user: no traceback, no type name.
+USER_ERRORS = ("HfsError: ", "ConfigError: ")
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """How many workers on how many nodes, and where they meet."""
+
+    nproc: int
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+    backend: str = "gloo"
+    rendezvous_timeout_s: float = 300.0
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS says is free now (single-node jobs pick their rendezvous port this way)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def make_plan(dist_cfg: Any) -> LaunchPlan:
+    """Check the ``dist`` section (after CLI overrides) and fill in its defaults.
+
+    ``nproc`` 0 means one worker per visible GPU (1 on CPU); ``master_port`` 0 means a free
+    port, which only a single node can pick on its own.
+    """
+    nproc = dist_cfg.nproc or max(visible_gpus(), 1)
+    if dist_cfg.backend == "nccl":
+        gpus = visible_gpus()
+        if gpus == 0:
+            raise HfsError("--backend nccl needs CUDA GPUs; none are visible (use --backend gloo on CPU)")
+        if nproc > gpus:
+            raise HfsError(f"--nproc {nproc} with nccl needs {nproc} GPUs per node; {gpus} visible")
+    if dist_cfg.node_rank >= dist_cfg.nnodes:
+        raise HfsError(f"--node-rank {dist_cfg.node_rank} must be below --nnodes {dist_cfg.nnodes}")
+    port = dist_cfg.master_port
+    if port == 0:
+        if dist_cfg.nnodes > 1:
+            raise HfsError("several nodes need an agreed --master-port (dist.master_port) on every node")
+        port = free_port(dist_cfg.master_addr)
+    return LaunchPlan(nproc=nproc, nnodes=dist_cfg.nnodes, node_rank=dist_cfg.node_rank,
+                      master_addr=dist_cfg.master_addr, master_port=port, backend=dist_cfg.backend,
+                      rendezvous_timeout_s=dist_cfg.rendezvous_timeout_s)
+
+
+def _launch_config(plan: LaunchPlan):
+    from torch.distributed.launcher.api import LaunchConfig
+
+    return LaunchConfig(
+        min_nodes=plan.nnodes, max_nodes=plan.nnodes, nproc_per_node=plan.nproc,
+        run_id=RUN_ID, rdzv_backend="static", rdzv_endpoint=f"{plan.master_addr}:{plan.master_port}",
+        rdzv_configs={"rank": plan.node_rank, "timeout": int(plan.rendezvous_timeout_s)},
+        max_restarts=0, monitor_interval=0.2, start_method="spawn", shutdown_timeout=10,
+    )
+
+
+def _set_thread_env(plan: LaunchPlan) -> None:
+    """Split the CPU cores between local workers unless the user chose (as torchrun does)."""
+    if "OMP_NUM_THREADS" not in os.environ and plan.nproc > 1:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // plan.nproc))
+
+
+def failure_message(exc: Exception) -> str:
+    """One line from the launcher's ChildFailedError: the first failed rank and its error."""
+    failures = getattr(exc, "failures", None)
+    if not failures:
+        return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    rank, failure = exc.get_first_failure()
+    message = failure.message
+    if isinstance(message, dict):  # written by torch's @record: {"message": "Type: text", ...}
+        message = message.get("message", "")
+    message = " ".join(str(message).split())
+    for prefix in USER_ERRORS:
+        message = message.removeprefix(prefix)
+    if failure.exitcode < 0:
+        message = f"killed by {failure.signal_name()}"
+    elif not message or message.startswith("To enable traceback"):
+        message = f"exited with code {failure.exitcode}"
+    others = sorted(r for r in failures if r != rank)
+    tail = f" (ranks {', '.join(map(str, others))} failed after it)" if others else ""
+    return f"worker rank {rank} failed: {message}{tail}; the other workers were stopped"
+
+
+@contextlib.contextmanager
+def _quiet_launcher_logs() -> Iterator[None]:
+    """The launcher logs every failure as multi-screen tracebacks from each layer; keep the
+    one root-cause traceback we log ourselves unless the user asked for debug output."""
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    names = [n for n in logging.root.manager.loggerDict
+             if n.startswith(("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing"))]
+    saved = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def _log_root_cause(exc: Exception) -> None:
+    """Show the failed worker's own traceback once (from the error file torch's @record wrote)."""
+    rank, failure = exc.get_first_failure()
+    data = failure.error_file_data.get("message") if isinstance(failure.error_file_data, dict) else None
+    stack = data.get("extraInfo", {}).get("py_callstack") if isinstance(data, dict) else None
+    message = data.get("message", "") if isinstance(data, dict) else ""
+    if stack and not message.startswith(USER_ERRORS):
+        log.error("worker rank %d traceback:\n%s", rank, stack.rstrip())
+
+
+def launch(plan: LaunchPlan, entrypoint: Callable[..., Any], *args: Any) -> dict[int, Any]:
+    """Run ``entrypoint(*args)`` in ``plan.nproc`` local workers; return {global rank: result}.
+
+    ``entrypoint`` must be a module-level function (workers are spawned and import it). A
+    failed worker raises :class:`HfsError` with :func:`failure_message`'s one line.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
+    _set_thread_env(plan)
+    log.info("launching %d worker(s) on node %d/%d (%s, rendezvous %s:%d)", plan.nproc, plan.node_rank,
+             plan.nnodes, plan.backend, plan.master_addr, plan.master_port)
+    try:
+        with _quiet_launcher_logs():
+            return elastic_launch(_launch_config(plan), entrypoint)(*args)
+    except ChildFailedError as exc:
+        _log_root_cause(exc)
+        raise HfsError(failure_message(exc)) from None
+    except Exception as exc:  # rendezvous errors: a node that never came, a port in use
+        if type(exc).__module__.startswith("torch.distributed"):
+            raise HfsError(f"distributed launch failed: {type(exc).__name__}: {' '.join(str(exc).split())}") from None
+        raise
