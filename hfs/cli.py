@@ -63,6 +63,144 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = [], keys: Annotated[boo
     typer.echo(resolve_config(config, set_, False).to_yaml(), nl=False)
 
 
+@app.command("verify")
+def verify(
+    bins: Annotated[List[Path], typer.Option("--bin", help="Verification .bin file (repeatable; default: eval.bins).")] = [],
+    features: Annotated[List[Path], typer.Option("--features", help="Features .npy from `hfs extract`, one per --bin, same order.")] = [],
+    folds: Annotated[Optional[int], typer.Option("--folds", min=2, help="Cross-validation folds (default: eval.folds).")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the ROC curves to this PNG (needs the plot extra: pip install 'hfs\\[plot]').")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write all metrics to this JSON file.")] = None,
+    config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
+) -> None:
+    """Verification accuracy (10-fold), VAL@FAR, AUC and EER on InsightFace .bin pair sets."""
+    cfg = resolve_config(config, set_, print_config)
+    from hfs.eval.evaluate import verify_feature_files
+    from hfs.eval.report import plot_roc, require_matplotlib, results_table, write_results_json
+    from hfs.utils.log import make_console
+
+    if plot:
+        require_matplotlib()  # fail before the work, not after
+    bins = bins or [Path(b) for b in cfg.eval.bins]
+    if not bins:
+        raise HfsError("no verification set: give --bin FILE (or set eval.bins)")
+    if not features:
+        raise HfsError("give --features FILE.npy (one per --bin)")
+    results, sources = verify_feature_files(bins, features, folds or cfg.eval.folds, cfg.eval.far_target)
+    make_console().print(results_table(results))
+    if json_out:
+        write_results_json(json_out, results, sources)
+    if plot:
+        plot_roc(plot, results)
+
+
+@app.command("serve-params")
+def serve_params(
+    config: ConfigOpt = None,
+    set_: SetOpt = [],
+    print_config: PrintConfigOpt = False,
+    host: Annotated[Optional[str], typer.Option(help="Address to listen on (default paramserver.host, 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port of shard 0; shard i listens on port + i (default paramserver.port).")] = None,
+    shards: Annotated[Optional[int], typer.Option(help="Start N shard processes, each owning a contiguous row range.")] = None,
+    snapshot_dir: Annotated[Optional[Path], typer.Option(help="Snapshot folder (default paramserver.snapshot_dir, else <train.output_dir>/store).")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Restore this snapshot at start: 'latest' or a snapshot name.")] = None,
+    secret_file: Annotated[Optional[Path], typer.Option(help="File holding the shared secret that HMAC-signs every message.")] = None,
+    insecure: Annotated[bool, typer.Option(help="Allow a non-loopback --host without a secret (anyone who can connect can write).")] = False,
+    shard_index: Annotated[int, typer.Option(hidden=True, help="This process's shard (set by --shards).")] = 0,
+    num_shards: Annotated[int, typer.Option(hidden=True, help="Shards in the group (set by --shards).")] = 1,
+    peers: Annotated[str, typer.Option(hidden=True, help="Comma-separated endpoints of all shards (set by --shards).")] = "",
+) -> None:
+    """Serve the classifier matrices over ZeroMQ (sparse SGD, synchronous steps, snapshots)."""
+    from hfs.paramserver import resolve_secret
+    from hfs.paramserver.server import ServeOptions, serve, serve_shards
+    from hfs.paramserver.store import ShardSpec
+
+    cfg = resolve_config(config, set_, print_config)
+    ps = cfg.paramserver
+    opts = ServeOptions(
+        host=host or ps.host, port=port or ps.port, shard=ShardSpec(shard_index, num_shards),
+        peers=tuple(p for p in peers.split(",") if p),
+        snapshot_dir=snapshot_dir or Path(ps.snapshot_dir or Path(cfg.train.output_dir) / "store"),
+        keep_snapshots=ps.keep_snapshots, timeout_s=ps.timeout_s, snapshot_every_steps=ps.snapshot_every_steps,
+        snapshot_every_s=ps.snapshot_every_s, resume=resume, secret=resolve_secret(ps.secret, secret_file),
+        insecure=insecure, max_message_bytes=int(ps.max_message_mb * 2**20))
+    count = shards or ps.shards
+    if count > 1 and num_shards == 1:
+        # Each shard process re-reads the same config; the secret travels in HFS_PS_SECRET.
+        args = [arg for c in ([config] if config else []) for arg in ("--config", str(c))]
+        args += [arg for item in set_ for arg in ("--set", item)]
+        args += ["--snapshot-dir", str(opts.snapshot_dir)] + (["--resume", resume] if resume else [])
+        args += ["--insecure"] if insecure else []
+        raise typer.Exit(serve_shards(opts, count, args))
+    serve(opts)
+
+
+@app.command("convert")
+def convert(
+    in_folder: Annotated[Path, typer.Option("--in-folder", help=(
+        "Folder with train.rec/train.idx/property (--to images), or with train_list.txt/val_list.txt "
+        "or class folders of images (--to rec)."))],
+    out_folder: Annotated[Path, typer.Option("--out-folder", help="Where the converted dataset goes.")],
+    to: Annotated[str, typer.Option("--to", help="images: unpack a .rec; rec: pack images into a .rec.")] = "images",
+    val_ratio: Annotated[float, typer.Option("--val-ratio", min=0.0, max=0.9, help=(
+        "Share of each identity's images listed in val_list.txt (--to images)."))] = 0.05,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the validation split (--to images).")] = 0,
+    workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Parallel worker processes (reader threads for --to rec).")] = 4,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip images already written by an interrupted run (--to images).")] = False,
+    rec_name: Annotated[str, typer.Option("--rec-name", help="Base name of the .rec/.idx files.")] = "train",
+) -> None:
+    """Convert InsightFace train.rec <-> images + lists, losslessly (stored bytes, never re-encoded)."""
+    from hfs.data.convert import images_to_rec, rec_to_images
+    from hfs.utils.log import make_console
+
+    if to == "images":
+        summary = rec_to_images(in_folder, out_folder, val_ratio, seed, workers, resume, rec_name)
+    elif to == "rec":
+        summary = images_to_rec(in_folder, out_folder, workers, rec_name)
+    else:
+        raise HfsError(f"--to must be 'images' or 'rec', got {to!r}")
+    make_console().print(f"converted {summary.describe()}", soft_wrap=True)
+
+
+@app.command("make-synthetic")
+def make_synthetic(
+    out: Annotated[Path, typer.Option("--out", help="Folder for train.rec, train.idx and property.")],
+    classes: Annotated[int, typer.Option("--classes", min=1, help="Number of identities (labels 0..N-1).")],
+    images_per_class: Annotated[int, typer.Option("--images-per-class", min=1, help="Images per identity.")] = 20,
+    image_size: Annotated[int, typer.Option("--image-size", min=8, help="Square image size in pixels.")] = 112,
+    seed: Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same images.")] = 0,
+    first_class: Annotated[int, typer.Option("--first-class", min=0, help=(
+        "Generator identity of label 0 (offset to make disjoint sets)."))] = 0,
+    image_format: Annotated[str, typer.Option("--format", help="Stored encoding: jpeg or png.")] = "jpeg",
+    cluster_size: Annotated[int, typer.Option("--cluster-size", min=1, help=(
+        "Consecutive identities that look alike (hard negatives)."))] = 8,
+    val_pairs: Annotated[int, typer.Option("--val-pairs", min=0, help=(
+        "Also write DIR/val.bin with this many verification pairs of held-out identities (0: none)."))] = 0,
+    val_first_class: Annotated[Optional[int], typer.Option("--val-first-class", min=0, help=(
+        "First held-out identity of val.bin (default: right after the training identities)."))] = None,
+    val_classes: Annotated[Optional[int], typer.Option("--val-classes", min=2, help=(
+        "Held-out identities in val.bin (default: --classes)."))] = None,
+) -> None:
+    """Write a synthetic face-like dataset as an InsightFace-layout .rec (no downloads needed)."""
+    from hfs.data.synthetic import make_synthetic_rec, write_synthetic_bin
+    from hfs.utils.log import make_console
+
+    val_first = first_class + classes if val_first_class is None else val_first_class
+    val_count = classes if val_classes is None else val_classes
+    if val_pairs and val_first < first_class + classes and first_class < val_first + val_count:
+        raise HfsError(f"--val-first-class {val_first}: held-out identities [{val_first}, {val_first + val_count}) "
+                       f"overlap the training identities [{first_class}, {first_class + classes})")
+    stats = make_synthetic_rec(out, classes, images_per_class, image_size, seed, first_class, image_format,
+                               cluster_size)
+    console = make_console()
+    console.print(f"wrote {stats['images']} images of {stats['identities']} identities "
+                  f"({stats['bytes'] / 1e6:.1f} MB) to {out} in {stats['seconds']:.1f} s", soft_wrap=True)
+    if val_pairs:
+        write_synthetic_bin(out / "val.bin", val_pairs, val_first, val_count, image_size, seed, image_format,
+                            cluster_size)
+        console.print(f"wrote {out / 'val.bin'}: {val_pairs} pairs of identities {val_first}..{val_first + val_count - 1}",
+                      soft_wrap=True)
+
+
 def main() -> None:
     """Console entry: user errors become one line on stderr and exit code 2."""
     try:

@@ -47,6 +47,11 @@ class DataConfig:
     synthetic_images_per_class: int = _f(20, gt=0, help="images per synthetic identity")
     synthetic_val_per_class: int = _f(2, ge=0, help="held-out images per synthetic identity")
     synthetic_seed: int = _f(0, help="seed of the synthetic identities")
+    synthetic_cluster_size: int = _f(8, gt=0, help="consecutive synthetic identities that look alike (hard negatives)")
+    rec_name: str = _f("train", help="source=rec: read <root>/<rec_name>.rec and .idx")
+    rec_val_ratio: float = _f(0.0, ge=0.0, le=0.9, help="source=rec: share of each identity's images held out "
+                                                       "for validation (the rule `hfs convert` uses)")
+    split_seed: int = _f(0, help="source=rec: seed of the validation split (as `hfs convert --seed`)")
 
 
 @dataclass
@@ -99,9 +104,16 @@ class SamplerConfig:
 class ParamServerConfig:
     address: str = _f("", help="tcp://host:port[,tcp://host:port...] of `hfs serve-params` shards; empty = in-process store")
     timeout_s: float = _f(60.0, gt=0.0, help="client request timeout and synchronous-step timeout")
+    connect_timeout_s: float = _f(10.0, gt=0.0, help="how long the client waits for a server to answer its first ping")
     snapshot_dir: str = _f("", help="server snapshots folder; empty = <train.output_dir>/store")
     keep_snapshots: int = _f(3, gt=0, help="snapshots kept (oldest removed)")
+    snapshot_every_steps: int = _f(0, ge=0, help="automatic snapshot every N applied steps (0 = off)")
+    snapshot_every_s: float = _f(0.0, ge=0.0, help="automatic snapshot every N seconds of changes (0 = off)")
     secret: str = _f("", help="shared secret for non-loopback servers (or HFS_PS_SECRET)")
+    host: str = _f("127.0.0.1", help="serve-params: address to listen on (non-loopback needs a secret or --insecure)")
+    port: int = _f(5570, gt=0, le=65535, help="serve-params: port of shard 0 (shard i listens on port + i)")
+    shards: int = _f(1, gt=0, help="serve-params: server processes, each owning a contiguous range of rows")
+    max_message_mb: float = _f(1024.0, gt=0.0, help="serve-params: largest request accepted, in MiB")
 
 
 @dataclass
@@ -151,6 +163,8 @@ class EvalConfig:
     folds: int = _f(10, ge=2, help="cross-validation folds")
     batch_size: int = _f(256, gt=0, help="images per extraction batch")
     every: int = _f(0, ge=0, help="steps between verification runs during training (0 = only at the end)")
+    far_target: float = _f(1e-3, gt=0.0, le=1.0, help="false accept rate at which VAL is reported")
+    num_workers: int = _f(2, ge=0, help="DataLoader workers decoding images for extraction")
 
 
 @dataclass
