@@ -4,7 +4,8 @@
 
 Prints the median and best wall time of `evaluate_embeddings` (10-fold accuracy, VAL@FAR=1e-3,
 AUC, EER) and of its parts, on synthetic embeddings whose same pairs are closer than different
-ones. Recorded in docs/benchmarks.md under "Evaluation".
+ones, next to the per-threshold loop InsightFace's `calculate_roc` runs (the baseline, timed
+once: it is slow). Recorded in docs/benchmarks.md under "Evaluation".
 """
 
 from __future__ import annotations
@@ -28,6 +29,18 @@ def synthetic_embeddings(pairs: int, dim: int, seed: int = 0) -> tuple[np.ndarra
     emb = np.empty((2 * pairs, dim), dtype=np.float32)
     emb[0::2], emb[1::2] = a, b
     return emb, issame
+
+
+def loop_accuracy_baseline(dist: np.ndarray, issame: np.ndarray, folds: int = 10) -> float:
+    """InsightFace's calculate_roc accuracy part: a Python loop over folds x thresholds."""
+    thresholds = np.arange(0, 4, 0.01)
+    accs = []
+    for test in np.array_split(np.arange(len(dist)), folds):
+        train = np.setdiff1d(np.arange(len(dist)), test)
+        acc_train = [np.mean(np.less(dist[train], t) == issame[train]) for t in thresholds]
+        best = thresholds[int(np.argmax(acc_train))]
+        accs.append(np.mean(np.less(dist[test], best) == issame[test]))
+    return float(np.mean(accs))
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
@@ -59,6 +72,11 @@ def main() -> None:
     for name, fn in rows:
         median, best = timed(fn, args.repeats)
         print(f"{name:42s} median {median * 1e3:8.2f} ms   best {best * 1e3:8.2f} ms")
+    start = time.perf_counter()
+    baseline = loop_accuracy_baseline(dist, issame)
+    took = time.perf_counter() - start
+    assert abs(baseline - result.accuracy) < 1e-12, (baseline, result.accuracy)
+    print(f"{'baseline: per-threshold loop, accuracy only':42s} once   {took * 1e3:8.2f} ms   (same accuracy)")
 
 
 if __name__ == "__main__":

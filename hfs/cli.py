@@ -63,6 +63,30 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = [], keys: Annotated[boo
     typer.echo(resolve_config(config, set_, False).to_yaml(), nl=False)
 
 
+@app.command("train")
+def train_cmd(
+    config: ConfigOpt = None,
+    sampled: Annotated[bool, typer.Option("--sampled", help="HF-softmax: same as --set fc.mode=sampled.")] = False,
+    sample_num: Annotated[Optional[int], typer.Option(
+        "--sample-num", min=1, help="Active classes per step (sets fc.sample_num).")] = None,
+    resume: Annotated[Optional[str], typer.Option(
+        "--resume", help="Continue from 'latest' (in train.output_dir), a run folder or a checkpoint file.")] = None,
+    set_: SetOpt = [],
+    print_config: PrintConfigOpt = False,
+) -> None:
+    """Train a backbone with the full softmax (baseline) or HF-softmax over active classes (--sampled)."""
+    sugar = (["fc.mode=sampled"] if sampled else []) + ([f"fc.sample_num={sample_num}"] if sample_num else [])
+    cfg = resolve_config(config, sugar + list(set_), print_config)
+    from hfs.train.trainer import resume_config, summarize, train
+
+    checkpoint = None
+    if resume:
+        checkpoint, cfg = resume_config(resume, config is not None, cfg, sugar + list(set_))
+    result = train(cfg, resume=checkpoint)
+    summarize(result)
+    if result.interrupted:
+        raise typer.Exit(130)
+
 @app.command("verify")
 def verify(
     bins: Annotated[List[Path], typer.Option("--bin", help="Verification .bin file (repeatable; default: eval.bins).")] = [],
@@ -199,6 +223,74 @@ def make_synthetic(
                             cluster_size)
         console.print(f"wrote {out / 'val.bin'}: {val_pairs} pairs of identities {val_first}..{val_first + val_count - 1}",
                       soft_wrap=True)
+
+
+@app.command("bench-paramserver")
+def bench_paramserver(
+    rows: Annotated[int, typer.Option(help="Rows per get/push (the sampled step's active classes).")] = 1000,
+    dim: Annotated[int, typer.Option(help="Columns (embedding size).")] = 256,
+    num_classes: Annotated[int, typer.Option(help="Rows of the benchmark matrix.")] = 100_000,
+    seconds: Annotated[float, typer.Option(help="Seconds per round-trip measurement.")] = 3.0,
+    workers: Annotated[int, typer.Option(help="Workers of the synchronous-step measurement.")] = 4,
+    sync_steps: Annotated[int, typer.Option(help="Synchronous steps per measurement.")] = 100,
+    memory_rows: Annotated[int, typer.Option(help="Rows of the memory check (10000000 needs ~5 GB free).")] = 2_000_000,
+    memory_dim: Annotated[int, typer.Option(help="Columns of the memory check.")] = 128,
+    out: Annotated[Optional[Path], typer.Option(help="Also write the results as JSON here.")] = None,
+) -> None:
+    """Measure the store in process vs over loopback, sync-step cost with N workers, and memory."""
+    import json
+
+    from hfs.bench.paramserver import BenchConfig, render, run_benchmark
+    from hfs.utils.atomic import atomic_write_text
+    from hfs.utils.log import make_console, progress
+
+    cfg = BenchConfig(rows=rows, dim=dim, num_classes=num_classes, seconds=seconds, workers=workers,
+                      sync_steps=sync_steps, memory_rows=memory_rows, memory_dim=memory_dim)
+    with progress(transient=True) as bar:
+        results = run_benchmark(cfg, bar)
+    render(results, make_console())
+    if out:
+        atomic_write_text(out, json.dumps(results, indent=1))
+
+
+@app.command("bench-sampler")
+def bench_sampler(
+    num_classes: Annotated[int, typer.Option(help="Classes C (ignored with --weights).", min=2)] = 1_000_000,
+    dim: Annotated[int, typer.Option(help="Feature dimension D (ignored with --weights).", min=1)] = 256,
+    batch_size: Annotated[int, typer.Option(help="Queries per batch B.", min=1)] = 256,
+    sample_num: Annotated[int, typer.Option(help="Active classes per batch S.", min=1)] = 1000,
+    samplers: Annotated[str, typer.Option(help="Comma-separated samplers to compare.")] = "annoy,hnsw,exact,random",
+    weights: Annotated[Optional[Path], typer.Option(help="A (C, D) float .npy of class vectors; default: generated structured weights.")] = None,
+    scale: Annotated[float, typer.Option(help="Logit scale s of the exact softmax that coverage is measured against (cosine metric).", min=0.0)] = 64.0,
+    batches: Annotated[int, typer.Option(help="Query batches timed and scored per sampler.", min=1)] = 5,
+    cluster_size: Annotated[int, typer.Option(help="Generated weights: identities per cluster of similar classes.", min=1)] = 32,
+    spread: Annotated[float, typer.Option(help="Generated weights: spread of classes around their cluster centre (in-cluster cosine ~ 1/(1+spread^2)).", min=0.0)] = 1.0,
+    noise: Annotated[float, typer.Option(help="Generated queries: distance of a feature from its class vector.", min=0.0)] = 0.7,
+    seed: Annotated[int, typer.Option(help="Seed of the generated weights and queries.")] = 0,
+    upkeep_steps: Annotated[int, typer.Option(help="Also simulate this many sampled training steps per --upkeep-samplers and report index upkeep (0 = skip).", min=0)] = 0,
+    upkeep_samplers: Annotated[str, typer.Option(help="Comma-separated samplers for the upkeep simulation.")] = "annoy,hnsw",
+    lr: Annotated[float, typer.Option(help="Upkeep simulation: SGD learning rate on the active rows.", min=0.0)] = 0.1,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this file.")] = None,
+    config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
+) -> None:
+    """Measure the class samplers: build time, query time, recall@k, softmax-mass coverage, memory, upkeep."""
+    import json
+
+    from hfs.bench.sampler import SamplerBenchSettings, render_report, run_sampler_bench
+    from hfs.utils.atomic import atomic_write_text
+    from hfs.utils.log import make_console
+
+    cfg = resolve_config(config, set_, print_config)
+    settings = SamplerBenchSettings(
+        num_classes=num_classes, dim=dim, batch_size=batch_size, sample_num=sample_num,
+        samplers=[s.strip() for s in samplers.split(",") if s.strip()], weights=weights, scale=scale,
+        batches=batches, cluster_size=cluster_size, spread=spread, noise=noise, seed=seed,
+        upkeep_steps=upkeep_steps, upkeep_samplers=[s.strip() for s in upkeep_samplers.split(",") if s.strip()], lr=lr)
+    console = make_console()
+    report = run_sampler_bench(cfg, settings, console=make_console(stderr=True))
+    render_report(report, console)
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(report, indent=2, default=str) + "\n")
 
 
 def main() -> None:

@@ -78,6 +78,7 @@ class FCConfig:
     init: str = _f("gaussian", choices=("gaussian", "uniform", "zeros"), help="initialisation of the classifier rows")
     init_std: float = _f(0.01, ge=0.0, help="std (gaussian) or half-width (uniform) of the initialisation")
     lr_scale: float = _f(1.0, gt=0.0, help="classifier lr = backbone lr x lr_scale")
+    overlap_push: bool = _f(True, help="sampled: push row gradients on a background thread, overlapping the backbone's backward")
 
 
 @dataclass
@@ -86,18 +87,30 @@ class SamplerConfig:
                    help="how hard negatives are found (random = Partial FC's rule)")
     metric: str = _f("auto", choices=("auto", "cosine", "dot"),
                      help="similarity; auto = cosine for margin heads, dot for softmax")
+    k: int = _f(0, ge=0, help="nearest classes asked per query; 0 = auto (2 x ceil(sample_num / batch) + 1)")
     refresh: str = _f("adaptive", choices=("interval", "adaptive"),
-                      help="interval: rebuild every `interval` steps; adaptive: when weights moved enough")
-    interval: int = _f(100, gt=0, help="steps between index rebuilds (refresh=interval; the cap for adaptive)")
-    drift_threshold: float = _f(0.05, gt=0.0, help="relative weight change that triggers a rebuild (adaptive)")
-    background: bool = _f(True, help="rebuild the index in the background while training queries the old one")
+                      help="interval: rebuild every `interval` steps; adaptive: when the weights moved "
+                           "`drift_threshold` since the last build (at most every `interval` steps)")
+    interval: int = _f(100, gt=0, help="steps between rebuilds (interval); shortest spacing between rebuilds (adaptive)")
+    max_interval: int = _f(10000, ge=0, help="adaptive: rebuild after this many steps even without measured drift (0 = never)")
+    drift_threshold: float = _f(0.05, gt=0.0,
+                                help="adaptive: mean relative row change (over all classes) vs the indexed copy that triggers a rebuild")
+    background: bool = _f(True, help="build indexes in the background while training queries the old one "
+                                     "(false: rebuild in the training thread, stalling it)")
+    snapshot_rows: int = _f(32768, gt=0, help="rows copied from the store per step for a background rebuild's snapshot")
+    update_threshold: float = _f(0.1, gt=0.0, help="hnsw: relative change of a row that earns an in-place update")
+    update_budget: int = _f(16, ge=0, help="hnsw: most rows updated in place per step (0 = none)")
+    build_threads: int = _f(1, help="threads of an index build (annoy n_jobs, hnsw add_items); -1 = all cores")
+    query_threads: int = _f(-1, help="hnsw: threads per batch query; -1 = all cores")
     annoy_trees: int = _f(50, gt=0, help="annoy: number of trees in the hashing forest")
     annoy_search_k: int = _f(-1, help="annoy: nodes inspected per query (-1 = trees x k)")
     hnsw_m: int = _f(16, gt=0, help="hnsw: graph degree M")
-    hnsw_ef_construction: int = _f(200, gt=0, help="hnsw: ef at build time")
-    hnsw_ef: int = _f(100, gt=0, help="hnsw: ef at query time")
+    hnsw_ef_construction: int = _f(100, gt=0, help="hnsw: ef at build time")
+    hnsw_ef: int = _f(32, gt=0, help="hnsw: ef at query time (raised to k when smaller)")
     exact_chunk: int = _f(65536, gt=0, help="exact: rows per matmul chunk")
-    seed: int = _f(0, help="seed of the uniform fill")
+    exact_device: str = _f("auto", help="exact: torch device of the matrix copy (auto = cuda when available)")
+    workdir: str = _f("", help="folder for snapshot/index files of subprocess builds (annoy); empty = system temp")
+    seed: int = _f(0, help="seed of the uniform fill and of the index builds")
 
 
 @dataclass
@@ -131,7 +144,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = _f("runs/default", help="checkpoints, metrics and logs go here")
-    batch_size: int = _f(128, gt=0, help="images per step per process")
+    batch_size: int = _f(128, gt=0, help="images per micro-batch per process (an optimizer step sees batch_size x grad_accum)")
     max_steps: int = _f(0, ge=0, help="stop after N steps (0 = run `epochs` epochs)")
     epochs: int = _f(1, gt=0, help="epochs when max_steps = 0")
     grad_accum: int = _f(1, gt=0, help="micro-batches per optimizer step")
@@ -140,6 +153,7 @@ class TrainConfig:
     seed: int = _f(0, help="global seed")
     log_every: int = _f(10, gt=0, help="steps between progress/metrics lines")
     checkpoint_every: int = _f(1000, ge=0, help="steps between checkpoints (0 = only at the end)")
+    checkpoint_every_epochs: int = _f(0, ge=0, help="also checkpoint after every N completed epochs (0 = off)")
     keep_checkpoints: int = _f(3, gt=0, help="checkpoints kept")
     val_every: int = _f(0, ge=0, help="steps between validations (0 = only at the end)")
 

@@ -96,6 +96,23 @@ def evaluate_bins(model, bin_paths: Sequence[str | Path | VerificationSet], imag
     return {name: res.to_dict() for name, res in results.items()}
 
 
+def _warn_if_extracted_from_another_set(feat_path: Path, vset: VerificationSet) -> None:
+    """The JSON ``hfs extract`` writes beside the features names its .bin: catch swapped --features."""
+    import json
+    import logging
+
+    from hfs.eval.extract import features_meta_path
+
+    try:
+        meta = json.loads(features_meta_path(feat_path).read_text())
+    except (OSError, ValueError):
+        return
+    source = meta.get("bin") if isinstance(meta, dict) else None
+    if source and Path(source).name != vset.path.name:
+        logging.getLogger(__name__).warning("%s was extracted from %s, but is scored against %s",
+                                            feat_path, source, vset.path)
+
+
 def verify_feature_files(bins: Sequence[str | Path], features: Sequence[str | Path], folds: int = 10,
                          far_target: float = DEFAULT_FAR_TARGET) -> tuple[dict[str, VerificationResult], dict]:
     """Score saved features (``hfs extract`` output), one features file per .bin, in order.
@@ -110,6 +127,7 @@ def verify_feature_files(bins: Sequence[str | Path], features: Sequence[str | Pa
     sets = load_verification_sets(bins)
     results, sources = {}, {}
     for name, vset, feat_path in zip(unique_names(sets), sets, features):
+        _warn_if_extracted_from_another_set(Path(feat_path), vset)
         results[name] = verify_features(read_features(feat_path), vset, folds, far_target, source=str(feat_path))
         sources[name] = {"bin": str(vset.path), "features": str(feat_path)}
     return results, sources

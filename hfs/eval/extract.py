@@ -66,27 +66,14 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def read_image_list(list_path: str | Path, prefix: str | Path) -> list[Path]:
-    """Image paths of a list file as ``hfs convert`` writes it (``relative/path label`` per line).
+def list_image_paths(list_path: str | Path, prefix: str | Path) -> list[Path]:
+    """The images of a ``relative/path label`` list (as ``hfs convert`` writes it), under ``prefix``."""
+    from hfs.data.filelist import read_image_list
 
-    The label column is optional; a trailing integer after whitespace is taken as the label.
-    """
-    list_path, prefix = Path(list_path), Path(prefix)
-    try:
-        lines = list_path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise HfsError(f"cannot read image list {list_path}: {getattr(exc, 'strerror', None) or exc}") from None
-    paths = []
-    for line in lines:
-        line = line.strip()
-        if not line:
-            continue
-        parts = line.rsplit(None, 1)
-        rel = parts[0] if len(parts) == 2 and parts[1].lstrip("-").isdigit() else line
-        paths.append(prefix / rel)
-    if not paths:
+    rel_paths, _ = read_image_list(list_path)
+    if not rel_paths:
         raise HfsError(f"image list {list_path} is empty")
-    return paths
+    return [Path(prefix) / rel for rel in rel_paths]
 
 
 def resolve_device(device: "str | torch.device | None" = None) -> "torch.device":

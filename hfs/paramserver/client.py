@@ -41,6 +41,11 @@ def parse_address(address: str) -> list[str]:
     return endpoints
 
 
+def _owned(array: np.ndarray) -> np.ndarray:
+    """A reply array the caller may modify: received zmq frames are writable, so no copy is needed."""
+    return array if array.flags.writeable else array.copy()
+
+
 def _peer_for(peer: str, contacted: str) -> str:
     """A peer advertised with a wildcard host is reached at the host we contacted."""
     host = peer[6:].rsplit(":", 1)[0]
@@ -120,8 +125,10 @@ class ParamClient(WeightStore):
             raise HfsError("the parameter-server client is closed")
         zmq = self._zmq
         sock = self._ctx.socket(zmq.DEALER)
+        # No ZMQ_IMMEDIATE: with it, a reply that arrived just before the server closed (the
+        # answer to `shutdown`) is dropped with the connection. Requests queued for a server
+        # that never answers are dropped instead by replacing the socket after the timeout.
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a server that is not there
         sock.connect(endpoint)
         with self._sockets_lock:
             self._all_sockets.append(sock)
@@ -273,7 +280,7 @@ class ParamClient(WeightStore):
         timeout = None if step is None else max(self.timeout_s, self.step_timeout_s + 5.0)
         parts = self._split(name, rows)
         if parts[0][1] is None:
-            return np.array(self._call([(0, header, [rows])], timeout)[0].arrays[0])
+            return _owned(self._call([(0, header, [rows])], timeout)[0].arrays[0])
         asked = [(s, pos) for s, pos in parts if pos.size]
         replies = self._call([(s, header, [rows[pos]]) for s, pos in asked], timeout) if asked else []
         out = np.empty((rows.size, self.shape(name)[1]), dtype=np.float32)
@@ -319,7 +326,7 @@ class ParamClient(WeightStore):
                 if lo < hi:
                     asks.append((shard, {"op": "get", "matrix": name, "start": lo, "stop": hi}, []))
             replies = self._call(asks)
-            yield first, (np.array(replies[0].arrays[0]) if len(replies) == 1
+            yield first, (_owned(replies[0].arrays[0]) if len(replies) == 1
                           else np.concatenate([m.arrays[0] for m in replies]))
 
     def snapshot(self, tag: str | None = None) -> str:

@@ -167,7 +167,9 @@ class ParamServer:
         zmq = self._zmq
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
-        log.info("serving on %s (shard %d of %d)", self.endpoint, self.store.shard.index, self.store.shard.count)
+        log.info("serving on %s (shard %d of %d; snapshots in %s; %s)", self.endpoint, self.store.shard.index,
+                 self.store.shard.count, self.store.snapshot_dir or "nowhere",
+                 "HMAC-signed messages" if self.secret else "no authentication")
         while not self._stop.is_set():
             deadline = self.store.next_deadline()
             wait_ms = poll_ms if deadline is None else max(0, min(poll_ms, int((deadline - time.monotonic()) * 1e3) + 1))
@@ -183,8 +185,9 @@ class ParamServer:
             self._send(waiting.envelope, proto.error_reply(waiting.request_id, "server is shutting down"), ())
         self._waiting.clear()
 
-    def close(self) -> None:
-        self._sock.close(0)
+    def close(self, linger_ms: int = 2000) -> None:
+        """Close the socket, giving queued replies (e.g. to `shutdown`) up to ``linger_ms`` to leave."""
+        self._sock.close(linger=linger_ms)
         self._ctx.term()
 
     def _housekeeping(self) -> None:
@@ -313,7 +316,7 @@ class ParamServer:
         h = msg.header
         rows, grads = _arrays(msg, [("rows", "int64", 1), ("grads", "float32", 2)])
         worker = proto.field_of(h, "worker", str, None)
-        self.store.push_grads(_name(h), rows, grads, _step(h, required=True), worker=worker)
+        self.store.push_grads(_name(h), rows, grads, _step(h, required=True), worker=worker, copy=False)
         return {}, []
 
     def _op_hparams(self, msg, envelope):

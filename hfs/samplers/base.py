@@ -9,16 +9,44 @@ refresh schedule (when and where rebuilds run) lives once too (``refresh.py``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Iterable
+from pathlib import Path
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 
-class ClassSampler(ABC):
-    """An index over classifier rows answering nearest-class queries."""
+def array_chunks(matrix: np.ndarray, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+    """(first_row, rows) views of an in-memory matrix, the shape ``rebuild`` consumes."""
+    for start in range(0, matrix.shape[0], chunk_rows):
+        yield start, matrix[start:start + chunk_rows]
 
+
+def normalise_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero): cosine similarity as a dot product."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+
+class ClassSampler(ABC):
+    """An index over classifier rows answering nearest-class queries.
+
+    Class attributes tell the refresh machinery what the index can do:
+    ``update_cost`` is ``"none"`` (rows cannot change in place: rebuild), ``"cheap"``
+    (in-place row writes cost about a memcpy: apply every observed row) or ``"costly"``
+    (in place but each row costs like an insertion: apply only rows that moved a lot,
+    within a per-step budget). ``build_in_subprocess`` marks indexes whose build holds the
+    GIL (annoy's per-item ``add_item`` loop); those are built by a child process from a
+    snapshot file and must implement ``save``/``load``.
+    """
+
+    #: registry name, set by each implementation.
+    name: str = ""
     #: cosine or dot; set at construction from the config's resolved metric.
     metric: str = "cosine"
+    update_cost: str = "none"
+    build_in_subprocess: bool = False
+    #: False for samplers with no index at all (random): nothing to build or refresh.
+    needs_index: bool = True
 
     @abstractmethod
     def rebuild(self, chunks: Iterable[tuple[int, np.ndarray]], num_rows: int, dim: int) -> None:
@@ -28,6 +56,21 @@ class ClassSampler(ABC):
     def candidates(self, features: np.ndarray, k: int) -> np.ndarray:
         """(B, k) int64 class ids, most similar first; -1 pads where fewer were found."""
 
+    @abstractmethod
+    def spec(self) -> dict[str, Any]:
+        """Constructor keyword arguments: an identical, empty sampler is ``type(self)(**spec())``."""
+
     def update_rows(self, rows: np.ndarray, values: np.ndarray) -> bool:
         """Update changed rows in place when the index allows; False means a rebuild is needed."""
         return False
+
+    def save(self, path: Path) -> None:
+        """Write the built index to ``path`` (only samplers built in a subprocess need this)."""
+        raise NotImplementedError(f"sampler '{self.name}' cannot be saved")
+
+    def load(self, path: Path, num_rows: int, dim: int) -> None:
+        """Read an index written by ``save`` (only samplers built in a subprocess need this)."""
+        raise NotImplementedError(f"sampler '{self.name}' cannot be loaded")
+
+    def close(self) -> None:
+        """Release the index's memory/mappings. Idempotent."""

@@ -20,7 +20,7 @@ def tiny_features(tmp_path, tiny_bin, tiny_model):
     images, _ = load_bin(tiny_bin)
     feats = extract_features(tiny_model, EncodedImages(images, 8, str(tiny_bin)), show_progress=False)
     out = tmp_path / "tiny.npy"
-    write_features(out, feats, {"arch": "tiny"})
+    write_features(out, feats, {"arch": "tiny", "bin": str(tiny_bin)})
     return out
 
 
@@ -88,3 +88,17 @@ def test_plot_draws_a_png(tmp_path, tiny_bin, tiny_features):
                                       "--folds", "5", "--plot", str(tmp_path / "roc.png")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "roc.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_features_from_another_set_are_flagged(tmp_path, tiny_bin, tiny_features, caplog):
+    from hfs.eval.evaluate import verify_feature_files
+
+    other = tmp_path / "lfw.bin"
+    other.write_bytes(tiny_bin.read_bytes())
+    with caplog.at_level("WARNING"):
+        verify_feature_files([other], [tiny_features], folds=5)
+    assert "was extracted from" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        verify_feature_files([tiny_bin], [tiny_features], folds=5)
+    assert caplog.text == ""

@@ -7,7 +7,7 @@ import torch
 from hfs.data.bins import load_bin
 from hfs.data.transforms import EvalTransform
 from hfs.eval.evaluate import VerificationSet, evaluate_bins, verify_feature_files
-from hfs.eval.extract import (EncodedImages, extract_features, read_features, read_image_list,
+from hfs.eval.extract import (EncodedImages, extract_features, list_image_paths, read_features,
                               write_features)
 from hfs.utils.errors import HfsError
 
@@ -64,17 +64,20 @@ def test_image_list_with_prefix(tmp_path, tiny_model):
     for k in range(3):
         Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "7" / f"{k}.png")
     lst = tmp_path / "list.txt"
-    lst.write_text("7/0.png 7\n7/1.png 7\n\n7/2.png\n")
-    paths = read_image_list(lst, tmp_path / "imgs")
+    lst.write_text("7/0.png 7\n7/1.png 7\n\n7/2.png 7\n")
+    paths = list_image_paths(lst, tmp_path / "imgs")
     assert [p.name for p in paths] == ["0.png", "1.png", "2.png"]
     feats = extract_features(tiny_model, EncodedImages(paths, 8, str(lst)), show_progress=False)
     assert feats.shape == (3, 16)
     lst.write_text("7/0.png 7\n7/missing.png 7\n")
     with pytest.raises(HfsError, match=r"image 1 \(.*missing.png\) cannot be decoded"):
-        extract_features(tiny_model, EncodedImages(read_image_list(lst, tmp_path / "imgs"), 8, str(lst)),
+        extract_features(tiny_model, EncodedImages(list_image_paths(lst, tmp_path / "imgs"), 8, str(lst)),
                          show_progress=False)
     with pytest.raises(HfsError, match="cannot read image list"):
-        read_image_list(tmp_path / "nope.txt", tmp_path)
+        list_image_paths(tmp_path / "nope.txt", tmp_path)
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(HfsError, match="is empty"):
+        list_image_paths(tmp_path / "empty.txt", tmp_path)
 
 
 def test_write_and_read_features(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -221,3 +222,42 @@ def test_periodic_snapshots_every_n_steps(tmp_path):
     for step in range(5):
         store.push_grads("fc", np.array([0]), np.ones((1, 2), np.float32), step)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000002", "step-000000004"]
+
+
+def test_periodic_snapshots_every_n_seconds(tmp_path):
+    store = _store(tmp_path, snapshot_every_s=0.05, keep_snapshots=10)
+    store.create("fc", 3, 2)
+    store.set_hparams("fc", HParams(0.1))
+    store.push_grads("fc", np.array([0]), np.ones((1, 2), np.float32), 0)
+    assert not list(tmp_path.iterdir())  # not due yet
+    time.sleep(0.1)
+    store.tick()  # what the server loop calls between messages
+    assert [p.name for p in tmp_path.iterdir()] == ["step-000000001"]
+    time.sleep(0.1)
+    store.tick()  # nothing changed since: no new snapshot
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_malformed_manifest_and_wrong_shard_are_refused(tmp_path):
+    store = _store(tmp_path)
+    store.create("fc", 5, 3)
+    store.snapshot("s")
+    with pytest.raises(StoreError, match="belongs to shard 0 of 1"):
+        _store(tmp_path, shard=ShardSpec(1, 2)).restore("s")
+    manifest = tmp_path / "s" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"matrices"', '"matrixes"'))
+    with pytest.raises(SnapshotError, match="malformed"):
+        store.restore("s")
+    assert store.shape("fc") == (5, 3)  # nothing replaced
+
+
+@pytest.mark.parametrize("repeats", [2, 5, 40])
+def test_duplicate_sum_matches_a_dense_reference(repeats):
+    rng = np.random.default_rng(repeats)
+    rows = np.concatenate([rng.integers(0, 30, 200), np.full(repeats, 7)])
+    grads = rng.standard_normal((rows.size, 3)).astype(np.float32)
+    uniq, summed = sum_duplicate_rows(rows, grads)
+    dense = np.zeros((30, 3), np.float64)
+    np.add.at(dense, rows, grads.astype(np.float64))
+    assert np.array_equal(uniq, np.unique(rows))
+    np.testing.assert_allclose(summed, dense[uniq], rtol=1e-5, atol=1e-5)

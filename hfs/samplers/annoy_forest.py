@@ -1,0 +1,84 @@
+"""The hashing forest of HF-softmax: an Annoy forest of random-projection trees.
+
+Annoy only takes items one ``add_item`` call at a time, and that loop holds the GIL, so the
+refresh machinery builds this index in a child process from a snapshot file and loads the
+result with ``mmap`` (instant, shared page cache). ``angular`` serves cosine, ``dot`` the
+inner product.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from hfs.samplers.base import ClassSampler
+from hfs.samplers.registry import SAMPLERS
+from hfs.utils.errors import HfsError
+
+
+def import_annoy():
+    """annoy, or a one-line error saying how to get it."""
+    try:
+        import annoy
+    except ImportError:
+        raise HfsError("sampler 'annoy' needs the annoy package: pip install annoy (or pick sampler.type=hnsw/exact/random)") from None
+    return annoy
+
+
+@SAMPLERS.register("annoy")
+class AnnoySampler(ClassSampler):
+    """Random-projection forest; more trees / larger search_k = better recall, slower."""
+
+    name = "annoy"
+    update_cost = "none"
+    build_in_subprocess = True
+
+    def __init__(self, metric: str = "cosine", trees: int = 50, search_k: int = -1, seed: int = 0,
+                 build_threads: int = 1) -> None:
+        self.metric, self.trees, self.search_k, self.seed, self.build_threads = metric, trees, search_k, seed, build_threads
+        self._index = None
+
+    def spec(self) -> dict[str, Any]:
+        return {"metric": self.metric, "trees": self.trees, "search_k": self.search_k, "seed": self.seed,
+                "build_threads": self.build_threads}
+
+    def _empty_index(self, dim: int):
+        index = import_annoy().AnnoyIndex(dim, "angular" if self.metric == "cosine" else "dot")
+        index.set_seed(self.seed)
+        return index
+
+    def rebuild(self, chunks: Iterable[tuple[int, np.ndarray]], num_rows: int, dim: int) -> None:
+        index = self._empty_index(dim)
+        for start, rows in chunks:
+            for offset, row in enumerate(np.asarray(rows, dtype=np.float32).tolist()):
+                index.add_item(start + offset, row)
+        index.build(self.trees, n_jobs=self.build_threads)
+        self.close()
+        self._index = index
+
+    def candidates(self, features: np.ndarray, k: int) -> np.ndarray:
+        out = np.full((len(features), k), -1, dtype=np.int64)
+        if self._index is None or k == 0:
+            return out
+        search_k = self.search_k if self.search_k > 0 else -1
+        query = self._index.get_nns_by_vector
+        for i, vec in enumerate(np.asarray(features, dtype=np.float32).tolist()):
+            ids = query(vec, k, search_k)
+            out[i, :len(ids)] = ids
+        return out
+
+    def save(self, path: Path) -> None:
+        self._index.save(str(path))
+
+    def load(self, path: Path, num_rows: int, dim: int) -> None:
+        index = self._empty_index(dim)
+        index.load(str(path))
+        self.close()
+        self._index = index
+
+    def close(self) -> None:
+        if self._index is not None:
+            self._index.unload()
+            self._index = None

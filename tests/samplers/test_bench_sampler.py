@@ -1,0 +1,72 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+from typer.testing import CliRunner
+
+from hfs.bench.sampler import ExactReference, queries_near, structured_weights
+from hfs.cli import app
+
+
+def test_bench_sampler_end_to_end_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, [
+        "bench-sampler", "--num-classes", "3000", "--dim", "16", "--batch-size", "32", "--sample-num", "100",
+        "--samplers", "hnsw,exact,random", "--batches", "2", "--upkeep-steps", "20", "--upkeep-samplers", "exact",
+        "--json", str(out), "--set", "sampler.refresh=interval", "--set", "sampler.interval=5"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    rows = {r["sampler"]: r for r in report["query"]}
+    k = report["settings"]["k"]
+    assert rows["exact"][f"recall_at_{k}"] == 1.0 and rows["random"][f"recall_at_{k}"] is None
+    assert rows["exact"]["coverage"] > 3 * rows["random"]["coverage"]
+    assert 0 < rows["random"]["coverage"] < 1 and rows["random"]["coverage_vs_random"] == 1.0
+    upkeep = report["upkeep"][0]
+    assert upkeep["steps"] == 20 and upkeep["rows_updated"] > 0 and upkeep["fg_s"] > 0
+    assert "coverage" in result.output
+
+
+def test_weights_file_of_another_float_type(tmp_path):
+    path = tmp_path / "w.npy"
+    np.save(path, structured_weights(400, 8, cluster_size=8).astype(np.float64))
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(app, ["bench-sampler", "--weights", str(path), "--batch-size", "16", "--sample-num",
+                                      "50", "--samplers", "exact,random", "--batches", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["settings"]["num_classes"] == 400 and report["settings"]["weights"] == str(path)
+
+
+def test_coverage_is_the_share_of_negative_softmax_mass():
+    weights = structured_weights(500, 8, cluster_size=10, seed=3)
+    rng = np.random.default_rng(0)
+    labels = np.array([4, 9])
+    feats = queries_near(weights[labels], 0.5, rng)
+    ref = ExactReference(weights, feats, labels, 5, 10.0, "cosine")
+    everything = np.arange(500)
+    assert np.isclose(ref.coverage(weights, everything), 1.0)
+    logits = 10.0 * feats @ weights.T
+    half = everything[::2]
+    expected = []
+    for i, y in enumerate(labels):
+        neg = np.exp(logits[i]) * (everything != y)
+        expected.append(neg[half].sum() / neg.sum())
+    assert np.isclose(ref.coverage(weights, half), np.mean(expected))
+    np.testing.assert_array_equal(ref.topk, np.argsort(-logits, axis=1)[:, :5])
+
+
+def test_bad_weights_file_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "w.npy"
+    bad.write_bytes(b"not numpy")
+    proc = subprocess.run([sys.executable, "-m", "hfs", "bench-sampler", "--weights", str(bad), "--samplers", "random"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --weights {bad}: not a readable .npy")
+
+
+def test_unknown_sampler_is_a_one_line_error():
+    proc = subprocess.run([sys.executable, "-m", "hfs", "bench-sampler", "--num-classes", "100", "--dim", "4",
+                           "--samplers", "anoy"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: --samplers: unknown sampler 'anoy' (did you mean 'annoy'?); known: annoy, exact, hnsw, random"

@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+
+from hfs.config import load_config
+from hfs.samplers import SAMPLERS, build_sampler
+from hfs.samplers.base import array_chunks, normalise_rows
+
+K = 10
+# Recall@10 against exact search on the small structured case (20 trees for annoy); the
+# floors sit below what is reached (annoy ~0.8 cosine / ~0.65 dot: its dot metric works
+# through an extra augmented dimension; hnsw ~1.0) so that they fail only on a real bug.
+FLOORS = {("annoy", "cosine"): 0.7, ("annoy", "dot"): 0.55, ("hnsw", "cosine"): 0.9, ("hnsw", "dot"): 0.9,
+          ("exact", "cosine"): 1.0, ("exact", "dot"): 1.0}
+
+
+def _exact_topk(weights, queries, metric):
+    w = normalise_rows(weights) if metric == "cosine" else weights
+    q = normalise_rows(queries) if metric == "cosine" else queries
+    return np.argsort(-(q @ w.T), axis=1)[:, :K]
+
+
+def _recall(cands, truth):
+    return np.mean([np.intersect1d(c, t).size / K for c, t in zip(cands, truth)])
+
+
+def _built(name, weights, metric="cosine", **overrides):
+    cfg = load_config(None, [f"sampler.{k}={v}" for k, v in overrides.items()])
+    sampler = build_sampler(name, cfg.sampler, metric)
+    sampler.rebuild(array_chunks(weights, 700), *weights.shape)
+    return sampler
+
+
+@pytest.mark.parametrize("name", ["annoy", "hnsw", "exact"])
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_recall_on_structured_weights_is_above_floor(name, metric, small_world):
+    weights, _, queries = small_world
+    if metric == "dot":  # rows of different norms, so dot and cosine rankings differ
+        weights = weights * np.random.default_rng(2).uniform(0.5, 1.5, (len(weights), 1)).astype(np.float32)
+    sampler = _built(name, weights, metric, annoy_trees=20)
+    cands = sampler.candidates(queries, K)
+    assert cands.shape == (len(queries), K) and cands.dtype == np.int64
+    assert _recall(cands, _exact_topk(weights, queries, metric)) >= FLOORS[name, metric]
+    sampler.close()
+
+
+def test_random_sampler_has_no_candidates(small_world):
+    weights, _, queries = small_world
+    sampler = _built("random", weights)
+    assert sampler.candidates(queries, K).shape == (len(queries), 0)
+
+
+@pytest.mark.parametrize("name", ["hnsw", "exact"])
+def test_in_place_update_moves_a_row(name, small_world):
+    weights, _, queries = small_world
+    sampler = _built(name, weights)
+    target = int(np.argsort(-(normalise_rows(weights) @ queries[0]))[-1])  # the least similar class
+    assert target not in sampler.candidates(queries[:1], K)[0]
+    moved = [target, (target + 1) % len(weights)]
+    assert sampler.update_rows(np.array(moved), np.stack([queries[0], weights[moved[1]]]))
+    cands = sampler.candidates(queries[:1], K)[0]
+    assert cands[0] == target
+    assert len(set(cands.tolist())) == K  # the old element is gone, not returned twice
+
+
+def test_annoy_cannot_update_in_place_and_save_load_round_trips(small_world, tmp_path):
+    weights, _, queries = small_world
+    sampler = _built("annoy", weights, annoy_trees=10)
+    assert not sampler.update_rows(np.array([0]), weights[:1])
+    before = sampler.candidates(queries, K)
+    sampler.save(tmp_path / "a.ann")
+    again = SAMPLERS.build("annoy", **sampler.spec())
+    again.load(tmp_path / "a.ann", *weights.shape)
+    np.testing.assert_array_equal(again.candidates(queries, K), before)
+    sampler.close()
+    again.close()
+
+
+def test_k_larger_than_class_count_pads_with_minus_one():
+    weights = np.eye(4, dtype=np.float32)
+    for name in ("annoy", "hnsw", "exact"):
+        cands = _built(name, weights).candidates(weights[:2], 6)
+        assert cands.shape == (2, 6)
+        assert (cands[:, 4:] == -1).all() and sorted(cands[0, :4].tolist()) == [0, 1, 2, 3]
+
+
+def test_unknown_sampler_names_suggest_the_nearest():
+    cfg = load_config()
+    with pytest.raises(KeyError, match="did you mean 'hnsw'"):
+        build_sampler("hnws", cfg.sampler, "cosine")

@@ -1,0 +1,223 @@
+import logging
+import time
+
+import numpy as np
+import pytest
+
+from hfs.config import load_config
+from hfs.samplers import build_selector
+from hfs.samplers.base import normalise_rows
+from hfs.samplers.refresh import DriftTracker, RefreshPolicy
+
+C, D = 2000, 32
+
+
+def _cfg(**sampler):
+    sets = [f"sampler.{k}={v}" for k, v in sampler.items()]
+    return load_config(None, sets + ["fc.sample_num=200", "train.batch_size=64"])
+
+
+def _valid(active, local, labels, sample_num=200):
+    assert len(active) == sample_num and len(np.unique(active)) == sample_num
+    assert active.min() >= 0 and active.max() < C
+    np.testing.assert_array_equal(active[local], labels)
+
+
+def _wait_swapped(selector, step, rebuilds, timeout=60.0):
+    """Keep stepping maybe_refresh until the rebuild count reaches ``rebuilds``."""
+    deadline = time.time() + timeout
+    while selector.upkeep()["rebuilds"] < rebuilds:
+        assert time.time() < deadline, "background rebuild did not finish"
+        step += 1
+        selector.maybe_refresh(step)
+        time.sleep(0.01)
+    return step
+
+
+def _exact_recall(selector, weights, queries, k=10):
+    truth = np.argsort(-(normalise_rows(queries) @ normalise_rows(weights).T), axis=1)[:, :k]
+    cands = selector.sampler.candidates(queries, k)
+    return np.mean([np.intersect1d(c, t).size / k for c, t in zip(cands, truth)])
+
+
+@pytest.mark.parametrize("name", ["hnsw", "annoy"])
+def test_background_refresh_swaps_safely(name, small_world, make_store):
+    weights, labels, queries = small_world
+    store = make_store(weights)
+    selector = build_selector(_cfg(type=name, refresh="interval", interval=5, snapshot_rows=100, annoy_trees=20),
+                              store, "fc", C)
+    assert selector.wait_ready(timeout=60)
+    assert _exact_recall(selector, weights, queries) > 0.7
+    # the weights change completely: class j now has the vector class perm[j] had
+    perm = np.random.default_rng(5).permutation(C)
+    store.mats["fc"][:] = weights[perm]
+    queried_while_building = 0
+    step = 0
+    for step in range(1, 40):
+        selector.maybe_refresh(step)
+        building = selector.upkeep()["building"]
+        active, local = selector.select(queries, labels, step)
+        _valid(active, local, labels)
+        queried_while_building += building
+    assert queried_while_building > 0
+    _wait_swapped(selector, step, selector.upkeep()["rebuilds"] + 1)
+    assert _exact_recall(selector, weights[perm], queries) > 0.7
+    assert _exact_recall(selector, weights, queries) < 0.2
+    up = selector.upkeep()
+    assert up["bg_cpu_seconds"] > 0 and up["fg_seconds"] > 0 and 0 <= up["fg_share"] <= 1
+    selector.close()
+    selector.close()
+
+
+def test_first_index_in_background_means_uniform_negatives_until_ready(small_world, make_store):
+    weights, labels, queries = small_world
+    selector = build_selector(_cfg(type="annoy", annoy_trees=5), make_store(weights), "fc", C)
+    assert not selector.index_ready  # the child process that builds it is still starting
+    active, local = selector.select(queries, labels, 0)
+    _valid(active, local, labels)
+    assert selector.wait_ready(timeout=60) and selector.upkeep()["rebuilds"] == 1
+    selector.close()
+
+
+def test_close_during_a_background_build_stops_it(small_world, make_store):
+    weights, labels, queries = small_world
+    selector = build_selector(_cfg(type="annoy", annoy_trees=5), make_store(weights), "fc", C)
+    build = selector._build
+    selector.close()
+    build.wait(timeout=60)
+    assert not selector.index_ready
+    assert build._result is None and build._error is None  # dropped quietly, not swapped in
+    assert build._child is None or build._child.returncode is not None
+
+
+def test_foreground_rebuild_happens_at_the_interval(small_world, make_store):
+    weights, labels, queries = small_world
+    selector = build_selector(_cfg(type="hnsw", refresh="interval", interval=3, background=False),
+                              make_store(weights), "fc", C)
+    assert selector.index_ready and selector.upkeep()["rebuilds"] == 1
+    for step in (1, 2):
+        selector.maybe_refresh(step)
+    assert selector.upkeep()["rebuilds"] == 1
+    selector.maybe_refresh(3)
+    assert selector.upkeep()["rebuilds"] == 2 and selector.upkeep()["bg_cpu_seconds"] == 0
+
+
+def test_adaptive_policy_triggers_on_drift_and_not_without(small_world, make_store):
+    weights, labels, queries = small_world
+    store = make_store(weights)
+    selector = build_selector(_cfg(type="annoy", refresh="adaptive", interval=2, drift_threshold=0.05,
+                                   max_interval=0, background=False, annoy_trees=5), store, "fc", C)
+    rows = np.arange(0, C, 2)
+    for step in range(1, 30):  # the trainer sees rows, but they do not move
+        selector.observe(rows, store.get_rows("fc", rows))
+        selector.maybe_refresh(step)
+    assert selector.upkeep()["rebuilds"] == 1 and selector.drift == pytest.approx(0, abs=1e-3)
+    moved = store.get_rows("fc", rows) * 1.2  # half the rows change by 20%: drift ~0.1
+    store.set_rows("fc", rows, moved)
+    selector.observe(rows, moved)
+    assert selector.drift == pytest.approx(0.1, rel=0.05)
+    selector.maybe_refresh(30)
+    assert selector.upkeep()["rebuilds"] == 2 and selector.drift == 0
+
+
+def test_refresh_policy_rules():
+    interval = RefreshPolicy("interval", interval=10)
+    assert not interval.due(9, 1.0) and interval.due(10, 0.0)
+    adaptive = RefreshPolicy("adaptive", interval=10, max_interval=100, drift_threshold=0.05)
+    assert not adaptive.due(5, 0.9)  # never more often than every `interval` steps
+    assert adaptive.due(10, 0.05) and not adaptive.due(99, 0.01) and adaptive.due(100, 0.0)
+    assert not RefreshPolicy("adaptive", interval=10, max_interval=0).due(10**6, 0.0)
+
+
+def test_drift_tracker_counts_each_row_once_and_accepts_updates():
+    ref = np.ones((4, 2), dtype=np.float16)
+    tracker = DriftTracker(ref)
+    tracker.observe(np.array([0]), np.full((1, 2), 2.0, dtype=np.float32))
+    tracker.observe(np.array([0]), np.full((1, 2), 1.5, dtype=np.float32))  # replaces, not adds
+    assert tracker.drift == pytest.approx(0.5 / 4)
+    tracker.accept(np.array([0]), np.full((1, 2), 1.5, dtype=np.float32))
+    assert tracker.drift == 0
+
+
+def test_exact_updates_every_observed_row_and_never_drifts(small_world, make_store):
+    weights, labels, queries = small_world
+    selector = build_selector(_cfg(type="exact", background=False), make_store(weights), "fc", C)
+    rows = np.array([3, 1, 3])  # duplicates are fine
+    selector.observe(rows, np.stack([queries[0], queries[1], queries[0]]))
+    assert selector.upkeep()["rows_updated"] == 2 and selector.drift == 0
+    assert selector.sampler.candidates(queries[:1], 1)[0, 0] == 3
+
+
+def test_hnsw_updates_only_rows_that_moved_within_budget(small_world, make_store):
+    weights, labels, queries = small_world
+    selector = build_selector(_cfg(type="hnsw", background=False, update_threshold=0.1, update_budget=3),
+                              make_store(weights), "fc", C)
+    rows = np.arange(10)
+    values = weights[rows].copy()
+    values[:5] = queries[:5]  # five rows move far, five stay
+    selector.observe(rows, values)
+    assert selector.upkeep()["rows_updated"] == 3
+    selector.observe(rows, values)
+    assert selector.upkeep()["rows_updated"] == 5
+
+
+def test_all_classes_active_builds_no_index(small_world, make_store):
+    weights, labels, queries = small_world
+    cfg = load_config(None, ["fc.sample_num=5000", "sampler.type=hnsw"])
+    selector = build_selector(cfg, make_store(weights), "fc", C)
+    assert not selector.uses_index and selector.upkeep()["rebuilds"] == 0 and not selector.upkeep()["building"]
+    active, local = selector.select(queries, labels, 1)
+    np.testing.assert_array_equal(active, np.arange(C))
+    np.testing.assert_array_equal(local, labels)
+    selector.maybe_refresh(10**6)
+    assert selector.upkeep()["rebuilds"] == 0
+
+
+def test_random_sampler_never_builds(small_world, make_store):
+    weights, labels, queries = small_world
+    selector = build_selector(_cfg(type="random"), make_store(weights), "fc", C)
+    _valid(*selector.select(queries, labels, 1), labels)
+    selector.observe(np.arange(5), weights[:5])
+    selector.maybe_refresh(10**6)
+    assert selector.upkeep()["rebuilds"] == 0
+
+
+def test_too_many_distinct_labels_keeps_positives_and_warns_once(small_world, make_store, caplog):
+    weights, _, queries = small_world
+    cfg = load_config(None, ["fc.sample_num=10", "sampler.type=random"])
+    selector = build_selector(cfg, make_store(weights), "fc", C)
+    labels = np.arange(64)
+    with caplog.at_level(logging.WARNING):
+        for step in range(3):
+            active, local = selector.select(queries, labels, step)
+            np.testing.assert_array_equal(active, labels)
+    assert sum("distinct labels" in r.message for r in caplog.records) == 1
+
+
+def test_store_shape_must_match_num_classes(small_world, make_store):
+    with pytest.raises(ValueError, match="num_classes"):
+        build_selector(_cfg(), make_store(small_world[0]), "fc", C + 1)
+
+
+def test_failed_builds_keep_the_old_index_then_give_up(small_world, make_store, monkeypatch):
+    from hfs.samplers import selector as selector_mod
+    from hfs.utils.errors import HfsError
+
+    weights, labels, queries = small_world
+    selector = build_selector(_cfg(type="hnsw", refresh="interval", interval=1, background=False),
+                              make_store(weights), "fc", C)
+    live = selector.sampler
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(type(live), "rebuild", broken)
+    for step in range(1, selector_mod.MAX_FAILED_BUILDS):
+        selector.maybe_refresh(step)
+        assert selector.sampler is live and selector.upkeep()["failed_builds"] == step
+        _valid(*selector.select(queries, labels, step), labels)
+    with pytest.raises(HfsError, match="in a row failed; last: no room"):
+        selector.maybe_refresh(selector_mod.MAX_FAILED_BUILDS)
+    assert len(calls) == selector_mod.MAX_FAILED_BUILDS
