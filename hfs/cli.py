@@ -87,6 +87,50 @@ def train_cmd(
     if result.interrupted:
         raise typer.Exit(130)
 
+@app.command("train-dist")
+def train_dist_cmd(
+    config: ConfigOpt = None,
+    nproc: Annotated[Optional[int], typer.Option(
+        "--nproc", min=1, help="Workers on this node (dist.nproc; default: visible GPUs, 1 on CPU).")] = None,
+    backend: Annotated[Optional[str], typer.Option(
+        "--backend", help="nccl (GPUs) or gloo (CPU) (dist.backend).")] = None,
+    nnodes: Annotated[Optional[int], typer.Option("--nnodes", min=1, help="Number of nodes (dist.nnodes).")] = None,
+    node_rank: Annotated[Optional[int], typer.Option(
+        "--node-rank", min=0, help="This node's rank; node 0 hosts the rendezvous (dist.node_rank).")] = None,
+    master_addr: Annotated[Optional[str], typer.Option(
+        "--master-addr", help="Node 0's address, reachable from every node (dist.master_addr).")] = None,
+    master_port: Annotated[Optional[int], typer.Option(
+        "--master-port", min=0, max=65535, help="Rendezvous port; 0 = a free one, single node only (dist.master_port).")] = None,
+    sampled: Annotated[bool, typer.Option("--sampled", help="HF-softmax on a shared parameter server: fc.mode=sampled.")] = False,
+    sharded: Annotated[bool, typer.Option("--sharded", help="Model-parallel classifier across ranks: fc.mode=sharded.")] = False,
+    sample_num: Annotated[Optional[int], typer.Option(
+        "--sample-num", min=1, help="Active classes per step (sets fc.sample_num).")] = None,
+    resume: Annotated[Optional[str], typer.Option(
+        "--resume", help="Continue from 'latest' (in train.output_dir), a run folder or a checkpoint file; "
+                         "any world size.")] = None,
+    set_: SetOpt = [],
+    print_config: PrintConfigOpt = False,
+) -> None:
+    """Train on several devices/nodes: one worker per device via torch's elastic launcher (DDP)."""
+    if sampled and sharded:
+        raise HfsError("--sampled and --sharded are two different classifier modes; pick one")
+    flags = {"dist.nproc": nproc, "dist.backend": backend, "dist.nnodes": nnodes, "dist.node_rank": node_rank,
+             "dist.master_addr": master_addr, "dist.master_port": master_port, "fc.sample_num": sample_num,
+             "fc.mode": "sampled" if sampled else "sharded" if sharded else None}
+    sugar = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    cfg = resolve_config(config, list(set_) + sugar, print_config)
+    from hfs.train.launch import run_train_dist
+    from hfs.train.trainer import resume_config, summarize
+
+    checkpoint = None
+    if resume:
+        checkpoint, cfg = resume_config(resume, config is not None, cfg, list(set_) + sugar)
+    result = run_train_dist(cfg, resume=str(checkpoint) if checkpoint else None,
+                            verbose=int(logging.getLogger().isEnabledFor(logging.DEBUG)))
+    if result is not None:  # nodes other than 0 leave the report to rank 0
+        summarize(result)
+
+
 @app.command("verify")
 def verify(
     bins: Annotated[List[Path], typer.Option("--bin", help="Verification .bin file (repeatable; default: eval.bins).")] = [],

@@ -201,8 +201,73 @@ class ShardedFC(nn.Module):
         own = features.shape[0]
         return chosen[self.rank * own:(self.rank + 1) * own]
 
+    def full_weight(self) -> torch.Tensor | None:
+        """The whole matrix in global row order on rank 0 (None elsewhere); every rank calls."""
+        return gather_shards(self.weight, self.num_classes)
+
+    @torch.no_grad()
+    def load_full_weight(self, full: torch.Tensor) -> None:
+        """Take this rank's rows of a full matrix saved with any world size."""
+        if full.shape != (self.num_classes, self.weight.shape[1]):
+            raise ValueError(f"classifier matrix of shape {tuple(full.shape)} does not fit "
+                             f"{self.num_classes} classes x {self.weight.shape[1]} dims")
+        self.weight.copy_(shard_of(full, self.num_classes))
+
     def iter_local_chunks(self, chunk_rows: int = 65536) -> Iterator[tuple[int, torch.Tensor]]:
         """(first global row, rows) chunks of this rank's shard."""
         w = self.weight.detach()
         for first in range(0, w.shape[0], chunk_rows):
             yield self.start + first, w[first:first + chunk_rows]
+
+
+# --------------------------------------------------------------------------- world-size independence
+
+
+def init_shard_rows(start: int, end: int, dim: int, init: str, std: float, seed: int,
+                    block_rows: int = 65536) -> torch.Tensor:
+    """Rows ``[start, end)`` of a seeded initial matrix that is the same for every world size.
+
+    The matrix is generated in fixed blocks of ``block_rows`` rows, block b from seed
+    ``(seed, b)``, so a rank materialises only the blocks its shard touches (never the
+    whole C x D matrix) and W ranks together hold exactly the matrix one rank would.
+    """
+    from hfs.fc.common import init_rows
+
+    parts = []
+    for block in range(start // block_rows, -(-end // block_rows)):
+        first = block * block_rows
+        rows = init_rows(block_rows, dim, init, std, seed * 1_000_003 + block)
+        lo, hi = max(start, first) - first, min(end, first + block_rows) - first
+        parts.append(rows[lo:hi])
+    return torch.cat(parts) if parts else torch.empty(0, dim)
+
+
+def gather_shards(shard: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+    """The full (C, ...) tensor in global row order on rank 0 (None elsewhere); every rank calls.
+
+    Checkpoints hold the whole matrix (and its momentum) this way, so a run saved on W
+    ranks resumes on any other number.
+    """
+    world, rank = get_world_size(), get_rank()
+    if world == 1 or not is_initialized():
+        return shard.detach().clone()
+    longest = -(-num_classes // world)
+    padded = shard.new_zeros((longest, *shard.shape[1:]))
+    padded[:shard.shape[0]] = shard.detach()
+    gathered = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+    dist.gather(padded, gathered, dst=0)
+    if rank != 0:
+        return None
+    parts = []
+    for r, part in enumerate(gathered):
+        start, end = shard_bounds(num_classes, r, world)
+        parts.append(part[:end - start])
+    return torch.cat(parts)
+
+
+def shard_of(full: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """This rank's rows of a full (C, ...) tensor (loading a checkpoint on any world size)."""
+    if full.shape[0] != num_classes:
+        raise ValueError(f"expected {num_classes} rows, got {full.shape[0]}")
+    start, end = shard_bounds(num_classes, get_rank(), get_world_size())
+    return full[start:end].clone()

@@ -1,4 +1,4 @@
-"""torch.distributed plumbing for one process per device: init, collectives, samplers.
+"""torch.distributed plumbing for one process per device: init, collectives, data split.
 
 Every worker that ``hfs train-dist`` starts (through torch's elastic launcher, as
 ``torchrun`` does) finds its place in the job from the environment the launcher sets:
@@ -150,12 +150,24 @@ def all_reduce_sum(values: Sequence[float], device: torch.device | None = None) 
     """Sum a few scalars over ranks (validation counts, metric totals) in one collective."""
     if not is_initialized():
         return [float(v) for v in values]
+    if device is None and dist.get_backend() == "nccl":  # nccl reduces GPU tensors only
+        device = torch.device("cuda", torch.cuda.current_device())
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
 
 
 # --------------------------------------------------------------------------- all-gather
+
+
+def _gather_into(out: torch.Tensor, tensor: torch.Tensor) -> None:
+    """Equal-size all-gather into one tensor (``all_gather_single`` where torch has it)."""
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, tensor)
+
+
+def _reduce_scatter_into(out: torch.Tensor, tensor: torch.Tensor) -> None:
+    """Summing reduce-scatter of one tensor (``reduce_scatter_single`` where torch has it)."""
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, tensor, op=dist.ReduceOp.SUM)
 
 
 class AllGatherWithGrad(torch.autograd.Function):
@@ -174,7 +186,7 @@ class AllGatherWithGrad(torch.autograd.Function):
         tensor = tensor.contiguous()
         out = torch.empty((world * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype,
                           device=tensor.device)
-        dist.all_gather_into_tensor(out, tensor)
+        _gather_into(out, tensor)
         ctx.rows = tensor.shape[0]
         return out
 
@@ -184,7 +196,7 @@ class AllGatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous()
         if dist.get_backend() == "nccl":
             mine = torch.empty((rows, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-            dist.reduce_scatter_tensor(mine, grad, op=dist.ReduceOp.SUM)
+            _reduce_scatter_into(mine, grad)
             return mine
         summed = grad.clone()
         dist.all_reduce(summed, op=dist.ReduceOp.SUM)
@@ -205,7 +217,7 @@ def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.contiguous()
     out = torch.empty((get_world_size() * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype,
                       device=tensor.device)
-    dist.all_gather_into_tensor(out, tensor)
+    _gather_into(out, tensor)
     return out
 
 
@@ -230,25 +242,19 @@ def scale_grad(tensor: torch.Tensor, factor: float) -> torch.Tensor:
     return ScaleGrad.apply(tensor, factor)
 
 
-# --------------------------------------------------------------------------- samplers
+# --------------------------------------------------------------------------- data split
 
 
-def train_sampler(dataset_len: int, env: DistEnv, seed: int, shuffle: bool = True):
-    """Each rank's share of a seeded per-epoch permutation; call ``set_epoch`` every epoch.
+def eval_indices(dataset_len: int, env: DistEnv) -> tuple[list[int], int]:
+    """This rank's validation items and how many of them count.
 
-    torch's ``DistributedSampler`` (the engine, not a copy of it): the permutation is drawn
-    from ``seed + epoch`` so every rank agrees on it, rank r takes positions r, r+W, ...,
-    and the tail is padded by repeating the start so every rank runs the same number of
-    steps. With one rank it is a plain seeded shuffle, so ``train-dist --nproc 1`` and
-    ``--nproc 2`` with half the per-process batch see the same global batches.
+    Rank r takes r, r+W, ...; the list is padded (repeating its first item) to the same
+    length on every rank, because collectives such as the sharded classifier's predict
+    need equal batches everywhere; only the first ``valid`` items are scored, so summed
+    counts over ranks score every item exactly once. (Training order lives in
+    :mod:`hfs.train.data_order`, which splits each global batch between ranks.)
     """
-    from torch.utils.data.distributed import DistributedSampler
-
-    return DistributedSampler(range(dataset_len), num_replicas=env.world_size, rank=env.rank,
-                              shuffle=shuffle, seed=seed, drop_last=False)
-
-
-def eval_indices(dataset_len: int, env: DistEnv) -> range:
-    """This rank's validation items: rank r takes r, r+W, ... with no padding, so summed
-    counts over ranks score every item exactly once."""
-    return range(env.rank, dataset_len, env.world_size)
+    mine = list(range(env.rank, dataset_len, env.world_size))
+    per_rank = -(-dataset_len // env.world_size)
+    valid = len(mine)
+    return mine + [mine[0] if mine else 0] * (per_rank - valid), valid

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -91,7 +92,7 @@ def _launch_config(plan: LaunchPlan):
         min_nodes=plan.nnodes, max_nodes=plan.nnodes, nproc_per_node=plan.nproc,
         run_id=RUN_ID, rdzv_backend="static", rdzv_endpoint=f"{plan.master_addr}:{plan.master_port}",
         rdzv_configs={"rank": plan.node_rank, "timeout": int(plan.rendezvous_timeout_s)},
-        max_restarts=0, monitor_interval=0.2, start_method="spawn", shutdown_timeout=10,
+        max_restarts=0, monitor_interval=0.2, start_method="spawn", shutdown_timeout=60,
     )
 
 
@@ -157,6 +158,7 @@ def launch(plan: LaunchPlan, entrypoint: Callable[..., Any], *args: Any) -> dict
     ``entrypoint`` must be a module-level function (workers are spawned and import it). A
     failed worker raises :class:`HfsError` with :func:`failure_message`'s one line.
     """
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
@@ -169,7 +171,104 @@ def launch(plan: LaunchPlan, entrypoint: Callable[..., Any], *args: Any) -> dict
     except ChildFailedError as exc:
         _log_root_cause(exc)
         raise HfsError(failure_message(exc)) from None
+    except SignalException as exc:
+        # The agent passed the signal on and waited (up to its shutdown timeout) for the
+        # workers, which stop at the same step and checkpoint (see Trainer._agreed_stop).
+        log.warning("interrupted by %s: the workers stopped at the same step and rank 0 wrote a checkpoint; "
+                    "continue with `hfs train-dist --resume latest`", signal.Signals(exc.sigval).name)
+        raise KeyboardInterrupt from None
     except Exception as exc:  # rendezvous errors: a node that never came, a port in use
         if type(exc).__module__.startswith("torch.distributed"):
             raise HfsError(f"distributed launch failed: {type(exc).__name__}: {' '.join(str(exc).split())}") from None
         raise
+
+
+# --------------------------------------------------------------------------- hfs train-dist
+
+
+def train_worker(cfg_data: dict, resume: str | None, verbose: int, datasets: Any = None) -> Any:
+    """One worker of `hfs train-dist`: join the group, run the trainer, leave the group.
+
+    Rank 0 logs at the user's level and returns its :class:`TrainResult`; the others log
+    warnings only and return None. ``datasets`` (picklable) replaces the configured data,
+    for tests and programmatic use, as ``Trainer(datasets=...)`` does.
+    """
+    from hfs.config import config_from_dict
+    from hfs.train.distributed import destroy_distributed, init_distributed
+    from hfs.train.trainer import Trainer
+    from hfs.utils.log import setup_logging
+
+    cfg = config_from_dict(cfg_data)
+    env = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
+    setup_logging(verbose)
+    if not env.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        result = Trainer(cfg, resume=resume, datasets=datasets, env=env).run()
+    finally:
+        destroy_distributed()
+    if result.interrupted:
+        # Stopped by a signal, with a checkpoint written. Returning would block this process
+        # until the launcher reads the return value, which a launcher shutting down on the
+        # same signal never does; an error ends the worker now and says what happened.
+        raise HfsError(f"interrupted at step {result.steps}; checkpoint {result.checkpoint} written, "
+                       "continue with `hfs train-dist --resume latest`")
+    return result if env.is_main else None
+
+
+@contextlib.contextmanager
+def job_param_server(cfg: Any, plan: LaunchPlan) -> Iterator[str]:
+    """A parameter server for this job, yielding its address; stopped when the job ends.
+
+    Sampled training on several ranks needs one shared store. When ``paramserver.address``
+    is empty, node 0 serves it from a thread of the launcher process (on loopback with a
+    free port for one node; on ``dist.master_addr`` at ``paramserver.port`` for several,
+    which needs ``paramserver.secret`` / HFS_PS_SECRET), snapshots in the same folder the
+    trainer's embedded store would use, so checkpoints resume across both.
+    """
+    import threading
+    from pathlib import Path
+
+    from hfs.paramserver import resolve_secret
+    from hfs.paramserver.server import ServeOptions, build_server
+
+    ps = cfg.paramserver
+    multi = plan.nnodes > 1
+    host = plan.master_addr if multi else "127.0.0.1"
+    port = ps.port if multi else 0
+    if plan.node_rank != 0:  # the server runs on node 0; the others only need its address
+        yield f"tcp://{host}:{port}"
+        return
+    opts = ServeOptions(host=host, port=port,
+                        snapshot_dir=Path(ps.snapshot_dir or Path(cfg.train.output_dir) / "store"),
+                        keep_snapshots=ps.keep_snapshots, timeout_s=ps.timeout_s,
+                        secret=resolve_secret(ps.secret), max_message_bytes=int(ps.max_message_mb * 2**20))
+    server = build_server(opts)
+    thread = threading.Thread(target=server.serve_forever, name="hfs-job-param-server", daemon=True)
+    thread.start()
+    log.info("parameter server for this job on %s", server.endpoint)
+    try:
+        yield server.endpoint
+    finally:
+        server.stop()
+        thread.join()
+        server.close()
+
+
+def run_train_dist(cfg: Any, resume: str | None = None, verbose: int = 0, datasets: Any = None,
+                   worker: Callable[..., Any] = train_worker) -> Any:
+    """`hfs train-dist`: launch the workers (starting a parameter server when sampled mode
+    needs one) and return rank 0's TrainResult (None on nodes other than 0).
+
+    ``worker`` must call :func:`train_worker` with the same arguments; a wrapper is the
+    place to register custom backbones, which every spawned worker must import itself.
+    """
+    import dataclasses
+
+    plan = make_plan(cfg.dist)
+    with contextlib.ExitStack() as stack:
+        if cfg.fc.mode == "sampled" and not cfg.paramserver.address and plan.world_size > 1:
+            address = stack.enter_context(job_param_server(cfg, plan))
+            cfg = dataclasses.replace(cfg, paramserver=dataclasses.replace(cfg.paramserver, address=address))
+        results = launch(plan, worker, cfg.to_dict(), resume, verbose, datasets)
+    return results.get(0)

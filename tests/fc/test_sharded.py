@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hfs.fc.sharded import ShardedFC, dist_cross_entropy, select_shard_rows, shard_bounds, shard_sample_num
+from hfs.fc.sharded import (ShardedFC, dist_cross_entropy, gather_shards, init_shard_rows, select_shard_rows,
+                            shard_bounds, shard_sample_num)
 from hfs.train.distributed import DistEnv
 from tests.train.distutil import run_ranks
 
@@ -72,7 +73,7 @@ def test_dist_cross_entropy_in_one_process_is_cross_entropy():
     torch.testing.assert_close(logits.grad, ref_logits.grad)
 
 
-def _sharded_worker(env: DistEnv, sample_num: int, ddp_average: bool) -> dict:
+def _sharded_case(env: DistEnv, sample_num: int, ddp_average: bool) -> dict:
     weight, features, labels = _problem()
     start, end = shard_bounds(C, env.rank, env.world_size)
     fc = ShardedFC(weight[start:end].clone(), C, CosMarginHead(), sample_num=sample_num, seed=1,
@@ -86,25 +87,40 @@ def _sharded_worker(env: DistEnv, sample_num: int, ddp_average: bool) -> dict:
             "start": start, "end": end, "active": active_ids, "correct": int(correct)}
 
 
+def _all_cases(env: DistEnv) -> dict:
+    """Every 2-rank check in one spawn (starting processes is the slow part)."""
+    weight, features, _ = _problem()
+    start, end = shard_bounds(C, env.rank, env.world_size)
+    fc = ShardedFC(weight[start:end].clone(), C, CosMarginHead(), sample_num=C)
+    return {"full": _sharded_case(env, C, False), "full_ddp": _sharded_case(env, C, True),
+            "sampled": _sharded_case(env, 6, False),
+            "predict": fc.predict(features[env.rank * B:(env.rank + 1) * B], chunk_rows=2),
+            "gathered": gather_shards(fc.weight, C), "momentum_like": gather_shards(fc.weight[:, :2] * 2, C)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return run_ranks(_all_cases, 2)
+
+
 @pytest.mark.dist
-@pytest.mark.parametrize("ddp_average", [False, True])
-def test_sharded_equals_single_process_full_softmax(ddp_average):
-    out = run_ranks(_sharded_worker, 2, C, ddp_average)
+@pytest.mark.parametrize("case, scale", [("full", 1.0), ("full_ddp", 2.0)])
+def test_sharded_equals_single_process_full_softmax(two_ranks, case, scale):
     weight, features, labels = _problem()
     loss, feature_grad, weight_grad = _reference(weight, features, labels)
-    scale = 2.0 if ddp_average else 1.0  # DDP divides the backbone's gradient by W afterwards
-    for rank, o in enumerate(out):
+    for rank, o in enumerate(r[case] for r in two_ranks):
         torch.testing.assert_close(o["loss"], loss)
+        # with ddp_average the features' gradient is W times larger: DDP divides it by W later
         torch.testing.assert_close(o["feature_grad"], scale * feature_grad[rank * B:(rank + 1) * B])
         torch.testing.assert_close(o["weight_grad"], weight_grad[o["start"]:o["end"]])
     sim = CosMarginHead().similarity(features, weight)
-    assert sum(o["correct"] for o in out) == int((sim.argmax(1) == labels).sum())
+    assert sum(r[case]["correct"] for r in two_ranks) == int((sim.argmax(1) == labels).sum())
 
 
 @pytest.mark.dist
-def test_sharded_sampled_equals_softmax_over_the_union_of_active_rows():
-    out = run_ranks(_sharded_worker, 2, 6, False)
+def test_sharded_sampled_equals_softmax_over_the_union_of_active_rows(two_ranks):
     weight, features, labels = _problem()
+    out = [r["sampled"] for r in two_ranks]
     columns = torch.cat([o["active"] for o in out])
     assert set(labels.tolist()) <= set(columns.tolist()) and len(columns) < C
     loss, feature_grad, weight_grad = _reference(weight, features, labels, columns)
@@ -114,16 +130,23 @@ def test_sharded_sampled_equals_softmax_over_the_union_of_active_rows():
         torch.testing.assert_close(o["weight_grad"], weight_grad[o["start"]:o["end"]])
 
 
-def _predict_worker(env: DistEnv) -> torch.Tensor:
+@pytest.mark.dist
+def test_sharded_predict_scores_against_every_class(two_ranks):
     weight, features, _ = _problem()
-    start, end = shard_bounds(C, env.rank, env.world_size)
-    fc = ShardedFC(weight[start:end].clone(), C, CosMarginHead(), sample_num=C)
-    return fc.predict(features[env.rank * B:(env.rank + 1) * B], chunk_rows=2)
+    expected = CosMarginHead().similarity(features, weight).argmax(1)
+    assert torch.equal(torch.cat([r["predict"] for r in two_ranks]), expected)
 
 
 @pytest.mark.dist
-def test_sharded_predict_scores_against_every_class():
-    out = run_ranks(_predict_worker, 2)
-    weight, features, _ = _problem()
-    expected = CosMarginHead().similarity(features, weight).argmax(1)
-    assert torch.equal(torch.cat(out), expected)
+def test_gather_shards_rebuilds_the_full_matrix_on_rank_zero(two_ranks):
+    weight, _, _ = _problem()
+    assert torch.equal(two_ranks[0]["gathered"], weight)
+    assert torch.equal(two_ranks[0]["momentum_like"], weight[:, :2] * 2)
+    assert two_ranks[1]["gathered"] is None
+
+
+def test_init_shard_rows_do_not_depend_on_the_world_size():
+    whole = init_shard_rows(0, 23, 4, "gaussian", 0.1, seed=5, block_rows=8)
+    parts = [init_shard_rows(*shard_bounds(23, r, 3), 4, "gaussian", 0.1, seed=5, block_rows=8) for r in range(3)]
+    assert torch.equal(torch.cat(parts), whole)
+    assert whole.std() > 0.05

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hfs.train.distributed import (DistEnv, all_gather_no_grad, all_gather_with_grad, all_reduce_sum,
-                                   broadcast_object, env_from_os, eval_indices, scale_grad, train_sampler)
+                                   broadcast_object, env_from_os, eval_indices, scale_grad)
 from tests.train.distutil import run_ranks
 
 
@@ -25,32 +25,10 @@ def test_env_from_os_reads_the_launcher_vars(monkeypatch):
     assert env.device() == torch.device("cuda", 1)
 
 
-def test_train_sampler_splits_global_batches():
-    n, world, per_rank_batch = 12, 3, 2
-    one = list(train_sampler(n, DistEnv(), seed=7))
-    shards = [list(train_sampler(n, DistEnv(rank=r, world_size=world), seed=7)) for r in range(world)]
-    # the union of the ranks' k-th batches is the single process's k-th global batch
-    for k in range(2):
-        union = sorted(i for s in shards for i in s[k * per_rank_batch:(k + 1) * per_rank_batch])
-        assert union == sorted(one[k * world * per_rank_batch:(k + 1) * world * per_rank_batch])
-
-
-def test_train_sampler_pads_so_every_rank_runs_the_same_steps():
-    shards = [list(train_sampler(10, DistEnv(rank=r, world_size=3), seed=7)) for r in range(3)]
-    assert [len(s) for s in shards] == [4, 4, 4]
-    assert set(i for s in shards for i in s) == set(range(10))
-
-
-def test_train_sampler_reshuffles_per_epoch():
-    sampler = train_sampler(50, DistEnv(), seed=0)
-    first = list(sampler)
-    sampler.set_epoch(1)
-    assert list(sampler) != first and sorted(sampler) == sorted(first)
-
-
-def test_eval_indices_cover_every_item_once():
-    got = sorted(i for r in range(3) for i in eval_indices(10, DistEnv(rank=r, world_size=3)))
-    assert got == list(range(10))
+def test_eval_indices_cover_every_item_once_with_equal_lengths():
+    splits = [eval_indices(10, DistEnv(rank=r, world_size=3)) for r in range(3)]
+    assert {len(items) for items, _ in splits} == {4}
+    assert sorted(i for items, valid in splits for i in items[:valid]) == list(range(10))
 
 
 def test_scale_grad_is_identity_forward_and_scales_backward():
