@@ -21,10 +21,6 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-#: The env vars the elastic launcher sets for each worker.
-LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
 @dataclass(frozen=True)
 class DistEnv:
     """Where this process sits in the job; a job of one when no launcher started it."""
@@ -68,11 +64,6 @@ def env_from_os(backend: str = "gloo") -> DistEnv:
     world = _env_int("WORLD_SIZE", 1)
     return DistEnv(rank=_env_int("RANK", 0), world_size=world, local_rank=_env_int("LOCAL_RANK", 0),
                    local_world_size=_env_int("LOCAL_WORLD_SIZE", world), backend=backend)
-
-
-def launched_by_torch() -> bool:
-    """True inside a worker started by the elastic launcher (or torchrun)."""
-    return all(name in os.environ for name in LAUNCHER_ENV)
 
 
 def init_distributed(backend: str = "gloo", timeout_s: float = 600.0) -> DistEnv:
@@ -137,13 +128,6 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def broadcast_tensor_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """Overwrite ``tensor`` in place with rank ``src``'s values."""
-    if is_initialized():
-        dist.broadcast(tensor, src=src)
-    return tensor
 
 
 def all_reduce_sum(values: Sequence[float], device: torch.device | None = None) -> list[float]:
