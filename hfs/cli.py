@@ -131,18 +131,46 @@ def train_dist_cmd(
         summarize(result)
 
 
+CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Checkpoint file or run folder (its latest checkpoint).")]
+FlipOpt = Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Add the embedding of the mirrored image (default: eval.flip).")]
+BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per batch (default: eval.batch_size).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--num-workers", min=0, help="Image-decoding workers (default: eval.num_workers).")]
+
+
+@app.command("extract")
+def extract(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint file or run folder (its latest checkpoint).")],
+    out: Annotated[Path, typer.Option("--out", help="Features file (.npy, float32 N x D); a .json is written beside it.")],
+    bin_: Annotated[Optional[Path], typer.Option("--bin", help="Verification .bin: embed its images in order.")] = None,
+    list_: Annotated[Optional[Path], typer.Option("--list", help="Image list ('relative/path label' per line, as `hfs convert` writes) to embed instead.")] = None,
+    prefix: Annotated[Optional[Path], typer.Option("--prefix", help="Folder the --list paths are relative to (default: the list's folder).")] = None,
+    flip: FlipOpt = None, batch_size: BatchSizeOpt = None, device: DeviceOpt = "auto", num_workers: WorkersOpt = None,
+    config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
+) -> None:
+    """Embed a .bin or an image list with a trained backbone; write features.npy + features.json."""
+    cfg = resolve_config(config, set_, print_config)
+    from hfs.eval.evaluate import extract_checkpoint
+
+    extract_checkpoint(checkpoint, out, bin_path=bin_, list_path=list_, prefix=prefix,
+                       flip=cfg.eval.flip if flip is None else flip, batch_size=batch_size or cfg.eval.batch_size,
+                       device=device, num_workers=cfg.eval.num_workers if num_workers is None else num_workers)
+
+
 @app.command("verify")
 def verify(
     bins: Annotated[List[Path], typer.Option("--bin", help="Verification .bin file (repeatable; default: eval.bins).")] = [],
     features: Annotated[List[Path], typer.Option("--features", help="Features .npy from `hfs extract`, one per --bin, same order.")] = [],
+    checkpoint: CheckpointOpt = None,
     folds: Annotated[Optional[int], typer.Option("--folds", min=2, help="Cross-validation folds (default: eval.folds).")] = None,
+    flip: FlipOpt = None, batch_size: BatchSizeOpt = None, device: DeviceOpt = "auto", num_workers: WorkersOpt = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the ROC curves to this PNG (needs the plot extra: pip install 'hfs\\[plot]').")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write all metrics to this JSON file.")] = None,
     config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
 ) -> None:
     """Verification accuracy (10-fold), VAL@FAR, AUC and EER on InsightFace .bin pair sets."""
     cfg = resolve_config(config, set_, print_config)
-    from hfs.eval.evaluate import verify_feature_files
+    from hfs.eval.evaluate import verify_checkpoint, verify_feature_files
     from hfs.eval.report import plot_roc, require_matplotlib, results_table, write_results_json
     from hfs.utils.log import make_console
 
@@ -151,9 +179,18 @@ def verify(
     bins = bins or [Path(b) for b in cfg.eval.bins]
     if not bins:
         raise HfsError("no verification set: give --bin FILE (or set eval.bins)")
-    if not features:
-        raise HfsError("give --features FILE.npy (one per --bin)")
-    results, sources = verify_feature_files(bins, features, folds or cfg.eval.folds, cfg.eval.far_target)
+    if bool(features) == bool(checkpoint):
+        raise HfsError("give either --features FILE.npy (one per --bin) or --checkpoint CKPT")
+    folds = folds or cfg.eval.folds
+    if checkpoint:
+        results, sources = verify_checkpoint(
+            bins, checkpoint, folds=folds, far_target=cfg.eval.far_target, flip=cfg.eval.flip if flip is None else flip,
+            batch_size=batch_size or cfg.eval.batch_size, device=device,
+            num_workers=cfg.eval.num_workers if num_workers is None else num_workers)
+    else:
+        if flip is not None:
+            log.warning("--flip has no effect with --features: flipping happens at extraction (hfs extract --flip)")
+        results, sources = verify_feature_files(bins, features, folds, cfg.eval.far_target)
     make_console().print(results_table(results))
     if json_out:
         write_results_json(json_out, results, sources)
@@ -193,12 +230,7 @@ def serve_params(
         insecure=insecure, max_message_bytes=int(ps.max_message_mb * 2**20))
     count = shards or ps.shards
     if count > 1 and num_shards == 1:
-        # Each shard process re-reads the same config; the secret travels in HFS_PS_SECRET.
-        args = [arg for c in ([config] if config else []) for arg in ("--config", str(c))]
-        args += [arg for item in set_ for arg in ("--set", item)]
-        args += ["--snapshot-dir", str(opts.snapshot_dir)] + (["--resume", resume] if resume else [])
-        args += ["--insecure"] if insecure else []
-        raise typer.Exit(serve_shards(opts, count, args))
+        raise typer.Exit(serve_shards(opts, count, config, set_))
     serve(opts)
 
 

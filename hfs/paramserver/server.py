@@ -420,12 +420,28 @@ def _final_snapshot(store: InProcessStore) -> None:
         log.error("final snapshot failed: %s", exc)
 
 
-def serve_shards(opts: ServeOptions, count: int, extra_args: Sequence[str] = ()) -> int:
+def _shard_args(opts: ServeOptions, config: Path | None, sets: Sequence[str]) -> list[str]:
+    """Flags every shard process gets: the same config and overrides, snapshot folder, resume."""
+    args = ["--config", str(config)] if config else []
+    for item in sets:
+        args += ["--set", item]
+    if opts.snapshot_dir is not None:
+        args += ["--snapshot-dir", str(opts.snapshot_dir)]
+    if opts.resume:
+        args += ["--resume", opts.resume]
+    if opts.insecure:
+        args.append("--insecure")
+    return args
+
+
+def serve_shards(opts: ServeOptions, count: int, config: Path | None = None, sets: Sequence[str] = ()) -> int:
     """Start ``count`` shard processes on ports port..port+count-1 and wait for them.
 
+    Each shard re-reads the same config and overrides; the secret travels in HFS_PS_SECRET.
     SIGTERM/SIGINT are passed on to every shard (each takes its final snapshot); if one
     shard dies, the others are stopped too. Returns the worst exit code.
     """
+    extra_args = _shard_args(opts, config, sets)
     check_bind_allowed(opts.host, opts.secret, opts.insecure)
     host = f"[{opts.host}]" if ":" in opts.host else opts.host
     peers = [f"tcp://{host}:{opts.port + i}" for i in range(count)]

@@ -59,6 +59,10 @@ class ShardSpec:
     index: int = 0
     count: int = 1
 
+    def __post_init__(self) -> None:
+        if not (isinstance(self.count, int) and self.count >= 1 and 0 <= self.index < self.count):
+            raise StoreError(f"shard index {self.index} of {self.count} is not valid (need 0 <= index < count)")
+
     def bounds(self, num_rows: int) -> np.ndarray:
         """Row boundaries of all shards: shard i owns [bounds[i], bounds[i+1])."""
         return np.array([num_rows * i // self.count for i in range(self.count + 1)], dtype=np.int64)
@@ -319,6 +323,8 @@ class InProcessStore(WeightStore):
         if int(num_rows) <= 0 or int(dim) <= 0:
             raise StoreError(f"matrix {name!r} needs positive rows and dim, got ({num_rows}, {dim})")
         num_rows, dim = int(num_rows), int(dim)
+        if not (int(seed) >= 0 and np.isfinite(std) and std >= 0):
+            raise StoreError(f"matrix {name!r} needs seed >= 0 and a finite std >= 0, got seed {seed}, std {std}")
         with self._cond:
             if name in self._matrices:
                 have = self._matrices[name]
