@@ -27,7 +27,7 @@ demo: $(STAMP)
 INTEROP_VENV ?= .venv-interop
 interop:
 	test -x $(INTEROP_VENV)/bin/python || $(PY) -m venv $(INTEROP_VENV)
-	$(INTEROP_VENV)/bin/pip install -q "numpy<1.24" mxnet==1.9.1 pillow pyyaml pytest
+	$(INTEROP_VENV)/bin/pip install -q "numpy<1.24" mxnet==1.9.1 pillow pyyaml pytest pytest-timeout
 	PYTHONPATH=. $(INTEROP_VENV)/bin/python -m pytest -q -m interop tests/data/test_recordio_interop.py
 
 clean:

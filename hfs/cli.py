@@ -63,6 +63,272 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = [], keys: Annotated[boo
     typer.echo(resolve_config(config, set_, False).to_yaml(), nl=False)
 
 
+@app.command("train")
+def train_cmd(
+    config: ConfigOpt = None,
+    sampled: Annotated[bool, typer.Option("--sampled", help="HF-softmax: same as --set fc.mode=sampled.")] = False,
+    sample_num: Annotated[Optional[int], typer.Option(
+        "--sample-num", min=1, help="Active classes per step (sets fc.sample_num).")] = None,
+    resume: Annotated[Optional[str], typer.Option(
+        "--resume", help="Continue from 'latest' (in train.output_dir), a run folder or a checkpoint file.")] = None,
+    set_: SetOpt = [],
+    print_config: PrintConfigOpt = False,
+) -> None:
+    """Train a backbone with the full softmax (baseline) or HF-softmax over active classes (--sampled)."""
+    sugar = (["fc.mode=sampled"] if sampled else []) + ([f"fc.sample_num={sample_num}"] if sample_num else [])
+    cfg = resolve_config(config, sugar + list(set_), print_config)
+    from hfs.train.trainer import resume_config, summarize, train
+
+    checkpoint = None
+    if resume:
+        checkpoint, cfg = resume_config(resume, config is not None, cfg, sugar + list(set_))
+    result = train(cfg, resume=checkpoint)
+    summarize(result)
+    if result.interrupted:
+        raise typer.Exit(130)
+
+@app.command("train-dist")
+def train_dist_cmd(
+    config: ConfigOpt = None,
+    nproc: Annotated[Optional[int], typer.Option(
+        "--nproc", min=1, help="Workers on this node (dist.nproc; default: visible GPUs, 1 on CPU).")] = None,
+    backend: Annotated[Optional[str], typer.Option(
+        "--backend", help="nccl (GPUs) or gloo (CPU) (dist.backend).")] = None,
+    nnodes: Annotated[Optional[int], typer.Option("--nnodes", min=1, help="Number of nodes (dist.nnodes).")] = None,
+    node_rank: Annotated[Optional[int], typer.Option(
+        "--node-rank", min=0, help="This node's rank; node 0 hosts the rendezvous (dist.node_rank).")] = None,
+    master_addr: Annotated[Optional[str], typer.Option(
+        "--master-addr", help="Node 0's address, reachable from every node (dist.master_addr).")] = None,
+    master_port: Annotated[Optional[int], typer.Option(
+        "--master-port", min=0, max=65535, help="Rendezvous port; 0 = a free one, single node only (dist.master_port).")] = None,
+    sampled: Annotated[bool, typer.Option("--sampled", help="HF-softmax on a shared parameter server: fc.mode=sampled.")] = False,
+    sharded: Annotated[bool, typer.Option("--sharded", help="Model-parallel classifier across ranks: fc.mode=sharded.")] = False,
+    sample_num: Annotated[Optional[int], typer.Option(
+        "--sample-num", min=1, help="Active classes per step (sets fc.sample_num).")] = None,
+    resume: Annotated[Optional[str], typer.Option(
+        "--resume", help="Continue from 'latest' (in train.output_dir), a run folder or a checkpoint file; "
+                         "any world size.")] = None,
+    set_: SetOpt = [],
+    print_config: PrintConfigOpt = False,
+) -> None:
+    """Train on several devices/nodes: one worker per device via torch's elastic launcher (DDP)."""
+    if sampled and sharded:
+        raise HfsError("--sampled and --sharded are two different classifier modes; pick one")
+    flags = {"dist.nproc": nproc, "dist.backend": backend, "dist.nnodes": nnodes, "dist.node_rank": node_rank,
+             "dist.master_addr": master_addr, "dist.master_port": master_port, "fc.sample_num": sample_num,
+             "fc.mode": "sampled" if sampled else "sharded" if sharded else None}
+    sugar = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    cfg = resolve_config(config, list(set_) + sugar, print_config)
+    from hfs.train.launch import run_train_dist
+    from hfs.train.trainer import resume_config, summarize
+
+    checkpoint = None
+    if resume:
+        checkpoint, cfg = resume_config(resume, config is not None, cfg, list(set_) + sugar)
+    result = run_train_dist(cfg, resume=str(checkpoint) if checkpoint else None,
+                            verbose=int(logging.getLogger().isEnabledFor(logging.DEBUG)))
+    if result is not None:  # nodes other than 0 leave the report to rank 0
+        summarize(result)
+
+
+CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Checkpoint file or run folder (its latest checkpoint).")]
+FlipOpt = Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Add the embedding of the mirrored image (default: eval.flip).")]
+BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per batch (default: eval.batch_size).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--num-workers", min=0, help="Image-decoding workers (default: eval.num_workers).")]
+
+
+@app.command("extract")
+def extract(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint file or run folder (its latest checkpoint).")],
+    out: Annotated[Path, typer.Option("--out", help="Features file (.npy, float32 N x D); a .json is written beside it.")],
+    bin_: Annotated[Optional[Path], typer.Option("--bin", help="Verification .bin: embed its images in order.")] = None,
+    list_: Annotated[Optional[Path], typer.Option("--list", help="Image list ('relative/path label' per line, as `hfs convert` writes) to embed instead.")] = None,
+    prefix: Annotated[Optional[Path], typer.Option("--prefix", help="Folder the --list paths are relative to (default: the list's folder).")] = None,
+    flip: FlipOpt = None, batch_size: BatchSizeOpt = None, device: DeviceOpt = "auto", num_workers: WorkersOpt = None,
+    config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
+) -> None:
+    """Embed a .bin or an image list with a trained backbone; write features.npy + features.json."""
+    cfg = resolve_config(config, set_, print_config)
+    from hfs.eval.evaluate import extract_checkpoint
+
+    extract_checkpoint(checkpoint, out, bin_path=bin_, list_path=list_, prefix=prefix,
+                       flip=cfg.eval.flip if flip is None else flip, batch_size=batch_size or cfg.eval.batch_size,
+                       device=device, num_workers=cfg.eval.num_workers if num_workers is None else num_workers)
+
+
+@app.command("verify")
+def verify(
+    bins: Annotated[List[Path], typer.Option("--bin", help="Verification .bin file (repeatable; default: eval.bins).")] = [],
+    features: Annotated[List[Path], typer.Option("--features", help="Features .npy from `hfs extract`, one per --bin, same order.")] = [],
+    checkpoint: CheckpointOpt = None,
+    folds: Annotated[Optional[int], typer.Option("--folds", min=2, help="Cross-validation folds (default: eval.folds).")] = None,
+    flip: FlipOpt = None, batch_size: BatchSizeOpt = None, device: DeviceOpt = "auto", num_workers: WorkersOpt = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the ROC curves to this PNG (needs the plot extra: pip install 'hfs\\[plot]').")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write all metrics to this JSON file.")] = None,
+    config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
+) -> None:
+    """Verification accuracy (10-fold), VAL@FAR, AUC and EER on InsightFace .bin pair sets."""
+    cfg = resolve_config(config, set_, print_config)
+    from hfs.eval.evaluate import verify_checkpoint, verify_feature_files
+    from hfs.eval.report import plot_roc, require_matplotlib, results_table, write_results_json
+    from hfs.utils.log import make_console
+
+    if plot:
+        require_matplotlib()  # fail before the work, not after
+    bins = bins or [Path(b) for b in cfg.eval.bins]
+    if not bins:
+        raise HfsError("no verification set: give --bin FILE (or set eval.bins)")
+    if bool(features) == bool(checkpoint):
+        raise HfsError("give either --features FILE.npy (one per --bin) or --checkpoint CKPT")
+    folds = folds or cfg.eval.folds
+    if checkpoint:
+        results, sources = verify_checkpoint(
+            bins, checkpoint, folds=folds, far_target=cfg.eval.far_target, flip=cfg.eval.flip if flip is None else flip,
+            batch_size=batch_size or cfg.eval.batch_size, device=device,
+            num_workers=cfg.eval.num_workers if num_workers is None else num_workers)
+    else:
+        if flip is not None:
+            log.warning("--flip has no effect with --features: flipping happens at extraction (hfs extract --flip)")
+        results, sources = verify_feature_files(bins, features, folds, cfg.eval.far_target)
+    make_console().print(results_table(results))
+    if json_out:
+        write_results_json(json_out, results, sources)
+    if plot:
+        plot_roc(plot, results)
+
+
+@app.command("serve-params")
+def serve_params(
+    config: ConfigOpt = None,
+    set_: SetOpt = [],
+    print_config: PrintConfigOpt = False,
+    host: Annotated[Optional[str], typer.Option(help="Address to listen on (default paramserver.host, 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port of shard 0; shard i listens on port + i (default paramserver.port).")] = None,
+    shards: Annotated[Optional[int], typer.Option(help="Start N shard processes, each owning a contiguous row range.")] = None,
+    snapshot_dir: Annotated[Optional[Path], typer.Option(help="Snapshot folder (default paramserver.snapshot_dir, else <train.output_dir>/store).")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Restore this snapshot at start: 'latest' or a snapshot name.")] = None,
+    secret_file: Annotated[Optional[Path], typer.Option(help="File holding the shared secret that HMAC-signs every message.")] = None,
+    insecure: Annotated[bool, typer.Option(help="Allow a non-loopback --host without a secret (anyone who can connect can write).")] = False,
+    shard_index: Annotated[int, typer.Option(hidden=True, help="This process's shard (set by --shards).")] = 0,
+    num_shards: Annotated[int, typer.Option(hidden=True, help="Shards in the group (set by --shards).")] = 1,
+    peers: Annotated[str, typer.Option(hidden=True, help="Comma-separated endpoints of all shards (set by --shards).")] = "",
+) -> None:
+    """Serve the classifier matrices over ZeroMQ (sparse SGD, synchronous steps, snapshots)."""
+    from hfs.paramserver import resolve_secret
+    from hfs.paramserver.server import ServeOptions, serve, serve_shards
+    from hfs.paramserver.store import ShardSpec
+
+    cfg = resolve_config(config, set_, print_config)
+    ps = cfg.paramserver
+    opts = ServeOptions(
+        host=host or ps.host, port=port or ps.port, shard=ShardSpec(shard_index, num_shards),
+        peers=tuple(p for p in peers.split(",") if p),
+        snapshot_dir=snapshot_dir or Path(ps.snapshot_dir or Path(cfg.train.output_dir) / "store"),
+        keep_snapshots=ps.keep_snapshots, timeout_s=ps.timeout_s, snapshot_every_steps=ps.snapshot_every_steps,
+        snapshot_every_s=ps.snapshot_every_s, resume=resume, secret=resolve_secret(ps.secret, secret_file),
+        insecure=insecure, max_message_bytes=int(ps.max_message_mb * 2**20))
+    count = shards or ps.shards
+    if count > 1 and num_shards == 1:
+        raise typer.Exit(serve_shards(opts, count, config, set_))
+    serve(opts)
+
+
+@app.command("convert")
+def convert(
+    in_folder: Annotated[Path, typer.Option("--in-folder", help=(
+        "Folder with train.rec/train.idx/property (--to images), or with train_list.txt/val_list.txt "
+        "or class folders of images (--to rec)."))],
+    out_folder: Annotated[Path, typer.Option("--out-folder", help="Where the converted dataset goes.")],
+    to: Annotated[str, typer.Option("--to", help="images: unpack a .rec; rec: pack images into a .rec.")] = "images",
+    val_ratio: Annotated[float, typer.Option("--val-ratio", min=0.0, max=0.9, help=(
+        "Share of each identity's images listed in val_list.txt (--to images)."))] = 0.05,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the validation split (--to images).")] = 0,
+    workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Parallel worker processes (reader threads for --to rec).")] = 4,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip images already written by an interrupted run (--to images).")] = False,
+    rec_name: Annotated[str, typer.Option("--rec-name", help="Base name of the .rec/.idx files.")] = "train",
+) -> None:
+    """Convert InsightFace train.rec <-> images + lists, losslessly (stored bytes, never re-encoded)."""
+    from hfs.data.convert import images_to_rec, rec_to_images
+    from hfs.utils.log import make_console
+
+    if to == "images":
+        summary = rec_to_images(in_folder, out_folder, val_ratio, seed, workers, resume, rec_name)
+    elif to == "rec":
+        summary = images_to_rec(in_folder, out_folder, workers, rec_name)
+    else:
+        raise HfsError(f"--to must be 'images' or 'rec', got {to!r}")
+    make_console().print(f"converted {summary.describe()}", soft_wrap=True)
+
+
+@app.command("make-synthetic")
+def make_synthetic(
+    out: Annotated[Path, typer.Option("--out", help="Folder for train.rec, train.idx and property.")],
+    classes: Annotated[int, typer.Option("--classes", min=1, help="Number of identities (labels 0..N-1).")],
+    images_per_class: Annotated[int, typer.Option("--images-per-class", min=1, help="Images per identity.")] = 20,
+    image_size: Annotated[int, typer.Option("--image-size", min=8, help="Square image size in pixels.")] = 112,
+    seed: Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same images.")] = 0,
+    first_class: Annotated[int, typer.Option("--first-class", min=0, help=(
+        "Generator identity of label 0 (offset to make disjoint sets)."))] = 0,
+    image_format: Annotated[str, typer.Option("--format", help="Stored encoding: jpeg or png.")] = "jpeg",
+    cluster_size: Annotated[int, typer.Option("--cluster-size", min=1, help=(
+        "Consecutive identities that look alike (hard negatives)."))] = 8,
+    val_pairs: Annotated[int, typer.Option("--val-pairs", min=0, help=(
+        "Also write DIR/val.bin with this many verification pairs of held-out identities (0: none)."))] = 0,
+    val_first_class: Annotated[Optional[int], typer.Option("--val-first-class", min=0, help=(
+        "First held-out identity of val.bin (default: right after the training identities)."))] = None,
+    val_classes: Annotated[Optional[int], typer.Option("--val-classes", min=2, help=(
+        "Held-out identities in val.bin (default: --classes)."))] = None,
+) -> None:
+    """Write a synthetic face-like dataset as an InsightFace-layout .rec (no downloads needed)."""
+    from hfs.data.synthetic import make_synthetic_rec, write_synthetic_bin
+    from hfs.utils.log import make_console
+
+    val_first = first_class + classes if val_first_class is None else val_first_class
+    val_count = classes if val_classes is None else val_classes
+    if val_pairs and val_first < first_class + classes and first_class < val_first + val_count:
+        raise HfsError(f"--val-first-class {val_first}: held-out identities [{val_first}, {val_first + val_count}) "
+                       f"overlap the training identities [{first_class}, {first_class + classes})")
+    stats = make_synthetic_rec(out, classes, images_per_class, image_size, seed, first_class, image_format,
+                               cluster_size)
+    console = make_console()
+    console.print(f"wrote {stats['images']} images of {stats['identities']} identities "
+                  f"({stats['bytes'] / 1e6:.1f} MB) to {out} in {stats['seconds']:.1f} s", soft_wrap=True)
+    if val_pairs:
+        write_synthetic_bin(out / "val.bin", val_pairs, val_first, val_count, image_size, seed, image_format,
+                            cluster_size)
+        console.print(f"wrote {out / 'val.bin'}: {val_pairs} pairs of identities {val_first}..{val_first + val_count - 1}",
+                      soft_wrap=True)
+
+
+@app.command("bench-paramserver")
+def bench_paramserver(
+    rows: Annotated[int, typer.Option(help="Rows per get/push (the sampled step's active classes).")] = 1000,
+    dim: Annotated[int, typer.Option(help="Columns (embedding size).")] = 256,
+    num_classes: Annotated[int, typer.Option(help="Rows of the benchmark matrix.")] = 100_000,
+    seconds: Annotated[float, typer.Option(help="Seconds per round-trip measurement.")] = 3.0,
+    workers: Annotated[int, typer.Option(help="Workers of the synchronous-step measurement.")] = 4,
+    sync_steps: Annotated[int, typer.Option(help="Synchronous steps per measurement.")] = 100,
+    memory_rows: Annotated[int, typer.Option(help="Rows of the memory check (10000000 needs ~5 GB free).")] = 2_000_000,
+    memory_dim: Annotated[int, typer.Option(help="Columns of the memory check.")] = 128,
+    out: Annotated[Optional[Path], typer.Option(help="Also write the results as JSON here.")] = None,
+) -> None:
+    """Measure the store in process vs over loopback, sync-step cost with N workers, and memory."""
+    import json
+
+    from hfs.bench.paramserver import BenchConfig, render, run_benchmark
+    from hfs.utils.atomic import atomic_write_text
+    from hfs.utils.log import make_console, progress
+
+    cfg = BenchConfig(rows=rows, dim=dim, num_classes=num_classes, seconds=seconds, workers=workers,
+                      sync_steps=sync_steps, memory_rows=memory_rows, memory_dim=memory_dim)
+    with progress(transient=True) as bar:
+        results = run_benchmark(cfg, bar)
+    render(results, make_console())
+    if out:
+        atomic_write_text(out, json.dumps(results, indent=1))
+
+
 @app.command("bench-sampler")
 def bench_sampler(
     num_classes: Annotated[int, typer.Option(help="Classes C (ignored with --weights).", min=2)] = 1_000_000,

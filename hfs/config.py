@@ -47,6 +47,11 @@ class DataConfig:
     synthetic_images_per_class: int = _f(20, gt=0, help="images per synthetic identity")
     synthetic_val_per_class: int = _f(2, ge=0, help="held-out images per synthetic identity")
     synthetic_seed: int = _f(0, help="seed of the synthetic identities")
+    synthetic_cluster_size: int = _f(8, gt=0, help="consecutive synthetic identities that look alike (hard negatives)")
+    rec_name: str = _f("train", help="source=rec: read <root>/<rec_name>.rec and .idx")
+    rec_val_ratio: float = _f(0.0, ge=0.0, le=0.9, help="source=rec: share of each identity's images held out "
+                                                       "for validation (the rule `hfs convert` uses)")
+    split_seed: int = _f(0, help="source=rec: seed of the validation split (as `hfs convert --seed`)")
 
 
 @dataclass
@@ -73,6 +78,7 @@ class FCConfig:
     init: str = _f("gaussian", choices=("gaussian", "uniform", "zeros"), help="initialisation of the classifier rows")
     init_std: float = _f(0.01, ge=0.0, help="std (gaussian) or half-width (uniform) of the initialisation")
     lr_scale: float = _f(1.0, gt=0.0, help="classifier lr = backbone lr x lr_scale")
+    overlap_push: bool = _f(True, help="sampled: push row gradients on a background thread, overlapping the backbone's backward")
 
 
 @dataclass
@@ -111,9 +117,16 @@ class SamplerConfig:
 class ParamServerConfig:
     address: str = _f("", help="tcp://host:port[,tcp://host:port...] of `hfs serve-params` shards; empty = in-process store")
     timeout_s: float = _f(60.0, gt=0.0, help="client request timeout and synchronous-step timeout")
+    connect_timeout_s: float = _f(10.0, gt=0.0, help="how long the client waits for a server to answer its first ping")
     snapshot_dir: str = _f("", help="server snapshots folder; empty = <train.output_dir>/store")
     keep_snapshots: int = _f(3, gt=0, help="snapshots kept (oldest removed)")
+    snapshot_every_steps: int = _f(0, ge=0, help="automatic snapshot every N applied steps (0 = off)")
+    snapshot_every_s: float = _f(0.0, ge=0.0, help="automatic snapshot every N seconds of changes (0 = off)")
     secret: str = _f("", help="shared secret for non-loopback servers (or HFS_PS_SECRET)")
+    host: str = _f("127.0.0.1", help="serve-params: address to listen on (non-loopback needs a secret or --insecure)")
+    port: int = _f(5570, gt=0, le=65535, help="serve-params: port of shard 0 (shard i listens on port + i)")
+    shards: int = _f(1, gt=0, help="serve-params: server processes, each owning a contiguous range of rows")
+    max_message_mb: float = _f(1024.0, gt=0.0, help="serve-params: largest request accepted, in MiB")
 
 
 @dataclass
@@ -131,7 +144,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = _f("runs/default", help="checkpoints, metrics and logs go here")
-    batch_size: int = _f(128, gt=0, help="images per step per process")
+    batch_size: int = _f(128, gt=0, help="images per micro-batch per process (an optimizer step sees batch_size x grad_accum)")
     max_steps: int = _f(0, ge=0, help="stop after N steps (0 = run `epochs` epochs)")
     epochs: int = _f(1, gt=0, help="epochs when max_steps = 0")
     grad_accum: int = _f(1, gt=0, help="micro-batches per optimizer step")
@@ -140,18 +153,21 @@ class TrainConfig:
     seed: int = _f(0, help="global seed")
     log_every: int = _f(10, gt=0, help="steps between progress/metrics lines")
     checkpoint_every: int = _f(1000, ge=0, help="steps between checkpoints (0 = only at the end)")
+    checkpoint_every_epochs: int = _f(0, ge=0, help="also checkpoint after every N completed epochs (0 = off)")
     keep_checkpoints: int = _f(3, gt=0, help="checkpoints kept")
     val_every: int = _f(0, ge=0, help="steps between validations (0 = only at the end)")
 
 
 @dataclass
 class DistConfig:
-    backend: str = _f("gloo", choices=("gloo", "nccl"), help="torch.distributed backend")
-    nproc: int = _f(0, ge=0, help="processes per node (0 = visible GPUs, or 1 on CPU)")
+    backend: str = _f("gloo", choices=("gloo", "nccl"), help="torch.distributed backend (nccl on GPUs, gloo on CPU)")
+    nproc: int = _f(0, ge=0, help="worker processes per node (0 = visible GPUs, or 1 on CPU)")
     nnodes: int = _f(1, gt=0, help="number of nodes")
-    node_rank: int = _f(0, ge=0, help="this node's rank")
-    master_addr: str = _f("127.0.0.1", help="rendezvous host")
-    master_port: int = _f(29500, gt=0, le=65535, help="rendezvous port")
+    node_rank: int = _f(0, ge=0, help="this node's rank (0 hosts the rendezvous)")
+    master_addr: str = _f("127.0.0.1", help="rendezvous host: node 0's address reachable from every node")
+    master_port: int = _f(0, ge=0, le=65535, help="rendezvous port (0 = a free port; several nodes must set one)")
+    timeout_s: float = _f(600.0, gt=0.0, help="collective timeout: a rank waiting longer on its peers ends the job")
+    rendezvous_timeout_s: float = _f(300.0, gt=0.0, help="how long workers and nodes wait for each other at start")
 
 
 @dataclass
@@ -161,6 +177,8 @@ class EvalConfig:
     folds: int = _f(10, ge=2, help="cross-validation folds")
     batch_size: int = _f(256, gt=0, help="images per extraction batch")
     every: int = _f(0, ge=0, help="steps between verification runs during training (0 = only at the end)")
+    far_target: float = _f(1e-3, gt=0.0, le=1.0, help="false accept rate at which VAL is reported")
+    num_workers: int = _f(2, ge=0, help="DataLoader workers decoding images for extraction")
 
 
 @dataclass

@@ -27,3 +27,16 @@ def test_atomic_dir_keeps_old_version_on_failure(tmp_path):
         (tmp / "a").write_text("3")
     assert (d / "a").read_text() == "3"
     assert sorted(x.name for x in tmp_path.iterdir()) == ["snap"]
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    import os
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "f", b"x")
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "a").write_text("1")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755

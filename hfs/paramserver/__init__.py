@@ -1,1 +1,47 @@
 """The classifier's big matrix outside the trainer: in-process store, ZeroMQ server and client."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hfs.config import ParamServerConfig
+    from hfs.paramserver.base import WeightStore
+
+SECRET_ENV = "HFS_PS_SECRET"
+
+
+def resolve_secret(configured: str = "", secret_file: str | Path | None = None) -> bytes | None:
+    """The shared secret: --secret-file, else HFS_PS_SECRET, else the config; None when unset."""
+    from hfs.utils.errors import HfsError
+
+    if secret_file:
+        try:
+            text = Path(secret_file).read_text().strip()
+        except OSError as exc:
+            raise HfsError(f"cannot read secret file {secret_file}: {exc.strerror or exc}") from None
+        if not text:
+            raise HfsError(f"secret file {secret_file} is empty")
+        return text.encode()
+    text = os.environ.get(SECRET_ENV, "") or configured
+    return text.encode() if text else None
+
+
+def open_store(cfg: "ParamServerConfig", snapshot_dir: str | Path | None) -> "WeightStore":
+    """The in-process store when ``cfg.address`` is empty, else a client of `hfs serve-params`.
+
+    ``snapshot_dir`` is where the in-process store keeps snapshots unless
+    ``cfg.snapshot_dir`` names another folder; a server keeps its own.
+    """
+    if not cfg.address:
+        from hfs.paramserver.store import InProcessStore
+
+        return InProcessStore(cfg.snapshot_dir or snapshot_dir, keep_snapshots=cfg.keep_snapshots,
+                              timeout_s=cfg.timeout_s, snapshot_every_steps=cfg.snapshot_every_steps,
+                              snapshot_every_s=cfg.snapshot_every_s)
+    from hfs.paramserver.client import ParamClient
+
+    return ParamClient(cfg.address, timeout_s=cfg.timeout_s, connect_timeout_s=cfg.connect_timeout_s,
+                       secret=resolve_secret(cfg.secret))

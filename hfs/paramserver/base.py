@@ -52,11 +52,16 @@ class WeightStore(ABC):
         """Overwrite rows (momentum untouched)."""
 
     @abstractmethod
-    def push_grads(self, name: str, rows: np.ndarray, grads: np.ndarray, step: int) -> None:
+    def push_grads(self, name: str, rows: np.ndarray, grads: np.ndarray, step: int, *,
+                   worker: str | None = None) -> None:
         """Add this worker's row gradients to ``step``; the step is applied once all workers pushed.
 
         Duplicate rows, within and across pushes, add up. Applied with the SGD rule of
         ``torch.optim.SGD`` on the touched rows only (untouched rows keep their momentum).
+        One push per worker per step (accumulate micro-batches before pushing). ``worker``
+        names the pusher when several workers share one in-process store; it may be left
+        out when at most one worker is registered, and the ZeroMQ client fills it in with
+        the name it registered.
         """
 
     @abstractmethod

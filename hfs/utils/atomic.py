@@ -14,6 +14,13 @@ from pathlib import Path
 from typing import IO, Iterator
 
 
+def _umask_mode(base: int) -> int:
+    """``base`` with the process umask applied, as open()/mkdir() would (mkstemp uses 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -34,6 +41,7 @@ def atomic_write(path: str | Path, mode: str = "wb", fsync: bool = True) -> Iter
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _umask_mode(0o666))
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
@@ -69,6 +77,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, _umask_mode(0o777))
         yield tmp
         _fsync_dir(tmp)
         old = None

@@ -1,0 +1,242 @@
+"""`hfs bench-paramserver`: the store in process vs over loopback, sync-step cost, memory.
+
+Every number is measured in the same run so the ratios hold on a noisy shared machine:
+
+* round trips/s of one sampled step (get rows for step t, push their gradients) through the
+  in-process store (the limit) and through a `hfs serve-params` process on 127.0.0.1;
+* mean latency of a synchronous step (push, then get for the next step) with 1 worker and
+  with N workers (processes, one client each) on the same server;
+* resident memory of a fresh process after creating a C x D matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from hfs.paramserver.base import HParams, WeightStore
+from hfs.utils.errors import HfsError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchConfig:
+    rows: int = 1000
+    dim: int = 256
+    num_classes: int = 100_000
+    seconds: float = 3.0
+    workers: int = 4
+    sync_steps: int = 100
+    memory_rows: int = 2_000_000
+    memory_dim: int = 128
+
+
+def _row_sets(cfg: BenchConfig, count: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.choice(cfg.num_classes, cfg.rows, replace=False).astype(np.int64) for _ in range(count)]
+
+
+def _prepare(store: WeightStore, cfg: BenchConfig) -> None:
+    store.create("fc", cfg.num_classes, cfg.dim, init="gaussian", std=0.01, seed=0, exist_ok=True)
+    store.set_hparams("fc", HParams(0.01, 0.9, 5e-4))
+
+
+def round_trips_per_second(store: WeightStore, cfg: BenchConfig, first_step: int = 0) -> tuple[float, int]:
+    """get(step) + push of cfg.rows rows, repeated for cfg.seconds; returns (rate, next step)."""
+    row_sets = _row_sets(cfg, 16, seed=1)
+    grads = np.random.default_rng(2).standard_normal((cfg.rows, cfg.dim)).astype(np.float32) * 1e-3
+    for i, rows in enumerate(row_sets):  # warm-up: first touches of momentum pages are not the steady state
+        store.get_rows("fc", rows, step=first_step + i)
+        store.push_grads("fc", rows, grads, first_step + i)
+    step = first_step + len(row_sets)
+    done = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < cfg.seconds:
+        rows = row_sets[done % len(row_sets)]
+        store.get_rows("fc", rows, step=step)
+        store.push_grads("fc", rows, grads, step)
+        step += 1
+        done += 1
+    return done / (time.perf_counter() - start), step
+
+
+def _sync_worker(address: str, cfg: BenchConfig, index: int, name: str, first_step: int, barrier, results) -> None:
+    """One worker process: register, run cfg.sync_steps synchronous steps, report mean seconds/step."""
+    from hfs.paramserver.client import ParamClient
+
+    try:
+        with ParamClient(address, timeout_s=120) as client:
+            client.register(name)
+            row_sets = _row_sets(cfg, 8, seed=10 + index)
+            grads = np.full((cfg.rows, cfg.dim), 1e-4, np.float32)
+            barrier.wait()
+            start = time.perf_counter()
+            for k in range(cfg.sync_steps):
+                step = first_step + k
+                client.push_grads("fc", row_sets[k % 8], grads, step)
+                client.get_rows("fc", row_sets[(k + 1) % 8], step=step + 1)
+            results.put((index, (time.perf_counter() - start) / cfg.sync_steps, None))
+            client.leave(name)
+    except BaseException as exc:  # reported by the parent
+        barrier.abort()
+        results.put((index, None, f"{exc.__class__.__name__}: {exc}"))
+
+
+def sync_step_latency(address: str, cfg: BenchConfig, workers: int, first_step: int, tag: str) -> float:
+    """Mean seconds per synchronous step over ``workers`` worker processes (one client each).
+
+    Each worker pushes its own cfg.rows rows and reads cfg.rows rows for the next step, so
+    the server sums ``workers`` pushes per step, as with `hfs train-dist` ranks.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(workers)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_sync_worker, args=(address, cfg, i, f"{tag}-w{i}", first_step, barrier, results))
+             for i in range(workers)]
+    for proc in procs:
+        proc.start()
+    got = [results.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join(60)
+    failures = [err for _, _, err in got if err]
+    if failures:
+        raise HfsError(f"a benchmark worker failed: {failures[0]}")
+    return float(np.mean([latency for _, latency, _ in got]))
+
+
+def _rss_status() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":")
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _memory_child(rows: int, dim: int) -> dict[str, int]:
+    from hfs.paramserver.store import InProcessStore
+
+    base = _rss_status()["VmRSS"]
+    store = InProcessStore()
+    store.create("fc", rows, dim, init="gaussian", seed=0)
+    after = _rss_status()
+    return {"baseline_rss": base, "rss_after_create": after["VmRSS"], "peak_rss": after["VmHWM"]}
+
+
+def store_memory(rows: int, dim: int) -> dict[str, float]:
+    """RSS of a fresh process that creates a rows x dim matrix (momentum mapped, untouched)."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        got = pool.apply(_memory_child, (rows, dim))
+    weights = rows * dim * 4
+    return {"rows": rows, "dim": dim, "weights_gib": weights / 2**30,
+            "bound_gib": 2 * weights / 2**30,  # weights + momentum once every row was updated
+            "rss_gib": (got["rss_after_create"] - got["baseline_rss"]) / 2**30,
+            "peak_gib": (got["peak_rss"] - got["baseline_rss"]) / 2**30}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(snapshot_dir: Path) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "hfs", "serve-params", "--port", str(port),
+                             "--snapshot-dir", str(snapshot_dir)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=dict(os.environ))
+    return proc, f"tcp://127.0.0.1:{port}"
+
+
+def run_benchmark(cfg: BenchConfig, progress=None) -> dict:
+    """All measurements of `hfs bench-paramserver`, as a dict (also what --out writes)."""
+    from hfs.paramserver.client import ParamClient
+    from hfs.paramserver.store import InProcessStore
+
+    task = progress.add_task("bench-paramserver", total=5, info="in-process") if progress else None
+
+    def advance(info: str) -> None:
+        if progress:
+            progress.update(task, advance=1, info=info)
+
+    results: dict = {"config": asdict(cfg)}
+    local = InProcessStore()
+    _prepare(local, cfg)
+    results["inprocess_rt_per_s"], _ = round_trips_per_second(local, cfg)
+    del local
+    advance("loopback server")
+    with tempfile.TemporaryDirectory(prefix="hfs-bench-ps-") as tmp:
+        server, address = _start_server(Path(tmp))
+        try:
+            with ParamClient(address, timeout_s=60, connect_timeout_s=60) as client:
+                _prepare(client, cfg)
+                results["loopback_rt_per_s"], step = round_trips_per_second(client, cfg)
+                advance("1-worker sync steps")
+                results["sync_1_worker_ms"] = 1e3 * sync_step_latency(address, cfg, 1, step, "one")
+                step += cfg.sync_steps
+                # The same server work as N workers (N x rows pushed per step) from one worker:
+                # separates the cost of synchronising from the cost of the data volume.
+                wide = replace(cfg, rows=cfg.rows * cfg.workers)
+                results["sync_1_worker_all_rows_ms"] = 1e3 * sync_step_latency(address, wide, 1, step, "wide")
+                step += cfg.sync_steps
+                advance(f"{cfg.workers}-worker sync steps")
+                results[f"sync_{cfg.workers}_workers_ms"] = 1e3 * sync_step_latency(address, cfg, cfg.workers, step,
+                                                                                      "many")
+                client.shutdown()
+            server.wait(60)
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+    if server.returncode not in (0, None, -9):
+        raise HfsError(f"the benchmark's server exited with code {server.returncode}")
+    advance(f"memory {cfg.memory_rows} x {cfg.memory_dim}")
+    results["memory"] = store_memory(cfg.memory_rows, cfg.memory_dim)
+    advance("done")
+    results["loopback_over_inprocess"] = results["loopback_rt_per_s"] / results["inprocess_rt_per_s"]
+    results["sync_ratio"] = results[f"sync_{cfg.workers}_workers_ms"] / results["sync_1_worker_ms"]
+    results["sync_ratio_same_rows"] = results[f"sync_{cfg.workers}_workers_ms"] / results["sync_1_worker_all_rows_ms"]
+    return results
+
+
+def render(results: dict, console) -> None:
+    """The results as a rich table, with the issue's targets beside the ratios."""
+    from rich.table import Table
+
+    cfg = results["config"]
+    mem = results["memory"]
+    table = Table(title=f"parameter server: {cfg['rows']} rows x {cfg['dim']} float32 per step, "
+                        f"C = {cfg['num_classes']}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("target")
+    table.add_row("in-process get+push round trips/s", f"{results['inprocess_rt_per_s']:.0f}", "the limit")
+    table.add_row("loopback get+push round trips/s", f"{results['loopback_rt_per_s']:.0f}", "")
+    table.add_row("loopback / in-process", f"{results['loopback_over_inprocess']:.2f}", ">= 0.25")
+    workers = cfg["workers"]
+    table.add_row("sync step, 1 worker (ms)", f"{results['sync_1_worker_ms']:.2f}", "")
+    table.add_row(f"sync step, {workers} workers (ms)", f"{results[f'sync_{workers}_workers_ms']:.2f}", "")
+    table.add_row(f"{workers} workers / 1 worker", f"{results['sync_ratio']:.2f}", "<= 2")
+    table.add_row(f"sync step, 1 worker pushing {workers} x {cfg['rows']} rows (ms)",
+                  f"{results['sync_1_worker_all_rows_ms']:.2f}", "same server work")
+    table.add_row(f"{workers} workers / 1 worker with the same rows", f"{results['sync_ratio_same_rows']:.2f}",
+                  "cost of synchronising")
+    table.add_row(f"RSS after creating {mem['rows']} x {mem['dim']} (GiB)", f"{mem['rss_gib']:.2f}",
+                  f"weights {mem['weights_gib']:.2f}")
+    table.add_row("peak RSS during creation (GiB)", f"{mem['peak_gib']:.2f}", "no 2nd copy")
+    scale = 10_000_000 * 128 / (mem["rows"] * mem["dim"])
+    table.add_row("10M x 128, weights + fully used momentum (GiB)", f"{mem['bound_gib'] * scale:.2f}", "fits 24 GB")
+    console.print(table)

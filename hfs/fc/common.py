@@ -1,0 +1,62 @@
+"""What both classifier layers share: the step output and scoring against all classes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hfs.models.heads import MarginHead
+
+
+@dataclass
+class FCOutput:
+    """One micro-batch through the classifier layer.
+
+    ``correct`` counts samples whose positive has the highest margin-free score among the
+    rows the step saw (all classes for FullFC, the active set for SampledFC).
+    """
+
+    loss: torch.Tensor
+    correct: torch.Tensor
+    active: int
+
+
+def loss_and_correct(head: MarginHead, features: torch.Tensor, rows: torch.Tensor,
+                     local_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy over the head's logits in float32, and the top-1 hit count."""
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        logits = head(features.float(), rows.float(), local_labels)
+        loss = F.cross_entropy(logits, local_labels, ignore_index=-1)
+        with torch.no_grad():
+            correct = (head.similarity(features.float(), rows.float()).argmax(dim=1) == local_labels).sum()
+    return loss, correct
+
+
+def init_rows(num_rows: int, dim: int, init: str, std: float, seed: int) -> torch.Tensor:
+    """A seeded classifier initialisation (gaussian, uniform in [-std, std], or zeros)."""
+    gen = torch.Generator().manual_seed(seed)
+    if init == "gaussian":
+        return torch.randn(num_rows, dim, generator=gen) * std
+    if init == "uniform":
+        return (torch.rand(num_rows, dim, generator=gen) * 2 - 1) * std
+    return torch.zeros(num_rows, dim)
+
+
+@torch.no_grad()
+def predict_all_classes(head: MarginHead, features: torch.Tensor,
+                        chunks: Iterable[tuple[int, np.ndarray | torch.Tensor]]) -> torch.Tensor:
+    """Top-1 class over every class, scanning the matrix chunk by chunk (never whole in memory)."""
+    best_score = torch.full((features.shape[0],), -float("inf"), device=features.device)
+    best_id = torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
+    features = features.float()
+    for first, rows in chunks:
+        rows_t = torch.as_tensor(rows, device=features.device).float()
+        score, idx = head.similarity(features, rows_t).max(dim=1)
+        better = score > best_score
+        best_score = torch.where(better, score, best_score)
+        best_id = torch.where(better, idx + first, best_id)
+    return best_id

@@ -1,0 +1,132 @@
+"""SampledFC: HF-softmax over the active classes, with the full matrix in a weight store.
+
+Per optimizer step: the selector picks the active classes (positives, nearest negatives,
+random fill), their rows are fetched from the store, the head runs on them, and a gradient
+hook on the fetched rows sends the rows' gradients back to the store, which applies the
+SGD update. The trainer process holds only ``sample_num`` rows at a time.
+
+Gradient accumulation: every micro-batch of a cycle fetches its rows at the same store step
+(no update lands inside a cycle, as for the backbone), and the row gradients of all
+micro-batches are concatenated into ONE push when the last micro-batch's backward runs;
+rows active in several micro-batches add up in the store, exactly as their gradients would
+in one big batch. The push runs on a background thread so it overlaps the backbone's
+backward pass and optimizer step; it is waited for before the next fetch, a snapshot, a
+validation pass or the selector's refresh, so results do not depend on thread timing.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from hfs.fc.common import FCOutput, loss_and_correct
+from hfs.models.heads import MarginHead
+from hfs.paramserver.base import HParams, WeightStore
+
+
+class SampledFC:
+    """The classifier layer of sampled (HF-softmax) training; see the module docstring."""
+
+    def __init__(self, store: WeightStore, selector, head: MarginHead, *, matrix: str = "fc",
+                 overlap_push: bool = True) -> None:
+        self.store, self.selector, self.head, self.matrix = store, selector, head, matrix
+        self.num_classes, self.dim = store.shape(matrix)
+        self._overlap = overlap_push
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
+        self._cycle: list[tuple[np.ndarray, np.ndarray]] = []
+        self.timers = {"select": 0.0, "refresh": 0.0, "get": 0.0, "push_wait": 0.0}
+
+    # -- per step ----------------------------------------------------------------------
+    def set_hparams(self, lr: float, momentum: float, weight_decay: float) -> None:
+        """The classifier's lr for the coming push (the trainer's schedule x fc.lr_scale)."""
+        self.store.set_hparams(self.matrix, HParams(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor, step: int, *,
+                last_micro: bool = True, grad_scale: float = 1.0) -> FCOutput:
+        """Loss over the active classes of this micro-batch; backward pushes the row gradients."""
+        self.wait()
+        t0 = time.perf_counter()
+        active, local = self.selector.select(features.detach().float().cpu().numpy(),
+                                             labels.detach().cpu().numpy().astype(np.int64), step)
+        t1 = time.perf_counter()
+        values = self.store.get_rows(self.matrix, active, step=step)
+        self.timers["get"] += time.perf_counter() - t1
+        self.selector.observe(active, values)
+        self.timers["select"] += t1 - t0
+
+        rows = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(features.device)
+        rows.requires_grad_(True)
+        rows.register_hook(self._grad_hook(np.asarray(active, dtype=np.int64), step, last_micro, grad_scale))
+        local_t = torch.as_tensor(np.asarray(local, dtype=np.int64), device=features.device)
+        loss, correct = loss_and_correct(self.head, features, rows, local_t)
+        return FCOutput(loss, correct, int(len(active)))
+
+    __call__ = forward
+
+    def _grad_hook(self, active: np.ndarray, step: int, last_micro: bool, grad_scale: float):
+        def hook(grad: torch.Tensor) -> None:
+            self._cycle.append((active, grad.detach().float().cpu().numpy()))
+            if last_micro:
+                self._push_cycle(step, grad_scale)
+
+        return hook
+
+    def _push_cycle(self, step: int, grad_scale: float) -> None:
+        """One push per optimizer step; non-finite (fp16-overflowed) gradients push nothing."""
+        ids = np.concatenate([a for a, _ in self._cycle])
+        grads = np.concatenate([g for _, g in self._cycle])
+        self._cycle = []
+        if grad_scale != 1.0:
+            grads /= grad_scale
+        if not np.isfinite(grads).all():
+            # The GradScaler skips this step for the backbone; the store skips it too, but
+            # still completes the step so its counter stays in line with the trainer's.
+            ids, grads = ids[:0], grads[:0]
+        if self._overlap:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hfs-push")
+            self._pending = self._pool.submit(self.store.push_grads, self.matrix, ids, grads, step)
+        else:
+            self.store.push_grads(self.matrix, ids, grads, step)
+
+    def wait(self) -> None:
+        """Block until the last push is applied (re-raising its error, if any)."""
+        if self._pending is not None:
+            t0 = time.perf_counter()
+            pending, self._pending = self._pending, None
+            pending.result()
+            self.timers["push_wait"] += time.perf_counter() - t0
+
+    def end_step(self, step: int) -> None:
+        """After an optimizer step: let the selector rebuild/refresh its index if due."""
+        self.wait()
+        t0 = time.perf_counter()
+        self.selector.maybe_refresh(step)
+        self.timers["refresh"] += time.perf_counter() - t0
+
+    # -- whole matrix ------------------------------------------------------------------
+    def iter_chunks(self, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+        """The whole matrix in chunks from the store (validation scores against all classes)."""
+        self.wait()
+        yield from self.store.iter_chunks(self.matrix, chunk_rows)
+
+    def sampler_seconds(self) -> float:
+        """Time spent choosing classes and keeping the index fresh (the 'upkeep' share)."""
+        return self.timers["select"] + self.timers["refresh"]
+
+    def close(self) -> None:
+        """Finish the pending push and stop the push thread and the selector. Idempotent."""
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            close = getattr(self.selector, "close", None)
+            if close is not None:
+                close()

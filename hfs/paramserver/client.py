@@ -1,0 +1,379 @@
+"""The ZeroMQ client: the WeightStore interface over the wire, shard-aware.
+
+``address`` lists every shard (``tcp://h:p0,tcp://h:p1``), or names one shard of a group
+started by ``hfs serve-params --shards N``, whose ``ping`` reply lists its peers. Each
+matrix is split by rows in contiguous ranges (shard i owns ``[C*i//N, C*(i+1)//N)``), so
+the client routes rows itself and talks to all shards in parallel: one DEALER socket per
+shard (per calling thread), send every request, then collect every reply.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from hfs.paramserver import protocol as proto
+from hfs.paramserver.base import HParams, WeightStore
+from hfs.paramserver.store import ShardSpec
+from hfs.utils.errors import HfsError
+
+log = logging.getLogger(__name__)
+
+
+class ServerError(HfsError):
+    """The server answered with an error (bad request, failed step, ...)."""
+
+
+def parse_address(address: str) -> list[str]:
+    """``tcp://h:p[,tcp://h:p...]`` -> endpoints; anything else is an error naming the piece."""
+    endpoints = [a.strip() for a in address.split(",") if a.strip()]
+    if not endpoints:
+        raise HfsError("paramserver.address is empty: give tcp://host:port of `hfs serve-params`")
+    for ep in endpoints:
+        if not ep.startswith("tcp://") or ":" not in ep[6:] or not ep.rsplit(":", 1)[1].isdigit():
+            raise HfsError(f"paramserver.address entry {ep!r} is not of the form tcp://host:port")
+    return endpoints
+
+
+def _owned(array: np.ndarray) -> np.ndarray:
+    """A reply array the caller may modify: received zmq frames are writable, so no copy is needed."""
+    return array if array.flags.writeable else array.copy()
+
+
+def _peer_for(peer: str, contacted: str) -> str:
+    """A peer advertised with a wildcard host is reached at the host we contacted."""
+    host = peer[6:].rsplit(":", 1)[0]
+    if host in ("0.0.0.0", "*", "[::]"):
+        return f"{contacted.rsplit(':', 1)[0]}:{peer.rsplit(':', 1)[1]}"
+    return peer
+
+
+class ParamClient(WeightStore):
+    """Talks to one or more `hfs serve-params` shards; safe to use from several threads."""
+
+    def __init__(self, address: str, *, timeout_s: float = 60.0, connect_timeout_s: float = 10.0,
+                 secret: bytes | None = None) -> None:
+        import zmq
+
+        self._zmq = zmq
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.secret = secret or None
+        self.endpoints = parse_address(address)
+        self._ctx = zmq.Context()
+        self._local = threading.local()
+        self._sockets_lock = threading.Lock()
+        self._all_sockets: list = []
+        self._ids = itertools.count(1)
+        self._worker: str | None = None
+        self._shapes: dict[str, tuple[int, int]] = {}
+        self._answered: set[str] = set()
+        self._closed = False
+        self._counts: collections.Counter = collections.Counter()
+        self._bytes = {"sent": 0, "received": 0}
+        self._latency: dict[str, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=4096))
+        self.step_timeout_s = timeout_s
+        try:
+            self._discover()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- connection -------------------------------------------------------------------
+    def _discover(self) -> None:
+        first = self._call([(0, {"op": "ping"}, [])], self.connect_timeout_s)[0].header
+        if len(self.endpoints) == 1 and first.get("num_shards", 1) > 1:
+            peers = first.get("peers") or []
+            if len(peers) != first["num_shards"]:
+                raise HfsError(f"{self.endpoints[0]} is shard {first.get('shard')} of {first['num_shards']} but does "
+                               "not list its peers: give every shard in paramserver.address")
+            contacted = self.endpoints[0]
+            self.endpoints = [_peer_for(p, contacted) for p in peers]
+            self._reset_sockets()
+            infos = self._call([(i, {"op": "ping"}, []) for i in range(len(self.endpoints))], self.connect_timeout_s)
+        elif len(self.endpoints) > 1:
+            infos = self._call([(i, {"op": "ping"}, []) for i in range(len(self.endpoints))], self.connect_timeout_s)
+        else:
+            infos = None
+        headers = [m.header for m in infos] if infos else [first]
+        for i, h in enumerate(headers):
+            if (h.get("shard"), h.get("num_shards")) != (i, len(self.endpoints)):
+                raise HfsError(f"{self.endpoints[i]} reports shard {h.get('shard')} of {h.get('num_shards')}, "
+                               f"expected shard {i} of {len(self.endpoints)} (order paramserver.address by shard)")
+        self.step_timeout_s = max(float(h.get("step_timeout_s", 0.0)) for h in headers)
+        self._remember_shapes(headers[0].get("matrices", {}))
+        log.info("connected to parameter server %s", ",".join(self.endpoints))
+
+    def _remember_shapes(self, matrices: dict) -> None:
+        for name, info in matrices.items():
+            self._shapes[name] = (int(info["rows"]), int(info["dim"]))
+
+    def _sockets(self) -> list:
+        socks = getattr(self._local, "sockets", None)
+        if socks is None or len(socks) != len(self.endpoints):
+            socks = self._local.sockets = [self._open(ep) for ep in self.endpoints]
+        return socks
+
+    def _open(self, endpoint: str):
+        if self._closed:
+            raise HfsError("the parameter-server client is closed")
+        zmq = self._zmq
+        sock = self._ctx.socket(zmq.DEALER)
+        # No ZMQ_IMMEDIATE: with it, a reply that arrived just before the server closed (the
+        # answer to `shutdown`) is dropped with the connection. Requests queued for a server
+        # that never answers are dropped instead by replacing the socket after the timeout.
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        with self._sockets_lock:
+            self._all_sockets.append(sock)
+        return sock
+
+    def _replace_socket(self, shard: int) -> None:
+        """After a timeout, drop the socket (and any late reply or queued request) for a fresh one."""
+        socks = self._sockets()
+        old = socks[shard]
+        with self._sockets_lock:
+            if old in self._all_sockets:
+                self._all_sockets.remove(old)
+        old.close(0)
+        socks[shard] = self._open(self.endpoints[shard])
+
+    def _reset_sockets(self) -> None:
+        """Close this thread's sockets (the endpoint list changed)."""
+        for sock in getattr(self._local, "sockets", None) or []:
+            with self._sockets_lock:
+                if sock in self._all_sockets:
+                    self._all_sockets.remove(sock)
+            sock.close(0)
+        self._local.sockets = None
+
+    # -- one round of requests ----------------------------------------------------------
+    def _call(self, requests: Sequence[tuple[int, dict, Sequence[np.ndarray]]], timeout_s: float | None = None
+              ) -> list[proto.Message]:
+        """Send one request to each named shard, then wait for all replies (in request order)."""
+        zmq = self._zmq
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        socks = self._sockets()
+        started = time.perf_counter()
+        deadline = time.monotonic() + timeout_s
+        waiting: dict[int, int] = {}
+        op = requests[0][1]["op"]
+        for shard, header, arrays in requests:
+            request_id = next(self._ids)
+            frames = proto.encode(dict(header, id=request_id), arrays, self.secret)
+            sock = socks[shard]
+            if not sock.poll(max(0, int((deadline - time.monotonic()) * 1e3)), zmq.POLLOUT):
+                self._replace_socket(shard)
+                raise HfsError(self._unreachable(shard, op, timeout_s, connected=False))
+            sock.send_multipart(frames, copy=False)
+            self._bytes["sent"] += sum(memoryview(f).nbytes for f in frames)
+            waiting[shard] = request_id
+        replies: dict[int, proto.Message] = {}
+        poller = zmq.Poller()
+        for shard in waiting:
+            poller.register(socks[shard], zmq.POLLIN)
+        while len(replies) < len(waiting):
+            remaining = deadline - time.monotonic()
+            ready = dict(poller.poll(max(0, int(remaining * 1e3)))) if remaining > 0 else {}
+            if not ready:
+                missing = next(s for s in waiting if s not in replies)
+                self._replace_socket(missing)
+                raise HfsError(self._unreachable(missing, op, timeout_s,
+                                                 connected=self.endpoints[missing] in self._answered))
+            for shard in waiting:
+                if socks[shard] not in ready or shard in replies:
+                    continue
+                frames = socks[shard].recv_multipart(copy=False)
+                self._bytes["received"] += sum(len(f) for f in frames)
+                msg = self._decode_reply(shard, frames)
+                # Sockets are replaced after a timeout, so a reply here answers this request;
+                # the id check guards anyway (an error reply to an undecodable request has none).
+                if msg.header.get("id") in (waiting[shard], None):
+                    replies[shard] = msg
+                    self._answered.add(self.endpoints[shard])
+        self._counts[op] += 1
+        self._latency[op].append(time.perf_counter() - started)
+        out = [replies[shard] for shard, _, _ in requests]
+        for shard, msg in zip(waiting, out):
+            if not msg.header.get("ok"):
+                raise ServerError(f"parameter server {self.endpoints[shard]}: {msg.header.get('error')}")
+        return out
+
+    def _decode_reply(self, shard: int, frames: list) -> proto.Message:
+        try:
+            return proto.decode(frames, self.secret)
+        except proto.ProtocolError as exc:
+            text = str(exc)
+            if self.secret:  # the server refused our signature: its (unsigned) error says why
+                try:
+                    unsigned = proto.decode(frames, None)
+                except proto.ProtocolError:
+                    unsigned = None
+                if unsigned is not None and unsigned.header.get("ok") is False:
+                    raise ServerError(f"parameter server {self.endpoints[shard]}: {unsigned.header.get('error')}")
+            if not self.secret and "array frame" in text:
+                text += "; the server may require a shared secret (paramserver.secret or HFS_PS_SECRET)"
+            raise HfsError(f"bad reply from parameter server {self.endpoints[shard]}: {text}") from None
+
+    def _unreachable(self, shard: int, op: str, timeout_s: float, connected: bool) -> str:
+        endpoint = self.endpoints[shard]
+        if not connected:
+            return f"no parameter server at {endpoint} — start one with `hfs serve-params`"
+        return f"parameter server at {endpoint} did not answer '{op}' within {timeout_s:g} s"
+
+    def _all(self, header: dict, timeout_s: float | None = None) -> list[proto.Message]:
+        return self._call([(i, header, []) for i in range(len(self.endpoints))], timeout_s)
+
+    # -- routing ------------------------------------------------------------------------
+    def _split(self, name: str, rows: np.ndarray) -> list[tuple[int, np.ndarray | None]]:
+        """(shard, positions in ``rows``) for every shard; positions None = all rows, one shard."""
+        count = len(self.endpoints)
+        if count == 1:
+            return [(0, None)]
+        bounds = ShardSpec(0, count).bounds(self.shape(name)[0])
+        shard_of = np.searchsorted(bounds[1:-1], rows, side="right")
+        order = np.argsort(shard_of, kind="stable")
+        cuts = np.cumsum(np.bincount(shard_of, minlength=count))[:-1]
+        return list(enumerate(np.split(order, cuts)))
+
+    @staticmethod
+    def _rows(rows: Any) -> np.ndarray:
+        arr = np.asarray(rows)
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise HfsError(f"rows must be a 1-D integer array, got {arr.dtype}{list(arr.shape)}")
+        return np.ascontiguousarray(arr, dtype=np.int64)
+
+    # -- WeightStore ----------------------------------------------------------------------
+    def register(self, worker: str) -> None:
+        self._all({"op": "register", "worker": worker})
+        self._worker = worker
+
+    def leave(self, worker: str) -> None:
+        self._all({"op": "leave", "worker": worker})
+        if worker == self._worker:
+            self._worker = None
+
+    def create(self, name: str, num_rows: int, dim: int, *, init: str = "gaussian", std: float = 0.01,
+               seed: int = 0, exist_ok: bool = False) -> None:
+        self._all({"op": "create", "matrix": name, "rows": int(num_rows), "dim": int(dim), "init": init,
+                   "std": float(std), "seed": int(seed), "exist_ok": bool(exist_ok)})
+        self._shapes[name] = (int(num_rows), int(dim))
+
+    def shape(self, name: str) -> tuple[int, int]:
+        if name not in self._shapes:
+            self._remember_shapes(self.ping()[0].get("matrices", {}))
+        if name not in self._shapes:
+            raise ServerError(f"parameter server {self.endpoints[0]}: no matrix named {name!r}")
+        return self._shapes[name]
+
+    def get_rows(self, name: str, rows: np.ndarray, step: int | None = None) -> np.ndarray:
+        rows = self._rows(rows)
+        header = {"op": "get", "matrix": name}
+        if step is not None:
+            header["step"] = int(step)
+        timeout = None if step is None else max(self.timeout_s, self.step_timeout_s + 5.0)
+        parts = self._split(name, rows)
+        if parts[0][1] is None:
+            return _owned(self._call([(0, header, [rows])], timeout)[0].arrays[0])
+        asked = [(s, pos) for s, pos in parts if pos.size]
+        replies = self._call([(s, header, [rows[pos]]) for s, pos in asked], timeout) if asked else []
+        out = np.empty((rows.size, self.shape(name)[1]), dtype=np.float32)
+        for (_, pos), msg in zip(asked, replies):
+            out[pos] = msg.arrays[0]
+        return out
+
+    def set_rows(self, name: str, rows: np.ndarray, values: np.ndarray) -> None:
+        rows = self._rows(rows)
+        values = np.ascontiguousarray(values)
+        parts = self._split(name, rows)
+        if parts[0][1] is None:
+            self._call([(0, {"op": "set", "matrix": name}, [rows, values])])
+            return
+        self._call([(s, {"op": "set", "matrix": name}, [rows[pos], values[pos]]) for s, pos in parts if pos.size])
+
+    def push_grads(self, name: str, rows: np.ndarray, grads: np.ndarray, step: int, *,
+                   worker: str | None = None) -> None:
+        """Every shard gets a push (possibly empty) so each one can complete the step."""
+        rows = self._rows(rows)
+        grads = np.ascontiguousarray(grads)
+        header = {"op": "push", "matrix": name, "step": int(step)}
+        if worker or self._worker:
+            header["worker"] = worker or self._worker
+        parts = self._split(name, rows)
+        if parts[0][1] is None:
+            self._call([(0, header, [rows, grads])])
+            return
+        self._call([(s, header, [rows[pos], grads[pos]]) for s, pos in parts])
+
+    def set_hparams(self, name: str, hparams: HParams) -> None:
+        self._all({"op": "hparams", "matrix": name, "lr": float(hparams.lr), "momentum": float(hparams.momentum),
+                   "weight_decay": float(hparams.weight_decay)})
+
+    def iter_chunks(self, name: str, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+        num_rows = self.shape(name)[0]
+        bounds = ShardSpec(0, len(self.endpoints)).bounds(num_rows)
+        for first in range(0, num_rows, max(1, int(chunk_rows))):
+            stop = min(first + chunk_rows, num_rows)
+            asks = []
+            for shard in range(len(self.endpoints)):
+                lo, hi = max(first, int(bounds[shard])), min(stop, int(bounds[shard + 1]))
+                if lo < hi:
+                    asks.append((shard, {"op": "get", "matrix": name, "start": lo, "stop": hi}, []))
+            replies = self._call(asks)
+            yield first, (_owned(replies[0].arrays[0]) if len(replies) == 1
+                          else np.concatenate([m.arrays[0] for m in replies]))
+
+    def snapshot(self, tag: str | None = None) -> str:
+        header = {"op": "snapshot"}
+        if tag:
+            header["tag"] = tag
+        names = [m.header["name"] for m in self._all(header, max(self.timeout_s, 600.0))]
+        if len(set(names)) != 1:
+            raise HfsError(f"shards wrote differently named snapshots ({', '.join(names)}): their steps differ")
+        return names[0]
+
+    def restore(self, tag: str = "latest") -> int:
+        steps = [int(m.header["step"]) for m in self._all({"op": "restore", "tag": tag}, max(self.timeout_s, 600.0))]
+        if len(set(steps)) != 1:
+            raise HfsError(f"shards restored snapshots of different steps ({', '.join(map(str, steps))}); "
+                           "restore a named snapshot every shard has")
+        self._shapes.clear()
+        self._remember_shapes(self.ping()[0].get("matrices", {}))
+        return steps[0]
+
+    def ping(self) -> list[dict]:
+        """Every shard's ping reply (shard, peers, matrices, step timeout)."""
+        return [m.header for m in self._all({"op": "ping"})]
+
+    def server_stats(self) -> list[dict]:
+        return [m.header["stats"] for m in self._all({"op": "stats"})]
+
+    def stats(self) -> dict:
+        ops = {}
+        for op, lat in self._latency.items():
+            ms = np.asarray(lat) * 1e3
+            ops[op] = {"requests": self._counts[op], "p50_ms": float(np.percentile(ms, 50)),
+                       "p99_ms": float(np.percentile(ms, 99))}
+        return {"client": {"endpoints": list(self.endpoints), "bytes_sent": self._bytes["sent"],
+                           "bytes_received": self._bytes["received"], "ops": ops},
+                "shards": self.server_stats()}
+
+    def shutdown(self) -> None:
+        """Ask every shard to take its final snapshot and stop."""
+        self._all({"op": "shutdown"})
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._sockets_lock:
+            for sock in self._all_sockets:
+                sock.close(0)
+            self._all_sockets.clear()
+        self._ctx.term()

@@ -1,0 +1,183 @@
+"""The wire format of `hfs serve-params` (version 1), small enough to speak from any language.
+
+A message is a ZeroMQ multipart message::
+
+    frame 0      header: UTF-8 JSON object
+    frames 1..n  raw arrays, C order, little endian, described by header["arrays"]
+    last frame   HMAC-SHA256 tag (32 bytes), only when the server has a shared secret
+
+Header fields: ``v`` (protocol version, 1), ``op`` (request) or ``ok`` (reply), ``id`` (any
+integer the client picks; the reply echoes it), ``arrays`` (one ``{"dtype": "float32" |
+"int64", "shape": [...]}`` per array frame; may be omitted when there is none), plus the
+op's own fields. Errors come back as ``{"v": 1, "id": ..., "ok": false, "error": "..."}``.
+
+The HMAC covers every frame before it: for each frame, its length as an 8-byte little
+endian unsigned integer, then its bytes. Replies from a server with a secret are signed
+the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from hfs.utils.errors import HfsError
+
+PROTOCOL_VERSION = 1
+MAC_BYTES = 32
+MAX_HEADER_BYTES = 64 * 1024
+MAX_ARRAYS = 8
+DTYPES = {"float32": np.dtype("<f4"), "int64": np.dtype("<i8")}
+#: Every request op and what it does; the README's protocol table follows this.
+OPS = {
+    "ping": "who is there: shard index/count, peer endpoints, matrices, protocol version",
+    "register": "join the synchronous workers (field worker)",
+    "leave": "leave the synchronous workers (field worker)",
+    "create": "create a matrix (matrix, rows, dim, init, std, seed, exist_ok)",
+    "get": "read rows (matrix; frame rows int64[n], or fields start/stop; optional step) -> float32[n, dim]",
+    "set": "overwrite rows (matrix; frames rows int64[n], values float32[n, dim])",
+    "push": "add gradients to a step (matrix, step, worker; frames rows int64[n], grads float32[n, dim])",
+    "hparams": "set lr, momentum, weight_decay of a matrix",
+    "snapshot": "write a snapshot (optional tag) -> name, step",
+    "restore": "load a snapshot (tag, 'latest' by default) -> step",
+    "stats": "request counts, bytes, latency percentiles, store counters",
+    "shutdown": "final snapshot, then stop",
+}
+
+
+class ProtocolError(HfsError):
+    """A message that does not follow the wire format; the text names the field or frame."""
+
+
+@dataclass
+class Message:
+    header: dict[str, Any]
+    arrays: list[np.ndarray] = field(default_factory=list)
+
+
+def sign(frames: Sequence[Any], secret: bytes) -> bytes:
+    """HMAC-SHA256 over each frame's 8-byte little-endian length and bytes."""
+    mac = hmac.new(secret, digestmod=hashlib.sha256)
+    for frame in frames:
+        view = memoryview(frame)
+        mac.update(struct.pack("<Q", view.nbytes))
+        mac.update(view)
+    return mac.digest()
+
+
+def encode(header: dict[str, Any], arrays: Sequence[np.ndarray] = (), secret: bytes | None = None) -> list[Any]:
+    """Frames of a message; arrays are passed as buffers so zmq can send them without a copy."""
+    bufs = []
+    specs = []
+    for arr in arrays:
+        name = next((k for k, dt in DTYPES.items() if arr.dtype == dt), None)
+        if name is None:
+            raise ProtocolError(f"cannot send dtype {arr.dtype}; the protocol carries {', '.join(DTYPES)}")
+        arr = np.ascontiguousarray(arr)
+        specs.append({"dtype": name, "shape": list(arr.shape)})
+        bufs.append(arr)
+    head = dict(header, v=PROTOCOL_VERSION)
+    if specs:
+        head["arrays"] = specs
+    frames: list[Any] = [json.dumps(head, separators=(",", ":")).encode()] + bufs
+    if secret:
+        frames.append(sign(frames, secret))
+    return frames
+
+
+def _array_specs(header: dict[str, Any]) -> list[tuple[np.dtype, tuple[int, ...]]]:
+    specs = header.get("arrays", [])
+    if not isinstance(specs, list) or len(specs) > MAX_ARRAYS:
+        raise ProtocolError(f"header field 'arrays' must be a list of at most {MAX_ARRAYS} entries")
+    out = []
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict):
+            raise ProtocolError(f"header arrays[{i}] must be an object with dtype and shape")
+        dtype = DTYPES.get(spec.get("dtype")) if isinstance(spec.get("dtype"), str) else None
+        if dtype is None:
+            raise ProtocolError(f"header arrays[{i}].dtype {spec.get('dtype')!r} is not one of {', '.join(DTYPES)}")
+        shape = spec.get("shape")
+        if (not isinstance(shape, list) or not 1 <= len(shape) <= 2
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)):
+            raise ProtocolError(f"header arrays[{i}].shape {shape!r} must be a list of 1 or 2 sizes >= 0")
+        out.append((dtype, tuple(shape)))
+    return out
+
+
+def decode(frames: Sequence[Any], secret: bytes | None = None, max_bytes: int | None = None) -> Message:
+    """Parse and check a message's frames (zmq Frames or bytes); arrays are views, not copies."""
+    if not frames:
+        raise ProtocolError("empty message")
+    views = [memoryview(f) for f in frames]
+    total = sum(v.nbytes for v in views)
+    if max_bytes is not None and total > max_bytes:
+        raise ProtocolError(f"message of {total} bytes exceeds the limit of {max_bytes} bytes")
+    if secret:
+        if len(views) < 2 or views[-1].nbytes != MAC_BYTES:
+            raise ProtocolError("authentication failed: missing HMAC frame (this server needs the shared secret)")
+        if not hmac.compare_digest(sign(views[:-1], secret), views[-1].tobytes()):
+            raise ProtocolError("authentication failed: bad HMAC (wrong shared secret?)")
+        views = views[:-1]
+    if views[0].nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {views[0].nbytes} bytes exceeds {MAX_HEADER_BYTES} bytes")
+    try:
+        header = json.loads(views[0].tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"header is not UTF-8 JSON ({exc.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header must be a JSON object")
+    version = header.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})")
+    specs = _array_specs(header)
+    data = views[1:]
+    if len(data) != len(specs):
+        hint = " (a signed message sent to a server without a secret?)" if len(data) == len(specs) + 1 else ""
+        raise ProtocolError(f"header announces {len(specs)} array frame(s), message has {len(data)}{hint}")
+    arrays = []
+    for i, ((dtype, shape), view) in enumerate(zip(specs, data)):
+        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if view.nbytes != expected:
+            raise ProtocolError(f"array frame {i + 1} has {view.nbytes} bytes, {dtype.name}{list(shape)} needs {expected}")
+        arrays.append(np.frombuffer(view, dtype=dtype).reshape(shape))
+    return Message(header, arrays)
+
+
+def field_of(header: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    """A header field of the given type, or a ProtocolError naming it."""
+    if key not in header or header[key] is None:
+        if default is ...:
+            raise ProtocolError(f"header field '{key}' is missing")
+        return default
+    value = header[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise ProtocolError(f"header field '{key}' must be {'/'.join(k.__name__ for k in kinds)}, got {value!r}")
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kinds):
+        raise ProtocolError(f"header field '{key}' must be {'/'.join(k.__name__ for k in kinds)}, got {value!r}")
+    return value
+
+
+def peek_id(frames: Sequence[Any]) -> int | None:
+    """Best-effort request id of a message that failed to decode, so its error reply can echo it."""
+    try:
+        view = memoryview(frames[0])
+        if view.nbytes > MAX_HEADER_BYTES:
+            return None
+        value = json.loads(view.tobytes().decode("utf-8")).get("id")
+    except Exception:
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def error_reply(request_id: Any, message: str) -> dict[str, Any]:
+    return {"id": request_id if isinstance(request_id, int) and not isinstance(request_id, bool) else None,
+            "ok": False, "error": message}

@@ -1,0 +1,476 @@
+"""`hfs serve-params`: the weight store behind a ZeroMQ ROUTER socket.
+
+One thread runs the loop: receive a message, check it (`protocol.decode` + per-op field
+checks), call the in-process store, reply. A `get` for a step that is not applied yet is
+*deferred*: it waits in a list, the loop keeps serving others, and the reply goes out when
+the step is applied (or fails). A bad message never stops the loop: every error, expected
+or not, becomes an error reply and nothing in the store changes.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from hfs.paramserver import protocol as proto
+from hfs.paramserver.base import HParams
+from hfs.paramserver.store import INITS, InProcessStore, ShardSpec
+from hfs.utils.errors import HfsError
+
+log = logging.getLogger(__name__)
+
+#: Largest matrix a `create` may ask for (rows, dim); memory is checked separately.
+MAX_ROWS = 1 << 40
+MAX_DIM = 1 << 20
+_LATENCY_WINDOW = 4096
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind_allowed(host: str, secret: bytes | None, insecure: bool) -> None:
+    """Refuse a non-loopback bind without a shared secret unless --insecure says so."""
+    if is_loopback(host) or secret or insecure:
+        return
+    raise HfsError(f"refusing to listen on {host} without authentication: give --secret-file FILE "
+                   "(or set HFS_PS_SECRET) so every message is HMAC-signed, or pass --insecure "
+                   "to serve an unauthenticated network port on purpose")
+
+
+class OpStats:
+    """Requests, errors, bytes and a window of latencies per op."""
+
+    def __init__(self) -> None:
+        self.count: collections.Counter = collections.Counter()
+        self.errors: collections.Counter = collections.Counter()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.latency: dict[str, collections.deque] = collections.defaultdict(
+            lambda: collections.deque(maxlen=_LATENCY_WINDOW))
+
+    def record(self, op: str, seconds: float, ok: bool) -> None:
+        self.count[op] += 1
+        if not ok:
+            self.errors[op] += 1
+        self.latency[op].append(seconds)
+
+    def summary(self) -> dict[str, Any]:
+        ops = {}
+        for op, n in sorted(self.count.items()):
+            lat = np.asarray(self.latency[op], dtype=np.float64) * 1e3
+            p50, p90, p99 = np.percentile(lat, [50, 90, 99]) if lat.size else (0.0, 0.0, 0.0)
+            ops[op] = {"requests": n, "errors": self.errors[op], "p50_ms": round(float(p50), 4),
+                       "p90_ms": round(float(p90), 4), "p99_ms": round(float(p99), 4)}
+        return {"requests": int(sum(self.count.values())), "errors": int(sum(self.errors.values())),
+                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "ops": ops}
+
+
+@dataclass
+class _Waiting:
+    """A `get` that waits for a step to be applied."""
+
+    envelope: list
+    request_id: Any
+    started: float
+    matrix: str
+    rows: np.ndarray | None
+    span: tuple[int, int] | None
+    step: int
+
+
+def _arrays(msg: proto.Message, spec: Sequence[tuple[str, str, int]]) -> list[np.ndarray]:
+    """The message's arrays, checked against (name, dtype, ndim) per frame."""
+    if len(msg.arrays) != len(spec):
+        names = ", ".join(f"{n} {d}[{'n' if nd == 1 else 'n, dim'}]" for n, d, nd in spec) or "no arrays"
+        raise proto.ProtocolError(f"op '{msg.header.get('op')}' takes {len(spec)} array frame(s) ({names}), "
+                                  f"got {len(msg.arrays)}")
+    for arr, (name, dtype, ndim) in zip(msg.arrays, spec):
+        if arr.dtype != proto.DTYPES[dtype] or arr.ndim != ndim:
+            raise proto.ProtocolError(f"array '{name}' must be {dtype} with {ndim} dimension(s), "
+                                      f"got {arr.dtype.name}{list(arr.shape)}")
+    if len(spec) == 2 and msg.arrays[0].shape[0] != msg.arrays[1].shape[0]:
+        raise proto.ProtocolError(f"arrays '{spec[0][0]}' and '{spec[1][0]}' have {msg.arrays[0].shape[0]} and "
+                                  f"{msg.arrays[1].shape[0]} rows")
+    return msg.arrays
+
+
+def _name(header: dict, key: str = "matrix") -> str:
+    value = proto.field_of(header, key, str)
+    if not value or len(value) > 128:
+        raise proto.ProtocolError(f"header field '{key}' must be a non-empty string of at most 128 characters")
+    return value
+
+
+def _step(header: dict, required: bool) -> int | None:
+    step = proto.field_of(header, "step", int, ... if required else None)
+    if step is not None and not -(2**62) < step < 2**62:
+        raise proto.ProtocolError(f"header field 'step' {step} is out of range")
+    return step
+
+
+class ParamServer:
+    """A ROUTER socket in front of an :class:`InProcessStore` (one shard of the matrices)."""
+
+    def __init__(self, store: InProcessStore, endpoint: str, *, secret: bytes | None = None,
+                 max_message_bytes: int = 1 << 30, peers: Sequence[str] = ()) -> None:
+        self.store = store
+        self.secret = secret or None
+        self.max_message_bytes = max_message_bytes
+        self.peers = list(peers)
+        self.stats = OpStats()
+        self._waiting: list[_Waiting] = []
+        self._stop = threading.Event()
+        self._handlers: dict[str, Callable[[proto.Message, list], tuple[dict, list] | None]] = {
+            op: getattr(self, f"_op_{op}") for op in proto.OPS}
+        import zmq
+
+        self._zmq = zmq
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        # A hard per-frame ceiling so one huge frame cannot exhaust memory; totals between
+        # max_message_bytes and this ceiling get a proper error reply.
+        self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes + (1 << 20))
+        try:
+            self._sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            self._sock.close()
+            self._ctx.term()
+            raise HfsError(f"cannot listen on {endpoint}: {exc}") from None
+        self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    # -- loop -----------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the loop to finish (safe from signal handlers and other threads)."""
+        self._stop.set()
+
+    def serve_forever(self, poll_ms: int = 100) -> None:
+        """Serve until stop() or a `shutdown` op; deferred gets then get an error reply."""
+        zmq = self._zmq
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        log.info("serving on %s (shard %d of %d; snapshots in %s; %s)", self.endpoint, self.store.shard.index,
+                 self.store.shard.count, self.store.snapshot_dir or "nowhere",
+                 "HMAC-signed messages" if self.secret else "no authentication")
+        while not self._stop.is_set():
+            deadline = self.store.next_deadline()
+            wait_ms = poll_ms if deadline is None else max(0, min(poll_ms, int((deadline - time.monotonic()) * 1e3) + 1))
+            if poller.poll(wait_ms):
+                for _ in range(256):
+                    try:
+                        frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._handle(frames)
+            self._housekeeping()
+        for waiting in self._waiting:
+            self._send(waiting.envelope, proto.error_reply(waiting.request_id, "server is shutting down"), ())
+        self._waiting.clear()
+
+    def close(self, linger_ms: int = 2000) -> None:
+        """Close the socket, giving queued replies (e.g. to `shutdown`) up to ``linger_ms`` to leave."""
+        self._sock.close(linger=linger_ms)
+        self._ctx.term()
+
+    def _housekeeping(self) -> None:
+        try:
+            self.store.tick()
+        except HfsError as exc:
+            log.error("periodic snapshot failed: %s", exc)
+        if self._waiting:
+            self._serve_waiting()
+
+    # -- one message ----------------------------------------------------------------
+    def _handle(self, frames: list) -> None:
+        started = time.perf_counter()
+        # DEALER clients send [header, ...]; REQ clients put an empty delimiter first.
+        split = 2 if len(frames) > 2 and len(frames[1]) == 0 else 1
+        envelope, body = frames[:split], frames[split:]
+        self.stats.bytes_in += sum(len(f) for f in body)
+        op, request_id, ok = "invalid", None, False
+        try:
+            msg = proto.decode(body, self.secret, self.max_message_bytes)
+            request_id = msg.header.get("id")
+            if not (isinstance(request_id, int) and not isinstance(request_id, bool)):
+                raise proto.ProtocolError("header field 'id' must be an integer")
+            op = proto.field_of(msg.header, "op", str)
+            handler = self._handlers.get(op)
+            if handler is None:
+                op = "invalid"
+                raise proto.ProtocolError(f"unknown op {msg.header.get('op')!r} (known: {', '.join(proto.OPS)})")
+            result = handler(msg, envelope)
+            if result is None:  # deferred until its step is applied
+                return
+            header, arrays = result
+            self._send(envelope, {"id": request_id, "ok": True, **header}, arrays)
+            ok = True
+            if op in ("push", "leave", "restore") and self._waiting:
+                self._serve_waiting()
+        except HfsError as exc:
+            request_id = request_id if request_id is not None else proto.peek_id(body)
+            # An authentication error goes out unsigned so a client without the secret can read it.
+            unsigned = isinstance(exc, proto.ProtocolError) and str(exc).startswith("authentication failed")
+            self._send(envelope, proto.error_reply(request_id, str(exc)), (), sign=not unsigned)
+        except Exception as exc:  # never let a message stop the server
+            log.exception("internal error handling op %s", op)
+            self._send(envelope, proto.error_reply(request_id, f"internal error: {exc.__class__.__name__}: {exc}"), ())
+        finally:
+            self.stats.record(op, time.perf_counter() - started, ok)
+
+    def _send(self, envelope: list, header: dict, arrays: Sequence[np.ndarray], sign: bool = True) -> None:
+        frames = proto.encode(header, arrays, self.secret if sign else None)
+        self.stats.bytes_out += sum(memoryview(f).nbytes for f in frames)
+        self._sock.send_multipart(envelope + frames, copy=False)
+
+    def _serve_waiting(self) -> None:
+        still = []
+        for w in self._waiting:
+            try:
+                values = (self.store.try_get_rows(w.matrix, w.rows, w.step) if w.rows is not None
+                          else self.store.try_get_range(w.matrix, *w.span, step=w.step))
+            except HfsError as exc:
+                self._send(w.envelope, proto.error_reply(w.request_id, str(exc)), ())
+                self.stats.record("get", time.perf_counter() - w.started, False)
+                continue
+            if values is None:
+                still.append(w)
+                continue
+            self._send(w.envelope, {"id": w.request_id, "ok": True}, [values])
+            self.stats.record("get", time.perf_counter() - w.started, True)
+        self._waiting = still
+
+    # -- ops --------------------------------------------------------------------------
+    def _op_ping(self, msg, envelope):
+        return {"shard": self.store.shard.index, "num_shards": self.store.shard.count, "peers": self.peers,
+                "protocol": proto.PROTOCOL_VERSION, "step_timeout_s": self.store.timeout_s,
+                "auth": bool(self.secret), "matrices": self.store.matrices()}, []
+
+    def _op_register(self, msg, envelope):
+        self.store.register(_name(msg.header, "worker"))
+        return {"workers": self.store.workers()}, []
+
+    def _op_leave(self, msg, envelope):
+        self.store.leave(_name(msg.header, "worker"))
+        return {"workers": self.store.workers()}, []
+
+    def _op_create(self, msg, envelope):
+        h = msg.header
+        _arrays(msg, [])
+        rows, dim = proto.field_of(h, "rows", int), proto.field_of(h, "dim", int)
+        if not (0 < rows <= MAX_ROWS and 0 < dim <= MAX_DIM):
+            raise proto.ProtocolError(f"rows and dim must be in 1..{MAX_ROWS} and 1..{MAX_DIM}, got {rows} and {dim}")
+        init = proto.field_of(h, "init", str, "gaussian")
+        if init not in INITS:
+            raise proto.ProtocolError(f"header field 'init' must be one of {', '.join(INITS)}, got {init!r}")
+        std = proto.field_of(h, "std", float, 0.01)
+        if not (np.isfinite(std) and std >= 0):
+            raise proto.ProtocolError(f"header field 'std' must be a finite number >= 0, got {std!r}")
+        seed = proto.field_of(h, "seed", int, 0)
+        if not 0 <= seed < 2**63:
+            raise proto.ProtocolError(f"header field 'seed' must be in 0..2**63-1, got {seed}")
+        self.store.create(_name(h), rows, dim, init=init, std=std, seed=seed,
+                          exist_ok=proto.field_of(h, "exist_ok", bool, False))
+        return {}, []
+
+    def _op_get(self, msg, envelope):
+        h = msg.header
+        name, step = _name(h), _step(h, required=False)
+        if msg.arrays:
+            (rows,) = _arrays(msg, [("rows", "int64", 1)])
+            span = None
+            values = self.store.try_get_rows(name, rows, step)
+        else:
+            rows = None
+            span = (proto.field_of(h, "start", int), proto.field_of(h, "stop", int))
+            values = self.store.try_get_range(name, *span, step=step)
+        if values is None:
+            keep = None if rows is None else np.array(rows)  # the frame's buffer is not ours to keep
+            self._waiting.append(_Waiting(envelope, h["id"], time.perf_counter(), name, keep, span, step))
+            return None
+        return {}, [values]
+
+    def _op_set(self, msg, envelope):
+        rows, values = _arrays(msg, [("rows", "int64", 1), ("values", "float32", 2)])
+        self.store.set_rows(_name(msg.header), rows, values)
+        return {}, []
+
+    def _op_push(self, msg, envelope):
+        h = msg.header
+        rows, grads = _arrays(msg, [("rows", "int64", 1), ("grads", "float32", 2)])
+        worker = proto.field_of(h, "worker", str, None)
+        self.store.push_grads(_name(h), rows, grads, _step(h, required=True), worker=worker, copy=False)
+        return {}, []
+
+    def _op_hparams(self, msg, envelope):
+        h = msg.header
+        _arrays(msg, [])
+        hp = HParams(proto.field_of(h, "lr", float), proto.field_of(h, "momentum", float, 0.9),
+                     proto.field_of(h, "weight_decay", float, 0.0))
+        self.store.set_hparams(_name(h), hp)
+        return {}, []
+
+    def _op_snapshot(self, msg, envelope):
+        tag = proto.field_of(msg.header, "tag", str, None)
+        name = self.store.snapshot(tag or None)
+        return {"name": name, "step": self.store.step}, []
+
+    def _op_restore(self, msg, envelope):
+        step = self.store.restore(proto.field_of(msg.header, "tag", str, "latest"))
+        return {"step": step}, []
+
+    def _op_stats(self, msg, envelope):
+        return {"stats": {"server": self.stats.summary(), "store": self.store.stats(),
+                          "waiting": len(self._waiting)}}, []
+
+    def _op_shutdown(self, msg, envelope):
+        log.info("shutdown requested by a client")
+        self.stop()
+        return {}, []
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+@dataclass
+class ServeOptions:
+    """Everything `hfs serve-params` needs for one shard process."""
+
+    host: str = "127.0.0.1"
+    port: int = 5570
+    shard: ShardSpec = ShardSpec()
+    peers: tuple[str, ...] = ()
+    snapshot_dir: Path | None = None
+    keep_snapshots: int = 3
+    timeout_s: float = 60.0
+    snapshot_every_steps: int = 0
+    snapshot_every_s: float = 0.0
+    resume: str | None = None
+    secret: bytes | None = None
+    insecure: bool = False
+    max_message_bytes: int = 1 << 30
+
+
+def shard_snapshot_dir(base: Path | None, shard: ShardSpec) -> Path | None:
+    """Each shard of a group keeps its snapshots in its own sub-folder."""
+    if base is None or shard.count == 1:
+        return base
+    return Path(base) / f"shard-{shard.index}-of-{shard.count}"
+
+
+def build_server(opts: ServeOptions) -> ParamServer:
+    """Check the bind is allowed, open the store (resuming if asked), bind the socket."""
+    check_bind_allowed(opts.host, opts.secret, opts.insecure)
+    store = InProcessStore(shard_snapshot_dir(opts.snapshot_dir, opts.shard), keep_snapshots=opts.keep_snapshots,
+                           timeout_s=opts.timeout_s, snapshot_every_steps=opts.snapshot_every_steps,
+                           snapshot_every_s=opts.snapshot_every_s, shard=opts.shard)
+    if opts.resume:
+        _resume(store, opts.resume)
+    host = f"[{opts.host}]" if ":" in opts.host else opts.host
+    return ParamServer(store, f"tcp://{host}:{opts.port}", secret=opts.secret,
+                       max_message_bytes=opts.max_message_bytes, peers=opts.peers)
+
+
+def _resume(store: InProcessStore, tag: str) -> None:
+    from hfs.paramserver.snapshots import list_snapshots
+
+    if tag == "latest" and (store.snapshot_dir is None or not list_snapshots(store.snapshot_dir)):
+        log.warning("--resume latest: no snapshot in %s yet; starting empty", store.snapshot_dir)
+        return
+    step = store.restore(tag)
+    log.info("resumed from snapshot %s at step %d", tag, step)
+
+
+def serve(opts: ServeOptions) -> None:
+    """Run one shard until SIGTERM/SIGINT or a `shutdown` op, then take a final snapshot."""
+    server = build_server(opts)
+    previous = {sig: signal.signal(sig, lambda *_: server.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.serve_forever()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.close()
+        _final_snapshot(server.store)
+
+
+def _final_snapshot(store: InProcessStore) -> None:
+    if store.snapshot_dir is None or not store.matrices():
+        return
+    try:
+        log.info("final snapshot %s written", store.snapshot())
+    except HfsError as exc:
+        log.error("final snapshot failed: %s", exc)
+
+
+def _shard_args(opts: ServeOptions, config: Path | None, sets: Sequence[str]) -> list[str]:
+    """Flags every shard process gets: the same config and overrides, snapshot folder, resume."""
+    args = ["--config", str(config)] if config else []
+    for item in sets:
+        args += ["--set", item]
+    if opts.snapshot_dir is not None:
+        args += ["--snapshot-dir", str(opts.snapshot_dir)]
+    if opts.resume:
+        args += ["--resume", opts.resume]
+    if opts.insecure:
+        args.append("--insecure")
+    return args
+
+
+def serve_shards(opts: ServeOptions, count: int, config: Path | None = None, sets: Sequence[str] = ()) -> int:
+    """Start ``count`` shard processes on ports port..port+count-1 and wait for them.
+
+    Each shard re-reads the same config and overrides; the secret travels in HFS_PS_SECRET.
+    SIGTERM/SIGINT are passed on to every shard (each takes its final snapshot); if one
+    shard dies, the others are stopped too. Returns the worst exit code.
+    """
+    extra_args = _shard_args(opts, config, sets)
+    check_bind_allowed(opts.host, opts.secret, opts.insecure)
+    host = f"[{opts.host}]" if ":" in opts.host else opts.host
+    peers = [f"tcp://{host}:{opts.port + i}" for i in range(count)]
+    env = dict(os.environ)
+    if opts.secret:
+        env["HFS_PS_SECRET"] = opts.secret.decode()
+    children = []
+    for i in range(count):
+        cmd = [sys.executable, "-m", "hfs", "serve-params", "--host", opts.host, "--port", str(opts.port + i),
+               "--shard-index", str(i), "--num-shards", str(count), "--peers", ",".join(peers), *extra_args]
+        children.append(subprocess.Popen(cmd, env=env))
+    log.info("started %d shards: %s", count, ", ".join(peers))
+    stopping = threading.Event()
+
+    def forward(sig, _frame):
+        stopping.set()
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while any(child.poll() is None for child in children):
+            failed = [c for c in children if c.poll() not in (None, 0)]
+            if failed and not stopping.is_set():
+                log.error("shard process %d exited with code %d; stopping the others", failed[0].pid, failed[0].returncode)
+                forward(signal.SIGTERM, None)
+            time.sleep(0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return max((abs(c.returncode or 0) for c in children), default=0)

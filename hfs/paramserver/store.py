@@ -1,0 +1,612 @@
+"""The in-process weight store: named float32 matrices, their momentum, sparse SGD, snapshots.
+
+It is the default store of `hfs train` (no server needed) and the engine inside every
+`hfs serve-params` process. Memory is the weights and the momentum, C x D x 4 bytes each
+(momentum is allocated zeroed, so the OS maps its pages only when rows are first updated);
+nothing else grows with C. Every hot path is vectorised over the rows of a request.
+
+Update rule, per touched row (``torch.optim.SGD`` with dampening 0 and nesterov off)::
+
+    g   = grad + weight_decay * w
+    buf = momentum * buf + g          # buf starts at 0, which equals torch's first-step clone
+    w   = w - lr * buf
+
+Untouched rows keep their weights *and* momentum (lazy), so a run that touches every row
+every step equals ``torch.optim.SGD`` on the whole matrix.
+
+Synchronous steps: the gradients every registered worker pushed for step t are summed
+(duplicate rows add up) and applied once; ``get_rows(step=t+1)`` waits until step t is
+applied. With no registered worker each push is applied at once (no waiting, no threads).
+A step whose workers did not all arrive within ``timeout_s`` of its first push *fails*: its
+gradients are discarded, the matrix stays as it was, every waiter and late pusher gets an
+error naming the missing workers, and those workers are dropped from the registered set (so
+a restarted job is not blocked by a dead one).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from hfs.paramserver.base import HParams, WeightStore
+from hfs.paramserver import snapshots as snaps
+from hfs.utils.errors import HfsError
+
+log = logging.getLogger(__name__)
+
+INITS = ("gaussian", "uniform", "zeros")
+#: Rows per seeded block of the initialisation: block b draws from rng(seed, b), so the
+#: values do not depend on how the matrix is split across shards.
+INIT_BLOCK_ROWS = 16384
+#: Failed steps remembered for late pushers.
+_FAILED_KEEP = 64
+
+
+class StoreError(HfsError):
+    """A request the store refuses (unknown matrix, row out of range, wrong shape, ...)."""
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Which contiguous slice of every matrix's rows this store owns."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.count, int) and self.count >= 1 and 0 <= self.index < self.count):
+            raise StoreError(f"shard index {self.index} of {self.count} is not valid (need 0 <= index < count)")
+
+    def bounds(self, num_rows: int) -> np.ndarray:
+        """Row boundaries of all shards: shard i owns [bounds[i], bounds[i+1])."""
+        return np.array([num_rows * i // self.count for i in range(self.count + 1)], dtype=np.int64)
+
+    def row_range(self, num_rows: int) -> tuple[int, int]:
+        b = self.bounds(num_rows)
+        return int(b[self.index]), int(b[self.index + 1])
+
+
+# --------------------------------------------------------------------------- maths
+
+
+def sum_duplicate_rows(rows: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique rows and the sum of their gradients, added in push order, without a loop over rows.
+
+    Rows are stably sorted; each occurrence gets its rank within its row (0 for the first).
+    Rank 0 is assigned at once, then rank r = 1, 2, ... is added with one fancy-indexed
+    ``+=`` each (targets are distinct within a rank), so the Python loop runs over the
+    largest multiplicity, not over rows. (``np.add.reduceat`` on 2-D gradients was ~15x
+    slower; a row repeated more than 32 times falls back to ``np.add.at``.)
+    """
+    if rows.size <= 1:
+        return rows, grads
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    is_first = np.empty(sorted_rows.size, dtype=bool)
+    is_first[0] = True
+    np.not_equal(sorted_rows[1:], sorted_rows[:-1], out=is_first[1:])
+    if is_first.all():
+        return rows, grads
+    group = np.cumsum(is_first) - 1
+    starts = np.flatnonzero(is_first)
+    rank = np.arange(sorted_rows.size) - starts[group]
+    max_rank = int(rank.max())
+    if max_rank > 32:
+        summed = np.zeros((starts.size, grads.shape[1]), dtype=grads.dtype)
+        np.add.at(summed, group, grads[order])
+        return sorted_rows[starts], summed
+    summed = np.empty((starts.size, grads.shape[1]), dtype=grads.dtype)
+    summed[group[is_first]] = grads[order[is_first]]
+    for r in range(1, max_rank + 1):
+        at = rank == r
+        summed[group[at]] += grads[order[at]]
+    return sorted_rows[starts], summed
+
+
+def sgd_rows(weight: np.ndarray, momentum: np.ndarray, rows: np.ndarray, grads: np.ndarray,
+             hp: HParams) -> None:
+    """Apply torch.optim.SGD's rule to unique ``rows`` of ``weight``/``momentum`` in place.
+
+    One scratch array is reused for ``g`` and ``lr * buf`` (this is memory-bound).
+    """
+    w = weight[rows]
+    buf = momentum[rows]
+    if hp.weight_decay:
+        scratch = np.multiply(w, np.float32(hp.weight_decay))
+        scratch += grads  # g = grad + wd * w (addition commutes exactly)
+        g = scratch
+    else:
+        scratch, g = np.empty_like(w), grads
+    buf *= np.float32(hp.momentum)
+    buf += g
+    np.multiply(buf, np.float32(hp.lr), out=scratch)
+    w -= scratch
+    weight[rows] = w
+    momentum[rows] = buf
+
+
+def init_rows(out: np.ndarray, first_row: int, init: str, std: float, seed: int) -> None:
+    """Fill ``out`` (rows first_row.. of a matrix) in place, one seeded block at a time.
+
+    Block b of INIT_BLOCK_ROWS rows always draws from ``default_rng([seed, b])`` from its
+    first row, so a shard starting mid-block gets the same values as an unsharded store.
+    Peak extra memory is one block, never a second copy of the matrix.
+    """
+    if init == "zeros":
+        out[...] = 0.0
+        return
+    end = first_row + out.shape[0]
+    row = first_row
+    while row < end:
+        block_start = (row // INIT_BLOCK_ROWS) * INIT_BLOCK_ROWS
+        stop = min(end, block_start + INIT_BLOCK_ROWS)
+        skip = row - block_start
+        target = out[row - first_row:stop - first_row]
+        draw = np.empty((stop - block_start, out.shape[1]), dtype=np.float32) if skip else target
+        rng = np.random.default_rng([seed, row // INIT_BLOCK_ROWS])
+        if init == "gaussian":
+            rng.standard_normal(dtype=np.float32, out=draw)
+            draw *= np.float32(std)
+        else:
+            rng.random(dtype=np.float32, out=draw)
+            draw *= np.float32(2.0 * std)
+            draw -= np.float32(std)
+        if skip:
+            target[...] = draw[skip:]
+        row = stop
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class PendingStep:
+    """Gradients of one step while some registered workers have not pushed yet."""
+
+    step: int
+    deadline: float
+    expected: set[str]
+    pushed: set[str] = field(default_factory=set)
+    rows: list[np.ndarray] = field(default_factory=list)
+    grads: list[np.ndarray] = field(default_factory=list)
+
+    def complete(self) -> bool:
+        return self.expected <= self.pushed
+
+
+@dataclass
+class Matrix:
+    """One named matrix (this shard's rows of it), its momentum, hparams and step book."""
+
+    name: str
+    num_rows: int
+    row_start: int
+    weight: np.ndarray
+    momentum: np.ndarray
+    hparams: HParams | None = None
+    last_applied: int = -1
+    pending: dict[int, PendingStep] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def row_end(self) -> int:
+        return self.row_start + int(self.weight.shape[0])
+
+
+def _available_memory_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _as_rows(rows: object, what: str = "rows") -> np.ndarray:
+    arr = np.asarray(rows)
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise StoreError(f"{what} must be a 1-D integer array, got {arr.dtype}{list(arr.shape)}")
+    return arr.astype(np.int64, copy=False)
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class InProcessStore(WeightStore):
+    """Matrices in this process's RAM; thread-safe; the engine of the server too.
+
+    ``timeout_s`` bounds a synchronous step; ``snapshot_dir`` (optional) enables snapshots,
+    of which the newest ``keep_snapshots`` automatic ones are kept; ``snapshot_every_steps``
+    / ``snapshot_every_s`` (0 = off) take automatic snapshots after applied steps.
+    """
+
+    def __init__(self, snapshot_dir: str | Path | None = None, *, keep_snapshots: int = 3,
+                 timeout_s: float = 60.0, snapshot_every_steps: int = 0, snapshot_every_s: float = 0.0,
+                 shard: ShardSpec = ShardSpec()) -> None:
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
+        self.keep_snapshots = keep_snapshots
+        self.timeout_s = timeout_s
+        self.snapshot_every_steps = snapshot_every_steps
+        self.snapshot_every_s = snapshot_every_s
+        self.shard = shard
+        self._matrices: dict[str, Matrix] = {}
+        self._workers: set[str] = set()
+        self._cond = threading.Condition(threading.RLock())
+        self._counters = {"pushes": 0, "rows_pushed": 0, "steps_applied": 0, "rows_applied": 0,
+                          "gets": 0, "rows_read": 0, "sets": 0, "snapshots": 0, "failed_steps": 0}
+        self._last_snapshot_step = 0
+        self._last_snapshot_time = time.monotonic()
+        self._dirty = False
+        if self.snapshot_dir is not None:
+            for name in snaps.remove_stale_temps(self.snapshot_dir):
+                log.info("removed half-written snapshot folder %s", name)
+
+    # -- helpers ---------------------------------------------------------------------
+    def _matrix(self, name: str) -> Matrix:
+        try:
+            return self._matrices[name]
+        except KeyError:
+            known = ", ".join(sorted(self._matrices)) or "none"
+            raise StoreError(f"no matrix named {name!r} (known: {known})") from None
+
+    def _local_rows(self, m: Matrix, rows: object) -> np.ndarray:
+        arr = _as_rows(rows)
+        if arr.size:
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < m.row_start or hi >= m.row_end:
+                bad = lo if lo < m.row_start else hi
+                raise StoreError(f"row {bad} out of range [{m.row_start}, {m.row_end}) of matrix {m.name!r}")
+        return arr - m.row_start if m.row_start else arr
+
+    def _values(self, m: Matrix, values: object, n: int, what: str) -> np.ndarray:
+        arr = np.asarray(values)
+        if arr.dtype != np.float32:
+            raise StoreError(f"{what} for matrix {m.name!r} must be float32, got {arr.dtype}")
+        if arr.shape != (n, m.dim):
+            raise StoreError(f"{what} for matrix {m.name!r} must have shape ({n}, {m.dim}), got {tuple(arr.shape)}")
+        if not np.isfinite(arr).all():
+            raise StoreError(f"{what} for matrix {m.name!r} contain NaN or infinity")
+        return arr
+
+    def _resolve_worker(self, worker: str | None) -> str | None:
+        if worker is None:
+            if len(self._workers) > 1:
+                raise StoreError(f"push without a worker name while {len(self._workers)} workers are registered")
+            return next(iter(self._workers), None)
+        if self._workers and worker not in self._workers:
+            raise StoreError(f"worker {worker!r} is not registered (registered: {', '.join(sorted(self._workers))})")
+        return worker
+
+    @property
+    def step(self) -> int:
+        """The next step to run: one past the highest applied step of any matrix."""
+        return max((m.last_applied for m in self._matrices.values()), default=-1) + 1
+
+    # -- workers ---------------------------------------------------------------------
+    def register(self, worker: str) -> None:
+        with self._cond:
+            self._workers.add(str(worker))
+            log.info("worker %s registered (%d now)", worker, len(self._workers))
+
+    def leave(self, worker: str) -> None:
+        with self._cond:
+            self._workers.discard(worker)
+            for m in self._matrices.values():
+                for p in m.pending.values():
+                    p.expected.discard(worker)
+                self._apply_due(m)
+            self._cond.notify_all()
+            log.info("worker %s left (%d remain)", worker, len(self._workers))
+
+    def workers(self) -> list[str]:
+        with self._cond:
+            return sorted(self._workers)
+
+    # -- matrices --------------------------------------------------------------------
+    def create(self, name: str, num_rows: int, dim: int, *, init: str = "gaussian", std: float = 0.01,
+               seed: int = 0, exist_ok: bool = False) -> None:
+        snaps.check_plain_name(name, "matrix name")
+        if init not in INITS:
+            raise StoreError(f"init must be one of {', '.join(INITS)}; got {init!r}")
+        if int(num_rows) <= 0 or int(dim) <= 0:
+            raise StoreError(f"matrix {name!r} needs positive rows and dim, got ({num_rows}, {dim})")
+        num_rows, dim = int(num_rows), int(dim)
+        if not (int(seed) >= 0 and np.isfinite(std) and std >= 0):
+            raise StoreError(f"matrix {name!r} needs seed >= 0 and a finite std >= 0, got seed {seed}, std {std}")
+        with self._cond:
+            if name in self._matrices:
+                have = self._matrices[name]
+                if exist_ok and (have.num_rows, have.dim) == (num_rows, dim):
+                    return
+                raise StoreError(f"matrix {name!r} already exists with shape ({have.num_rows}, {have.dim})")
+            start, end = self.shard.row_range(num_rows)
+            need = (end - start) * dim * 4 * 2
+            avail = _available_memory_bytes()
+            if avail is not None and need > avail:
+                raise StoreError(f"matrix {name!r} needs {need / 2**30:.1f} GiB (weights + momentum) "
+                                 f"but only {avail / 2**30:.1f} GiB is available")
+            try:
+                weight = np.empty((end - start, dim), dtype=np.float32)
+                momentum = np.zeros((end - start, dim), dtype=np.float32)
+            except MemoryError:
+                raise StoreError(f"not enough memory for matrix {name!r} ({need / 2**30:.1f} GiB)") from None
+            init_rows(weight, start, init, float(std), int(seed))
+            self._matrices[name] = Matrix(name, num_rows, start, weight, momentum)
+            self._dirty = True
+            log.info("created matrix %s: rows %d..%d of %d, dim %d (%s)", name, start, end, num_rows, dim, init)
+
+    def shape(self, name: str) -> tuple[int, int]:
+        with self._cond:
+            m = self._matrix(name)
+            return m.num_rows, m.dim
+
+    def matrices(self) -> dict[str, dict]:
+        """Per matrix: total rows, dim, this store's row range, last applied step."""
+        with self._cond:
+            return {m.name: {"rows": m.num_rows, "dim": m.dim, "row_start": m.row_start, "row_end": m.row_end,
+                             "last_applied": m.last_applied,
+                             "hparams": None if m.hparams is None else vars(m.hparams)}
+                    for m in self._matrices.values()}
+
+    def try_get_rows(self, name: str, rows: np.ndarray, step: int | None = None) -> np.ndarray | None:
+        """Rows' values, or None while a step before ``step`` is still pending (never blocks)."""
+        with self._cond:
+            m = self._matrix(name)
+            local = self._local_rows(m, rows)
+            if step is not None and not self._ready(m, int(step)):
+                return None
+            self._counters["gets"] += 1
+            self._counters["rows_read"] += local.size
+            return m.weight[local]
+
+    def try_get_range(self, name: str, start: int, stop: int, step: int | None = None) -> np.ndarray | None:
+        """Rows start..stop-1 (a copy), or None while a step before ``step`` is pending."""
+        with self._cond:
+            m = self._matrix(name)
+            if not (m.row_start <= start <= stop <= m.row_end):
+                raise StoreError(f"range [{start}, {stop}) is outside rows [{m.row_start}, {m.row_end}) "
+                                 f"of matrix {name!r}")
+            if step is not None and not self._ready(m, int(step)):
+                return None
+            self._counters["gets"] += 1
+            self._counters["rows_read"] += stop - start
+            return m.weight[start - m.row_start:stop - m.row_start].copy()
+
+    def get_rows(self, name: str, rows: np.ndarray, step: int | None = None) -> np.ndarray:
+        with self._cond:
+            while True:
+                out = self.try_get_rows(name, rows, step)
+                if out is not None:
+                    return out
+                self._wait_for_steps()
+
+    def _wait_for_steps(self) -> None:
+        """Block (lock released) until something changes or the earliest step deadline passes."""
+        deadline = self.next_deadline()
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic()) + 1e-3
+        self._cond.wait(timeout)
+        self.expire()
+
+    def _ready(self, m: Matrix, step: int) -> bool:
+        """True when no step before ``step`` is pending; raises if one of them failed."""
+        for failed_step, message in m.failed.items():
+            if m.last_applied < failed_step < step:
+                raise StoreError(message)
+        return not any(s < step for s in m.pending)
+
+    def set_rows(self, name: str, rows: np.ndarray, values: np.ndarray) -> None:
+        with self._cond:
+            m = self._matrix(name)
+            local = self._local_rows(m, rows)
+            values = self._values(m, values, local.size, "values")
+            m.weight[local] = values
+            self._counters["sets"] += 1
+            self._dirty = True
+
+    def push_grads(self, name: str, rows: np.ndarray, grads: np.ndarray, step: int, *,
+                   worker: str | None = None, copy: bool = True) -> None:
+        """See WeightStore.push_grads. ``copy=False``: the caller will not modify ``rows``/``grads``
+        before the step is applied (the server passes read-only message buffers), so a pending
+        step keeps them without a copy."""
+        with self._cond:
+            m = self._matrix(name)
+            local = self._local_rows(m, rows)
+            grads = self._values(m, grads, local.size, "grads")
+            step = int(step)
+            worker = self._resolve_worker(worker)
+            if step in m.failed:
+                raise StoreError(m.failed[step])
+            if step <= m.last_applied:
+                raise StoreError(f"step {step} of matrix {name!r} is already applied (last applied: {m.last_applied})")
+            if m.hparams is None:
+                raise StoreError(f"matrix {name!r} has no learning rate yet: call set_hparams before pushing")
+            self._counters["pushes"] += 1
+            self._counters["rows_pushed"] += local.size
+            pending = m.pending.get(step)
+            if pending is None and not self._workers:
+                self._apply(m, step, [local], [grads])
+                return
+            if pending is None:
+                pending = m.pending[step] = PendingStep(step, time.monotonic() + self.timeout_s, set(self._workers))
+            if worker in pending.pushed:
+                raise StoreError(f"worker {worker!r} already pushed step {step} of matrix {name!r}")
+            pending.pushed.add(worker)
+            pending.rows.append(local.copy() if copy and local is rows else local)
+            pending.grads.append(np.array(grads, copy=True) if copy else grads)
+            if self._apply_due(m):
+                self._cond.notify_all()
+
+    def _apply_due(self, m: Matrix) -> bool:
+        """Apply complete pending steps in step order; True if any was applied."""
+        applied = False
+        while m.pending:
+            first = min(m.pending)
+            pending = m.pending[first]
+            if not pending.complete():
+                break
+            del m.pending[first]
+            self._apply(m, first, pending.rows, pending.grads)
+            applied = True
+        return applied
+
+    def _apply(self, m: Matrix, step: int, rows: list[np.ndarray], grads: list[np.ndarray]) -> None:
+        all_rows = rows[0] if len(rows) == 1 else np.concatenate(rows)
+        all_grads = grads[0] if len(grads) == 1 else np.concatenate(grads)
+        if all_rows.size:
+            unique, summed = sum_duplicate_rows(all_rows, all_grads)
+            sgd_rows(m.weight, m.momentum, unique, summed, m.hparams)
+            self._counters["rows_applied"] += unique.size
+        m.last_applied = step
+        self._counters["steps_applied"] += 1
+        self._dirty = True
+        self._maybe_periodic_snapshot()
+
+    def set_hparams(self, name: str, hparams: HParams) -> None:
+        if not isinstance(hparams, HParams):
+            raise StoreError(f"hparams must be HParams, got {type(hparams).__name__}")
+        for key in ("lr", "momentum", "weight_decay"):
+            value = getattr(hparams, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value) or value < 0:
+                raise StoreError(f"hparams.{key} must be a finite number >= 0, got {value!r}")
+        with self._cond:
+            self._matrix(name).hparams = HParams(float(hparams.lr), float(hparams.momentum),
+                                                 float(hparams.weight_decay))
+
+    def iter_chunks(self, name: str, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+        with self._cond:
+            m = self._matrix(name)
+            start, end = m.row_start, m.row_end
+        for first in range(start, end, max(1, int(chunk_rows))):
+            chunk = self.try_get_range(name, first, min(first + chunk_rows, end))
+            yield first, chunk
+
+    # -- synchronous-step deadlines ----------------------------------------------------
+    def next_deadline(self) -> float | None:
+        with self._cond:
+            deadlines = [p.deadline for m in self._matrices.values() for p in m.pending.values()]
+            return min(deadlines, default=None)
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Fail the pending steps whose deadline passed; return their error messages."""
+        now = time.monotonic() if now is None else now
+        messages = []
+        with self._cond:
+            for m in self._matrices.values():
+                for step in sorted(s for s, p in m.pending.items() if p.deadline <= now):
+                    pending = m.pending.pop(step)
+                    missing = sorted(pending.expected - pending.pushed)
+                    message = (f"step {step} of matrix {m.name!r} failed: worker(s) {', '.join(missing)} did not "
+                               f"push within {self.timeout_s:g} s (pushed: {', '.join(sorted(pending.pushed)) or 'none'}); "
+                               "its gradients were discarded and the missing workers unregistered")
+                    m.failed[step] = message
+                    while len(m.failed) > _FAILED_KEEP:
+                        del m.failed[min(m.failed)]
+                    self._workers.difference_update(missing)
+                    self._counters["failed_steps"] += 1
+                    log.error(message)
+                    messages.append(message)
+                self._apply_due(m)
+            if messages:
+                self._cond.notify_all()
+        return messages
+
+    # -- persistence -----------------------------------------------------------------
+    def _require_snapshot_dir(self) -> Path:
+        if self.snapshot_dir is None:
+            raise StoreError("this store has no snapshot folder (set paramserver.snapshot_dir or --snapshot-dir)")
+        return self.snapshot_dir
+
+    def snapshot(self, tag: str | None = None) -> str:
+        directory = self._require_snapshot_dir()
+        with self._cond:
+            step = self.step
+            name = snaps.check_plain_name(tag) if tag else snaps.auto_name(step)
+            meta = {"step": step, "shard": {"index": self.shard.index, "count": self.shard.count},
+                    "matrices": {m.name: {"rows": m.num_rows, "dim": m.dim, "row_start": m.row_start,
+                                          "row_end": m.row_end, "last_applied": m.last_applied,
+                                          "hparams": None if m.hparams is None else vars(m.hparams)}
+                                 for m in self._matrices.values()}}
+            arrays = {}
+            for m in self._matrices.values():
+                arrays[f"{m.name}.weight"] = m.weight
+                arrays[f"{m.name}.momentum"] = m.momentum
+            t0 = time.monotonic()
+            snaps.write_snapshot(directory, name, meta, arrays)
+            self._counters["snapshots"] += 1
+            self._last_snapshot_step = step
+            self._last_snapshot_time = time.monotonic()
+            self._dirty = False
+        removed = snaps.prune_snapshots(directory, self.keep_snapshots)
+        log.info("snapshot %s (step %d) written in %.2f s%s", name, step, time.monotonic() - t0,
+                 f"; removed {', '.join(removed)}" if removed else "")
+        return name
+
+    def restore(self, tag: str = "latest") -> int:
+        directory = self._require_snapshot_dir()
+        folder = snaps.resolve_snapshot(directory, tag)
+        manifest = snaps.read_manifest(folder)
+        try:
+            shard = manifest["shard"]
+            if (shard["index"], shard["count"]) != (self.shard.index, self.shard.count):
+                raise StoreError(f"snapshot {folder} belongs to shard {shard['index']} of {shard['count']}, "
+                                 f"this store is shard {self.shard.index} of {self.shard.count}")
+            step = int(manifest["step"])
+            loaded = self._load_matrices(folder, manifest)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise snaps.SnapshotError(f"snapshot manifest {folder / snaps.MANIFEST} is malformed "
+                                      f"({exc.__class__.__name__}: {exc})") from None
+        with self._cond:
+            self._matrices = loaded
+            self._last_snapshot_step = step
+            self._last_snapshot_time = time.monotonic()
+            self._dirty = False
+            self._cond.notify_all()
+        log.info("restored snapshot %s (step %d, %d matrices)", folder.name, step, len(loaded))
+        return step
+
+    @staticmethod
+    def _load_matrices(folder: Path, manifest: dict) -> dict[str, Matrix]:
+        files = manifest["files"]
+        loaded: dict[str, Matrix] = {}
+        for name, info in manifest["matrices"].items():
+            weight = snaps.load_array(folder, files[f"{name}.weight"])
+            momentum = snaps.load_array(folder, files[f"{name}.momentum"])
+            if weight.shape != momentum.shape or weight.dtype != np.float32 or weight.ndim != 2:
+                raise StoreError(f"snapshot {folder}: matrix {name!r} has inconsistent arrays")
+            hp = info.get("hparams")
+            loaded[name] = Matrix(name, int(info["rows"]), int(info["row_start"]), weight, momentum,
+                                  HParams(**hp) if hp else None, int(info.get("last_applied", -1)))
+        return loaded
+
+    def _maybe_periodic_snapshot(self) -> None:
+        if self.snapshot_dir is None or not self._dirty:
+            return
+        due_steps = self.snapshot_every_steps and self.step - self._last_snapshot_step >= self.snapshot_every_steps
+        due_time = self.snapshot_every_s and time.monotonic() - self._last_snapshot_time >= self.snapshot_every_s
+        if due_steps or due_time:
+            self.snapshot()
+
+    def tick(self) -> None:
+        """Housekeeping a server calls between messages: fail overdue steps, timed snapshots."""
+        self.expire()
+        with self._cond:
+            self._maybe_periodic_snapshot()
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {"step": self.step, "workers": sorted(self._workers), "matrices": self.matrices(),
+                    "bytes_held": int(sum(m.weight.nbytes + m.momentum.nbytes for m in self._matrices.values())),
+                    "pending_steps": sum(len(m.pending) for m in self._matrices.values()),
+                    **self._counters}

@@ -1,0 +1,72 @@
+"""`hfs serve-params` as real processes: kill -9 mid-snapshot, --resume, SIGTERM, --shards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import numpy as np
+
+from hfs.paramserver.base import HParams
+from hfs.paramserver.client import ParamClient
+from hfs.paramserver.snapshots import PAUSE_ENV, list_snapshots
+
+
+def _client(port: int, **kw) -> ParamClient:
+    return ParamClient(f"tcp://127.0.0.1:{port}", timeout_s=30, connect_timeout_s=30, **kw)
+
+
+def test_kill_during_snapshot_then_resume_latest(processes, helpers, tmp_path):
+    snaps = tmp_path / "snaps"
+    port = helpers.free_ports()
+    # The test hook pauses every snapshot after its first array, so the kill lands inside one.
+    server = processes("serve-params", "--port", str(port), "--snapshot-dir", str(snaps), env={PAUSE_ENV: "1.5"})
+    with _client(port) as client:
+        client.create("fc", 64, 8, seed=4)
+        client.set_hparams("fc", HParams(0.1, 0.9, 0.0))
+        client.push_grads("fc", np.arange(64), np.ones((64, 8), np.float32), 0)
+        assert client.snapshot() == "step-000000001"
+        kept = client.get_rows("fc", np.arange(64))
+        client.push_grads("fc", np.arange(64), np.ones((64, 8), np.float32), 1)
+        threading.Thread(target=lambda: _snapshot_ignoring_errors(client), daemon=True).start()
+        helpers.wait_for(lambda: any(p.name.endswith(".tmp") and any(p.iterdir()) for p in snaps.iterdir()),
+                         what="a half-written snapshot")
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(10)
+    assert [name for _, _, name in list_snapshots(snaps)] == ["step-000000001"]
+
+    server = processes("serve-params", "--port", str(port), "--snapshot-dir", str(snaps), "--resume", "latest")
+    with _client(port) as client:
+        np.testing.assert_array_equal(client.get_rows("fc", np.arange(64)), kept)
+        assert client.ping()[0]["matrices"]["fc"]["last_applied"] == 0
+        client.push_grads("fc", np.arange(64), np.ones((64, 8), np.float32), 1)  # step 1 again: it was lost
+    assert not [p for p in snaps.iterdir() if p.name.startswith(".")]  # the torn temp folder is gone
+    server.send_signal(signal.SIGTERM)
+    output = server.communicate(timeout=30)[0]
+    assert server.returncode == 0, output
+    assert [name for _, _, name in list_snapshots(snaps)] == ["step-000000001", "step-000000002"]  # final snapshot
+
+
+def _snapshot_ignoring_errors(client: ParamClient) -> None:
+    try:
+        client.snapshot()
+    except Exception:
+        pass  # the server is killed under it
+
+
+def test_two_shard_group_from_the_cli(processes, helpers, tmp_path):
+    port = helpers.free_ports(2)
+    group = processes("serve-params", "--shards", "2", "--port", str(port), "--snapshot-dir", str(tmp_path))
+    with _client(port) as client:  # one endpoint; the other shard is discovered
+        assert client.endpoints == [f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{port + 1}"]
+        client.create("fc", 10, 3, init="zeros")
+        client.set_hparams("fc", HParams(1.0, 0.0, 0.0))
+        client.push_grads("fc", np.array([0, 9, 9]), np.ones((3, 3), np.float32), 0)
+        got = client.get_rows("fc", np.array([9, 0, 5]), step=1)
+        np.testing.assert_array_equal(got, [[-2.0] * 3, [-1.0] * 3, [0.0] * 3])
+        client.shutdown()
+    output = group.communicate(timeout=30)[0]
+    assert group.returncode == 0, output
+    for i in range(2):
+        assert [n for _, _, n in list_snapshots(tmp_path / f"shard-{i}-of-2")] == ["step-000000001"]
