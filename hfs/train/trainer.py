@@ -167,13 +167,10 @@ class Trainer:
     # ------------------------------------------------------------------ building
     def _setup(self, stack: ExitStack) -> None:
         cfg = self.cfg
-        self.device = self.env.device() if self.launched else resolve_device(cfg.train.device)
-
-
-        if cfg.fc.mode == "sharded":
+        if cfg.fc.mode == "sharded" and not self.launched:
             raise HfsError("config key 'fc.mode' is 'sharded': that is the model-parallel FC of "
                            "`hfs train-dist`; `hfs train` takes full or sampled")
-        self.device = resolve_device(cfg.train.device)
+        self.device = self.env.device() if self.launched else resolve_device(cfg.train.device)
         self.amp_dtype = self._resolve_amp()
         seed_everything(cfg.train.seed)
         train_ds, self.val_ds, data_classes = self._datasets or build_datasets_for(cfg)
@@ -198,11 +195,6 @@ class Trainer:
         self.model = self._data_parallel(self.backbone)
         self.head = build_head(cfg.head)
         self.mode = cfg.fc.mode
-        if self.mode == "sharded" and not self.launched:
-            raise HfsError("config key 'fc.mode' is 'sharded': that is the model-parallel FC of "
-                           "`hfs train-dist`; `hfs train` takes full or sampled")
-
-
         params = [{"params": list(self.backbone.parameters()), "lr_scale": 1.0}]
         if self.mode == "full":
             self.fc = FullFC(self.num_classes, cfg.model.embedding_size, self.head, init=cfg.fc.init,
