@@ -59,6 +59,8 @@ def main() -> None:
     for name in args.runs.split(","):
         cfg = load_config(None, common + RUNS[name] + [f"train.output_dir={args.out / name}"])
         r = train(cfg)
+        if r.interrupted:  # SIGINT/SIGTERM: the run checkpointed; do not start the next one
+            raise SystemExit(f"{name} interrupted at step {r.steps}; results so far are not written")
         results[name] = {"val_top1": r.val_top1, "verification": r.verification.get("heldout"),
                          "seconds": r.seconds, "steps": r.steps, "active_classes": r.active_classes}
         make_console().print(name, results[name])

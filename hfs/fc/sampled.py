@@ -42,12 +42,17 @@ class SampledFC:
         self._pending: Future | None = None
         self._cycle: list[tuple[np.ndarray, np.ndarray]] = []
         self._refresh_step: int | None = None
+        self._hparams: HParams | None = None
         self.timers = {"select": 0.0, "refresh": 0.0, "get": 0.0, "push_wait": 0.0}
 
     # -- per step ----------------------------------------------------------------------
     def set_hparams(self, lr: float, momentum: float, weight_decay: float) -> None:
-        """The classifier's lr for the coming push (the trainer's schedule x fc.lr_scale)."""
-        self.store.set_hparams(self.matrix, HParams(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        """The classifier's lr for the coming step (the trainer's schedule x fc.lr_scale).
+
+        Sent to the store in `settle`, after the previous step's push has landed, so a push
+        still in flight is never applied with the next step's learning rate.
+        """
+        self._hparams = HParams(lr=lr, momentum=momentum, weight_decay=weight_decay)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor, step: int, *,
                 last_micro: bool = True, grad_scale: float = 1.0) -> FCOutput:
@@ -110,8 +115,11 @@ class SampledFC:
         self._refresh_step = step
 
     def settle(self) -> None:
-        """Wait for the pending push, then give the selector its refresh for that step."""
+        """Wait for the pending push, then send new hparams and give the selector its refresh."""
         self.wait()
+        if self._hparams is not None:
+            hparams, self._hparams = self._hparams, None
+            self.store.set_hparams(self.matrix, hparams)
         if self._refresh_step is not None:
             step, self._refresh_step = self._refresh_step, None
             t0 = time.perf_counter()
