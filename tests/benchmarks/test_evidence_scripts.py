@@ -63,3 +63,10 @@ def test_components_table_and_results_file(tmp_path):
     path = write_results(tmp_path / "r.json", run_context(), {"x": 1})
     data = json.loads(path.read_text())
     assert data["results"] == {"x": 1} and "loadavg_end" in data["context"] and data["context"]["command"]
+
+
+def test_index_build_times_a_small_annoy_forest():
+    import index_build
+
+    row = index_build.build_once("annoy", classes=500, dim=8, trees=2, probe_batch=4, k=3)
+    assert row["classes"] == 500 and row["build_s"] > 0 and row["query_ms_per_batch"] > 0 and row["trees"] == 2
