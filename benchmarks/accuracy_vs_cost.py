@@ -63,8 +63,12 @@ def pregenerate(cache_dir: Path, classes: int, views: int, image_size: int, seed
     np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(classes, views, image_size, image_size, 3)).flush()
     bounds = np.linspace(0, classes, 8 * jobs + 1).astype(int)
     args = [(str(tmp), int(a), int(b), views, image_size, seed, cluster_size) for a, b in zip(bounds[:-1], bounds[1:])]
-    with get_context("spawn").Pool(jobs) as pool:
-        pool.starmap(_render_range, args)
+    if jobs <= 1:
+        for a in args:
+            _render_range(*a)
+    else:
+        with get_context("spawn").Pool(jobs) as pool:
+            pool.starmap(_render_range, args)
     tmp.rename(path)
     return path
 

@@ -19,15 +19,16 @@ from evidence_common import run_context, write_results  # noqa: E402
 
 
 def test_cost_grid_times_full_and_sampled_and_skips_what_does_not_fit():
-    rows = cost_vs_scale.run_grid([500, 4000], [16], batch=8, sample_num=40, samplers=["annoy", "random"], steps=2,
-                                  warmup=1, full_max_gb=cost_vs_scale.full_softmax_bytes(1000, 16, 8) / 2**30,
-                                  annoy_trees=2, annoy_max_classes=1000, interval=100, fresh_process=False)
+    rows = cost_vs_scale.run_grid([500, 4000], [16], batch=8, sample_num=40, samplers=["exact", "random", "annoy"],
+                                  steps=2, warmup=1, full_max_gb=cost_vs_scale.full_softmax_bytes(1000, 16, 8) / 2**30,
+                                  annoy_trees=2, annoy_max_classes=100, interval=100, threads=0,
+                                  fresh_process=False)
     small, big = rows
     assert small["full"]["active"] == 500 and len(small["full"]["step_s"]) == 2
-    assert small["annoy"]["active"] == 40 and small["random"]["active"] == 40
-    assert small["annoy"]["speedup_vs_full"] == pytest.approx(small["full"]["median_step_s"] / small["annoy"]["median_step_s"])
-    assert small["annoy"]["amortised_build_s"] == pytest.approx(small["annoy"]["build_s"] / 100)
-    assert "skipped" in big["full"] and "skipped" in big["annoy"]
+    assert small["exact"]["active"] == 40 and small["random"]["active"] == 40
+    assert small["exact"]["speedup_vs_full"] == pytest.approx(small["full"]["median_step_s"] / small["exact"]["median_step_s"])
+    assert small["exact"]["amortised_build_s"] == pytest.approx(small["exact"]["build_s"] / 100)
+    assert "skipped" in big["full"] and "skipped" in small["annoy"] and "skipped" in big["annoy"]
     assert "speedup_vs_full" not in big["random"] and big["random"]["active"] == 40
 
 
