@@ -153,8 +153,13 @@ def _in_fresh_process(fn, *args, **kwargs) -> dict[str, Any]:
 
 def run_grid(classes: list[int], dims: list[int], batch: int, sample_num: int, samplers: list[str], steps: int,
              warmup: int, full_max_gb: float, annoy_trees: int, annoy_max_classes: int,
-             interval: int, threads: int = 1, fresh_process: bool = True) -> list[dict[str, Any]]:
-    """Every (C, D): full (where it fits) and each sampler, in the same run; ratios vs full."""
+             interval: int, threads: int = 1, fresh_process: bool = True, full_steps: int = 0,
+             on_row=None) -> list[dict[str, Any]]:
+    """Every (C, D): full (where it fits) and each sampler, in the same run; ratios vs full.
+
+    ``full_steps`` (when > 0) times fewer full-softmax steps (one takes about a minute at
+    C=1M on this box); ``on_row(rows)`` is called after every (C, D) so partial results survive.
+    """
     call = _in_fresh_process if fresh_process else (lambda fn, *a, **k: fn(*a, **k))
     rows = []
     for dim in dims:
@@ -163,7 +168,7 @@ def run_grid(classes: list[int], dims: list[int], batch: int, sample_num: int, s
             need = full_softmax_bytes(c, dim, batch)
             if need <= full_max_gb * 2**30:
                 log.info("full C=%d D=%d", c, dim)
-                row["full"] = call(time_full_step, c, dim, batch, steps, warmup, threads=threads)
+                row["full"] = call(time_full_step, c, dim, batch, full_steps or steps, warmup, threads=threads)
             else:
                 row["full"] = {"skipped": f"needs ~{need / 2**30:.1f} GiB > --full-max-gb {full_max_gb}"}
             for name in samplers:
@@ -180,6 +185,8 @@ def run_grid(classes: list[int], dims: list[int], batch: int, sample_num: int, s
                     res["speedup_vs_full_with_upkeep"] = row["full"]["median_step_s"] / res["with_upkeep_s"]
                 row[name] = res
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
             log.info("%s", {k: (v.get("median_step_s") if isinstance(v, dict) else v) for k, v in row.items()})
     return rows
 
@@ -193,6 +200,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samplers", nargs="+", default=["annoy", "random"], help="samplers to time in sampled mode")
     p.add_argument("--steps", type=int, default=5, help="timed steps per case (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--full-steps", type=int, default=0, help="timed full-softmax steps (0 = --steps)")
     p.add_argument("--full-max-gb", type=float, default=12.0, help="skip full softmax above this estimated memory")
     p.add_argument("--annoy-trees", type=int, default=10, help="trees of the annoy forest")
     p.add_argument("--annoy-max-classes", type=int, default=1_000_000, help="largest C at which annoy is built")
@@ -207,9 +215,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
     context = run_context()
+    context = {**context, "args": vars(args)}
     rows = run_grid(args.classes, args.dims, args.batch, args.sample_num, args.samplers, args.steps, args.warmup,
-                    args.full_max_gb, args.annoy_trees, args.annoy_max_classes, args.interval, args.threads)
-    log.info("wrote %s", write_results(args.out, {**context, "args": vars(args)}, rows))
+                    args.full_max_gb, args.annoy_trees, args.annoy_max_classes, args.interval, args.threads,
+                    full_steps=args.full_steps, on_row=lambda done: write_results(args.out, context, done))
+    log.info("wrote %s (%d rows)", args.out, len(rows))
 
 
 if __name__ == "__main__":
