@@ -87,18 +87,90 @@ def train_cmd(
     if result.interrupted:
         raise typer.Exit(130)
 
+@app.command("train-dist")
+def train_dist_cmd(
+    config: ConfigOpt = None,
+    nproc: Annotated[Optional[int], typer.Option(
+        "--nproc", min=1, help="Workers on this node (dist.nproc; default: visible GPUs, 1 on CPU).")] = None,
+    backend: Annotated[Optional[str], typer.Option(
+        "--backend", help="nccl (GPUs) or gloo (CPU) (dist.backend).")] = None,
+    nnodes: Annotated[Optional[int], typer.Option("--nnodes", min=1, help="Number of nodes (dist.nnodes).")] = None,
+    node_rank: Annotated[Optional[int], typer.Option(
+        "--node-rank", min=0, help="This node's rank; node 0 hosts the rendezvous (dist.node_rank).")] = None,
+    master_addr: Annotated[Optional[str], typer.Option(
+        "--master-addr", help="Node 0's address, reachable from every node (dist.master_addr).")] = None,
+    master_port: Annotated[Optional[int], typer.Option(
+        "--master-port", min=0, max=65535, help="Rendezvous port; 0 = a free one, single node only (dist.master_port).")] = None,
+    sampled: Annotated[bool, typer.Option("--sampled", help="HF-softmax on a shared parameter server: fc.mode=sampled.")] = False,
+    sharded: Annotated[bool, typer.Option("--sharded", help="Model-parallel classifier across ranks: fc.mode=sharded.")] = False,
+    sample_num: Annotated[Optional[int], typer.Option(
+        "--sample-num", min=1, help="Active classes per step (sets fc.sample_num).")] = None,
+    resume: Annotated[Optional[str], typer.Option(
+        "--resume", help="Continue from 'latest' (in train.output_dir), a run folder or a checkpoint file; "
+                         "any world size.")] = None,
+    set_: SetOpt = [],
+    print_config: PrintConfigOpt = False,
+) -> None:
+    """Train on several devices/nodes: one worker per device via torch's elastic launcher (DDP)."""
+    if sampled and sharded:
+        raise HfsError("--sampled and --sharded are two different classifier modes; pick one")
+    flags = {"dist.nproc": nproc, "dist.backend": backend, "dist.nnodes": nnodes, "dist.node_rank": node_rank,
+             "dist.master_addr": master_addr, "dist.master_port": master_port, "fc.sample_num": sample_num,
+             "fc.mode": "sampled" if sampled else "sharded" if sharded else None}
+    sugar = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    cfg = resolve_config(config, list(set_) + sugar, print_config)
+    from hfs.train.launch import run_train_dist
+    from hfs.train.trainer import resume_config, summarize
+
+    checkpoint = None
+    if resume:
+        checkpoint, cfg = resume_config(resume, config is not None, cfg, list(set_) + sugar)
+    result = run_train_dist(cfg, resume=str(checkpoint) if checkpoint else None,
+                            verbose=int(logging.getLogger().isEnabledFor(logging.DEBUG)))
+    if result is not None:  # nodes other than 0 leave the report to rank 0
+        summarize(result)
+
+
+CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Checkpoint file or run folder (its latest checkpoint).")]
+FlipOpt = Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Add the embedding of the mirrored image (default: eval.flip).")]
+BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per batch (default: eval.batch_size).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--num-workers", min=0, help="Image-decoding workers (default: eval.num_workers).")]
+
+
+@app.command("extract")
+def extract(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint file or run folder (its latest checkpoint).")],
+    out: Annotated[Path, typer.Option("--out", help="Features file (.npy, float32 N x D); a .json is written beside it.")],
+    bin_: Annotated[Optional[Path], typer.Option("--bin", help="Verification .bin: embed its images in order.")] = None,
+    list_: Annotated[Optional[Path], typer.Option("--list", help="Image list ('relative/path label' per line, as `hfs convert` writes) to embed instead.")] = None,
+    prefix: Annotated[Optional[Path], typer.Option("--prefix", help="Folder the --list paths are relative to (default: the list's folder).")] = None,
+    flip: FlipOpt = None, batch_size: BatchSizeOpt = None, device: DeviceOpt = "auto", num_workers: WorkersOpt = None,
+    config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
+) -> None:
+    """Embed a .bin or an image list with a trained backbone; write features.npy + features.json."""
+    cfg = resolve_config(config, set_, print_config)
+    from hfs.eval.evaluate import extract_checkpoint
+
+    extract_checkpoint(checkpoint, out, bin_path=bin_, list_path=list_, prefix=prefix,
+                       flip=cfg.eval.flip if flip is None else flip, batch_size=batch_size or cfg.eval.batch_size,
+                       device=device, num_workers=cfg.eval.num_workers if num_workers is None else num_workers)
+
+
 @app.command("verify")
 def verify(
     bins: Annotated[List[Path], typer.Option("--bin", help="Verification .bin file (repeatable; default: eval.bins).")] = [],
     features: Annotated[List[Path], typer.Option("--features", help="Features .npy from `hfs extract`, one per --bin, same order.")] = [],
+    checkpoint: CheckpointOpt = None,
     folds: Annotated[Optional[int], typer.Option("--folds", min=2, help="Cross-validation folds (default: eval.folds).")] = None,
+    flip: FlipOpt = None, batch_size: BatchSizeOpt = None, device: DeviceOpt = "auto", num_workers: WorkersOpt = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the ROC curves to this PNG (needs the plot extra: pip install 'hfs\\[plot]').")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write all metrics to this JSON file.")] = None,
     config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
 ) -> None:
     """Verification accuracy (10-fold), VAL@FAR, AUC and EER on InsightFace .bin pair sets."""
     cfg = resolve_config(config, set_, print_config)
-    from hfs.eval.evaluate import verify_feature_files
+    from hfs.eval.evaluate import verify_checkpoint, verify_feature_files
     from hfs.eval.report import plot_roc, require_matplotlib, results_table, write_results_json
     from hfs.utils.log import make_console
 
@@ -107,9 +179,18 @@ def verify(
     bins = bins or [Path(b) for b in cfg.eval.bins]
     if not bins:
         raise HfsError("no verification set: give --bin FILE (or set eval.bins)")
-    if not features:
-        raise HfsError("give --features FILE.npy (one per --bin)")
-    results, sources = verify_feature_files(bins, features, folds or cfg.eval.folds, cfg.eval.far_target)
+    if bool(features) == bool(checkpoint):
+        raise HfsError("give either --features FILE.npy (one per --bin) or --checkpoint CKPT")
+    folds = folds or cfg.eval.folds
+    if checkpoint:
+        results, sources = verify_checkpoint(
+            bins, checkpoint, folds=folds, far_target=cfg.eval.far_target, flip=cfg.eval.flip if flip is None else flip,
+            batch_size=batch_size or cfg.eval.batch_size, device=device,
+            num_workers=cfg.eval.num_workers if num_workers is None else num_workers)
+    else:
+        if flip is not None:
+            log.warning("--flip has no effect with --features: flipping happens at extraction (hfs extract --flip)")
+        results, sources = verify_feature_files(bins, features, folds, cfg.eval.far_target)
     make_console().print(results_table(results))
     if json_out:
         write_results_json(json_out, results, sources)
@@ -264,6 +345,7 @@ def bench_sampler(
     seed: Annotated[int, typer.Option(help="Seed of the generated weights and queries.")] = 0,
     upkeep_steps: Annotated[int, typer.Option(help="Also simulate this many sampled training steps per --upkeep-samplers and report index upkeep (0 = skip).", min=0)] = 0,
     upkeep_samplers: Annotated[str, typer.Option(help="Comma-separated samplers for the upkeep simulation.")] = "annoy,hnsw",
+    upkeep_baseline: Annotated[bool, typer.Option(help="Upkeep simulation: also run the same loop with a never-refreshed index, for the measured added wall time.")] = True,
     lr: Annotated[float, typer.Option(help="Upkeep simulation: SGD learning rate on the active rows.", min=0.0)] = 0.1,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this file.")] = None,
     config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
@@ -280,12 +362,45 @@ def bench_sampler(
         num_classes=num_classes, dim=dim, batch_size=batch_size, sample_num=sample_num,
         samplers=[s.strip() for s in samplers.split(",") if s.strip()], weights=weights, scale=scale,
         batches=batches, cluster_size=cluster_size, spread=spread, noise=noise, seed=seed,
-        upkeep_steps=upkeep_steps, upkeep_samplers=[s.strip() for s in upkeep_samplers.split(",") if s.strip()], lr=lr)
+        upkeep_steps=upkeep_steps, upkeep_samplers=[s.strip() for s in upkeep_samplers.split(",") if s.strip()],
+        upkeep_baseline=upkeep_baseline, lr=lr)
     console = make_console()
     report = run_sampler_bench(cfg, settings, console=make_console(stderr=True))
     render_report(report, console)
     if json_out is not None:
         atomic_write_text(json_out, json.dumps(report, indent=2, default=str) + "\n")
+
+@app.command("bench-fc")
+def bench_fc_cmd(
+    config: ConfigOpt = None,
+    classes: Annotated[int, typer.Option("--classes", min=2, help="Number of classes C.")] = 1_000_000,
+    dim: Annotated[int, typer.Option("--dim", min=1, help="Feature dimension D (sets model.embedding_size).")] = 256,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Batch size B.")] = 256,
+    sample_num: Annotated[int, typer.Option("--sample-num", min=1, help="Active classes S of the sampled step.")] = 1000,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Measured sampled steps.")] = 20,
+    full_steps: Annotated[int, typer.Option("--full-steps", min=1, help="Measured full-softmax steps.")] = 3,
+    skip_full: Annotated[bool, typer.Option("--skip-full", help="Only the sampled step (no C x D dense matrix).")] = False,
+    memory_at: Annotated[List[int], typer.Option("--memory-at", min=2, help=(
+        "Also measure a sampled-mode trainer's peak RSS at this C, the matrix in a separate "
+        "`hfs serve-params` process (repeatable)."))] = [],
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON here.")] = None,
+    set_: SetOpt = [],
+    print_config: PrintConfigOpt = False,
+) -> None:
+    """Time the classifier-layer step: HF-softmax (sampler + store + head) vs the full softmax."""
+    cfg = resolve_config(config, [f"model.embedding_size={dim}"] + list(set_), print_config)
+    import json
+
+    from hfs.bench.fc import bench_fc, render, render_memory, trainer_memory
+    from hfs.utils.atomic import atomic_write_text
+
+    result = bench_fc(cfg, classes, batch, sample_num, steps=steps, full_steps=full_steps, skip_full=skip_full)
+    render(result)
+    if memory_at:
+        result["trainer_memory"] = trainer_memory(cfg, memory_at, batch, sample_num)
+        render_memory(result["trainer_memory"], cfg.sampler.type)
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(result, indent=2, default=str) + "\n")
 
 
 def main() -> None:

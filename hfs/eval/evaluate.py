@@ -82,7 +82,8 @@ def evaluate_sets(model, sets: Sequence[VerificationSet], image_size: int, *, ba
 
 def evaluate_bins(model, bin_paths: Sequence[str | Path | VerificationSet], image_size: int,
                   batch_size: int = 256, flip: bool = False, device: "str | torch.device | None" = None,
-                  folds: int = 10, num_workers: int = 0, show_progress: bool = False) -> dict[str, dict]:
+                  folds: int = 10, num_workers: int = 0, show_progress: bool = False,
+                  far_target: float = DEFAULT_FAR_TARGET) -> dict[str, dict]:
     """Verification scores of ``model`` on each .bin, for logging during training.
 
     Returns ``{name: {"accuracy", "accuracy_std", "best_threshold", "val", "val_std", "far",
@@ -92,7 +93,8 @@ def evaluate_bins(model, bin_paths: Sequence[str | Path | VerificationSet], imag
     """
     sets = load_verification_sets(bin_paths)
     results = evaluate_sets(model, sets, image_size, batch_size=batch_size, flip=flip, device=device,
-                            folds=folds, num_workers=num_workers, show_progress=show_progress)
+                            folds=folds, far_target=far_target, num_workers=num_workers,
+                            show_progress=show_progress)
     return {name: res.to_dict() for name, res in results.items()}
 
 
@@ -130,4 +132,63 @@ def verify_feature_files(bins: Sequence[str | Path], features: Sequence[str | Pa
         _warn_if_extracted_from_another_set(Path(feat_path), vset)
         results[name] = verify_features(read_features(feat_path), vset, folds, far_target, source=str(feat_path))
         sources[name] = {"bin": str(vset.path), "features": str(feat_path)}
+    return results, sources
+
+
+def load_checkpoint_model(checkpoint: str | Path, device: "str | torch.device | None" = "auto"):
+    """(backbone in eval mode on ``device``, the run's HfsConfig, the checkpoint file used).
+
+    ``checkpoint`` is a file or a run folder (its latest checkpoint).
+    """
+    from hfs.eval.extract import resolve_device
+    from hfs.train.checkpoint import load_backbone, resolve_checkpoint
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = resolve_checkpoint(str(path), path)
+    model, cfg = load_backbone(path, map_location=resolve_device(device))
+    return model, cfg, path
+
+
+def extract_checkpoint(checkpoint: str | Path, out: str | Path, *, bin_path: str | Path | None = None,
+                       list_path: str | Path | None = None, prefix: str | Path | None = None,
+                       flip: bool = False, batch_size: int = 256, device: str = "auto",
+                       num_workers: int = 2) -> Path:
+    """``hfs extract``: a checkpoint's embeddings of a .bin (in its order) or of a file list.
+
+    Writes ``out`` (float32 N x D .npy) and a JSON beside it; returns the JSON's path.
+    """
+    from hfs.eval.extract import list_image_paths, write_features
+
+    if (bin_path is None) == (list_path is None):
+        raise HfsError("give exactly one of --bin FILE or --list FILE (with --prefix)")
+    if prefix is not None and list_path is None:
+        raise HfsError("--prefix goes with --list")
+    if Path(out).suffix != ".npy":
+        raise HfsError(f"--out {out}: features are written as .npy; give a path ending in .npy")
+    if bin_path is not None:
+        images, _ = load_bin(bin_path)
+        source, where = str(bin_path), {"bin": str(bin_path)}
+    else:
+        prefix = Path(list_path).parent if prefix is None else Path(prefix)
+        images = list_image_paths(list_path, prefix)
+        source, where = str(list_path), {"list": str(list_path), "prefix": str(prefix)}
+    model, cfg, checkpoint = load_checkpoint_model(checkpoint, device)
+    feats = extract_features(model, EncodedImages(images, cfg.data.image_size, source), batch_size=batch_size,
+                             flip=flip, device=device, num_workers=num_workers, description=Path(source).name)
+    meta = {"checkpoint": str(checkpoint), "arch": cfg.model.arch, "flip": flip,
+            "image_size": cfg.data.image_size, **where}
+    return write_features(out, feats, meta)
+
+
+def verify_checkpoint(bins: Sequence[str | Path], checkpoint: str | Path, *, folds: int = 10,
+                      far_target: float = DEFAULT_FAR_TARGET, flip: bool = False, batch_size: int = 256,
+                      device: str = "auto", num_workers: int = 2) -> tuple[dict[str, VerificationResult], dict]:
+    """``hfs verify --checkpoint``: embed each .bin with the checkpoint's backbone and score it."""
+    sets = load_verification_sets(bins)
+    model, cfg, checkpoint = load_checkpoint_model(checkpoint, device)
+    results = evaluate_sets(model, sets, cfg.data.image_size, batch_size=batch_size, flip=flip, device=device,
+                            folds=folds, far_target=far_target, num_workers=num_workers)
+    sources = {name: {"bin": str(s.path), "checkpoint": str(checkpoint), "flip": flip}
+               for name, s in zip(results, sets)}
     return results, sources

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
+
 class EncodedImages:
     """A map-style dataset over encoded images (bytes) or image files, for a DataLoader.
 
@@ -83,9 +84,12 @@ def resolve_device(device: "str | torch.device | None" = None) -> "torch.device"
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError:
         raise HfsError(f"unknown device '{device}' (use auto, cpu, cuda or cuda:N)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise HfsError(f"device '{device}' asked for, but CUDA is not available (use --device cpu or auto)")
+    return resolved
 
 
 def _model_device(model) -> "torch.device":

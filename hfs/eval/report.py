@@ -12,17 +12,24 @@ from hfs.utils.atomic import atomic_write, atomic_write_text
 from hfs.utils.errors import HfsError
 
 
+def _far_label(far: float) -> str:
+    """1e-3 -> '1e-3' (column headers stay short)."""
+    mantissa, exponent = f"{far:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
 def results_table(results: Mapping[str, VerificationResult], title: str = "verification"):
-    """One row per set: accuracy (mean ± std over folds), threshold, VAL@FAR, AUC, EER."""
+    """One row per set: accuracy and VAL in % (mean ± std over folds), threshold, AUC, EER."""
     from rich.table import Table
 
     far = next(iter(results.values())).far_target if results else 1e-3
     table = Table(title=title)
-    for col in ("set", "pairs", "accuracy", "threshold", f"VAL@FAR={far:g}", "AUC", "EER"):
+    for col in ("set", "pairs", "accuracy %", "threshold", f"VAL@FAR={_far_label(far)} %", "AUC", "EER"):
         table.add_column(col, justify="left" if col == "set" else "right")
     for name, r in results.items():
-        table.add_row(name, str(r.pairs), f"{r.accuracy:.5f} ± {r.accuracy_std:.5f}", f"{r.best_threshold:.2f}",
-                      f"{r.val:.5f} ± {r.val_std:.5f}", f"{r.auc:.5f}", f"{r.eer:.5f}")
+        table.add_row(name, str(r.pairs), f"{100 * r.accuracy:.2f} ± {100 * r.accuracy_std:.2f}",
+                      f"{r.best_threshold:.2f}", f"{100 * r.val:.2f} ± {100 * r.val_std:.2f}",
+                      f"{r.auc:.4f}", f"{r.eer:.4f}")
     return table
 
 

@@ -20,7 +20,6 @@ Three pieces:
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -36,8 +35,6 @@ import numpy as np
 
 from hfs.samplers.base import ClassSampler, array_chunks
 from hfs.utils.errors import HfsError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

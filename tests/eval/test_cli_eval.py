@@ -33,7 +33,7 @@ def test_verify_with_features_prints_one_table_and_writes_json(tmp_path, tiny_bi
                                       "--features", str(tiny_features), "--features", str(tiny_features),
                                       "--folds", "5", "--json", str(out)], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
-    assert result.output.count("verification") == 1 and "1.00000 ± 0.00000" in result.output
+    assert result.output.count("verification") == 1 and "100.00 ± 0.00" in result.output
     data = json.loads(out.read_text())
     assert set(data) == {str(tiny_bin), str(second)}
     first = data[str(tiny_bin)]

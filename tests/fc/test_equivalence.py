@@ -68,6 +68,8 @@ def test_sampled_all_classes_equals_full(head, overlap):
     out = sampled(backbone(x), labels, step=7)
     out.loss.backward()
     sampled.end_step(7)
+    assert selector.refreshed == []  # deferred until the push has landed
+    sampled.settle()
 
     assert out.loss.item() == pytest.approx(out_full.loss.item(), rel=1e-6)
     assert out.correct.item() == out_full.correct.item()
