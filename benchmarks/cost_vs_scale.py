@@ -14,7 +14,9 @@ backbone's features (B x D, requires_grad):
   trainer makes. The index is built once before timing (``build_s``, recorded) and the
   amortised upkeep is quoted separately as ``build_s / interval``.
 
-Each (mode, C, D) runs in a fresh process so its peak RSS is its own. Full softmax is
+The timing itself is `hfs bench-fc`'s (`hfs.bench.fc.time_full_steps` and
+``time_sampled_steps``); this script adds the grid over C and D, a fresh process per case
+(so its peak RSS is its own), the memory-based skip of full softmax, and ratios. Full softmax is
 skipped where its estimated memory (weight, gradient, momentum and four B x C float
 buffers) exceeds ``--full-max-gb``. Medians over ``--steps`` timed steps after warm-up.
 """
@@ -25,8 +27,6 @@ import argparse
 import logging
 import statistics
 import sys
-import tempfile
-import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -43,24 +43,18 @@ def full_softmax_bytes(classes: int, dim: int, batch: int) -> int:
     return 4 * (3 * classes * dim + 4 * batch * classes)
 
 
-def _config(sampler: str, sample_num: int, batch: int, annoy_trees: int):
+def _config(sampler: str, sample_num: int, batch: int, annoy_trees: int, dim: int):
+    """Default config (ArcFace head, in-process store) with this case's sampler and sizes; the
+    index is built once in the foreground and never refreshed while timing."""
     from hfs.config import config_from_dict
 
     return config_from_dict({
+        "model": {"embedding_size": dim},
         "fc": {"mode": "sampled", "sample_num": sample_num},
         "train": {"batch_size": batch},
         "sampler": {"type": sampler, "background": False, "refresh": "interval", "interval": 1_000_000_000,
                     "max_interval": 0, "annoy_trees": annoy_trees},
     })
-
-
-def _inputs(classes: int, dim: int, batch: int, seed: int):
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    features = torch.randn(batch, dim, generator=gen).requires_grad_(True)
-    labels = torch.randint(0, classes, (batch,), generator=gen)
-    return features, labels
 
 
 def _set_threads(threads: int) -> None:
@@ -72,78 +66,35 @@ def _set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def time_full_step(classes: int, dim: int, batch: int, steps: int, warmup: int, seed: int = 0,
+def time_full_step(classes: int, dim: int, batch: int, steps: int, warmup: int,
                    threads: int = 1) -> dict[str, Any]:
-    """Median wall time of full-softmax classifier steps (forward, backward, SGD update)."""
-    import torch
+    """Median wall time of full-softmax classifier steps (`hfs bench-fc`'s timing), and peak RSS."""
+    from hfs.bench.fc import time_full_steps
 
     _set_threads(threads)
-
-    from hfs.config import HeadConfig
-    from hfs.fc import FullFC
-    from hfs.models import build_head
-
     rss0 = peak_rss_mb()
-    fc = FullFC(classes, dim, build_head(HeadConfig()), seed=seed)
-    opt = torch.optim.SGD(fc.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    features, labels = _inputs(classes, dim, batch, seed)
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        out = fc(features, labels)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        features.grad = None
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+    cfg = _config("random", classes, batch, 1, dim)
+    times = time_full_steps(cfg, classes, batch, steps, warmup)
     return {"step_s": times, "median_step_s": statistics.median(times), "peak_rss_mb": peak_rss_mb(),
             "rss_before_mb": rss0, "active": classes}
 
 
 def time_sampled_step(classes: int, dim: int, batch: int, steps: int, warmup: int, sampler: str = "annoy",
-                      sample_num: int = 1000, annoy_trees: int = 10, seed: int = 0, threads: int = 1) -> dict[str, Any]:
-    """Median wall time of sampled classifier steps through SampledFC and the in-process store."""
-    _set_threads(threads)
-    from hfs.config import HeadConfig
-    from hfs.fc import SampledFC
-    from hfs.models import build_head
-    from hfs.paramserver.store import InProcessStore
-    from hfs.samplers import build_selector
+                      sample_num: int = 1000, annoy_trees: int = 10, threads: int = 1) -> dict[str, Any]:
+    """Median wall time of sampled classifier steps (`hfs bench-fc`'s timing: SampledFC on the
+    in-process store), the index build time, and peak RSS."""
+    from hfs.bench.fc import time_sampled_steps
 
+    _set_threads(threads)
     rss0 = peak_rss_mb()
-    cfg = _config(sampler, sample_num, batch, annoy_trees)
-    with tempfile.TemporaryDirectory(prefix="hfs-cost-") as tmp:
-        store = InProcessStore(tmp)
-        store.create("fc", classes, dim, init="gaussian", std=0.01, seed=seed)
-        rss_store = peak_rss_mb()
-        t0 = time.perf_counter()
-        selector = build_selector(cfg, store, "fc", classes)
-        build_s = time.perf_counter() - t0
-        fc = SampledFC(store, selector, build_head(HeadConfig()), overlap_push=True)
-        fc.set_hparams(0.1, 0.9, 5e-4)
-        features, labels = _inputs(classes, dim, batch, seed)
-        times, parts = [], []
-        try:
-            for i in range(warmup + steps):
-                before = dict(fc.timers)
-                t0 = time.perf_counter()
-                out = fc(features, labels, i)
-                out.loss.backward()
-                fc.end_step(i)
-                elapsed = time.perf_counter() - t0
-                features.grad = None
-                if i >= warmup:
-                    times.append(elapsed)
-                    parts.append({k: fc.timers[k] - before[k] for k in before})
-        finally:
-            fc.close()
-            store.close()
-    breakdown = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
-    return {"step_s": times, "median_step_s": statistics.median(times), "median_parts_s": breakdown,
-            "build_s": build_s, "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss0,
-            "rss_after_store_mb": rss_store, "store_mb": 2 * classes * dim * 4 / 2**20,
-            "active": int(out.active), "sampler": sampler, "annoy_trees": annoy_trees if sampler == "annoy" else None}
+    cfg = _config(sampler, sample_num, batch, annoy_trees, dim)
+    res = time_sampled_steps(cfg, classes, batch, steps, warmup)
+    times = res["times"]
+    return {"step_s": times, "median_step_s": statistics.median(times),
+            "mean_parts_s": {k: v / len(times) for k, v in res["timers"].items()},
+            "build_s": res["build_s"], "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss0,
+            "store_mb": 2 * classes * dim * 4 / 2**20, "active": min(sample_num, classes), "sampler": sampler,
+            "annoy_trees": annoy_trees if sampler == "annoy" else None}
 
 
 def _in_fresh_process(fn, *args, **kwargs) -> dict[str, Any]:
