@@ -93,10 +93,19 @@ def accuracy_table(data: dict[str, Any]) -> str:
     return _ctx_line(data["context"]) + "\n" + "\n".join(lines) + "\n"
 
 
+def index_table(data: dict[str, Any]) -> str:
+    lines = ["| sampler | C | D | trees | build | query (256 features, k = 9) | peak RSS |", "|---|---|---|---|---|---|---|"]
+    for r in data["results"]:
+        lines.append(f"| {r['sampler']} | {r['classes']:,} | {r['dim']} | {r['trees'] or '-'} | {r['build_s']:.0f} s "
+                     f"| {r['query_ms_per_batch']:.1f} ms | {r['peak_rss_mb'] / 1024:.2f} GiB |")
+    return _ctx_line(data["context"]) + "\n" + "\n".join(lines) + "\n"
+
+
 def render(path: Path) -> str:
     data = json.loads(path.read_text())
     cmd = data["context"]["command"]
-    for key, fn in (("cost_vs_scale", cost_table), ("scale_10m", scale_table), ("accuracy_vs_cost", accuracy_table)):
+    for key, fn in (("cost_vs_scale", cost_table), ("scale_10m", scale_table), ("accuracy_vs_cost", accuracy_table),
+                    ("index_build", index_table)):
         if key in cmd:
             return fn(data)
     if "run_all_components" in cmd:
