@@ -87,6 +87,49 @@ def train_cmd(
     if result.interrupted:
         raise typer.Exit(130)
 
+@app.command("train-dist")
+def train_dist_cmd(
+    config: ConfigOpt = None,
+    nproc: Annotated[Optional[int], typer.Option(
+        "--nproc", min=1, help="Workers on this node (dist.nproc; default: visible GPUs, 1 on CPU).")] = None,
+    backend: Annotated[Optional[str], typer.Option(
+        "--backend", help="nccl (GPUs) or gloo (CPU) (dist.backend).")] = None,
+    nnodes: Annotated[Optional[int], typer.Option("--nnodes", min=1, help="Number of nodes (dist.nnodes).")] = None,
+    node_rank: Annotated[Optional[int], typer.Option(
+        "--node-rank", min=0, help="This node's rank; node 0 hosts the rendezvous (dist.node_rank).")] = None,
+    master_addr: Annotated[Optional[str], typer.Option(
+        "--master-addr", help="Node 0's address, reachable from every node (dist.master_addr).")] = None,
+    master_port: Annotated[Optional[int], typer.Option(
+        "--master-port", min=0, max=65535, help="Rendezvous port; 0 = a free one, single node only (dist.master_port).")] = None,
+    sampled: Annotated[bool, typer.Option("--sampled", help="HF-softmax on a shared parameter server: fc.mode=sampled.")] = False,
+    sharded: Annotated[bool, typer.Option("--sharded", help="Model-parallel classifier across ranks: fc.mode=sharded.")] = False,
+    sample_num: Annotated[Optional[int], typer.Option(
+        "--sample-num", min=1, help="Active classes per step (sets fc.sample_num).")] = None,
+    resume: Annotated[Optional[str], typer.Option(
+        "--resume", help="Continue from 'latest' (in train.output_dir), a run folder or a checkpoint file; "
+                         "any world size.")] = None,
+    set_: SetOpt = [],
+    print_config: PrintConfigOpt = False,
+) -> None:
+    """Train on several devices/nodes: one worker per device via torch's elastic launcher (DDP)."""
+    if sampled and sharded:
+        raise HfsError("--sampled and --sharded are two different classifier modes; pick one")
+    flags = {"dist.nproc": nproc, "dist.backend": backend, "dist.nnodes": nnodes, "dist.node_rank": node_rank,
+             "dist.master_addr": master_addr, "dist.master_port": master_port, "fc.sample_num": sample_num,
+             "fc.mode": "sampled" if sampled else "sharded" if sharded else None}
+    sugar = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    cfg = resolve_config(config, list(set_) + sugar, print_config)
+    from hfs.train.launch import run_train_dist
+    from hfs.train.trainer import resume_config, summarize
+
+    checkpoint = None
+    if resume:
+        checkpoint, cfg = resume_config(resume, config is not None, cfg, list(set_) + sugar)
+    result = run_train_dist(cfg, resume=str(checkpoint) if checkpoint else None,
+                            verbose=int(logging.getLogger().isEnabledFor(logging.DEBUG)))
+    if result is not None:  # nodes other than 0 leave the report to rank 0
+        summarize(result)
+
 
 CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Checkpoint file or run folder (its latest checkpoint).")]
 FlipOpt = Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Add the embedding of the mirrored image (default: eval.flip).")]
@@ -302,6 +345,7 @@ def bench_sampler(
     seed: Annotated[int, typer.Option(help="Seed of the generated weights and queries.")] = 0,
     upkeep_steps: Annotated[int, typer.Option(help="Also simulate this many sampled training steps per --upkeep-samplers and report index upkeep (0 = skip).", min=0)] = 0,
     upkeep_samplers: Annotated[str, typer.Option(help="Comma-separated samplers for the upkeep simulation.")] = "annoy,hnsw",
+    upkeep_baseline: Annotated[bool, typer.Option(help="Upkeep simulation: also run the same loop with a never-refreshed index, for the measured added wall time.")] = True,
     lr: Annotated[float, typer.Option(help="Upkeep simulation: SGD learning rate on the active rows.", min=0.0)] = 0.1,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this file.")] = None,
     config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
@@ -318,7 +362,8 @@ def bench_sampler(
         num_classes=num_classes, dim=dim, batch_size=batch_size, sample_num=sample_num,
         samplers=[s.strip() for s in samplers.split(",") if s.strip()], weights=weights, scale=scale,
         batches=batches, cluster_size=cluster_size, spread=spread, noise=noise, seed=seed,
-        upkeep_steps=upkeep_steps, upkeep_samplers=[s.strip() for s in upkeep_samplers.split(",") if s.strip()], lr=lr)
+        upkeep_steps=upkeep_steps, upkeep_samplers=[s.strip() for s in upkeep_samplers.split(",") if s.strip()],
+        upkeep_baseline=upkeep_baseline, lr=lr)
     console = make_console()
     report = run_sampler_bench(cfg, settings, console=make_console(stderr=True))
     render_report(report, console)

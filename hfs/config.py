@@ -160,12 +160,14 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
-    backend: str = _f("gloo", choices=("gloo", "nccl"), help="torch.distributed backend")
-    nproc: int = _f(0, ge=0, help="processes per node (0 = visible GPUs, or 1 on CPU)")
+    backend: str = _f("gloo", choices=("gloo", "nccl"), help="torch.distributed backend (nccl on GPUs, gloo on CPU)")
+    nproc: int = _f(0, ge=0, help="worker processes per node (0 = visible GPUs, or 1 on CPU)")
     nnodes: int = _f(1, gt=0, help="number of nodes")
-    node_rank: int = _f(0, ge=0, help="this node's rank")
-    master_addr: str = _f("127.0.0.1", help="rendezvous host")
-    master_port: int = _f(29500, gt=0, le=65535, help="rendezvous port")
+    node_rank: int = _f(0, ge=0, help="this node's rank (0 hosts the rendezvous)")
+    master_addr: str = _f("127.0.0.1", help="rendezvous host: node 0's address reachable from every node")
+    master_port: int = _f(0, ge=0, le=65535, help="rendezvous port (0 = a free port; several nodes must set one)")
+    timeout_s: float = _f(600.0, gt=0.0, help="collective timeout: a rank waiting longer on its peers ends the job")
+    rendezvous_timeout_s: float = _f(300.0, gt=0.0, help="how long workers and nodes wait for each other at start")
 
 
 @dataclass

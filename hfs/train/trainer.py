@@ -1,4 +1,12 @@
-"""The training loop of `hfs train`: backbone + FullFC or SampledFC, one process.
+"""The training loop of `hfs train` and of every `hfs train-dist` worker.
+
+`hfs train` runs it in one process with FullFC or SampledFC. Under `hfs train-dist` each
+worker runs the same loop with a :class:`~hfs.train.distributed.DistEnv`: the backbone is
+wrapped in DistributedDataParallel, each rank takes its slice of every global batch, the
+classifier is FullFC (gradients averaged like DDP's), SampledFC on a shared parameter
+server (row gradients divided by W: the store sums the W ranks' pushes) or ShardedFC
+(model-parallel rows), and rank 0 alone logs, writes metrics and checkpoints. Checkpoints
+do not depend on the world size (see `save`).
 
 One optimizer step consumes ``train.grad_accum`` micro-batches of ``train.batch_size``
 images. Each micro-batch's loss is divided by ``grad_accum`` before backward, so the
@@ -31,6 +39,7 @@ from hfs.fc import FullFC, SampledFC, predict_all_classes
 from hfs.models import build_backbone, build_head
 from hfs.train import checkpoint as ckpt_io
 from hfs.train.data_order import BatchStream, DataPosition
+from hfs.train.distributed import DistEnv, all_reduce_sum, barrier, eval_indices
 from hfs.train.metrics import MetricsWriter
 from hfs.train.schedule import lr_at
 from hfs.utils.errors import HfsError
@@ -115,8 +124,10 @@ class Trainer:
     """Builds everything from the config, then `run()`s; `request_stop()` ends it cleanly."""
 
     def __init__(self, cfg: HfsConfig, *, resume: str | Path | None = None, datasets=None,
-                 callbacks: Sequence[StepCallback] = (), console=None) -> None:
+                 callbacks: Sequence[StepCallback] = (), console=None, env: DistEnv | None = None) -> None:
         self.cfg = cfg
+        self.launched = env is not None  # a worker of `hfs train-dist` (possibly a job of one)
+        self.env = env or DistEnv()
         self.resume_path = Path(resume) if resume is not None else None
         self._datasets = datasets
         self.callbacks = list(callbacks)
@@ -138,8 +149,12 @@ class Trainer:
             return
 
         def handler(signum, _frame):
-            if self._stop.is_set():  # a second signal: give up at once
-                raise KeyboardInterrupt
+            if self._stop.is_set():
+                if self.launched:
+                    # Ctrl-C reaches a worker twice: from the terminal and forwarded by the
+                    # launcher, whose shutdown timeout is the hard stop; keep checkpointing.
+                    return
+                raise KeyboardInterrupt  # a second signal: give up at once
             self.request_stop(signal.Signals(signum).name)
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -152,18 +167,19 @@ class Trainer:
     # ------------------------------------------------------------------ building
     def _setup(self, stack: ExitStack) -> None:
         cfg = self.cfg
-        if cfg.fc.mode == "sharded":
+        if cfg.fc.mode == "sharded" and not self.launched:
             raise HfsError("config key 'fc.mode' is 'sharded': that is the model-parallel FC of "
                            "`hfs train-dist`; `hfs train` takes full or sampled")
-        self.device = resolve_device(cfg.train.device)
+        self.device = self.env.device() if self.launched else resolve_device(cfg.train.device)
         self.amp_dtype = self._resolve_amp()
         seed_everything(cfg.train.seed)
         train_ds, self.val_ds, data_classes = self._datasets or build_datasets_for(cfg)
         self.train_ds = train_ds
         self.num_classes = resolve_num_classes(cfg.fc.num_classes, data_classes)
-        if len(train_ds) < cfg.train.batch_size:
+        world = self.env.world_size
+        if len(train_ds) < cfg.train.batch_size * world:
             raise HfsError(f"the training set has {len(train_ds)} images, fewer than "
-                           f"train.batch_size={cfg.train.batch_size}")
+                           f"train.batch_size={cfg.train.batch_size}" + (f" x {world} ranks" if world > 1 else ""))
         self.ckpt = ckpt_io.load_checkpoint(self.resume_path) if self.resume_path else None
         if self.ckpt is None and ckpt_io.list_checkpoints(cfg.train.output_dir):
             raise HfsError(f"train.output_dir {cfg.train.output_dir} already holds checkpoints of another run; "
@@ -176,6 +192,7 @@ class Trainer:
                            f"classes, this config has {self.num_classes}")
 
         self.backbone = build_backbone(cfg.model, cfg.data.image_size).to(self.device)
+        self.model = self._data_parallel(self.backbone)
         self.head = build_head(cfg.head)
         self.mode = cfg.fc.mode
         params = [{"params": list(self.backbone.parameters()), "lr_scale": 1.0}]
@@ -183,20 +200,24 @@ class Trainer:
             self.fc = FullFC(self.num_classes, cfg.model.embedding_size, self.head, init=cfg.fc.init,
                              init_std=cfg.fc.init_std, seed=cfg.train.seed).to(self.device)
             params.append({"params": [self.fc.weight], "lr_scale": cfg.fc.lr_scale})
+        elif self.mode == "sharded":
+            self.fc = self._build_sharded_fc()
+            params.append({"params": [self.fc.weight], "lr_scale": cfg.fc.lr_scale})
         else:
             self.fc = self._build_sampled_fc(stack)
         self.optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                          weight_decay=cfg.optim.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
-        batches_per_epoch = len(train_ds) // cfg.train.batch_size
+        batches_per_epoch = len(train_ds) // (cfg.train.batch_size * world)
         self.total_steps = cfg.train.max_steps or max(cfg.train.epochs * batches_per_epoch // cfg.train.grad_accum, 1)
         self.step = 0
         position = DataPosition()
         if self.ckpt is not None:
             position = self._load_state(self.ckpt)
         self.stream = BatchStream(train_ds, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers,
-                                  position, pin_memory=self.device.type == "cuda")
+                                  position, pin_memory=self.device.type == "cuda",
+                                  rank=self.env.rank, world_size=world)
         stack.callback(self.stream.close)
 
     def _resolve_amp(self) -> torch.dtype | None:
@@ -220,22 +241,57 @@ class Trainer:
             sample_num = self.num_classes
         self.sample_num = sample_num
         snapshot_dir = cfg.paramserver.snapshot_dir or str(Path(cfg.train.output_dir) / "store")
+        env = self.env
+        if env.distributed and not cfg.paramserver.address:
+            raise HfsError("fc.mode=sampled on several ranks needs one shared store: set paramserver.address "
+                           "(`hfs train-dist` starts a server itself when it is empty)")
         if cfg.paramserver.keep_snapshots < cfg.train.keep_checkpoints:
             log.warning("paramserver.keep_snapshots=%d < train.keep_checkpoints=%d: the oldest checkpoints "
                         "will name store snapshots that no longer exist", cfg.paramserver.keep_snapshots,
                         cfg.train.keep_checkpoints)
         store = open_store(cfg.paramserver, snapshot_dir)
         stack.callback(store.close)
-        store.create(MATRIX, self.num_classes, cfg.model.embedding_size, init=cfg.fc.init,
-                     std=cfg.fc.init_std, seed=cfg.train.seed, exist_ok=True)
-        if self.ckpt is not None:
-            self._restore_store(store, self.ckpt)
-        sel_cfg = dataclasses.replace(cfg, fc=dataclasses.replace(cfg.fc, sample_num=sample_num))
+        if env.is_main:  # one rank creates / restores the shared matrix, the others wait for it
+            store.create(MATRIX, self.num_classes, cfg.model.embedding_size, init=cfg.fc.init,
+                         std=cfg.fc.init_std, seed=cfg.train.seed, exist_ok=True)
+            if self.ckpt is not None:
+                self._restore_store(store, self.ckpt)
+        if env.distributed:
+            # Every rank is a worker of the store's synchronous step; all must be registered
+            # before anyone pushes, or the first step would be applied with fewer workers.
+            worker = f"rank-{env.rank}"
+            store.register(worker)
+            stack.callback(store.leave, worker)
+        barrier()
+        # each rank draws its own random fill
+        sel_cfg = dataclasses.replace(cfg, fc=dataclasses.replace(cfg.fc, sample_num=sample_num),
+                                      sampler=dataclasses.replace(cfg.sampler, seed=cfg.sampler.seed + env.rank))
         selector = build_selector(sel_cfg, store, MATRIX, self.num_classes)
         fc = SampledFC(store, selector, self.head, matrix=MATRIX, overlap_push=cfg.fc.overlap_push)
         stack.callback(fc.close)
         self.store = store
         return fc
+
+    def _build_sharded_fc(self):
+        """This rank's shard of the classifier rows (the world-size independent initial matrix)."""
+        from hfs.fc.sharded import ShardedFC, init_shard_rows, shard_bounds
+
+        cfg = self.cfg
+        self.sample_num = min(cfg.fc.sample_num, self.num_classes)
+        start, end = shard_bounds(self.num_classes, self.env.rank, self.env.world_size)
+        rows = init_shard_rows(start, end, cfg.model.embedding_size, cfg.fc.init, cfg.fc.init_std, cfg.train.seed)
+        return ShardedFC(rows, self.num_classes, self.head, sample_num=self.sample_num,
+                         seed=cfg.sampler.seed).to(self.device)
+
+    def _data_parallel(self, backbone: nn.Module) -> nn.Module:
+        """DDP around the backbone on several ranks (the classifier stays outside: FullFC's
+        gradient is averaged explicitly, ShardedFC's rows are per rank)."""
+        if not self.env.distributed:
+            return backbone
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(backbone, device_ids=ids)
 
     def _restore_store(self, store, ckpt: dict) -> None:
         tag = ckpt.get("store_snapshot")
@@ -252,20 +308,74 @@ class Trainer:
             raise HfsError(f"weight-store snapshot '{tag}' is at step {step}, checkpoint at {ckpt['step']}")
 
     def _load_state(self, ckpt: dict) -> DataPosition:
+        if ckpt["fc_mode"] != self.mode:
+            raise HfsError(f"checkpoint {self.resume_path} is a fc.mode={ckpt['fc_mode']} run, "
+                           f"this config says fc.mode={self.mode}")
+        from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+        backbone_state = dict(ckpt["backbone"])
+        consume_prefix_in_state_dict_if_present(backbone_state, "module.")  # saved from a DDP wrapper
+        optimizer_state = ckpt["optimizer"]
+
+
         try:
-            self.backbone.load_state_dict(ckpt["backbone"])
+            self.backbone.load_state_dict(backbone_state)
             if self.mode == "full":
                 self.fc.load_state_dict(ckpt["fc"])
-        except RuntimeError as exc:
+            elif self.mode == "sharded":
+                self.fc.load_full_weight(ckpt["fc"]["weight"].to(self.device))
+                optimizer_state = self._shard_optimizer_state(optimizer_state)
+        except (RuntimeError, ValueError) as exc:
             raise HfsError(f"checkpoint {self.resume_path} does not fit model.arch={self.cfg.model.arch} "
                            f"embedding_size={self.cfg.model.embedding_size}: {str(exc).splitlines()[0]}") from None
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.optimizer.load_state_dict(optimizer_state)
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         ckpt_io.restore_rng(ckpt["rng"])
         self.step = int(ckpt["step"])
         log.info("resumed from %s at step %d", self.resume_path, self.step)
-        return DataPosition(**ckpt["data"])
+        return self._rescale_position(DataPosition(**ckpt["data"]), ckpt)
+
+    def _rescale_position(self, pos: DataPosition, ckpt: dict) -> DataPosition:
+        """Keep the data position when the global batch changed (another world size):
+        continue after the same number of images of the same epoch's permutation."""
+        old = int(ckpt.get("world_size", 1)) * int(ckpt["config"]["train"]["batch_size"])
+        new = self.env.world_size * self.cfg.train.batch_size
+        if old == new:
+            return pos
+        log.info("global batch %d -> %d: data position rescaled", old, new)
+        return DataPosition(pos.epoch, pos.batch * old // new)
+
+    def _fc_param_index(self) -> int:
+        """The classifier's index in the optimizer's state (it is the last parameter)."""
+        return sum(len(group["params"]) for group in self.optimizer.param_groups) - 1
+
+    def _shard_optimizer_state(self, state: dict) -> dict:
+        """A checkpoint's optimizer state with the classifier's momentum cut to this rank's rows."""
+        from hfs.fc.sharded import shard_of
+
+        index = self._fc_param_index()
+        per_param = dict(state["state"])
+        if index in per_param and "momentum_buffer" in per_param[index]:
+            buf = per_param[index]["momentum_buffer"]
+            if buf is not None:
+                per_param[index] = {**per_param[index], "momentum_buffer": shard_of(buf, self.num_classes)}
+        return {**state, "state": per_param}
+
+    def _full_optimizer_state(self) -> dict | None:
+        """The optimizer state with the sharded classifier's momentum whole, in global row
+        order, on rank 0 (None elsewhere); every rank calls."""
+        from hfs.fc.sharded import gather_shards
+
+        state = self.optimizer.state_dict()
+        index = self._fc_param_index()
+        buf = state["state"].get(index, {}).get("momentum_buffer")
+        full = gather_shards(buf, self.num_classes) if buf is not None else None
+        if not self.env.is_main:
+            return None
+        if full is not None:
+            state["state"][index] = {**state["state"][index], "momentum_buffer": full}
+        return state
 
     # ------------------------------------------------------------------ one step
     def _set_lr(self, step: int) -> float:
@@ -287,18 +397,23 @@ class Trainer:
         accum = self.cfg.train.grad_accum
         loss_sum, correct, seen = 0.0, 0, 0
         grad_scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
+        # SampledFC divides pushed row gradients by this: the shared store sums W ranks' pushes
+        push_scale = grad_scale * (self.env.world_size if isinstance(self.fc, SampledFC) else 1)
         for micro in range(accum):
             images, labels = self.stream.next()
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            with self._autocast():
-                features = self.backbone(images)
-            out = self.fc(features, labels, step, last_micro=micro == accum - 1, grad_scale=grad_scale)
-            loss = out.loss / accum
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            last = micro == accum - 1
+            with self._grad_sync(last):
+                with self._autocast():
+                    features = self.model(images)
+                out = self.fc(features, labels, step, last_micro=last, grad_scale=push_scale)
+                loss = out.loss / accum
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_sum += out.loss.item()
             correct += int(out.correct.item())
             seen += labels.shape[0]
+        self._average_dense_fc_grad()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -308,6 +423,27 @@ class Trainer:
         if isinstance(self.fc, SampledFC):
             self.fc.end_step(step)
         return {"loss": loss_sum / accum, "correct": correct, "images": seen}
+
+    def _grad_sync(self, last_micro: bool):
+        """DDP all-reduces the backbone's gradients once per cycle, on the last micro-batch."""
+        if self.env.distributed and not last_micro:
+            return self.model.no_sync()
+        return nullcontext()
+
+    def _average_dense_fc_grad(self) -> None:
+        """FullFC lives outside DDP: average its gradient over ranks as DDP does the backbone's."""
+        if self.env.distributed and self.mode == "full" and self.fc.weight.grad is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(self.fc.weight.grad, op=dist.ReduceOp.SUM)
+            self.fc.weight.grad.div_(self.env.world_size)
+
+    def _agreed_stop(self) -> bool:
+        """Stop when any rank was asked to (SIGTERM reaches ranks at different steps; all
+        must leave the loop at the same step or their collectives would hang)."""
+        if not self.env.distributed:
+            return self._stop.is_set()
+        return all_reduce_sum([float(self._stop.is_set())], self.device)[0] > 0
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -324,16 +460,27 @@ class Trainer:
         return torch.cat(feats), torch.cat(labels)
 
     def validate(self) -> float | None:
-        """Top-1 over ALL classes on the validation set (the matrix is scanned in chunks)."""
+        """Top-1 over ALL classes on the validation set (the matrix is scanned in chunks).
+
+        With W ranks each scores its share (:func:`eval_indices`) and the hits are summed.
+        """
         if self.val_ds is None or len(self.val_ds) == 0:
             return None
+        from torch.utils.data import Subset
+
+        indices, valid = eval_indices(len(self.val_ds), self.env)
+        dataset = Subset(self.val_ds, indices) if self.env.distributed else self.val_ds
         self.backbone.eval()
         try:
-            feats, labels = self._features(self.val_ds)
-            pred = predict_all_classes(self.head, feats, self.fc.iter_chunks())
+            feats, labels = self._features(dataset)
+            if self.mode == "sharded":
+                pred = self.fc.predict(feats)
+            else:
+                pred = predict_all_classes(self.head, feats, self.fc.iter_chunks())
         finally:
             self.backbone.train()
-        return float((pred == labels).float().mean().item())
+        hits, count = all_reduce_sum([(pred[:valid] == labels[:valid]).sum().item(), valid], self.device)
+        return float(hits / count)
 
     def verify(self) -> dict[str, float]:
         """Verification accuracy on each of eval.bins (10-fold protocol of `hfs verify`)."""
@@ -351,15 +498,34 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
+        """Write the checkpoint of this step (rank 0 writes; every rank must call).
+
+        World-size independent: the backbone without DDP's ``module.`` prefix, the sharded
+        classifier and its momentum gathered whole in global row order, the store's rows in
+        its snapshot, and the world size so a resume on another one can rescale the data
+        position.
+        """
         snapshot = None
         if isinstance(self.fc, SampledFC):
             self.fc.wait()
-            snapshot = self.store.snapshot()  # the store's own step-named (and pruned) snapshot
+            barrier()  # every rank's push of this step is in, so the store has applied it
+            if self.env.is_main:
+                snapshot = self.store.snapshot()  # the store's own step-named (and pruned) snapshot
+        fc_state: dict[str, Any] | None = None
+        optimizer_state = self.optimizer.state_dict()
+        if isinstance(self.fc, FullFC):
+            fc_state = self.fc.state_dict()
+        elif self.mode == "sharded":
+            fc_state = {"weight": self.fc.full_weight()}
+            optimizer_state = self._full_optimizer_state()
+        if not self.env.is_main:
+            return ckpt_io.checkpoint_path(self.cfg.train.output_dir, self.step)
         payload: dict[str, Any] = {
             "config": self.cfg.to_dict(), "fc_mode": self.mode, "num_classes": self.num_classes,
+            "world_size": self.env.world_size,
             "backbone": self.backbone.state_dict(),
-            "fc": self.fc.state_dict() if isinstance(self.fc, FullFC) else None,
-            "optimizer": self.optimizer.state_dict(),
+            "fc": fc_state,
+            "optimizer": optimizer_state,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": ckpt_io.capture_rng(),
             "data": dataclasses.asdict(self.stream.position),
@@ -378,20 +544,26 @@ class Trainer:
         with ExitStack() as stack:
             self._setup(stack)
             start = self.step
-            metrics = MetricsWriter(cfg.train.output_dir, resume_step=start if self.ckpt else None)
-            stack.callback(metrics.close)
+            main = self.env.is_main  # rank 0 alone writes metrics and shows progress
+            metrics = MetricsWriter(cfg.train.output_dir, resume_step=start if self.ckpt else None) if main else None
+            if metrics is not None:
+                stack.callback(metrics.close)
             stack.enter_context(self._stop_on_signals())
             self.backbone.train()
             result = TrainResult(steps=start, start_step=start, seconds=0.0, mode=self.mode,
                                  num_classes=self.num_classes,
-                                 active_classes=self.sample_num if self.mode == "sampled" else self.num_classes)
+                                 active_classes=self.num_classes if self.mode == "full" else self.sample_num)
             last_ckpt: Path | None = None
             pos = self.stream.position
             self._epochs_done = pos.epoch + (1 if pos.batch >= self.stream.batches_per_epoch else 0)
-            window = _Window(self._sampler_seconds())
-            bar = stack.enter_context(progress(self.console))
+            window = _Window(self._sampler_seconds(), self.env.distributed)
+            bar = stack.enter_context(progress(self.console if main else _quiet_console()))
             task = bar.add_task(f"train ({self.mode})", total=self.total_steps, completed=start, info="")
-            while self.step < self.total_steps and not self._stop.is_set():
+            stopped = False
+            while self.step < self.total_steps:
+                if self._agreed_stop():
+                    stopped = True
+                    break
                 lr = self._set_lr(self.step)
                 stats = self.train_step(self.step)
                 self.step += 1
@@ -404,28 +576,30 @@ class Trainer:
                     bar.update(task, info=_progress_info(record))
                 if cfg.train.val_every and self.step % cfg.train.val_every == 0 and self.step < self.total_steps:
                     record["val_top1"] = result.val_top1 = self.validate()
-                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.total_steps:
-                    result.verification = self.verify()
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.total_steps and main:
+                    result.verification = self.verify()  # rank 0 alone: no collectives, nothing to split
                     record.update({f"verify_{k}": v for k, v in result.verification.items()})
-                if len(record) > 2:
+                if len(record) > 2 and metrics is not None:
                     metrics.write(record)
                 if self._checkpoint_due():
                     last_ckpt = self.save()
                 bar.update(task, completed=self.step)
                 for callback in self.callbacks:
                     callback(self, self.step, record)
-            result.interrupted = self._stop.is_set() and self.step < self.total_steps
+            result.interrupted = stopped
             if not result.interrupted:
                 final = {"step": self.step, "val_top1": self.validate()}
                 result.val_top1 = final["val_top1"]
-                result.verification = self.verify()
-                final.update({f"verify_{k}": v for k, v in result.verification.items()})
-                metrics.write(final)
+                if metrics is not None:
+                    result.verification = self.verify()
+                    final.update({f"verify_{k}": v for k, v in result.verification.items()})
+                    metrics.write(final)
             if last_ckpt is None or last_ckpt != ckpt_io.checkpoint_path(cfg.train.output_dir, self.step):
                 last_ckpt = self.save()
-            if result.interrupted:
-                log.warning("%s: stopped after step %d; continue with `hfs train --resume %s`",
-                            self._stop_reason, self.step, last_ckpt)
+            if result.interrupted and main:
+                command = "hfs train-dist" if self.launched else "hfs train"
+                log.warning("%s: stopped after step %d; continue with `%s --resume %s`",
+                            self._stop_reason or "a peer rank stopped", self.step, command, last_ckpt)
             result.steps, result.checkpoint = self.step, str(last_ckpt)
         result.seconds = time.perf_counter() - t_start
         return result
@@ -454,10 +628,18 @@ class Trainer:
         return self.fc.sampler_seconds() if isinstance(self.fc, SampledFC) else 0.0
 
 
-class _Window:
-    """Loss/accuracy/throughput since the last log line."""
+def _quiet_console():
+    """A console that prints nothing: ranks other than 0 run the same loop silently."""
+    from rich.console import Console
 
-    def __init__(self, sampler_seconds: float) -> None:
+    return Console(quiet=True)
+
+
+class _Window:
+    """Loss/accuracy/throughput since the last log line (over all ranks when distributed)."""
+
+    def __init__(self, sampler_seconds: float, all_ranks: bool = False) -> None:
+        self.all_ranks = all_ranks
         self._reset(sampler_seconds)
 
     def _reset(self, sampler_seconds: float) -> None:
@@ -471,7 +653,12 @@ class _Window:
         self.steps += 1
 
     def flush(self, sampler_seconds: float) -> dict[str, float]:
+        """Every rank calls this at the same steps: loss is the mean over ranks, accuracy and
+        throughput count every rank's images."""
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        if self.all_ranks:
+            loss, self.correct, self.images, ranks = all_reduce_sum([self.loss, self.correct, self.images, 1])
+            self.loss = loss / ranks
         out = {"loss": self.loss / max(self.steps, 1), "acc": self.correct / max(self.images, 1),
                "samples_per_s": self.images / elapsed, "upkeep_share": (sampler_seconds - self.s0) / elapsed}
         self._reset(sampler_seconds)

@@ -1,0 +1,273 @@
+"""ShardedFC (``fc.mode: sharded``): the classifier split by rows across ranks, no server.
+
+The layout Partial FC uses to reach tens of millions of classes on many GPUs:
+
+* rank r of W owns the contiguous rows ``[r*C//W, (r+1)*C//W)`` as a local parameter,
+  trained by the trainer's own SGD optimizer (momentum and weight decay act on the whole
+  shard every step, as in Partial FC v2; with ``sample_num >= C`` this is exactly the full
+  softmax);
+* features are all-gathered *with gradient* (:class:`~hfs.train.distributed.AllGatherWithGrad`)
+  and labels without, so every rank scores the whole global batch against its rows;
+* each rank picks its active rows inside its shard: every positive that falls in the shard,
+  then uniform random negatives (Partial FC's rule) up to its share of ``fc.sample_num``.
+  ``sample_num`` is global: rank r takes ``ceil(sample_num * shard_rows / C)`` rows, so the
+  total active set does not change with the world size;
+* the margin head runs on those rows with ``local_labels == -1`` where a sample's positive
+  lives on another rank, and the softmax normaliser is reduced across ranks
+  (:class:`DistCrossEntropy`: all-reduce of the max, of the sum of exponentials and of the
+  positive logit), so the loss is the global batch's mean cross-entropy on every rank.
+
+Gradients: the shard's rows get the exact gradient of the global loss. The features'
+gradient comes back through the all-gather summed over ranks, i.e. exact too; because the
+backbone is wrapped in DistributedDataParallel, which *averages* gradients over ranks, the
+features' gradient is multiplied by W on the way back (``ddp_average=True``), so the
+backbone's update equals the single-process update on the global batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hfs.train.distributed import (all_gather_no_grad, all_gather_with_grad, get_rank, get_world_size,
+                                   is_initialized, scale_grad)
+
+
+def shard_bounds(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows ``[start, end)`` of rank ``rank``: contiguous, sizes differ by at most one."""
+    return rank * num_classes // world_size, (rank + 1) * num_classes // world_size
+
+
+def shard_sample_num(sample_num: int, num_classes: int, shard_rows: int) -> int:
+    """This rank's share of the global ``sample_num`` (never more than its rows)."""
+    return min(shard_rows, math.ceil(sample_num * shard_rows / num_classes))
+
+
+def _all_reduce(tensor: torch.Tensor, op) -> torch.Tensor:
+    if is_initialized() and get_world_size() > 1:
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+class DistCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of a softmax whose columns are spread over ranks.
+
+    ``logits`` (N, S_r) are this rank's columns for all N samples of the global batch;
+    ``local_labels`` (N,) is the positive's column here, or -1 where it lives elsewhere
+    (each sample's positive lives on exactly one rank). Forward: the global max, the
+    global sum of exponentials and the positive logit are all-reduced, and
+    ``loss_i = log(sum_i) + max_i - logit_pos_i``. Backward: ``softmax - onehot`` on this
+    rank's columns, divided by N; no communication is needed.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        n = logits.shape[0]
+        row_max = _all_reduce(logits.detach().max(dim=1).values, dist.ReduceOp.MAX)
+        exp = (logits.detach() - row_max[:, None]).exp_()
+        has = local_labels >= 0
+        rows = torch.nonzero(has, as_tuple=True)[0]
+        pos = torch.zeros(n, dtype=logits.dtype, device=logits.device)
+        pos[rows] = logits.detach()[rows, local_labels[rows]]
+        sums = _all_reduce(torch.stack([exp.sum(dim=1), pos]), dist.ReduceOp.SUM)
+        exp.div_(sums[0][:, None])  # now the softmax probabilities of this rank's columns
+        loss = (sums[0].log() + row_max - sums[1]).mean()
+        ctx.save_for_backward(exp, local_labels)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        probs, local_labels = ctx.saved_tensors
+        grad = probs.clone()
+        rows = torch.nonzero(local_labels >= 0, as_tuple=True)[0]
+        grad[rows, local_labels[rows]] -= 1.0
+        grad.mul_(grad_loss / probs.shape[0])
+        return grad, None
+
+
+def dist_cross_entropy(logits: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+    """The global batch's mean cross-entropy over columns sharded across ranks."""
+    return DistCrossEntropy.apply(logits, local_labels)
+
+
+def select_shard_rows(labels: torch.Tensor, start: int, end: int, count: int,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Active rows of one shard and the labels remapped into them (Partial FC's rule).
+
+    Every positive in ``[start, end)`` is kept, then uniform random rows fill up to
+    ``count`` (more positives than ``count`` keeps them all). Returns (sorted shard-local
+    row ids, or None meaning "the whole shard"; local labels with -1 where the positive is
+    on another shard).
+    """
+    rows = end - start
+    here = (labels >= start) & (labels < end)
+    shard_labels = torch.where(here, labels - start, torch.full_like(labels, -1))
+    if count >= rows:
+        return None, shard_labels
+    positives = torch.unique(shard_labels[here])
+    count = max(count, positives.numel())
+    score = torch.rand(rows, device=labels.device, generator=generator)
+    score[positives] = 2.0  # positives first, then the highest random scores
+    index = torch.topk(score, k=count, sorted=False).indices.sort().values
+    local = torch.full_like(labels, -1)
+    local[here] = torch.searchsorted(index, shard_labels[here])
+    return index, local
+
+
+class ShardedFC(nn.Module):
+    """This rank's shard of the classifier; see the module docstring for the layout."""
+
+    def __init__(self, shard_rows: torch.Tensor, num_classes: int, head: nn.Module, *, sample_num: int,
+                 seed: int = 0, ddp_average: bool = True) -> None:
+        super().__init__()
+        self.rank, self.world_size = get_rank(), get_world_size()
+        self.num_classes = num_classes
+        self.start, self.end = shard_bounds(num_classes, self.rank, self.world_size)
+        if shard_rows.shape[0] != self.end - self.start:
+            raise ValueError(f"rank {self.rank} owns rows [{self.start}, {self.end}) of {num_classes}; "
+                             f"got {shard_rows.shape[0]} rows")
+        self.head = head
+        self.weight = nn.Parameter(shard_rows)
+        self.sample_num = shard_sample_num(sample_num, num_classes, self.end - self.start)
+        self.seed, self.ddp_average = seed, ddp_average
+
+    def _generator(self, step: int) -> torch.Generator:
+        """A per-(seed, step, rank) stream: deterministic and resumable, different per rank."""
+        gen = torch.Generator(device=self.weight.device)
+        gen.manual_seed((self.seed * 1_000_003 + step) * 4096 + self.rank)
+        return gen
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor, step: int = 0, *,
+                last_micro: bool = True, grad_scale: float = 1.0):
+        """The trainer's classifier call (same signature as FullFC/SampledFC) -> FCOutput.
+
+        The shard is a parameter of the trainer's optimizer (unscaled by the AMP scaler
+        like FullFC's), so ``grad_scale`` and ``last_micro`` need no handling here.
+        """
+        from hfs.fc.common import FCOutput
+
+        loss, correct, active = self.loss_and_correct(features, labels, step)
+        return FCOutput(loss, correct, active)
+
+    def loss_and_correct(self, features: torch.Tensor, labels: torch.Tensor,
+                         step: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(global batch's mean loss, same on every rank; top-1 hits among this rank's own
+        samples; active rows of this shard — no extra sync to count the other ranks')."""
+        if self.ddp_average:
+            features = scale_grad(features, float(self.world_size))
+        all_features = all_gather_with_grad(features).float()
+        all_labels = all_gather_no_grad(labels)
+        index, local = select_shard_rows(all_labels, self.start, self.end, self.sample_num,
+                                         self._generator(step))
+        rows = self.weight if index is None else self.weight[index]
+        with torch.autocast(device_type=all_features.device.type, enabled=False):
+            logits = self.head(all_features, rows.float(), local)
+            loss = dist_cross_entropy(logits, local)
+            correct = self._own_correct(all_features.detach(), rows.detach().float(), local, labels.shape[0])
+        return loss, correct, int(rows.shape[0])
+
+    @torch.no_grad()
+    def _own_correct(self, features: torch.Tensor, rows: torch.Tensor, local: torch.Tensor, own: int) -> torch.Tensor:
+        """Top-1 hits (margin-free score over the global active set) among this rank's samples."""
+        sim = self.head.similarity(features, rows)
+        best = _all_reduce(sim.max(dim=1).values, dist.ReduceOp.MAX)
+        has = torch.nonzero(local >= 0, as_tuple=True)[0]
+        pos = torch.full_like(best, -float("inf"))
+        pos[has] = sim[has, local[has]]
+        pos = _all_reduce(pos, dist.ReduceOp.MAX)
+        hits = pos >= best
+        return hits[self.rank * own:(self.rank + 1) * own].sum()
+
+    @torch.no_grad()
+    def predict(self, features: torch.Tensor, chunk_rows: int = 65536) -> torch.Tensor:
+        """Top-1 class over all C classes for this rank's ``features`` (every rank must call
+        with the same number of rows): each rank scores its shard, the best wins."""
+        all_features = all_gather_no_grad(features.float().contiguous())
+        best_score = torch.full((all_features.shape[0],), -float("inf"), device=all_features.device)
+        best_id = torch.full((all_features.shape[0],), -1, dtype=torch.long, device=all_features.device)
+        for first, rows in self.iter_local_chunks(chunk_rows):
+            score, idx = self.head.similarity(all_features, rows.float()).max(dim=1)
+            better = score > best_score
+            best_score = torch.where(better, score, best_score)
+            best_id = torch.where(better, idx + first, best_id)
+        scores = all_gather_no_grad(best_score[None])  # (W, N)
+        ids = all_gather_no_grad(best_id[None])
+        winner = scores.argmax(dim=0)
+        chosen = ids.gather(0, winner[None])[0]
+        own = features.shape[0]
+        return chosen[self.rank * own:(self.rank + 1) * own]
+
+    def full_weight(self) -> torch.Tensor | None:
+        """The whole matrix in global row order on rank 0 (None elsewhere); every rank calls."""
+        return gather_shards(self.weight, self.num_classes)
+
+    @torch.no_grad()
+    def load_full_weight(self, full: torch.Tensor) -> None:
+        """Take this rank's rows of a full matrix saved with any world size."""
+        if full.shape != (self.num_classes, self.weight.shape[1]):
+            raise ValueError(f"classifier matrix of shape {tuple(full.shape)} does not fit "
+                             f"{self.num_classes} classes x {self.weight.shape[1]} dims")
+        self.weight.copy_(shard_of(full, self.num_classes))
+
+    def iter_local_chunks(self, chunk_rows: int = 65536) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first global row, rows) chunks of this rank's shard."""
+        w = self.weight.detach()
+        for first in range(0, w.shape[0], chunk_rows):
+            yield self.start + first, w[first:first + chunk_rows]
+
+
+# --------------------------------------------------------------------------- world-size independence
+
+
+def init_shard_rows(start: int, end: int, dim: int, init: str, std: float, seed: int,
+                    block_rows: int = 65536) -> torch.Tensor:
+    """Rows ``[start, end)`` of a seeded initial matrix that is the same for every world size.
+
+    The matrix is generated in fixed blocks of ``block_rows`` rows, block b from seed
+    ``(seed, b)``, so a rank materialises only the blocks its shard touches (never the
+    whole C x D matrix) and W ranks together hold exactly the matrix one rank would.
+    """
+    from hfs.fc.common import init_rows
+
+    parts = []
+    for block in range(start // block_rows, -(-end // block_rows)):
+        first = block * block_rows
+        rows = init_rows(block_rows, dim, init, std, seed * 1_000_003 + block)
+        lo, hi = max(start, first) - first, min(end, first + block_rows) - first
+        parts.append(rows[lo:hi])
+    return torch.cat(parts) if parts else torch.empty(0, dim)
+
+
+def gather_shards(shard: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+    """The full (C, ...) tensor in global row order on rank 0 (None elsewhere); every rank calls.
+
+    Checkpoints hold the whole matrix (and its momentum) this way, so a run saved on W
+    ranks resumes on any other number.
+    """
+    world, rank = get_world_size(), get_rank()
+    if world == 1 or not is_initialized():
+        return shard.detach().clone()
+    longest = -(-num_classes // world)
+    padded = shard.new_zeros((longest, *shard.shape[1:]))
+    padded[:shard.shape[0]] = shard.detach()
+    gathered = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+    dist.gather(padded, gathered, dst=0)
+    if rank != 0:
+        return None
+    parts = []
+    for r, part in enumerate(gathered):
+        start, end = shard_bounds(num_classes, r, world)
+        parts.append(part[:end - start])
+    return torch.cat(parts)
+
+
+def shard_of(full: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """This rank's rows of a full (C, ...) tensor (loading a checkpoint on any world size)."""
+    if full.shape[0] != num_classes:
+        raise ValueError(f"expected {num_classes} rows, got {full.shape[0]}")
+    start, end = shard_bounds(num_classes, get_rank(), get_world_size())
+    return full[start:end].clone()

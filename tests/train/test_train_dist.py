@@ -1,0 +1,120 @@
+"""`hfs train-dist` end to end on 2 gloo ranks (tiny data, a BN-free backbone so that the
+per-rank batches of DDP and one process's global batch compute the very same thing)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hfs.config import load_config
+from hfs.train import checkpoint as ckpt_io
+from hfs.train.launch import run_train_dist, train_worker
+from tests.train.conftest import make_blobs
+
+pytestmark = pytest.mark.dist
+
+
+def _linear_backbone(embedding_size: int, image_size: int, dropout: float = 0.0) -> nn.Module:
+    gen = torch.Generator().manual_seed(0)
+    layer = nn.Linear(3 * image_size * image_size, embedding_size)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * 0.05)
+        layer.bias.zero_()
+    return nn.Sequential(nn.Flatten(), layer)
+
+
+def _worker(cfg_data: dict, resume: str | None, verbose: int, datasets):
+    """train_worker with a BatchNorm-free test backbone registered in the spawned process."""
+    from hfs.models.backbones import BACKBONES
+
+    if "test-linear" not in BACKBONES:
+        BACKBONES.register("test-linear")(_linear_backbone)
+    return train_worker(cfg_data, resume, verbose, datasets)
+
+
+def _cfg(out: Path, nproc: int, global_batch: int, *extra: str):
+    return load_config(None, [
+        "data.image_size=8", "data.num_workers=0", "model.arch=test-linear", "model.embedding_size=8",
+        "head.type=cosface", "head.scale=16", "head.margin=0.1", "optim.lr=0.2", "optim.schedule=constant",
+        "optim.weight_decay=0.0005", f"train.batch_size={global_batch // nproc}", "train.max_steps=8",
+        "train.log_every=2", "train.checkpoint_every=4", f"train.output_dir={out}", "fc.init_std=0.1",
+        f"dist.nproc={nproc}", "dist.timeout_s=60", *extra])
+
+
+def _data():
+    return make_blobs(num_classes=10, per_class=12, size=8), make_blobs(num_classes=10, per_class=2, size=8, seed=1), 10
+
+
+def _run(cfg, resume: str | None = None):
+    return run_train_dist(cfg, resume, datasets=_data(), worker=_worker)
+
+
+def _final(out: Path) -> dict:
+    return ckpt_io.load_checkpoint(ckpt_io.list_checkpoints(out)[-1])
+
+
+def _losses(out: Path) -> list[float]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in lines if "loss" in r]
+
+
+def _assert_same_weights(a: dict, b: dict, fc_a=None, fc_b=None) -> None:
+    for key in a["backbone"]:
+        torch.testing.assert_close(a["backbone"][key], b["backbone"][key], rtol=1e-4, atol=1e-5)
+    fc_a = a["fc"]["weight"] if fc_a is None else fc_a
+    fc_b = b["fc"]["weight"] if fc_b is None else fc_b
+    torch.testing.assert_close(torch.as_tensor(fc_a), torch.as_tensor(fc_b), rtol=1e-4, atol=1e-5)
+
+
+def _store_matrix(out: Path, tag: str) -> np.ndarray:
+    """The classifier rows of a weight-store snapshot (either store writes the same layout)."""
+    from hfs.paramserver.store import InProcessStore
+
+    store = InProcessStore(out / "store")
+    store.restore(tag)
+    return np.concatenate([rows for _, rows in store.iter_chunks("fc")])
+
+
+def test_two_ranks_full_softmax_equal_one_rank_with_the_same_global_batch(tmp_path):
+    one = _run(_cfg(tmp_path / "one", 1, 12))
+    two = _run(_cfg(tmp_path / "two", 2, 12))
+    a, b = _final(tmp_path / "one"), _final(tmp_path / "two")
+    assert b["world_size"] == 2 and not any(k.startswith("module.") for k in b["backbone"])
+    _assert_same_weights(a, b)
+    assert one.val_top1 == pytest.approx(two.val_top1)
+    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-4)
+
+
+def test_sharded_mode_trains_and_resumes_on_another_world_size(tmp_path):
+    """2 ranks for 8 steps == 2 ranks for 4, then 1 rank (same global batch) from that checkpoint."""
+    sharded = ("fc.mode=sharded", "fc.sample_num=1000")
+    _run(_cfg(tmp_path / "straight", 2, 12, *sharded))
+    losses = _losses(tmp_path / "straight")
+    assert losses[-1] < losses[0]
+    halfway = ckpt_io.checkpoint_path(tmp_path / "straight", 4)
+    saved = ckpt_io.load_checkpoint(halfway)
+    assert saved["world_size"] == 2 and saved["fc"]["weight"].shape == (10, 8)
+    assert saved["optimizer"]["state"][2]["momentum_buffer"].shape == (10, 8)  # whole, not one shard
+    resumed = _run(_cfg(tmp_path / "resumed", 1, 12, *sharded), resume=str(halfway))
+    assert (resumed.start_step, resumed.steps) == (4, 8)
+    _assert_same_weights(_final(tmp_path / "straight"), _final(tmp_path / "resumed"))
+
+
+def test_sampled_mode_through_the_job_server_equals_one_rank(tmp_path):
+    """2 ranks pushing to the server `train-dist` starts == 1 rank with its embedded store."""
+    sampled = ("fc.mode=sampled", "fc.sample_num=1000", "fc.overlap_push=true", "sampler.type=exact",
+               "sampler.background=false")
+    one = _run(_cfg(tmp_path / "one", 1, 12, *sampled))
+    two = _run(_cfg(tmp_path / "two", 2, 12, *sampled))
+    a, b = _final(tmp_path / "one"), _final(tmp_path / "two")
+    assert b["store_snapshot"] == a["store_snapshot"] and int(a["store_snapshot"].split("-")[-1]) == 8
+    _assert_same_weights(a, b, _store_matrix(tmp_path / "one", a["store_snapshot"]),
+                         _store_matrix(tmp_path / "two", b["store_snapshot"]))
+    losses = _losses(tmp_path / "two")
+    assert losses[-1] < losses[0] and losses == pytest.approx(_losses(tmp_path / "one"), rel=1e-4)
+    assert two.val_top1 == pytest.approx(one.val_top1)
