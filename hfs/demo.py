@@ -26,6 +26,10 @@ from typing_extensions import Annotated
 log = logging.getLogger("hfs.demo")
 
 
+class DemoInterrupted(Exception):
+    """SIGINT/SIGTERM stopped the training step (it wrote a checkpoint first)."""
+
+
 @dataclass(frozen=True)
 class DemoSizes:
     """How big the demo is; the defaults fit ~5 minutes on two busy CPU cores."""
@@ -102,6 +106,9 @@ def run_demo(out: Path, sizes: DemoSizes = DemoSizes()) -> dict:
     if (out / "train").exists():  # the demo's own previous run: start afresh
         shutil.rmtree(out / "train")
     result = train(cfg)
+    if result.interrupted:
+        raise DemoInterrupted(f"training stopped at step {result.steps} of {sizes.steps}; continue it with "
+                              f"`hfs train --resume {result.checkpoint}`, or run the demo again")
     log.info("4/4 extracting features of %s and verifying", bin_path.name)
     accuracy = extract_and_verify(result.checkpoint, bin_path, out / "verify_features.npy")
     return {"identities": sizes.identities, "train_images": converted.images - converted.val_images,
@@ -148,6 +155,9 @@ def main(out: Annotated[Path, typer.Option("--out", help="Folder for the demo's 
     except (ConfigError, HfsError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
+    except DemoInterrupted as exc:
+        typer.echo(f"interrupted: {exc}", err=True)
+        raise typer.Exit(130)
 
 
 if __name__ == "__main__":
