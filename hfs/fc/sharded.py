@@ -33,6 +33,7 @@ backbone's update equals the single-process update on the global batch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import TYPE_CHECKING, Iterator
@@ -163,7 +164,7 @@ class ShardView:
     def iter_chunks(self, name: str, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
         weight = self._weight(name)
         for first in range(0, weight.shape[0], chunk_rows):
-            yield first, weight[first:first + chunk_rows].float().cpu().numpy().copy()
+            yield first, weight[first:first + chunk_rows].to("cpu", torch.float32, copy=True).numpy()
 
 
 class ShardedFC(nn.Module):
@@ -242,8 +243,7 @@ class ShardedFC(nn.Module):
         active, local = self.selector.select(all_features.float().cpu().numpy(),
                                              shard_labels.cpu().numpy().astype(np.int64), step)
         if self.selector.uses_index:  # its drift tracker / in-place updates see the rows used
-            self.selector.observe(active, self.weight.detach()[torch.from_numpy(active).to(self.weight.device)]
-                                  .float().cpu().numpy())
+            self.selector.observe(active, ShardView(self).get_rows("fc", active))
         self.timers["select"] += time.perf_counter() - t0
         local_t = torch.from_numpy(local).to(all_labels.device)
         if len(active) == self.shard_rows and np.array_equal(active, np.arange(self.shard_rows)):
@@ -321,14 +321,12 @@ def build_shard_selector(cfg: "HfsConfig", fc: ShardedFC, batch_size: int) -> "A
 
     It is ``hfs.samplers.build_selector`` over :class:`ShardView` (shard-local ids) with
     three settings adapted to the shard: ``fc.sample_num`` becomes this rank's share
-    (``fc.sample_num``), the queries are the all-gathered global batch (so ``sampler.k = 0``
+    (``ShardedFC.sample_num``), the queries are the all-gathered global batch (so ``sampler.k = 0``
     sizes candidates for ``batch_size x W`` queries), and each rank's random fill is seeded
     ``sampler.seed + rank``. ``batch_size`` is the per-rank micro-batch.
     """
     if cfg.sampler.type == "random":
         return None
-    import dataclasses
-
     from hfs.samplers import build_selector
 
     shard_cfg = dataclasses.replace(

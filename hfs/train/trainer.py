@@ -274,7 +274,7 @@ class Trainer:
 
     def _build_sharded_fc(self):
         """This rank's shard of the classifier rows (the world-size independent initial matrix)."""
-        from hfs.fc.sharded import ShardedFC, init_shard_rows, shard_bounds
+        from hfs.fc.sharded import init_shard_rows, shard_bounds
 
         cfg = self.cfg
         self.sample_num = min(cfg.fc.sample_num, self.num_classes)
