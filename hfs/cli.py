@@ -345,6 +345,7 @@ def bench_sampler(
     seed: Annotated[int, typer.Option(help="Seed of the generated weights and queries.")] = 0,
     upkeep_steps: Annotated[int, typer.Option(help="Also simulate this many sampled training steps per --upkeep-samplers and report index upkeep (0 = skip).", min=0)] = 0,
     upkeep_samplers: Annotated[str, typer.Option(help="Comma-separated samplers for the upkeep simulation.")] = "annoy,hnsw",
+    upkeep_baseline: Annotated[bool, typer.Option(help="Upkeep simulation: also run the same loop with a never-refreshed index, for the measured added wall time.")] = True,
     lr: Annotated[float, typer.Option(help="Upkeep simulation: SGD learning rate on the active rows.", min=0.0)] = 0.1,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this file.")] = None,
     config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
@@ -361,12 +362,55 @@ def bench_sampler(
         num_classes=num_classes, dim=dim, batch_size=batch_size, sample_num=sample_num,
         samplers=[s.strip() for s in samplers.split(",") if s.strip()], weights=weights, scale=scale,
         batches=batches, cluster_size=cluster_size, spread=spread, noise=noise, seed=seed,
-        upkeep_steps=upkeep_steps, upkeep_samplers=[s.strip() for s in upkeep_samplers.split(",") if s.strip()], lr=lr)
+        upkeep_steps=upkeep_steps, upkeep_samplers=[s.strip() for s in upkeep_samplers.split(",") if s.strip()],
+        upkeep_baseline=upkeep_baseline, lr=lr)
     console = make_console()
     report = run_sampler_bench(cfg, settings, console=make_console(stderr=True))
     render_report(report, console)
     if json_out is not None:
         atomic_write_text(json_out, json.dumps(report, indent=2, default=str) + "\n")
+
+@app.command("bench-fc")
+def bench_fc_cmd(
+    config: ConfigOpt = None,
+    classes: Annotated[int, typer.Option("--classes", min=2, help="Number of classes C.")] = 1_000_000,
+    dim: Annotated[int, typer.Option("--dim", min=1, help="Feature dimension D (sets model.embedding_size).")] = 256,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Batch size B.")] = 256,
+    sample_num: Annotated[int, typer.Option("--sample-num", min=1, help="Active classes S of the sampled step.")] = 1000,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Measured sampled steps.")] = 20,
+    full_steps: Annotated[int, typer.Option("--full-steps", min=1, help="Measured full-softmax steps.")] = 3,
+    skip_full: Annotated[bool, typer.Option("--skip-full", help="Only the sampled step (no C x D dense matrix).")] = False,
+    threads: Annotated[int, typer.Option("--threads", min=0, help=(
+        "torch intra-op threads for both steps (0 = torch's default; 1 avoids spin-waiting on a busy box)."))] = 0,
+    amortise: Annotated[int, typer.Option("--amortise-steps", min=0, help=(
+        "Steps the index build is spread over (0 = sampler.interval, the shortest rebuild spacing)."))] = 0,
+    memory_at: Annotated[List[int], typer.Option("--memory-at", min=2, help=(
+        "Also measure a sampled-mode trainer's peak RSS at this C, the matrix in a separate "
+        "`hfs serve-params` process (repeatable)."))] = [],
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON here.")] = None,
+    set_: SetOpt = [],
+    print_config: PrintConfigOpt = False,
+) -> None:
+    """Time the classifier-layer step: HF-softmax (sampler + store + head) vs the full softmax."""
+    cfg = resolve_config(config, [f"model.embedding_size={dim}"] + list(set_), print_config)
+    import json
+
+    import torch
+
+    from hfs.bench.fc import bench_fc, render, render_memory, trainer_memory
+    from hfs.utils.atomic import atomic_write_text
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    result = bench_fc(cfg, classes, batch, sample_num, steps=steps, full_steps=full_steps, skip_full=skip_full,
+                      amortise_steps=amortise)
+    render(result)
+    if memory_at:
+        result["trainer_memory"] = trainer_memory(cfg, memory_at, batch, sample_num)
+        render_memory(result["trainer_memory"], cfg.sampler.type)
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(result, indent=2, default=str) + "\n")
 
 
 def main() -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import math
 import tempfile
 import threading
@@ -33,7 +32,6 @@ import numpy as np
 
 from hfs.utils.errors import HfsError
 
-log = logging.getLogger(__name__)
 
 CHUNK = 65536
 
@@ -57,6 +55,7 @@ class SamplerBenchSettings:
     seed: int = 0
     upkeep_steps: int = 0
     upkeep_samplers: list[str] = field(default_factory=lambda: ["annoy", "hnsw"])
+    upkeep_baseline: bool = True
     lr: float = 0.1
 
 
@@ -340,7 +339,8 @@ def bench_upkeep(name: str, cfg, weights: np.ndarray, settings: SamplerBenchSett
     results: dict[str, Any] = {"sampler": name, "policy": scfg.refresh, "steps": settings.upkeep_steps}
     frozen_policy = RefreshPolicy("interval", interval=settings.upkeep_steps + 1, max_interval=0)
     live_policy = RefreshPolicy(scfg.refresh, scfg.interval, scfg.max_interval, scfg.drift_threshold)
-    for label, policy, with_upkeep in (("frozen", frozen_policy, False), ("live", live_policy, True)):
+    runs = [("frozen", frozen_policy, False)] if settings.upkeep_baseline else []
+    for label, policy, with_upkeep in runs + [("live", live_policy, True)]:
         matrix = weights.copy()
         selector = selector_over(matrix, policy)
         selector.wait_ready()
@@ -363,7 +363,8 @@ def bench_upkeep(name: str, cfg, weights: np.ndarray, settings: SamplerBenchSett
             results.update(frozen_wall_s=run["wall_s"], frozen_step_ms=run["step_ms"])
         selector.close()
         del matrix
-    results["added_share"] = results["live_wall_s"] / results["frozen_wall_s"] - 1.0
+    if settings.upkeep_baseline:
+        results["added_share"] = results["live_wall_s"] / results["frozen_wall_s"] - 1.0
     return results
 
 
@@ -444,10 +445,16 @@ def run_sampler_bench(cfg, settings: SamplerBenchSettings, console=None) -> dict
         if settings.upkeep_steps:
             upkeep = []
             for name in settings.upkeep_samplers:
-                task = bar.add_task(f"upkeep {name}", total=2 * settings.upkeep_steps, info="frozen, then live")
+                runs = 2 if settings.upkeep_baseline else 1
+                task = bar.add_task(f"upkeep {name}", total=runs * settings.upkeep_steps,
+                                    info="frozen, then live" if runs == 2 else "live")
                 upkeep.append(bench_upkeep(name, cfg, weights, settings, k, lambda t=task: bar.advance(t)))
             report["upkeep"] = upkeep
     return report
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "-" if value is None else pattern.format(value)
 
 
 def render_report(report: dict[str, Any], console) -> None:
@@ -476,6 +483,7 @@ def render_report(report: dict[str, Any], console) -> None:
         for r in report["upkeep"]:
             table.add_row(r["sampler"], f"{r['live_step_ms']:.1f}", f"{r['fg_s']:.2f}", f"{r['bg_cpu_s']:.1f}",
                           f"{100 * r['upkeep_share']:.1f}%", str(r["rebuilds"]), str(r["rows_updated"]),
-                          f"{r['frozen_wall_s']:.1f}", f"{r['live_wall_s']:.1f}", f"{100 * r['added_share']:+.1f}%",
+                          _fmt(r.get("frozen_wall_s"), "{:.1f}"), f"{r['live_wall_s']:.1f}",
+                          _fmt(r.get("added_share"), "{:+.1%}"),
                           f"{r['final_recall']:.3f}")
         console.print(table)

@@ -29,10 +29,9 @@ def loss_and_correct(head: MarginHead, features: torch.Tensor, rows: torch.Tenso
                      local_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy over the head's logits in float32, and the top-1 hit count."""
     with torch.autocast(device_type=features.device.type, enabled=False):
-        logits = head(features.float(), rows.float(), local_labels)
+        logits, sim = head.logits_and_similarity(features.float(), rows.float(), local_labels)
         loss = F.cross_entropy(logits, local_labels, ignore_index=-1)
-        with torch.no_grad():
-            correct = (head.similarity(features.float(), rows.float()).argmax(dim=1) == local_labels).sum()
+        correct = (sim.detach().argmax(dim=1) == local_labels).sum()
     return loss, correct
 
 

@@ -10,8 +10,10 @@ Gradient accumulation: every micro-batch of a cycle fetches its rows at the same
 micro-batches are concatenated into ONE push when the last micro-batch's backward runs;
 rows active in several micro-batches add up in the store, exactly as their gradients would
 in one big batch. The push runs on a background thread so it overlaps the backbone's
-backward pass and optimizer step; it is waited for before the next fetch, a snapshot, a
-validation pass or the selector's refresh, so results do not depend on thread timing.
+backward pass, its optimizer step, the next batch's loading and the next backbone forward.
+It is waited for before the next selection, a snapshot or a validation pass, and the
+selector's refresh for a step runs only after its push has landed (at the start of the next
+forward), so results do not depend on thread timing.
 """
 
 from __future__ import annotations
@@ -39,17 +41,23 @@ class SampledFC:
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self._cycle: list[tuple[np.ndarray, np.ndarray]] = []
+        self._refresh_step: int | None = None
+        self._hparams: HParams | None = None
         self.timers = {"select": 0.0, "refresh": 0.0, "get": 0.0, "push_wait": 0.0}
 
     # -- per step ----------------------------------------------------------------------
     def set_hparams(self, lr: float, momentum: float, weight_decay: float) -> None:
-        """The classifier's lr for the coming push (the trainer's schedule x fc.lr_scale)."""
-        self.store.set_hparams(self.matrix, HParams(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        """The classifier's lr for the coming step (the trainer's schedule x fc.lr_scale).
+
+        Sent to the store in `settle`, after the previous step's push has landed, so a push
+        still in flight is never applied with the next step's learning rate.
+        """
+        self._hparams = HParams(lr=lr, momentum=momentum, weight_decay=weight_decay)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor, step: int, *,
                 last_micro: bool = True, grad_scale: float = 1.0) -> FCOutput:
         """Loss over the active classes of this micro-batch; backward pushes the row gradients."""
-        self.wait()
+        self.settle()
         t0 = time.perf_counter()
         active, local = self.selector.select(features.detach().float().cpu().numpy(),
                                              labels.detach().cpu().numpy().astype(np.int64), step)
@@ -103,11 +111,20 @@ class SampledFC:
             self.timers["push_wait"] += time.perf_counter() - t0
 
     def end_step(self, step: int) -> None:
-        """After an optimizer step: let the selector rebuild/refresh its index if due."""
+        """After an optimizer step: its index refresh runs once its push has landed (see settle)."""
+        self._refresh_step = step
+
+    def settle(self) -> None:
+        """Wait for the pending push, then send new hparams and give the selector its refresh."""
         self.wait()
-        t0 = time.perf_counter()
-        self.selector.maybe_refresh(step)
-        self.timers["refresh"] += time.perf_counter() - t0
+        if self._hparams is not None:
+            hparams, self._hparams = self._hparams, None
+            self.store.set_hparams(self.matrix, hparams)
+        if self._refresh_step is not None:
+            step, self._refresh_step = self._refresh_step, None
+            t0 = time.perf_counter()
+            self.selector.maybe_refresh(step)
+            self.timers["refresh"] += time.perf_counter() - t0
 
     # -- whole matrix ------------------------------------------------------------------
     def iter_chunks(self, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:

@@ -37,12 +37,17 @@ class MarginHead(nn.Module):
         return cos_pos
 
     def forward(self, features: torch.Tensor, rows: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        return self.logits_and_similarity(features, rows, local_labels)[0]
+
+    def logits_and_similarity(self, features: torch.Tensor, rows: torch.Tensor,
+                              local_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits and the margin-free similarity they came from (one matmul for both)."""
         sim = self.similarity(features, rows)
-        has_pos = torch.nonzero(local_labels >= 0, as_tuple=True)[0]
-        if has_pos.numel():
-            cols = local_labels[has_pos]
-            sim = sim.index_put((has_pos, cols), self.positive_margin(sim[has_pos, cols]))
-        return sim * self.scale
+        # gather/scatter on B positives; label -1 writes its own value back (no host sync).
+        cols = local_labels.clamp_min(0).unsqueeze(1)
+        pos = sim.gather(1, cols).squeeze(1)
+        pos = torch.where(local_labels >= 0, self.positive_margin(pos), pos)
+        return sim.scatter(1, cols, pos.unsqueeze(1)) * self.scale, sim
 
 
 @HEADS.register("softmax")
@@ -52,8 +57,10 @@ class SoftmaxHead(MarginHead):
     def similarity(self, features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return F.linear(features, rows)
 
-    def forward(self, features: torch.Tensor, rows: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
-        return self.similarity(features, rows)
+    def logits_and_similarity(self, features: torch.Tensor, rows: torch.Tensor,
+                              local_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sim = self.similarity(features, rows)
+        return sim, sim
 
 
 @HEADS.register("cosface")

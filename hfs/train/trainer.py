@@ -168,6 +168,9 @@ class Trainer:
     # ------------------------------------------------------------------ building
     def _setup(self, stack: ExitStack) -> None:
         cfg = self.cfg
+        if cfg.fc.mode == "sharded" and not self.launched:
+            raise HfsError("config key 'fc.mode' is 'sharded': that is the model-parallel FC of "
+                           "`hfs train-dist`; `hfs train` takes full or sampled")
         self.device = self.env.device() if self.launched else resolve_device(cfg.train.device)
         self.amp_dtype = self._resolve_amp()
         seed_everything(cfg.train.seed)
@@ -182,6 +185,9 @@ class Trainer:
         if self.ckpt is None and ckpt_io.list_checkpoints(cfg.train.output_dir):
             raise HfsError(f"train.output_dir {cfg.train.output_dir} already holds checkpoints of another run; "
                            "continue it with --resume latest or choose another train.output_dir")
+        if self.ckpt is not None and self.ckpt.get("fc_mode") != cfg.fc.mode:
+            raise HfsError(f"checkpoint {self.resume_path} is a fc.mode={self.ckpt.get('fc_mode')} run, "
+                           f"this config says fc.mode={cfg.fc.mode}")
         if self.ckpt is not None and self.ckpt.get("num_classes") != self.num_classes:
             raise HfsError(f"checkpoint {self.resume_path} was trained with {self.ckpt.get('num_classes')} "
                            f"classes, this config has {self.num_classes}")
@@ -190,9 +196,6 @@ class Trainer:
         self.model = self._data_parallel(self.backbone)
         self.head = build_head(cfg.head)
         self.mode = cfg.fc.mode
-        if self.mode == "sharded" and not self.launched:
-            raise HfsError("config key 'fc.mode' is 'sharded': that is the model-parallel FC of "
-                           "`hfs train-dist`; `hfs train` takes full or sampled")
         params = [{"params": list(self.backbone.parameters()), "lr_scale": 1.0}]
         if self.mode == "full":
             self.fc = FullFC(self.num_classes, cfg.model.embedding_size, self.head, init=cfg.fc.init,
@@ -326,6 +329,8 @@ class Trainer:
         backbone_state = dict(ckpt["backbone"])
         consume_prefix_in_state_dict_if_present(backbone_state, "module.")  # saved from a DDP wrapper
         optimizer_state = ckpt["optimizer"]
+
+
         try:
             self.backbone.load_state_dict(backbone_state)
             if self.mode == "full":
@@ -579,6 +584,7 @@ class Trainer:
                 record = {"step": self.step, "lr": lr}
                 if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                     record.update(window.flush(self._sampler_seconds()))
+                    record.update(self._index_upkeep())
                     result.loss, result.train_acc = record["loss"], record["acc"]
                     bar.update(task, info=_progress_info(record))
                 if cfg.train.val_every and self.step % cfg.train.val_every == 0 and self.step < self.total_steps:
@@ -621,6 +627,15 @@ class Trainer:
         new_epoch = epochs_done > self._epochs_done
         self._epochs_done = epochs_done
         return bool(t.checkpoint_every_epochs and new_epoch and epochs_done % t.checkpoint_every_epochs == 0)
+
+    def _index_upkeep(self) -> dict[str, float]:
+        """The selector's own account: background build CPU share, rebuilds so far, drift."""
+        upkeep = getattr(getattr(self.fc, "selector", None), "upkeep", None)
+        if upkeep is None:
+            return {}
+        u = upkeep()
+        return {"index_bg_share": float(u.get("bg_share", 0.0)), "index_rebuilds": int(u.get("rebuilds", 0)),
+                "index_drift": float(u.get("drift", 0.0))}
 
     def _sampler_seconds(self) -> float:
         return self.fc.sampler_seconds() if isinstance(self.fc, (SampledFC, ShardedFC)) else 0.0

@@ -3,18 +3,20 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from hfs.bench.sampler import ExactReference, queries_near, structured_weights
 from hfs.cli import app
 
 
-def test_bench_sampler_end_to_end_writes_json(tmp_path):
+@pytest.mark.parametrize("baseline", ["--upkeep-baseline", "--no-upkeep-baseline"])
+def test_bench_sampler_end_to_end_writes_json(tmp_path, baseline):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, [
         "bench-sampler", "--num-classes", "3000", "--dim", "16", "--batch-size", "32", "--sample-num", "100",
         "--samplers", "hnsw,exact,random", "--batches", "2", "--upkeep-steps", "20", "--upkeep-samplers", "exact",
-        "--json", str(out), "--set", "sampler.refresh=interval", "--set", "sampler.interval=5"])
+        "--json", str(out), "--set", "sampler.refresh=interval", "--set", "sampler.interval=5", baseline])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     rows = {r["sampler"]: r for r in report["query"]}
@@ -24,6 +26,7 @@ def test_bench_sampler_end_to_end_writes_json(tmp_path):
     assert 0 < rows["random"]["coverage"] < 1 and rows["random"]["coverage_vs_random"] == 1.0
     upkeep = report["upkeep"][0]
     assert upkeep["steps"] == 20 and upkeep["rows_updated"] > 0 and upkeep["fg_s"] > 0
+    assert ("added_share" in upkeep) == (baseline == "--upkeep-baseline")
     assert "coverage" in result.output
 
 

@@ -50,7 +50,7 @@ def test_background_refresh_swaps_safely(name, small_world, make_store):
     assert _exact_recall(selector, weights, queries) > 0.7
     # the weights change completely: class j now has the vector class perm[j] had
     perm = np.random.default_rng(5).permutation(C)
-    store.mats["fc"][:] = weights[perm]
+    store.set_rows("fc", np.arange(C), weights[perm])
     queried_while_building = 0
     step = 0
     for step in range(1, 40):

@@ -18,6 +18,15 @@ def make_blobs(num_classes: int = 12, per_class: int = 16, size: int = 16, seed:
     return TensorDataset(images.clamp(-1, 1), labels)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and lose a lot on a shared 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def blobs():
     return make_blobs(), make_blobs(per_class=2, seed=0), 12

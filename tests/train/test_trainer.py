@@ -85,10 +85,14 @@ def test_missing_data_root_is_rejected(tiny_cfg, tmp_path):
         train(tiny_cfg("data.source=list", f"data.root={tmp_path / 'nope'}"))
 
 
-def test_resume_into_other_mode_is_rejected(tiny_cfg, blobs, tmp_path):
+def test_resume_into_other_mode_or_size_is_rejected(tiny_cfg, blobs, tmp_path):
     first = train(tiny_cfg("train.max_steps=2"), datasets=blobs)
-    with pytest.raises(HfsError, match="fc.num_classes|classes"):
+    with pytest.raises(HfsError, match="trained with 12 classes, this config has 20"):
         train(tiny_cfg("train.max_steps=4", "fc.num_classes=20"), datasets=blobs, resume=first.checkpoint)
+    with pytest.raises(HfsError, match="fc.mode=full run, this config says fc.mode=sampled"):
+        train(tiny_cfg("train.max_steps=4", "fc.mode=sampled"), datasets=blobs, resume=first.checkpoint)
+    with pytest.raises(HfsError, match="fc.mode.*sharded.*train-dist"):
+        train(tiny_cfg("fc.mode=sharded"), datasets=blobs)
 
 
 def test_schedules():

@@ -1,0 +1,251 @@
+"""Accuracy against cost: full softmax vs HF-softmax (annoy, hnsw), exact top-k and random negatives.
+
+    PYTHONPATH=. python benchmarks/accuracy_vs_cost.py --classes 10000 --steps 1500 \
+        --cells full annoy:0.01 annoy:0.1 hnsw:0.01 exact:0.01 random:0.01 random:0.1 \
+        --out docs/results/accuracy_vs_cost.json
+
+Every cell trains the same `tiny` backbone with `hfs.train.Trainer` (the engine of
+`hfs train`) from the same seed, for the same steps, on the same structured synthetic
+identities (clusters of look-alike identities, `hfs.data.synthetic`), and reports
+
+- closed-set top-1 on held-out views of the training identities, scored against ALL classes;
+- verification accuracy (10-fold) on a .bin of pairs of identities never trained on
+  (`hfs.data.synthetic.write_synthetic_bin`, half the negatives from the same cluster);
+- median wall time per training step, and the sampler upkeep share (selection + index
+  refresh in the training thread, and background build CPU) of the training wall time.
+
+A cell is ``full`` or ``SAMPLER:RATE`` with sample_num = RATE x C. The images are generated
+once into a uint8 cache (``--cache``) so image synthesis does not dominate the step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evidence_common import run_context, write_results  # noqa: E402
+
+log = logging.getLogger("accuracy_vs_cost")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _render_range(path: str, first: int, last: int, views: int, image_size: int, seed: int, cluster_size: int) -> None:
+    from hfs.data.synthetic import SyntheticFaces
+
+    faces = SyntheticFaces(seed, image_size, cluster_size, cache_size=4)
+    out = np.load(path, mmap_mode="r+")
+    for cls in range(first, last):
+        for view in range(views):
+            out[cls, view] = faces.image(cls, view)
+    out.flush()
+
+
+def pregenerate(cache_dir: Path, classes: int, views: int, image_size: int, seed: int = 0, cluster_size: int = 8,
+                jobs: int = 2) -> Path:
+    """``classes x views`` synthetic images as one uint8 .npy (generated once, then reused)."""
+    path = cache_dir / f"synthetic_c{classes}_v{views}_s{image_size}_seed{seed}_cl{cluster_size}.npy"
+    if path.exists():
+        return path
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial.npy")
+    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(classes, views, image_size, image_size, 3)).flush()
+    bounds = np.linspace(0, classes, 8 * jobs + 1).astype(int)
+    args = [(str(tmp), int(a), int(b), views, image_size, seed, cluster_size) for a, b in zip(bounds[:-1], bounds[1:])]
+    if jobs <= 1:
+        for a in args:
+            _render_range(*a)
+    else:
+        with get_context("spawn").Pool(jobs) as pool:
+            pool.starmap(_render_range, args)
+    tmp.rename(path)
+    return path
+
+
+def verification_bin(cache_dir: Path, first_class: int, identities: int, pairs: int, image_size: int, seed: int = 0,
+                     cluster_size: int = 8) -> Path:
+    """A .bin of pairs over identities ``[first_class, first_class + identities)`` (cached)."""
+    from hfs.data.synthetic import write_synthetic_bin
+
+    path = cache_dir / f"verify_c{first_class}_n{identities}_p{pairs}_s{image_size}_seed{seed}.bin"
+    if not path.exists():
+        write_synthetic_bin(path, pairs, first_class, identities, image_size, seed, cluster_size=cluster_size)
+    return path
+
+
+class ArrayIdentities:
+    """Training or held-out views of the pregenerated identities (same items as SyntheticIdentities)."""
+
+    def __init__(self, images: np.ndarray, train_views: int, split: str, image_size: int, seed: int = 0) -> None:
+        from hfs.data.transforms import EvalTransform, TrainTransform
+
+        self.images, self.split, self.seed, self.epoch = images, split, seed, 0
+        self.first = 0 if split == "train" else train_views
+        self.per_class = train_views if split == "train" else images.shape[1] - train_views
+        self.transform = TrainTransform(image_size, True) if split == "train" else EvalTransform(image_size)
+
+    def __len__(self) -> int:
+        return self.images.shape[0] * self.per_class
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def labels(self) -> np.ndarray:
+        return np.repeat(np.arange(self.images.shape[0], dtype=np.int64), self.per_class)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        cls, j = divmod(int(index), self.per_class)
+        img = Image.fromarray(np.asarray(self.images[cls, self.first + j]))
+        if self.split == "train":
+            return self.transform(img, np.random.default_rng([self.seed, 4, index, self.epoch])), cls
+        return self.transform(img), cls
+
+
+# ----------------------------------------------------------------------------- one cell
+
+
+def parse_cell(text: str, classes: int) -> tuple[str, int]:
+    """``full`` -> ("full", C); ``annoy:0.01`` -> ("annoy", 0.01 x C)."""
+    if text == "full":
+        return "full", classes
+    name, _, rate = text.partition(":")
+    if not rate:
+        raise SystemExit(f"cell '{text}': expected full or SAMPLER:RATE (e.g. annoy:0.01)")
+    return name, max(1, round(float(rate) * classes))
+
+
+class StepClock:
+    """Trainer callback: wall time of each step, and the selector's upkeep at the last step."""
+
+    def __init__(self, total_steps: int) -> None:
+        self.total, self.last, self.step_s, self.upkeep = total_steps, time.perf_counter(), [], None
+        self.timers: dict[str, float] = {}
+
+    def __call__(self, trainer, step: int, record: dict) -> None:
+        now = time.perf_counter()
+        self.step_s.append(now - self.last)
+        self.last = now
+        if step == self.total and hasattr(trainer.fc, "selector"):
+            self.upkeep = trainer.fc.selector.upkeep()
+            self.timers = dict(trainer.fc.timers)
+
+
+def cell_config(args: argparse.Namespace, name: str, sample_num: int, output_dir: Path, bin_path: Path):
+    from hfs.config import config_from_dict
+
+    fc = {"mode": "full"} if name == "full" else {"mode": "sampled", "sample_num": sample_num}
+    return config_from_dict({
+        "data": {"image_size": args.image_size, "num_workers": 0},
+        "model": {"arch": "tiny", "embedding_size": args.dim},
+        "head": {"type": "arcface", "scale": args.scale, "margin": args.margin},
+        "fc": fc,
+        "sampler": {"type": name if name != "full" else "annoy", "annoy_trees": args.annoy_trees},
+        "optim": {"lr": args.lr, "schedule": "cosine", "warmup_steps": args.warmup},
+        "train": {"output_dir": str(output_dir), "batch_size": args.batch, "max_steps": args.steps,
+                  "checkpoint_every": 0, "log_every": 50, "seed": args.seed},
+        "eval": {"bins": [str(bin_path)], "batch_size": 512, "num_workers": 0},
+    })
+
+
+def run_cell(args: argparse.Namespace, cell: str, images: np.ndarray, bin_path: Path, workdir: Path) -> dict[str, Any]:
+    """Train one cell and return its accuracy and cost numbers."""
+    import shutil
+
+    import torch
+
+    from hfs.train.trainer import Trainer
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    name, sample_num = parse_cell(cell, args.classes)
+    out_dir = workdir / cell.replace(":", "_")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cfg = cell_config(args, name, sample_num, out_dir, bin_path)
+    train = ArrayIdentities(images, args.train_views, "train", args.image_size, args.seed)
+    val = ArrayIdentities(images, args.train_views, "val", args.image_size, args.seed)
+    clock = StepClock(args.steps)
+    t0 = time.perf_counter()
+    result = Trainer(cfg, datasets=(train, val, args.classes), callbacks=[clock]).run()
+    wall = time.perf_counter() - t0
+    steps_s = clock.step_s[10:]  # skip start-up steps
+    train_s = sum(clock.step_s)
+    row: dict[str, Any] = {
+        "cell": cell, "sampler": name, "sample_num": sample_num, "rate": sample_num / args.classes,
+        "val_top1": result.val_top1, "verification": result.verification, "final_loss": result.loss,
+        "final_train_acc": result.train_acc, "median_step_s": statistics.median(steps_s),
+        "train_seconds": train_s, "run_seconds": wall,
+    }
+    if clock.upkeep is not None:
+        fg = clock.timers.get("select", 0.0) + clock.timers.get("refresh", 0.0)
+        row["upkeep"] = clock.upkeep
+        row["upkeep_fg_share"] = fg / train_s
+        row["upkeep_bg_cpu_share"] = clock.upkeep["bg_cpu_seconds"] / train_s
+        row["timers"] = clock.timers
+    metrics = out_dir / "metrics.jsonl"
+    if metrics.exists():
+        row["metrics"] = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    shutil.rmtree(out_dir, ignore_errors=True)
+    log.info("%s: top1 %.4f verify %s step %.3f s", cell, result.val_top1 or float("nan"), result.verification,
+             row["median_step_s"])
+    return row
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--classes", type=int, default=10_000, help="training identities C")
+    p.add_argument("--cells", nargs="+", default=["full", "annoy:0.01", "annoy:0.1", "hnsw:0.01", "exact:0.01",
+                                                  "random:0.01", "random:0.1"], help="full or SAMPLER:RATE")
+    p.add_argument("--train-views", type=int, default=4, help="training images per identity")
+    p.add_argument("--val-views", type=int, default=1, help="held-out images per identity (closed-set top-1)")
+    p.add_argument("--verify-identities", type=int, default=1000, help="held-out identities of the .bin")
+    p.add_argument("--verify-pairs", type=int, default=2000, help="pairs in the verification .bin")
+    p.add_argument("--image-size", type=int, default=32, help="image size")
+    p.add_argument("--dim", type=int, default=128, help="embedding size")
+    p.add_argument("--batch", type=int, default=64, help="batch size")
+    p.add_argument("--steps", type=int, default=1500, help="training steps of every cell")
+    p.add_argument("--lr", type=float, default=0.1, help="base learning rate (cosine schedule)")
+    p.add_argument("--warmup", type=int, default=100, help="warm-up steps")
+    p.add_argument("--scale", type=float, default=32.0, help="ArcFace scale s")
+    p.add_argument("--margin", type=float, default=0.3, help="ArcFace margin m")
+    p.add_argument("--annoy-trees", type=int, default=50, help="annoy trees")
+    p.add_argument("--seed", type=int, default=0, help="training seed (same for every cell)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch default)")
+    p.add_argument("--jobs", type=int, default=2, help="processes generating the image cache")
+    p.add_argument("--cache", default="benchmarks/.cache", help="folder of the generated images and .bin")
+    p.add_argument("--out", default="docs/results/accuracy_vs_cost.json", help="JSON results file (rewritten after each cell)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = parse_args(argv)
+    context = {**run_context(), "args": vars(args)}
+    cache = Path(args.cache)
+    t0 = time.perf_counter()
+    images = np.load(pregenerate(cache, args.classes, args.train_views + args.val_views, args.image_size,
+                                 args.seed, jobs=args.jobs), mmap_mode="r")
+    bin_path = verification_bin(cache, args.classes, args.verify_identities, args.verify_pairs, args.image_size,
+                                args.seed)
+    log.info("data ready in %.0f s", time.perf_counter() - t0)
+    rows = []
+    for cell in args.cells:
+        rows.append(run_cell(args, cell, images, bin_path, cache / "runs"))
+        write_results(args.out, context, rows)  # after every cell: a cut-short run keeps what it measured
+    log.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main()

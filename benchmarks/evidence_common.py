@@ -1,0 +1,68 @@
+"""What every evidence script records next to its numbers: command, date, load, commit, machine.
+
+The machine these benchmarks run on is shared and noisy, so each result file carries the
+load average at the start and the end of the run, and the exact command that produced it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def run_context() -> dict[str, Any]:
+    """Date (UTC), load average, git commit, CPU count and the command line of this run."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "loadavg_start": list(os.getloadavg()),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "git_commit": commit,
+        "command": "PYTHONPATH=. python " + " ".join(shlex.quote(a) for a in sys.argv),
+    }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb(pid: int | str = "self") -> float:
+    """Resident set size now (VmRSS) of a process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def peak_rss_of_mb(pid: int | str) -> float:
+    """Peak resident set size (VmHWM) of a running process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def write_results(path: str | Path, context: dict[str, Any], results: Any) -> Path:
+    """Write ``{"context": ..., "results": ...}`` atomically (with the end-of-run load added)."""
+    from hfs.utils.atomic import atomic_write_text
+
+    context = dict(context, loadavg_end=list(os.getloadavg()),
+                   date_end_utc=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"context": context, "results": results}, indent=1) + "\n")
+    return path

@@ -1,0 +1,73 @@
+"""The evidence scripts' core functions on tiny cases (the scripts themselves are benchmarks, not tests)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import accuracy_vs_cost  # noqa: E402
+import cost_vs_scale  # noqa: E402
+import run_all_components  # noqa: E402
+import scale_10m  # noqa: E402
+from evidence_common import run_context, write_results  # noqa: E402
+
+
+def test_cost_grid_times_full_and_sampled_and_skips_what_does_not_fit():
+    rows = cost_vs_scale.run_grid([500, 4000], [16], batch=8, sample_num=40, samplers=["exact", "random", "annoy"],
+                                  steps=2, warmup=1, full_max_gb=cost_vs_scale.full_softmax_bytes(1000, 16, 8) / 2**30,
+                                  annoy_trees=2, annoy_max_classes=100, interval=100, threads=0,
+                                  fresh_process=False)
+    small, big = rows
+    assert small["full"]["active"] == 500 and len(small["full"]["step_s"]) == 2
+    assert small["exact"]["active"] == 40 and small["random"]["active"] == 40
+    assert small["exact"]["speedup_vs_full"] == pytest.approx(small["full"]["median_step_s"] / small["exact"]["median_step_s"])
+    assert small["exact"]["amortised_build_s"] == pytest.approx(small["exact"]["build_s"] / 100)
+    assert "skipped" in big["full"] and "skipped" in small["annoy"] and "skipped" in big["annoy"]
+    assert "speedup_vs_full" not in big["random"] and big["random"]["active"] == 40
+
+
+def test_spread_identities_cover_the_whole_label_range():
+    ds = scale_10m.SpreadIdentities(1_000_000, identities=5, images_per_class=2, image_size=16)
+    assert ds.class_ids[0] == 0 and ds.class_ids[-1] == 999_999 and len(set(ds.class_ids.tolist())) == 5
+    assert len(ds) == 10 and list(ds.labels()[:4]) == [0, 0, ds.class_ids[1], ds.class_ids[1]]
+    img, label = ds[3]
+    assert tuple(img.shape) == (3, 16, 16) and label == ds.class_ids[1]
+    val = scale_10m.SpreadIdentities(1_000_000, 5, 2, 16, split="val", val_stride=2)
+    assert len(val) == 3 and val[1][1] == ds.class_ids[2]
+
+
+def test_parse_cell_and_array_identities(tmp_path):
+    assert accuracy_vs_cost.parse_cell("full", 1000) == ("full", 1000)
+    assert accuracy_vs_cost.parse_cell("annoy:0.01", 10_000) == ("annoy", 100)
+    with pytest.raises(SystemExit):
+        accuracy_vs_cost.parse_cell("annoy", 10)
+    images = np.load(accuracy_vs_cost.pregenerate(tmp_path, classes=3, views=3, image_size=16, jobs=1), mmap_mode="r")
+    assert images.shape == (3, 3, 16, 16, 3) and images.std() > 0
+    train = accuracy_vs_cost.ArrayIdentities(images, 2, "train", 16)
+    val = accuracy_vs_cost.ArrayIdentities(images, 2, "val", 16)
+    assert len(train) == 6 and len(val) == 3 and train[5][1] == 2 and val[2][1] == 2
+
+
+def test_components_table_and_results_file(tmp_path):
+    ps = {"config": {"workers": 2}, "memory": {"rows": 10, "dim": 4, "rss_gib": 0.0}, "inprocess_rt_per_s": 10.0,
+          "loopback_rt_per_s": 5.0, "loopback_over_inprocess": 0.5, "sync_1_worker_ms": 1.0,
+          "sync_2_workers_ms": 1.5, "sync_ratio": 1.5}
+    rows = run_all_components.paramserver_rows(ps)
+    table = run_all_components.markdown_table(rows)
+    assert table.count("\n") == len(rows) + 1 and "| paramserver | loopback / in-process | 0.50 |" in table
+    path = write_results(tmp_path / "r.json", run_context(), {"x": 1})
+    data = json.loads(path.read_text())
+    assert data["results"] == {"x": 1} and "loadavg_end" in data["context"] and data["context"]["command"]
+
+
+def test_index_build_times_a_small_annoy_forest():
+    import index_build
+
+    row = index_build.build_once("annoy", classes=500, dim=8, trees=2, probe_batch=4, k=3)
+    assert row["classes"] == 500 and row["build_s"] > 0 and row["query_ms_per_batch"] > 0 and row["trees"] == 2

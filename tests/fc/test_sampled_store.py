@@ -1,0 +1,40 @@
+"""SampledFC with the real in-process store and the exact selector follows FullFC + torch SGD."""
+
+import numpy as np
+import pytest
+import torch
+
+from hfs.config import load_config
+from hfs.fc import FullFC, SampledFC
+from hfs.models.heads import ArcFaceHead
+from hfs.paramserver.store import InProcessStore
+from hfs.samplers import build_selector
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_store_sgd_matches_full_fc_over_steps(accum):
+    torch.manual_seed(0)
+    C, D, B, lr, mom, wd = 10, 6, 8, 0.5, 0.9, 0.01
+    cfg = load_config(None, ["sampler.type=exact", f"fc.sample_num={C}", "sampler.background=false",
+                             f"train.batch_size={B}"])
+    head = ArcFaceHead(8.0, 0.3)
+    full = FullFC(C, D, head, init_std=0.3, seed=1)
+    opt = torch.optim.SGD(full.parameters(), lr=lr, momentum=mom, weight_decay=wd)
+    store = InProcessStore(None)
+    store.create("fc", C, D, init="zeros")
+    store.set_rows("fc", np.arange(C), full.weight.detach().numpy().copy())
+    sampled = SampledFC(store, build_selector(cfg, store, "fc", C), head)
+    for step in range(3):
+        feats, labels = torch.randn(accum, B, D), torch.randint(0, C, (accum, B))
+        for i in range(accum):
+            (full(feats[i], labels[i]).loss / accum).backward()
+        opt.step()
+        opt.zero_grad()
+        sampled.set_hparams(lr, mom, wd)
+        for i in range(accum):
+            (sampled(feats[i], labels[i], step, last_micro=i == accum - 1).loss / accum).backward()
+        sampled.end_step(step)
+    stored = np.concatenate([rows for _, rows in sampled.iter_chunks()])  # waits for the last push
+    np.testing.assert_allclose(stored, full.weight.detach().numpy(), atol=1e-5)
+    sampled.close()
+    store.close()
