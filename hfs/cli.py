@@ -380,6 +380,10 @@ def bench_fc_cmd(
     steps: Annotated[int, typer.Option("--steps", min=1, help="Measured sampled steps.")] = 20,
     full_steps: Annotated[int, typer.Option("--full-steps", min=1, help="Measured full-softmax steps.")] = 3,
     skip_full: Annotated[bool, typer.Option("--skip-full", help="Only the sampled step (no C x D dense matrix).")] = False,
+    threads: Annotated[int, typer.Option("--threads", min=0, help=(
+        "torch intra-op threads for both steps (0 = torch's default; 1 avoids spin-waiting on a busy box)."))] = 0,
+    amortise: Annotated[int, typer.Option("--amortise-steps", min=0, help=(
+        "Steps the index build is spread over (0 = sampler.interval, the shortest rebuild spacing)."))] = 0,
     memory_at: Annotated[List[int], typer.Option("--memory-at", min=2, help=(
         "Also measure a sampled-mode trainer's peak RSS at this C, the matrix in a separate "
         "`hfs serve-params` process (repeatable)."))] = [],
@@ -391,10 +395,16 @@ def bench_fc_cmd(
     cfg = resolve_config(config, [f"model.embedding_size={dim}"] + list(set_), print_config)
     import json
 
+    import torch
+
     from hfs.bench.fc import bench_fc, render, render_memory, trainer_memory
     from hfs.utils.atomic import atomic_write_text
 
-    result = bench_fc(cfg, classes, batch, sample_num, steps=steps, full_steps=full_steps, skip_full=skip_full)
+    if threads:
+        torch.set_num_threads(threads)
+
+    result = bench_fc(cfg, classes, batch, sample_num, steps=steps, full_steps=full_steps, skip_full=skip_full,
+                      amortise_steps=amortise)
     render(result)
     if memory_at:
         result["trainer_memory"] = trainer_memory(cfg, memory_at, batch, sample_num)

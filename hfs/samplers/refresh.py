@@ -92,8 +92,7 @@ def build_in_child(sampler: ClassSampler, snapshot: np.ndarray, workdir: Path,
                    on_start: Callable[[subprocess.Popen], None] = lambda proc: None) -> float:
     """Build ``sampler``'s index in a child process from a snapshot file, then load it here.
 
-    The index file stays in ``workdir`` while the index is in use (annoy maps it). Returns
-    the child's CPU seconds. ``on_start`` receives the child so that it can be cancelled.
+    The caller removes ``workdir`` once the index is loaded. Returns the child's CPU seconds. ``on_start`` receives the child so that it can be cancelled.
     """
     snap_path, index_path, err_path = workdir / "snapshot.npy", workdir / "index.bin", workdir / "stderr.txt"
     np.save(snap_path, snapshot)
@@ -130,7 +129,7 @@ class IndexBuild:
         self._chunks, self._rows_read = chunks, 0
         self._workdir_root = workdir
         self._thread: threading.Thread | None = None
-        self._result: tuple[ClassSampler, np.ndarray, Path | None] | None = None
+        self._result: tuple[ClassSampler, np.ndarray] | None = None
         self._error: BaseException | None = None
         self._child: subprocess.Popen | None = None
         self._cancelled = False
@@ -165,8 +164,8 @@ class IndexBuild:
             else:
                 self._run()
 
-    def take(self) -> tuple[ClassSampler, np.ndarray, Path | None]:
-        """The built sampler, the float16 copy it was built from, and its files' folder."""
+    def take(self) -> tuple[ClassSampler, np.ndarray]:
+        """The built sampler and the float16 copy it was built from."""
         if self._error is not None:
             raise self._error
         assert self._result is not None
@@ -202,16 +201,18 @@ class IndexBuild:
                     Path(root).mkdir(parents=True, exist_ok=True)
                 workdir = Path(tempfile.mkdtemp(prefix="hfs-index-", dir=root))
                 self.bg_cpu_seconds += build_in_child(sampler, self.snapshot, workdir, self._set_child)
+                # The index is memory-mapped now; its file can go (the mapping keeps the
+                # data), so a process that dies without close() leaves nothing behind.
+                shutil.rmtree(workdir, ignore_errors=True)
+                workdir = None
             else:
                 sampler.rebuild(array_chunks(self.snapshot), num_rows, dim)
             reference = self.snapshot.astype(np.float16)
             self.snapshot = np.empty((0, dim), dtype=np.float32)
             if self._cancelled:
                 sampler.close()
-                if workdir is not None:
-                    shutil.rmtree(workdir, ignore_errors=True)
                 return
-            self._result = (sampler, reference, workdir)
+            self._result = (sampler, reference)
         except BaseException as exc:  # surfaced in the training thread by take()
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)

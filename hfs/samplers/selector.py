@@ -9,9 +9,7 @@ training thread and in the background is what ``upkeep()`` reports.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
-from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -47,7 +45,6 @@ class ActiveClassSelector:
         self._rng = np.random.default_rng(seed)
         self._warned_overflow = False
         self._sampler: ClassSampler | None = None
-        self._sampler_files: Path | None = None
         self._tracker: DriftTracker | None = None
         self._build: IndexBuild | None = None
         self._last_build_step = 0
@@ -161,8 +158,9 @@ class ActiveClassSelector:
         if self._build is not None:
             self._build.cancel()
             self._build = None
-        self._retire(self._sampler, self._sampler_files)
-        self._sampler, self._sampler_files, self._tracker = None, None, None
+        if self._sampler is not None:
+            self._sampler.close()
+        self._sampler, self._tracker = None, None
 
     # -- internals ---------------------------------------------------------------------------
     def _launch(self, step: int) -> None:
@@ -176,7 +174,7 @@ class ActiveClassSelector:
             self._bg_cpu_seconds += build.bg_cpu_seconds
             self._bg_wall_seconds += build.bg_wall_seconds
         try:
-            sampler, reference, files = build.take()
+            sampler, reference = build.take()
         except Exception as exc:
             self._failed_builds += 1
             if self._failed_builds >= MAX_FAILED_BUILDS:
@@ -185,21 +183,14 @@ class ActiveClassSelector:
                         "previous index" if self._sampler is not None else "uniform negatives")
             return
         self._failed_builds = 0
-        old, old_files = self._sampler, self._sampler_files
-        self._sampler, self._sampler_files = sampler, files
+        old, self._sampler = self._sampler, sampler
         self._tracker = DriftTracker(reference)
         self._rebuilds += 1
-        self._retire(old, old_files)
+        if old is not None:
+            old.close()
         log.debug("swapped in a new %s index built from the step-%d snapshot", sampler.name, build.started_step)
 
     def _update_in_place(self, rows: np.ndarray, values: np.ndarray) -> None:
         if self._sampler is not None and self._sampler.update_rows(rows, values):
             self._tracker.accept(rows, values)
             self._rows_updated += len(rows)
-
-    @staticmethod
-    def _retire(sampler: ClassSampler | None, files: Path | None) -> None:
-        if sampler is not None:
-            sampler.close()
-        if files is not None:
-            shutil.rmtree(files, ignore_errors=True)

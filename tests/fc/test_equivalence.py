@@ -129,3 +129,23 @@ def test_predict_all_classes_chunked_matches_dense():
     chunks = [(i, weight[i:i + 5]) for i in range(0, 37, 5)]
     dense = head.similarity(feats, weight).argmax(1)
     assert torch.equal(predict_all_classes(head, feats, chunks), dense)
+
+
+def test_next_steps_lr_never_reaches_a_push_in_flight():
+    import time
+
+    class SlowStore(RecordingStore):
+        def push_grads(self, name, rows, grads, step):
+            time.sleep(0.05)  # still in flight when the trainer sets the next step's lr
+            self.pushes.append((self.hparams.lr, step))
+
+    C, D = 4, 3
+    store = SlowStore(np.eye(C, D, dtype=np.float32))
+    sampled = SampledFC(store, AllClassesSelector(C), SoftmaxHead())
+    feats, labels = torch.randn(2, D), torch.tensor([0, 1])
+    for step, lr in enumerate((0.1, 0.2, 0.3)):
+        sampled.set_hparams(lr, 0.9, 0.0)
+        sampled(feats, labels, step).loss.backward()
+        sampled.end_step(step)
+    sampled.close()
+    assert store.pushes == [(0.1, 0), (0.2, 1), (0.3, 2)]
