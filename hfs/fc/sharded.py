@@ -9,9 +9,16 @@ The layout Partial FC uses to reach tens of millions of classes on many GPUs:
 * features are all-gathered *with gradient* (:class:`~hfs.train.distributed.AllGatherWithGrad`)
   and labels without, so every rank scores the whole global batch against its rows;
 * each rank picks its active rows inside its shard: every positive that falls in the shard,
-  then uniform random negatives (Partial FC's rule) up to its share of ``fc.sample_num``.
-  ``sample_num`` is global: rank r takes ``ceil(sample_num * shard_rows / C)`` rows, so the
-  total active set does not change with the world size;
+  then negatives up to its share of ``fc.sample_num``. ``sample_num`` is global: rank r
+  takes ``ceil(sample_num * shard_rows / C)`` rows, so the total active set does not
+  change with the world size. Without a selector the negatives are uniform random rows
+  (Partial FC's rule, :func:`select_shard_rows`); with one (``sampler.type`` annoy, hnsw
+  or exact, attached by the trainer) they are the shard's rows nearest to the global
+  batch's features, found by this rank's own index over its own shard
+  (:class:`ShardView` makes the shard look like a weight-store matrix of ``shard_rows``
+  rows with shard-local ids, so ``hfs.samplers.build_selector`` and the one shared
+  selection rule serve it unchanged). The all-gathered features are the same on every
+  rank, so each shard's active set depends only on that shard and its index;
 * the margin head runs on those rows with ``local_labels == -1`` where a sample's positive
   lives on another rank, and the softmax normaliser is reduced across ranks
   (:class:`DistCrossEntropy`: all-reduce of the max, of the sum of exponentials and of the
@@ -26,15 +33,22 @@ backbone's update equals the single-process update on the global batch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Iterator
+import time
+from typing import TYPE_CHECKING, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from hfs.train.distributed import (all_gather_no_grad, all_gather_with_grad, get_rank, get_world_size,
                                    is_initialized, scale_grad)
+
+if TYPE_CHECKING:
+    from hfs.config import HfsConfig
+    from hfs.samplers import ActiveClassSelector
 
 
 def shard_bounds(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -118,6 +132,41 @@ def select_shard_rows(labels: torch.Tensor, start: int, end: int, count: int,
     return index, local
 
 
+class ShardView:
+    """One rank's shard as a read-only weight-store matrix: what a sampler index is built from.
+
+    ``hfs.samplers.build_selector`` reads a matrix through ``shape``/``iter_chunks`` (and
+    benchmarks through ``get_rows``); this view serves the live shard parameter of ``fc``
+    with row ids local to the shard (0 .. shard_rows-1). Chunks are float32 copies, since
+    a background rebuild copies its snapshot over several steps while SGD updates the
+    parameter in place.
+    """
+
+    def __init__(self, fc: "ShardedFC", matrix: str = "fc") -> None:
+        self._fc, self.matrix = fc, matrix
+
+    def _weight(self, name: str) -> torch.Tensor:
+        if name != self.matrix:
+            raise KeyError(f"the shard view serves matrix '{self.matrix}', not '{name}'")
+        return self._fc.weight.detach()
+
+    def shape(self, name: str) -> tuple[int, int]:
+        rows, dim = self._weight(name).shape
+        return int(rows), int(dim)
+
+    def get_rows(self, name: str, rows: np.ndarray, step: int | None = None) -> np.ndarray:
+        """Current values of shard-local ``rows`` (``step`` is accepted for the store
+        signature: the shard is updated in this process, so there is nothing to wait for)."""
+        weight = self._weight(name)
+        index = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=weight.device)
+        return weight[index].float().cpu().numpy()
+
+    def iter_chunks(self, name: str, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+        weight = self._weight(name)
+        for first in range(0, weight.shape[0], chunk_rows):
+            yield first, weight[first:first + chunk_rows].to("cpu", torch.float32, copy=True).numpy()
+
+
 class ShardedFC(nn.Module):
     """This rank's shard of the classifier; see the module docstring for the layout."""
 
@@ -134,6 +183,19 @@ class ShardedFC(nn.Module):
         self.weight = nn.Parameter(shard_rows)
         self.sample_num = shard_sample_num(sample_num, num_classes, self.end - self.start)
         self.seed, self.ddp_average = seed, ddp_average
+        self.selector: ActiveClassSelector | None = None
+        self.timers = {"select": 0.0, "refresh": 0.0}
+
+    @property
+    def shard_rows(self) -> int:
+        return self.end - self.start
+
+    def attach_selector(self, selector: "ActiveClassSelector") -> None:
+        """Pick negatives through ``selector`` (an index over :class:`ShardView` of this
+        layer, asked for this rank's share ``self.sample_num``) instead of at random."""
+        if selector.num_classes != self.shard_rows:
+            raise ValueError(f"the selector indexes {selector.num_classes} rows, this shard has {self.shard_rows}")
+        self.selector = selector
 
     def _generator(self, step: int) -> torch.Generator:
         """A per-(seed, step, rank) stream: deterministic and resumable, different per rank."""
@@ -161,14 +223,48 @@ class ShardedFC(nn.Module):
             features = scale_grad(features, float(self.world_size))
         all_features = all_gather_with_grad(features).float()
         all_labels = all_gather_no_grad(labels)
-        index, local = select_shard_rows(all_labels, self.start, self.end, self.sample_num,
-                                         self._generator(step))
+        index, local = self._select(all_features.detach(), all_labels, step)
         rows = self.weight if index is None else self.weight[index]
         with torch.autocast(device_type=all_features.device.type, enabled=False):
             logits = self.head(all_features, rows.float(), local)
             loss = dist_cross_entropy(logits, local)
             correct = self._own_correct(all_features.detach(), rows.detach().float(), local, labels.shape[0])
         return loss, correct, int(rows.shape[0])
+
+    def _select(self, all_features: torch.Tensor, all_labels: torch.Tensor,
+                step: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(active shard-local rows or None for the whole shard, local labels): Partial FC's
+        random rule without a selector, the selector's hard negatives with one."""
+        if self.selector is None:
+            return select_shard_rows(all_labels, self.start, self.end, self.sample_num, self._generator(step))
+        t0 = time.perf_counter()
+        here = (all_labels >= self.start) & (all_labels < self.end)
+        shard_labels = torch.where(here, all_labels - self.start, torch.full_like(all_labels, -1))
+        active, local = self.selector.select(all_features.float().cpu().numpy(),
+                                             shard_labels.cpu().numpy().astype(np.int64), step)
+        if self.selector.uses_index:  # its drift tracker / in-place updates see the rows used
+            self.selector.observe(active, ShardView(self).get_rows("fc", active))
+        self.timers["select"] += time.perf_counter() - t0
+        local_t = torch.from_numpy(local).to(all_labels.device)
+        if len(active) == self.shard_rows and np.array_equal(active, np.arange(self.shard_rows)):
+            return None, local_t  # the whole shard, in order: use the parameter as it is
+        return torch.from_numpy(active).to(self.weight.device), local_t
+
+    def end_step(self, step: int) -> None:
+        """After the optimizer step: let the selector advance, swap in or start an index rebuild."""
+        if self.selector is not None:
+            t0 = time.perf_counter()
+            self.selector.maybe_refresh(step)
+            self.timers["refresh"] += time.perf_counter() - t0
+
+    def sampler_seconds(self) -> float:
+        """Time spent choosing rows and keeping the index fresh (the 'upkeep' share)."""
+        return self.timers["select"] + self.timers["refresh"]
+
+    def close(self) -> None:
+        """Stop the selector's build in flight and release its index. Idempotent."""
+        if self.selector is not None:
+            self.selector.close()
 
     @torch.no_grad()
     def _own_correct(self, features: torch.Tensor, rows: torch.Tensor, local: torch.Tensor, own: int) -> torch.Tensor:
@@ -218,6 +314,27 @@ class ShardedFC(nn.Module):
         w = self.weight.detach()
         for first in range(0, w.shape[0], chunk_rows):
             yield self.start + first, w[first:first + chunk_rows]
+
+
+def build_shard_selector(cfg: "HfsConfig", fc: ShardedFC, batch_size: int) -> "ActiveClassSelector | None":
+    """The selector of ``fc``'s hard negatives, or None for ``sampler.type: random``.
+
+    It is ``hfs.samplers.build_selector`` over :class:`ShardView` (shard-local ids) with
+    three settings adapted to the shard: ``fc.sample_num`` becomes this rank's share
+    (``ShardedFC.sample_num``), the queries are the all-gathered global batch (so ``sampler.k = 0``
+    sizes candidates for ``batch_size x W`` queries), and each rank's random fill is seeded
+    ``sampler.seed + rank``. ``batch_size`` is the per-rank micro-batch.
+    """
+    if cfg.sampler.type == "random":
+        return None
+    from hfs.samplers import build_selector
+
+    shard_cfg = dataclasses.replace(
+        cfg, fc=dataclasses.replace(cfg.fc, sample_num=fc.sample_num),
+        train=dataclasses.replace(cfg.train, batch_size=batch_size * fc.world_size),
+        sampler=dataclasses.replace(cfg.sampler, seed=cfg.sampler.seed + fc.rank))
+    view = ShardView(fc)
+    return build_selector(shard_cfg, view, view.matrix, fc.shard_rows)
 
 
 # --------------------------------------------------------------------------- world-size independence

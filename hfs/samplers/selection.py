@@ -67,20 +67,24 @@ def select_active_classes(labels: np.ndarray, candidates: np.ndarray | None, sam
 
     ``candidates`` is (B, k) int64, best first, -1 for "none found" (or None / k = 0: no
     index). Positives come first in sorted order, so ``active[local_labels] == labels``.
+    A label of -1 marks a query whose positive is not among these classes (the sharded
+    classifier indexes one shard, and a sample's class may live on another rank): it adds
+    no positive, its candidates still count, and its local label stays -1.
     When ``sample_num >= num_classes`` the active set is every class in order (the
     candidates are ignored) and the labels are returned as they are. When the batch has
     more distinct labels than ``sample_num``, all of them are returned (more than
     ``sample_num``); the caller decides how loudly to say so.
     """
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        bad = labels[(labels < 0) | (labels >= num_classes)][0]
-        raise ValueError(f"label {bad} is outside [0, {num_classes})")
+    if labels.size and (labels.min() < -1 or labels.max() >= num_classes):
+        bad = labels[(labels < -1) | (labels >= num_classes)][0]
+        raise ValueError(f"label {bad} is outside [0, {num_classes}) (or -1: no positive here)")
     if sample_num >= num_classes:
         return np.arange(num_classes, dtype=np.int64), labels.copy()
 
-    positives = np.unique(labels)
-    local_labels = np.searchsorted(positives, labels).astype(np.int64)
+    known = labels >= 0
+    positives = np.unique(labels[known])
+    local_labels = np.where(known, np.searchsorted(positives, labels), -1).astype(np.int64)
     need = sample_num - positives.size
     if need <= 0:
         return positives, local_labels

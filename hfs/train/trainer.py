@@ -36,6 +36,7 @@ from torch import nn
 
 from hfs.config import HfsConfig
 from hfs.fc import FullFC, SampledFC, predict_all_classes
+from hfs.fc.sharded import ShardedFC
 from hfs.models import build_backbone, build_head
 from hfs.train import checkpoint as ckpt_io
 from hfs.train.data_order import BatchStream, DataPosition
@@ -215,6 +216,8 @@ class Trainer:
         position = DataPosition()
         if self.ckpt is not None:
             position = self._load_state(self.ckpt)
+        if self.mode == "sharded":
+            self._attach_shard_selector(stack)  # after a resume: the index is built from the loaded rows
         self.stream = BatchStream(train_ds, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers,
                                   position, pin_memory=self.device.type == "cuda",
                                   rank=self.env.rank, world_size=world)
@@ -274,7 +277,7 @@ class Trainer:
 
     def _build_sharded_fc(self):
         """This rank's shard of the classifier rows (the world-size independent initial matrix)."""
-        from hfs.fc.sharded import ShardedFC, init_shard_rows, shard_bounds
+        from hfs.fc.sharded import init_shard_rows, shard_bounds
 
         cfg = self.cfg
         self.sample_num = min(cfg.fc.sample_num, self.num_classes)
@@ -282,6 +285,16 @@ class Trainer:
         rows = init_shard_rows(start, end, cfg.model.embedding_size, cfg.fc.init, cfg.fc.init_std, cfg.train.seed)
         return ShardedFC(rows, self.num_classes, self.head, sample_num=self.sample_num,
                          seed=cfg.sampler.seed).to(self.device)
+
+    def _attach_shard_selector(self, stack: ExitStack) -> None:
+        """Hard negatives in sharded mode (``sampler.type`` other than random): this rank's
+        own index over its own shard, see :func:`~hfs.fc.sharded.build_shard_selector`."""
+        from hfs.fc.sharded import build_shard_selector
+
+        selector = build_shard_selector(self.cfg, self.fc, self.cfg.train.batch_size)
+        if selector is not None:
+            self.fc.attach_selector(selector)
+            stack.callback(self.fc.close)
 
     def _data_parallel(self, backbone: nn.Module) -> nn.Module:
         """DDP around the backbone on several ranks (the classifier stays outside: FullFC's
@@ -420,7 +433,7 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if isinstance(self.fc, SampledFC):
+        if isinstance(self.fc, (SampledFC, ShardedFC)):
             self.fc.end_step(step)
         return {"loss": loss_sum / accum, "correct": correct, "images": seen}
 
@@ -625,7 +638,7 @@ class Trainer:
                 "index_drift": float(u.get("drift", 0.0))}
 
     def _sampler_seconds(self) -> float:
-        return self.fc.sampler_seconds() if isinstance(self.fc, SampledFC) else 0.0
+        return self.fc.sampler_seconds() if isinstance(self.fc, (SampledFC, ShardedFC)) else 0.0
 
 
 def _quiet_console():

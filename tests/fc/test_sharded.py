@@ -1,10 +1,12 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hfs.fc.sharded import (ShardedFC, dist_cross_entropy, gather_shards, init_shard_rows, select_shard_rows,
-                            shard_bounds, shard_sample_num)
+from hfs.config import load_config
+from hfs.fc.sharded import (ShardedFC, ShardView, build_shard_selector, dist_cross_entropy, gather_shards,
+                            init_shard_rows, select_shard_rows, shard_bounds, shard_sample_num)
 from hfs.train.distributed import DistEnv
 from tests.train.distutil import run_ranks
 
@@ -37,7 +39,7 @@ def _reference(weight, features, labels, columns=None):
     """Single-process softmax over ``columns`` (all classes by default) on the whole batch."""
     weight = weight.clone().requires_grad_(True)
     features = features.clone().requires_grad_(True)
-    cols = torch.arange(C) if columns is None else columns
+    cols = torch.arange(weight.shape[0]) if columns is None else columns.sort().values
     local = torch.searchsorted(cols, labels)
     loss = F.cross_entropy(CosMarginHead()(features, weight[cols], local), local)
     loss.backward()
@@ -87,6 +89,40 @@ def _sharded_case(env: DistEnv, sample_num: int, ddp_average: bool) -> dict:
             "start": start, "end": end, "active": active_ids, "correct": int(correct)}
 
 
+# Hard negatives: 40 classes, shards [0, 20) and [20, 40), three positives in each.
+HARD_C, HARD_LABELS, HARD_SAMPLE_NUM = 40, torch.tensor([1, 25, 7, 33, 12, 38]), 20
+
+
+def _hard_problem():
+    gen = torch.Generator().manual_seed(11)
+    return torch.randn(HARD_C, D, generator=gen), torch.randn(2 * B, D, generator=gen), HARD_LABELS
+
+
+def _exact_cfg(sample_num: int, k: int = 0):
+    return load_config(None, ["sampler.type=exact", "sampler.metric=cosine", "sampler.background=false",
+                              "sampler.exact_device=cpu", f"sampler.k={k}", f"fc.sample_num={sample_num}"])
+
+
+def _selector_case(env: DistEnv, problem, num_classes: int, sample_num: int, k: int = 0) -> dict:
+    """One step of ShardedFC with an exact-sampler selector; records the active set it chose."""
+    weight, features, labels = problem()
+    start, end = shard_bounds(num_classes, env.rank, env.world_size)
+    fc = ShardedFC(weight[start:end].clone(), num_classes, CosMarginHead(), sample_num=sample_num,
+                   ddp_average=False)
+    fc.attach_selector(build_shard_selector(_exact_cfg(sample_num, k), fc, B))
+    chosen = []
+    select = fc.selector.select
+    fc.selector.select = lambda *args: chosen.append(select(*args)) or chosen[-1]
+    mine = features[env.rank * B:(env.rank + 1) * B].clone().requires_grad_(True)
+    loss, _, active = fc.loss_and_correct(mine, labels[env.rank * B:(env.rank + 1) * B], step=0)
+    loss.backward()
+    fc.end_step(0)
+    fc.close()
+    return {"loss": loss.detach(), "feature_grad": mine.grad, "weight_grad": fc.weight.grad, "start": start,
+            "end": end, "active": torch.from_numpy(chosen[0][0]) + start, "local": chosen[0][1],
+            "share": fc.sample_num, "rows_used": active}
+
+
 def _all_cases(env: DistEnv) -> dict:
     """Every 2-rank check in one spawn (starting processes is the slow part)."""
     weight, features, _ = _problem()
@@ -94,6 +130,8 @@ def _all_cases(env: DistEnv) -> dict:
     fc = ShardedFC(weight[start:end].clone(), C, CosMarginHead(), sample_num=C)
     return {"full": _sharded_case(env, C, False), "full_ddp": _sharded_case(env, C, True),
             "sampled": _sharded_case(env, 6, False),
+            "exact_whole_shard": _selector_case(env, _problem, C, C),
+            "exact_hard": _selector_case(env, _hard_problem, HARD_C, HARD_SAMPLE_NUM, k=HARD_C // 2),
             "predict": fc.predict(features[env.rank * B:(env.rank + 1) * B], chunk_rows=2),
             "gathered": gather_shards(fc.weight, C), "momentum_like": gather_shards(fc.weight[:, :2] * 2, C)}
 
@@ -128,6 +166,73 @@ def test_sharded_sampled_equals_softmax_over_the_union_of_active_rows(two_ranks)
         torch.testing.assert_close(o["loss"], loss)
         torch.testing.assert_close(o["feature_grad"], feature_grad[rank * B:(rank + 1) * B])
         torch.testing.assert_close(o["weight_grad"], weight_grad[o["start"]:o["end"]])
+
+
+@pytest.mark.dist
+def test_exact_selector_covering_each_shard_equals_the_full_softmax(two_ranks):
+    weight, features, labels = _problem()
+    loss, feature_grad, weight_grad = _reference(weight, features, labels)
+    for rank, o in enumerate(r["exact_whole_shard"] for r in two_ranks):
+        assert torch.equal(o["active"], torch.arange(o["start"], o["end"])) and o["rows_used"] == o["end"] - o["start"]
+        torch.testing.assert_close(o["loss"], loss)
+        torch.testing.assert_close(o["feature_grad"], feature_grad[rank * B:(rank + 1) * B])
+        torch.testing.assert_close(o["weight_grad"], weight_grad[o["start"]:o["end"]])
+
+
+def _brute_force_rounds(features, shard, positives, budget):
+    """Largest r such that every query's r best rows of the shard (cosine), minus the
+    positives, fit in ``budget``; and those rows for r and r + 1 (as global-free sets)."""
+    order = CosMarginHead().similarity(features, shard).argsort(dim=1, descending=True)
+    def negatives(r):
+        return set(order[:, :r].ravel().tolist()) - positives
+    r = 0
+    while r < shard.shape[0] and len(negatives(r + 1)) <= budget:
+        r += 1
+    return r, negatives(r), negatives(r + 1)
+
+
+@pytest.mark.dist
+def test_exact_selector_picks_each_shards_top_scoring_negatives(two_ranks):
+    """Every rank queries its own index with the whole global batch: its active set holds
+    its positives and, brute-force checked, the best-scoring rows of its shard."""
+    weight, features, labels = _hard_problem()
+    out = [r["exact_hard"] for r in two_ranks]
+    for o in out:
+        start, end = o["start"], o["end"]
+        ids = set((o["active"] - start).tolist())
+        positives = {int(y) - start for y in labels if start <= y < end}
+        assert len(ids) == o["share"] == o["rows_used"] < end - start and positives <= ids
+        r, must, may = _brute_force_rounds(features, weight[start:end], positives, o["share"] - len(positives))
+        assert r >= 1  # the problem is sized so that at least every query's best row is in
+        assert must <= ids - positives <= may
+        local = torch.from_numpy(o["local"])
+        here = (labels >= start) & (labels < end)
+        assert torch.equal(o["active"][local[here]], labels[here]) and bool((local[~here] == -1).all())
+    loss, feature_grad, weight_grad = _reference(weight, features, labels, torch.cat([o["active"] for o in out]))
+    for rank, o in enumerate(out):
+        torch.testing.assert_close(o["loss"], loss)
+        torch.testing.assert_close(o["feature_grad"], feature_grad[rank * B:(rank + 1) * B])
+        torch.testing.assert_close(o["weight_grad"], weight_grad[o["start"]:o["end"]])
+
+
+def test_shard_view_serves_the_live_shard_with_local_ids():
+    fc = ShardedFC(torch.arange(12.0).reshape(6, 2), 6, CosMarginHead(), sample_num=3)
+    view = ShardView(fc)
+    assert view.shape("fc") == (6, 2)
+    chunks = list(view.iter_chunks("fc", chunk_rows=4))
+    assert [first for first, _ in chunks] == [0, 4]
+    np.testing.assert_array_equal(np.concatenate([rows for _, rows in chunks]), fc.weight.detach().numpy())
+    with torch.no_grad():
+        fc.weight.add_(1.0)
+    assert chunks[0][1][0, 0] == 0.0  # chunks are copies: a rebuild's snapshot does not move under SGD
+    np.testing.assert_array_equal(view.get_rows("fc", np.array([5, 0])), [[11.0, 12.0], [1.0, 2.0]])
+    with pytest.raises(KeyError, match="'other'"):
+        view.shape("other")
+
+
+def test_random_sampler_type_attaches_no_selector():
+    fc = ShardedFC(torch.randn(6, 2), 6, CosMarginHead(), sample_num=3)
+    assert build_shard_selector(load_config(None, ["sampler.type=random"]), fc, 2) is None
 
 
 @pytest.mark.dist

@@ -96,3 +96,17 @@ def test_auto_neighbours():
     assert auto_neighbours(1000, 256, 10**6) == 9
     assert auto_neighbours(1000, 256, 5) == 5
     assert auto_neighbours(10, 256, 100) == 3
+
+
+def test_queries_without_a_positive_here_add_candidates_but_no_positive():
+    """-1 labels: the sharded classifier's samples whose class lives on another rank."""
+    labels = np.array([-1, 4, -1])
+    cands = np.array([[7, 8], [4, 9], [2, 7]])
+    active, local = select_active_classes(labels, cands, 5, 20, np.random.default_rng(0))
+    assert active.tolist() == [4, 7, 2, 8, 9]  # the -1 queries rank with the others, round-robin
+    assert local.tolist() == [-1, 0, -1]
+    everything, same = select_active_classes(labels, cands, 20, 20, np.random.default_rng(0))
+    np.testing.assert_array_equal(everything, np.arange(20))
+    assert same.tolist() == [-1, 4, -1]
+    with pytest.raises(ValueError, match="label -2"):
+        select_active_classes(np.array([-2]), None, 3, 10, np.random.default_rng(0))

@@ -118,3 +118,19 @@ def test_sampled_mode_through_the_job_server_equals_one_rank(tmp_path):
     losses = _losses(tmp_path / "two")
     assert losses[-1] < losses[0] and losses == pytest.approx(_losses(tmp_path / "one"), rel=1e-4)
     assert two.val_top1 == pytest.approx(one.val_top1)
+
+
+@pytest.mark.parametrize("sampler", ["annoy", "hnsw"])
+def test_sharded_mode_with_hard_negatives_from_each_ranks_index_trains(tmp_path, sampler):
+    """Each rank indexes its own shard (20 of 40 classes, 8 active per step), rebuilding every
+    2 steps in the background; the loss falls and the selector's upkeep shows in the metrics."""
+    cfg = _cfg(tmp_path, 2, 12, "fc.mode=sharded", "fc.sample_num=16", f"sampler.type={sampler}",
+               "sampler.refresh=interval", "sampler.interval=2", "sampler.annoy_trees=4", "sampler.query_threads=1",
+               "train.checkpoint_every=0")
+    data = make_blobs(num_classes=40, per_class=6, size=8), make_blobs(num_classes=40, per_class=1, size=8, seed=1), 40
+    result = run_train_dist(cfg, None, datasets=data, worker=_worker)
+    assert result.steps == 8 and result.active_classes == 16
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0]
+    assert all(r["upkeep_share"] > 0 for r in records if "upkeep_share" in r)  # random negatives cost 0 here
