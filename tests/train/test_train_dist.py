@@ -126,8 +126,8 @@ def test_sharded_mode_with_hard_negatives_from_each_ranks_index_trains(tmp_path,
     2 steps (in the training thread, so that the rebuild count does not depend on timing);
     the loss falls and the selector's upkeep and rebuilds show in the metrics."""
     cfg = _cfg(tmp_path, 2, 12, "fc.mode=sharded", "fc.sample_num=16", f"sampler.type={sampler}",
-               "sampler.refresh=interval", "sampler.interval=2", "sampler.background=false", "sampler.annoy_trees=4", "sampler.query_threads=1",
-               "train.checkpoint_every=0")
+               "sampler.refresh=interval", "sampler.interval=2", "sampler.background=false",
+               "sampler.annoy_trees=4", "sampler.query_threads=1", "train.checkpoint_every=0")
     data = make_blobs(num_classes=40, per_class=6, size=8), make_blobs(num_classes=40, per_class=1, size=8, seed=1), 40
     result = run_train_dist(cfg, None, datasets=data, worker=_worker)
     assert result.steps == 8 and result.active_classes == 16
