@@ -43,14 +43,15 @@ class SampledFC:
         self._cycle: list[tuple[np.ndarray, np.ndarray]] = []
         self._refresh_step: int | None = None
         self._hparams: HParams | None = None
-        self.timers = {"select": 0.0, "refresh": 0.0, "get": 0.0, "push_wait": 0.0}
+        self.timers = {"select": 0.0, "observe": 0.0, "refresh": 0.0, "get": 0.0, "push_wait": 0.0}
 
     # -- per step ----------------------------------------------------------------------
     def set_hparams(self, lr: float, momentum: float, weight_decay: float) -> None:
         """The classifier's lr for the coming step (the trainer's schedule x fc.lr_scale).
 
-        Sent to the store in `settle`, after the previous step's push has landed, so a push
-        still in flight is never applied with the next step's learning rate.
+        Sent to the store by the next `forward`, right after its `get_rows(step=t)` returned:
+        by then every earlier step is applied (by every worker of a shared store), so no step
+        in flight is ever applied with the next step's learning rate.
         """
         self._hparams = HParams(lr=lr, momentum=momentum, weight_decay=weight_decay)
 
@@ -63,9 +64,14 @@ class SampledFC:
                                              labels.detach().cpu().numpy().astype(np.int64), step)
         t1 = time.perf_counter()
         values = self.store.get_rows(self.matrix, active, step=step)
-        self.timers["get"] += time.perf_counter() - t1
+        if self._hparams is not None:
+            hparams, self._hparams = self._hparams, None
+            self.store.set_hparams(self.matrix, hparams)
+        t2 = time.perf_counter()
         self.selector.observe(active, values)
         self.timers["select"] += t1 - t0
+        self.timers["get"] += t2 - t1
+        self.timers["observe"] += time.perf_counter() - t2
 
         rows = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(features.device)
         rows.requires_grad_(True)
@@ -115,11 +121,8 @@ class SampledFC:
         self._refresh_step = step
 
     def settle(self) -> None:
-        """Wait for the pending push, then send new hparams and give the selector its refresh."""
+        """Wait for the pending push, then give the selector its refresh for that step."""
         self.wait()
-        if self._hparams is not None:
-            hparams, self._hparams = self._hparams, None
-            self.store.set_hparams(self.matrix, hparams)
         if self._refresh_step is not None:
             step, self._refresh_step = self._refresh_step, None
             t0 = time.perf_counter()
@@ -134,7 +137,7 @@ class SampledFC:
 
     def sampler_seconds(self) -> float:
         """Time spent choosing classes and keeping the index fresh (the 'upkeep' share)."""
-        return self.timers["select"] + self.timers["refresh"]
+        return self.timers["select"] + self.timers["observe"] + self.timers["refresh"]
 
     def close(self) -> None:
         """Finish the pending push and stop the push thread and the selector. Idempotent."""
