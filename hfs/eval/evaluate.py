@@ -140,13 +140,13 @@ def load_checkpoint_model(checkpoint: str | Path, device: "str | torch.device | 
 
     ``checkpoint`` is a file or a run folder (its latest checkpoint).
     """
-    from hfs.eval.extract import resolve_device
+    from hfs.utils.device import resolve_device
     from hfs.train.checkpoint import load_backbone, resolve_checkpoint
 
     path = Path(checkpoint)
     if path.is_dir():
         path = resolve_checkpoint(str(path), path)
-    model, cfg = load_backbone(path, map_location=resolve_device(device))
+    model, cfg = load_backbone(path, map_location=resolve_device(device, "--device"))
     return model, cfg, path
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from hfs.utils.atomic import atomic_write, atomic_write_text
+from hfs.utils.device import resolve_device
 from hfs.utils.errors import HfsError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -77,20 +78,6 @@ def list_image_paths(list_path: str | Path, prefix: str | Path) -> list[Path]:
     return [Path(prefix) / rel for rel in rel_paths]
 
 
-def resolve_device(device: "str | torch.device | None" = None) -> "torch.device":
-    """``auto``/None -> CUDA when available, else CPU; anything else as torch spells it."""
-    import torch
-
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise HfsError(f"unknown device '{device}' (use auto, cpu, cuda or cuda:N)") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise HfsError(f"device '{device}' asked for, but CUDA is not available (use --device cpu or auto)")
-    return resolved
-
 
 def _model_device(model) -> "torch.device":
     import torch
@@ -126,7 +113,7 @@ def extract_features(model, images: EncodedImages, *, batch_size: int = 256, fli
     import torch
     from torch.utils.data import DataLoader
 
-    device = _model_device(model) if device is None else resolve_device(device)
+    device = _model_device(model) if device is None else resolve_device(device, "--device")
     loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     autocast = (torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda"

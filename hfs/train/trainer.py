@@ -43,6 +43,7 @@ from hfs.train.data_order import BatchStream, DataPosition
 from hfs.train.distributed import DistEnv, all_reduce_sum, barrier, eval_indices
 from hfs.train.metrics import MetricsWriter
 from hfs.train.schedule import lr_at
+from hfs.utils.device import resolve_device
 from hfs.utils.errors import HfsError
 
 log = logging.getLogger(__name__)
@@ -68,17 +69,6 @@ class TrainResult:
     checkpoint: str = ""
     interrupted: bool = False
 
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise HfsError(f"config key 'train.device': unknown device '{spec}' (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise HfsError(f"config key 'train.device' is '{spec}' but CUDA is not available")
-    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -171,7 +161,7 @@ class Trainer:
         if cfg.fc.mode == "sharded" and not self.launched:
             raise HfsError("config key 'fc.mode' is 'sharded': that is the model-parallel FC of "
                            "`hfs train-dist`; `hfs train` takes full or sampled")
-        self.device = self.env.device() if self.launched else resolve_device(cfg.train.device)
+        self.device = self.env.device() if self.launched else resolve_device(cfg.train.device, "config key 'train.device'")
         self.amp_dtype = self._resolve_amp()
         seed_everything(cfg.train.seed)
         train_ds, self.val_ds, data_classes = self._datasets or build_datasets_for(cfg)

@@ -126,14 +126,3 @@ def test_cuda_amp_matches_cpu(tiny_bin, tiny_model):
     assert gpu.dtype == np.float32
     np.testing.assert_allclose(gpu, cpu, rtol=2e-2, atol=2e-2)  # fp16 autocast
 
-
-def test_device_names_are_checked():
-    from hfs.eval.extract import resolve_device
-
-    assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(HfsError, match="unknown device 'gpu0'"):
-        resolve_device("gpu0")
-    if not torch.cuda.is_available():
-        with pytest.raises(HfsError, match="CUDA is not available"):
-            resolve_device("cuda")
