@@ -98,3 +98,12 @@ def test_default_config_file_is_current():
     assert (CONFIGS / "default.yaml").read_text() == render_default_config(), \
         "regenerate: python -m hfs.utils.default_config > configs/default.yaml"
     assert load_config(CONFIGS / "default.yaml") == HfsConfig()
+
+
+def test_readme_config_reference_is_current():
+    from hfs.utils.default_config import README_END, README_START, render_config_reference
+
+    readme = (CONFIGS.parent / "README.md").read_text()
+    start, end = readme.index(README_START), readme.index(README_END) + len(README_END)
+    assert readme[start:end] == render_config_reference(), \
+        "regenerate the README's config table: python -m hfs.utils.default_config --markdown"

@@ -28,5 +28,20 @@ def render_default_config() -> str:
     return "\n".join(lines) + "\n"
 
 
+README_START = "<!-- config-reference:start (python -m hfs.utils.default_config --markdown) -->"
+README_END = "<!-- config-reference:end -->"
+
+
+def render_config_reference() -> str:
+    """The README's config reference table, between its markers (a test keeps it current)."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, tp, default, text in describe_keys():
+        value = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        rows.append(f"| `{key}` | {tp} | `{value}` | {text.replace('|', '/')} |")
+    return "\n".join([README_START, *rows, README_END])
+
+
 if __name__ == "__main__":
-    print(render_default_config(), end="")
+    import sys
+
+    print(render_config_reference() if "--markdown" in sys.argv else render_default_config(), end="\n" if "--markdown" in sys.argv else "")
