@@ -53,9 +53,13 @@ def time_full_steps(cfg: HfsConfig, num_classes: int, batch: int, steps: int, wa
     return times
 
 
-def time_sampled_steps(cfg: HfsConfig, num_classes: int, batch: int, steps: int, warmup: int = 2
-                       ) -> dict[str, Any]:
-    """Seconds per SampledFC step with the configured store and sampler, plus the index build."""
+def time_sampled_steps(cfg: HfsConfig, num_classes: int, batch: int, steps: int, warmup: int = 2,
+                       wait_index: bool = False) -> dict[str, Any]:
+    """Seconds per SampledFC step with the configured store and sampler, plus the index build.
+
+    ``wait_index`` waits for a background first index before stepping, so that the steps
+    run with it (and its drift tracking) — what the memory check needs to see.
+    """
     from hfs.fc import SampledFC
     from hfs.models import build_head
     from hfs.paramserver import open_store
@@ -69,6 +73,8 @@ def time_sampled_steps(cfg: HfsConfig, num_classes: int, batch: int, steps: int,
             t0 = time.perf_counter()
             selector = build_selector(cfg, store, "fc", num_classes)
             selector.maybe_refresh(0)
+            if wait_index:
+                selector.wait_ready()
             build_s = time.perf_counter() - t0
             fc = SampledFC(store, selector, build_head(cfg.head), overlap_push=cfg.fc.overlap_push)
             fc.set_hparams(0.1, cfg.optim.momentum, cfg.optim.weight_decay)
@@ -185,7 +191,7 @@ def _trainer_process(cfg: HfsConfig, num_classes: int, batch: int, steps: int, o
     """Run SampledFC steps against the server and report this process's peak RSS."""
     try:
         base_mb = peak_rss_mb()
-        result = time_sampled_steps(cfg, num_classes, batch, steps, warmup=1)
+        result = time_sampled_steps(cfg, num_classes, batch, steps, warmup=1, wait_index=True)
         out.put({"num_classes": num_classes, "peak_rss_mb": peak_rss_mb(), "after_imports_mb": base_mb,
                  "step_ms": 1000 * statistics.median(result["times"])})
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
@@ -196,6 +202,8 @@ def trainer_memory(cfg: HfsConfig, classes: list[int], batch: int, sample_num: i
                    ) -> list[dict[str, Any]]:
     """Peak RSS of a sampled-mode trainer process at each C, the matrix living in `hfs serve-params`.
 
+    The trainer builds the configured sampler's first index (``sampler.type``; a build in a
+    child process is not counted: it is not the trainer) and waits for it before stepping.
     Each C gets a fresh server process and a fresh trainer process (spawned, so nothing is
     inherited); only the trainer's memory is reported.
     """
