@@ -81,7 +81,7 @@ class ActiveClassSelector:
 
     def observe(self, rows: np.ndarray, values: np.ndarray) -> None:
         """Fresh values of rows the trainer fetched: update drift, and the index in place where cheap enough."""
-        if self._tracker is None:
+        if self._tracker is None or not len(rows):
             return
         t0 = time.perf_counter()
         rows = np.asarray(rows, dtype=np.int64)

@@ -161,6 +161,7 @@ def test_indexed_rows_are_what_the_index_holds(name, small_world, make_store):
     expected = weights[rows] if name == "annoy" else normalise_rows(weights[rows])  # hnsw/exact store unit rows
     np.testing.assert_allclose(held, expected, rtol=1e-5, atol=1e-6)
     selector.observe(rows, weights[rows])
+    selector.observe(np.empty(0, dtype=np.int64), np.empty((0, D), dtype=np.float32))  # nothing fetched: a no-op
     assert selector.drift == pytest.approx(0.0, abs=1e-6)  # unchanged rows: no drift, for every metric convention
 
 
