@@ -37,10 +37,12 @@ class ActiveClassSelector:
     def __init__(self, make_sampler: Callable[[], ClassSampler], read_chunks: Callable[[], Iterator[tuple[int, np.ndarray]]],
                  shape: tuple[int, int], *, sample_num: int, neighbours: int, policy: RefreshPolicy,
                  background: bool = True, update_threshold: float = 0.1, update_budget: int = 16,
-                 seed: int = 0, workdir: str = "", remote: RemoteMatrix | None = None) -> None:
+                 seed: int = 0, workdir: str = "", remote: RemoteMatrix | None = None, drift_rows: int = 0) -> None:
         self.num_classes, self.dim = shape
         self.sample_num, self.neighbours, self.policy = sample_num, neighbours, policy
         self.background, self.update_threshold, self.update_budget = background, update_threshold, update_budget
+        self.drift_rows = drift_rows
+        self._drift_rng = np.random.default_rng([seed, 1])  # apart from the fill's stream: selection stays as it was
         self._make_sampler, self._read_chunks, self._workdir, self._remote = make_sampler, read_chunks, workdir, remote
         self._rng = np.random.default_rng(seed)
         self._warned_overflow = False
@@ -88,14 +90,18 @@ class ActiveClassSelector:
         values = np.asarray(values, dtype=np.float32)
         rows, first = np.unique(rows, return_index=True)
         values = values[first]
-        moved = self._tracker.observe(rows, values, self._sampler.indexed_rows(rows))
         if self.update_cost == "cheap":
-            self._update_in_place(rows, values)
-        elif self.update_cost == "costly" and self.update_budget > 0:
-            big = np.flatnonzero(moved >= self.update_threshold)
-            if big.size:
-                big = big[np.argsort(-moved[big], kind="stable")[:self.update_budget]]
-                self._update_in_place(rows[big], values[big])
+            self._update_in_place(rows, values)  # every row fresh again: nothing to measure
+        else:
+            if 0 < self.drift_rows < len(rows):
+                pick = np.sort(self._drift_rng.choice(len(rows), self.drift_rows, replace=False))
+                rows, values = rows[pick], values[pick]
+            moved = self._tracker.observe(rows, values, self._sampler.indexed_rows(rows))
+            if self.update_cost == "costly" and self.update_budget > 0:
+                big = np.flatnonzero(moved >= self.update_threshold)
+                if big.size:
+                    big = big[np.argsort(-moved[big], kind="stable")[:self.update_budget]]
+                    self._update_in_place(rows[big], values[big])
         self._fg_seconds += time.perf_counter() - t0
 
     def maybe_refresh(self, step: int) -> None:

@@ -106,7 +106,7 @@ def test_adaptive_policy_triggers_on_drift_and_not_without(small_world, make_sto
     weights, labels, queries = small_world
     store = make_store(weights)
     selector = build_selector(_cfg(type="annoy", refresh="adaptive", interval=2, drift_threshold=0.05,
-                                   max_interval=0, background=False, annoy_trees=5), store, "fc", C)
+                                   max_interval=0, background=False, annoy_trees=5, drift_rows=0), store, "fc", C)
     rows = np.arange(0, C, 2)
     for step in range(1, 30):  # the trainer sees rows, but they do not move
         selector.observe(rows, store.get_rows("fc", rows))
@@ -124,6 +124,23 @@ def test_adaptive_policy_triggers_on_drift_and_not_without(small_world, make_sto
     assert selector.drift == pytest.approx(len(rows) * 2 * np.sin(0.1) / C, rel=1e-3)
     selector.maybe_refresh(30)
     assert selector.upkeep()["rebuilds"] == 2 and selector.drift == 0
+
+
+def _turned(rows_values: np.ndarray, angle: float) -> np.ndarray:
+    """Each row turned by ``angle`` radians, its length kept."""
+    turn = np.roll(rows_values, 1, axis=1)
+    turn -= (np.sum(turn * rows_values, axis=1, keepdims=True) / np.sum(rows_values ** 2, axis=1, keepdims=True)) * rows_values
+    turn *= np.linalg.norm(rows_values, axis=1, keepdims=True) / np.linalg.norm(turn, axis=1, keepdims=True)
+    return (np.cos(angle) * rows_values + np.sin(angle) * turn).astype(np.float32)
+
+
+def test_drift_rows_bounds_the_rows_measured_per_step(small_world, make_store):
+    weights = small_world[0]
+    selector = build_selector(_cfg(type="annoy", background=False, annoy_trees=2, drift_rows=10), make_store(weights),
+                              "fc", C)
+    rows = np.arange(0, C, 2)
+    selector.observe(rows, _turned(weights[rows], 0.2))  # every row turned alike: each measured one adds the same
+    assert selector.drift == pytest.approx(10 * 2 * np.sin(0.1) / C, rel=1e-3)
 
 
 def test_refresh_policy_rules():
