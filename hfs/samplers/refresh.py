@@ -66,18 +66,30 @@ class DriftTracker:
     With the cosine metric both sides are normalised first (hnsw and exact store unit
     vectors; annoy's angular index stores raw ones), so drift is the change of a row's
     *direction* — all a cosine neighbour query sees. With ``dot`` it is
-    ``|w - w_indexed| / |w_indexed|``. State: one float32 per class.
+    ``|w - w_indexed| / |w_indexed|``. Drift = (rows observed since the build / all rows) x
+    the mean change of the rows measured (every observed row when all are measured: then it
+    is exactly the mean change over all classes, unobserved rows counting as unchanged).
+    State: a float32 change (NaN = never measured) and a seen flag per class, 5 bytes.
     """
 
     def __init__(self, num_rows: int, metric: str = "cosine") -> None:
         self.metric = metric
-        self.change = np.zeros(num_rows, dtype=np.float32)
-        self._total = 0.0
+        self.change = np.full(num_rows, np.nan, dtype=np.float32)
+        self.seen = np.zeros(num_rows, dtype=bool)
+        self._total, self._measured, self._seen = 0.0, 0, 0
 
     @property
     def drift(self) -> float:
-        """Mean relative change over all classes since the index was built."""
-        return self._total / max(len(self.change), 1)
+        """Estimated mean relative change over all classes since the index was built."""
+        if not self._measured:
+            return 0.0
+        return self._total / self._measured * self._seen / max(len(self.change), 1)
+
+    def see(self, rows: np.ndarray) -> None:
+        """``rows`` (unique ids) were observed, measured or not."""
+        fresh = ~self.seen[rows]
+        self._seen += int(fresh.sum())
+        self.seen[rows] = True
 
     def observe(self, rows: np.ndarray, values: np.ndarray, indexed: np.ndarray) -> np.ndarray:
         """Record fresh ``values`` of ``rows`` (unique ids) against the index's ``indexed``; return their change."""
@@ -85,14 +97,20 @@ class DriftTracker:
         if self.metric == "cosine":
             values, indexed = normalise_rows(values), normalise_rows(indexed)
         moved = np.linalg.norm(values - indexed, axis=1) / np.maximum(np.linalg.norm(indexed, axis=1), 1e-12)
-        self._total += float(moved.sum() - self.change[rows].sum())
-        self.change[rows] = moved
+        self._record(rows, moved.astype(np.float32))
         return moved
 
     def accept(self, rows: np.ndarray) -> None:
         """The index now holds the rows' fresh values (an in-place update): they are unchanged again."""
-        self._total -= float(self.change[rows].sum())
-        self.change[rows] = 0.0
+        self._record(rows, np.zeros(len(rows), dtype=np.float32))
+
+    def _record(self, rows: np.ndarray, moved: np.ndarray) -> None:
+        self.see(rows)
+        old = self.change[rows]
+        unmeasured = np.isnan(old)
+        self._measured += int(unmeasured.sum())
+        self._total += float(moved.sum() - np.where(unmeasured, 0.0, old).sum())
+        self.change[rows] = moved
 
 
 @dataclass(frozen=True)

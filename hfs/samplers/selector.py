@@ -93,6 +93,7 @@ class ActiveClassSelector:
         if self.update_cost == "cheap":
             self._update_in_place(rows, values)  # every row fresh again: nothing to measure
         else:
+            self._tracker.see(rows)
             if 0 < self.drift_rows < len(rows):
                 pick = np.sort(self._drift_rng.choice(len(rows), self.drift_rows, replace=False))
                 rows, values = rows[pick], values[pick]

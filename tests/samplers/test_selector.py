@@ -134,13 +134,14 @@ def _turned(rows_values: np.ndarray, angle: float) -> np.ndarray:
     return (np.cos(angle) * rows_values + np.sin(angle) * turn).astype(np.float32)
 
 
-def test_drift_rows_bounds_the_rows_measured_per_step(small_world, make_store):
+def test_drift_rows_measures_a_subset_and_scales_to_the_rows_seen(small_world, make_store):
     weights = small_world[0]
     selector = build_selector(_cfg(type="annoy", background=False, annoy_trees=2, drift_rows=10), make_store(weights),
                               "fc", C)
     rows = np.arange(0, C, 2)
-    selector.observe(rows, _turned(weights[rows], 0.2))  # every row turned alike: each measured one adds the same
-    assert selector.drift == pytest.approx(10 * 2 * np.sin(0.1) / C, rel=1e-3)
+    selector.observe(rows, _turned(weights[rows], 0.2))  # every row turned alike: 10 measured stand for all 1000
+    assert np.count_nonzero(~np.isnan(selector._tracker.change)) == 10
+    assert selector.drift == pytest.approx(len(rows) * 2 * np.sin(0.1) / C, rel=1e-3)
 
 
 def test_refresh_policy_rules():
@@ -160,6 +161,9 @@ def test_drift_tracker_counts_each_row_once_and_accepts_updates():
     assert tracker.drift == pytest.approx(0.5 / 4)
     tracker.accept(np.array([0]))
     assert tracker.drift == 0
+    tracker.see(np.array([1, 2, 3]))  # seen, not measured: the measured mean (0) stands for them
+    tracker.observe(np.array([1]), np.full((1, 2), 2.0, dtype=np.float32), indexed)
+    assert tracker.drift == pytest.approx((1.0 / 2) * 4 / 4)  # mean of measured {0, 1} x 4 seen / 4 rows
 
 
 def test_cosine_drift_is_the_change_of_direction_only():
