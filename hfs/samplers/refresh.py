@@ -6,11 +6,11 @@ Three pieces:
   ``adaptive``: when the measured drift reaches ``drift_threshold``, never more often than
   every ``interval`` steps and at the latest after ``max_interval`` steps.
 - :class:`DriftTracker` measures *how stale* the live index is, cheaply and without a copy
-  of the matrix: for every row the trainer observes it compares the row's fresh value with
-  the vector the index itself stores for it (``ClassSampler.indexed_rows``) and keeps one
-  float32 per class, the row's relative change. Drift is the mean of that over all classes
-  (rows never observed since the build count as unchanged — in sampled training only
-  active rows move).
+  of the matrix: for the observed rows it measures (all, or a random ``drift_rows`` of
+  them per step) it compares the row's fresh value with the vector the index itself stores
+  for it (``ClassSampler.indexed_rows``), keeping a float32 change and a seen flag per
+  class. Drift estimates the mean change over all classes (rows never observed since the
+  build count as unchanged — in sampled training only active rows move).
 - :class:`IndexBuild` does one rebuild while queries keep using the previous index; the
   selector swaps the new one in between two steps. Where the rows come from decides where
   memory goes: a build against `hfs serve-params` (:class:`RemoteMatrix`) opens its own
