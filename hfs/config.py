@@ -97,9 +97,10 @@ class SamplerConfig:
                                 help="adaptive: mean relative row change (over all classes) vs the indexed copy that triggers a rebuild")
     background: bool = _f(True, help="build indexes in the background while training queries the old one "
                                      "(false: rebuild in the training thread, stalling it)")
-    snapshot_rows: int = _f(32768, gt=0, help="rows copied from the store per step for a background rebuild's snapshot")
+    snapshot_rows: int = _f(32768, gt=0, help="rows per step the training thread appends to a rebuild's snapshot file (in-process store); with paramserver.address set the build reads the server itself, this many rows per request")
     update_threshold: float = _f(0.1, gt=0.0, help="hnsw: relative change of a row that earns an in-place update")
     update_budget: int = _f(16, ge=0, help="hnsw: most rows updated in place per step (0 = none)")
+    drift_rows: int = _f(128, ge=0, help="observed rows per step whose drift is measured against the index's own vectors, a random subset (0 = all; reading a vector back costs ~10-25 us)")
     build_threads: int = _f(1, help="threads of an index build (annoy n_jobs, hnsw add_items); -1 = all cores")
     query_threads: int = _f(-1, help="hnsw: threads per batch query; -1 = all cores")
     annoy_trees: int = _f(50, gt=0, help="annoy: number of trees in the hashing forest")
@@ -109,7 +110,7 @@ class SamplerConfig:
     hnsw_ef: int = _f(32, gt=0, help="hnsw: ef at query time (raised to k when smaller)")
     exact_chunk: int = _f(65536, gt=0, help="exact: rows per matmul chunk")
     exact_device: str = _f("auto", help="exact: torch device of the matrix copy (auto = cuda when available)")
-    workdir: str = _f("", help="folder for snapshot/index files of subprocess builds (annoy); empty = system temp")
+    workdir: str = _f("", help="folder for rebuild snapshot files (C x D x 4 bytes, in-process store) and annoy index files; empty = system temp")
     seed: int = _f(0, help="seed of the uniform fill and of the index builds")
 
 

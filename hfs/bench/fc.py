@@ -16,6 +16,7 @@ import resource
 import statistics
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,9 +54,13 @@ def time_full_steps(cfg: HfsConfig, num_classes: int, batch: int, steps: int, wa
     return times
 
 
-def time_sampled_steps(cfg: HfsConfig, num_classes: int, batch: int, steps: int, warmup: int = 2
-                       ) -> dict[str, Any]:
-    """Seconds per SampledFC step with the configured store and sampler, plus the index build."""
+def time_sampled_steps(cfg: HfsConfig, num_classes: int, batch: int, steps: int, warmup: int = 2,
+                       wait_index: bool = False) -> dict[str, Any]:
+    """Seconds per SampledFC step with the configured store and sampler, plus the index build.
+
+    ``wait_index`` waits for a background first index before stepping, so that the steps
+    run with it (and its drift tracking) — what the memory check needs to see.
+    """
     from hfs.fc import SampledFC
     from hfs.models import build_head
     from hfs.paramserver import open_store
@@ -69,6 +74,8 @@ def time_sampled_steps(cfg: HfsConfig, num_classes: int, batch: int, steps: int,
             t0 = time.perf_counter()
             selector = build_selector(cfg, store, "fc", num_classes)
             selector.maybe_refresh(0)
+            if wait_index:
+                selector.wait_ready()
             build_s = time.perf_counter() - t0
             fc = SampledFC(store, selector, build_head(cfg.head), overlap_push=cfg.fc.overlap_push)
             fc.set_hparams(0.1, cfg.optim.momentum, cfg.optim.weight_decay)
@@ -86,16 +93,31 @@ def time_sampled_steps(cfg: HfsConfig, num_classes: int, batch: int, steps: int,
                     if step >= warmup:
                         times.append(time.perf_counter() - t0)
                 upkeep = dict(selector.upkeep()) if hasattr(selector, "upkeep") else {}
+                resident = resident_split_mb()  # while the index is still mapped
             finally:
                 fc.close()
         finally:
             store.close()
-    return {"times": times, "build_s": build_s, "timers": dict(fc.timers), "upkeep": upkeep}
+    return {"times": times, "build_s": build_s, "timers": dict(fc.timers), "upkeep": upkeep, "resident_mb": resident}
 
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def resident_split_mb() -> dict[str, float]:
+    """This process's resident memory now, anonymous vs file-backed (Linux; empty elsewhere).
+
+    File-backed pages (a memory-mapped annoy index, shared with the page cache) count in
+    the peak RSS but the kernel can drop them; anonymous pages are the process's own.
+    """
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in lines if line.startswith(("RssAnon", "RssFile", "RssShmem")))
+    return {key.lower() + "_mb": int(value.split()[0]) / 1024.0 for key, value in fields.items()}
 
 
 def bench_fc(cfg: HfsConfig, num_classes: int, batch: int, sample_num: int, steps: int = 20,
@@ -185,9 +207,9 @@ def _trainer_process(cfg: HfsConfig, num_classes: int, batch: int, steps: int, o
     """Run SampledFC steps against the server and report this process's peak RSS."""
     try:
         base_mb = peak_rss_mb()
-        result = time_sampled_steps(cfg, num_classes, batch, steps, warmup=1)
+        result = time_sampled_steps(cfg, num_classes, batch, steps, warmup=1, wait_index=True)
         out.put({"num_classes": num_classes, "peak_rss_mb": peak_rss_mb(), "after_imports_mb": base_mb,
-                 "step_ms": 1000 * statistics.median(result["times"])})
+                 "step_ms": 1000 * statistics.median(result["times"]), **result["resident_mb"]})
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
         out.put({"error": f"{exc.__class__.__name__}: {exc}"})
 
@@ -196,6 +218,8 @@ def trainer_memory(cfg: HfsConfig, classes: list[int], batch: int, sample_num: i
                    ) -> list[dict[str, Any]]:
     """Peak RSS of a sampled-mode trainer process at each C, the matrix living in `hfs serve-params`.
 
+    The trainer builds the configured sampler's first index (``sampler.type``; a build in a
+    child process is not counted: it is not the trainer) and waits for it before stepping.
     Each C gets a fresh server process and a fresh trainer process (spawned, so nothing is
     inherited); only the trainer's memory is reported.
     """
@@ -234,9 +258,11 @@ def render_memory(rows: list[dict[str, Any]], sampler: str, console=None) -> Non
     from hfs.utils.log import make_console
 
     table = Table(title=f"sampled-mode trainer process, matrix in hfs serve-params ({sampler} sampler)")
-    for col in ("C", "peak RSS", "after imports", "step"):
+    for col in ("C", "peak RSS", "after imports", "anon RSS at end", "file RSS at end", "step"):
         table.add_column(col, justify="right")
     for r in rows:
+        anon, file = r.get("rssanon_mb"), r.get("rssfile_mb")
         table.add_row(f"{r['num_classes']:,}", f"{r['peak_rss_mb']:.0f} MB", f"{r['after_imports_mb']:.0f} MB",
+                      "-" if anon is None else f"{anon:.0f} MB", "-" if file is None else f"{file:.0f} MB",
                       f"{r['step_ms']:.1f} ms")
     (console or make_console()).print(table)

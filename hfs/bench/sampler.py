@@ -334,7 +334,8 @@ def bench_upkeep(name: str, cfg, weights: np.ndarray, settings: SamplerBenchSett
                                    lambda: array_chunks(matrix, scfg.snapshot_rows), shape,
                                    sample_num=settings.sample_num, neighbours=k, policy=policy,
                                    background=scfg.background, update_threshold=scfg.update_threshold,
-                                   update_budget=scfg.update_budget, seed=scfg.seed, workdir=scfg.workdir)
+                                   update_budget=scfg.update_budget, seed=scfg.seed, workdir=scfg.workdir,
+                                   drift_rows=scfg.drift_rows)
 
     results: dict[str, Any] = {"sampler": name, "policy": scfg.refresh, "steps": settings.upkeep_steps}
     frozen_policy = RefreshPolicy("interval", interval=settings.upkeep_steps + 1, max_interval=0)

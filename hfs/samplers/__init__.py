@@ -14,7 +14,7 @@ from hfs.samplers.base import ClassSampler
 from hfs.samplers.exact import ExactSampler
 from hfs.samplers.hnsw import HnswSampler
 from hfs.samplers.random_negatives import RandomSampler
-from hfs.samplers.refresh import RefreshPolicy
+from hfs.samplers.refresh import RefreshPolicy, RemoteMatrix
 from hfs.samplers.registry import SAMPLERS
 from hfs.samplers.selection import auto_neighbours, select_active_classes
 from hfs.samplers.selector import ActiveClassSelector
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from hfs.paramserver.base import WeightStore
 
 __all__ = ["ActiveClassSelector", "AnnoySampler", "ClassSampler", "ExactSampler", "HnswSampler", "RandomSampler",
-           "RefreshPolicy", "SAMPLERS", "auto_neighbours", "build_sampler", "build_selector",
+           "RefreshPolicy", "RemoteMatrix", "SAMPLERS", "auto_neighbours", "build_sampler", "build_selector",
            "select_active_classes", "sampler_kwargs"]
 
 
@@ -60,4 +60,14 @@ def build_selector(cfg: "HfsConfig", store: "WeightStore", matrix: str, num_clas
                                lambda: store.iter_chunks(matrix, chunk_rows), (num_classes, dim),
                                sample_num=cfg.fc.sample_num, neighbours=neighbours, policy=policy,
                                background=scfg.background, update_threshold=scfg.update_threshold,
-                               update_budget=scfg.update_budget, seed=scfg.seed, workdir=scfg.workdir)
+                               update_budget=scfg.update_budget, seed=scfg.seed, workdir=scfg.workdir,
+                               remote=remote_matrix(store, matrix, chunk_rows), drift_rows=scfg.drift_rows)
+
+
+def remote_matrix(store: "WeightStore", matrix: str, chunk_rows: int) -> RemoteMatrix | None:
+    """Where index builds can read ``matrix`` themselves: a `hfs serve-params` client's shards, else None."""
+    from hfs.paramserver.client import ParamClient
+
+    if not isinstance(store, ParamClient):
+        return None
+    return RemoteMatrix(",".join(store.endpoints), matrix, chunk_rows, store.timeout_s, store.secret)

@@ -69,6 +69,13 @@ class AnnoySampler(ClassSampler):
             out[i, :len(ids)] = ids
         return out
 
+    def indexed_rows(self, rows: np.ndarray) -> np.ndarray | None:
+        """Annoy keeps the raw vectors (angular normalises at query time)."""
+        if self._index is None:
+            return None
+        get = self._index.get_item_vector
+        return np.array([get(int(r)) for r in rows], dtype=np.float32).reshape(len(rows), -1)
+
     def save(self, path: Path) -> None:
         self._index.save(str(path))
 

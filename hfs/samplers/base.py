@@ -60,6 +60,14 @@ class ClassSampler(ABC):
     def spec(self) -> dict[str, Any]:
         """Constructor keyword arguments: an identical, empty sampler is ``type(self)(**spec())``."""
 
+    def indexed_rows(self, rows: np.ndarray) -> np.ndarray | None:
+        """(len(rows), D) float32: the vectors the index holds for class ids ``rows``, as it stores them.
+
+        Drift is measured against these, so the trainer keeps no copy of the matrix. None
+        when there is no index (yet).
+        """
+        return None
+
     def update_rows(self, rows: np.ndarray, values: np.ndarray) -> bool:
         """Update changed rows in place when the index allows; False means a rebuild is needed."""
         return False

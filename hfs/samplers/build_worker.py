@@ -1,8 +1,12 @@
-"""Child process of a background index build: snapshot file in, saved index out.
+"""Child process of a background index build: rows in, saved index out.
 
-Run as ``python -m hfs.samplers.build_worker SPEC_JSON SNAPSHOT.npy OUT`` by
+Run as ``python -m hfs.samplers.build_worker SPEC_JSON SOURCE_JSON OUT`` by
 ``hfs.samplers.refresh.build_in_child``; it exists so that indexes whose build holds the
-GIL (annoy's per-item loop) never slow the training thread.
+GIL (annoy's per-item loop) never slow the training thread. ``SOURCE_JSON`` is
+``{"shape": [C, D], "snapshot": PATH}`` (a float32 .npy the trainer wrote chunk by chunk) or
+``{"shape": [C, D], "remote": {...}}`` (a ``RemoteMatrix`` spec: this process opens its own client to
+`hfs serve-params`, the secret coming from ``HFS_PS_SECRET``), so the matrix never has to
+be in the trainer's memory.
 """
 
 from __future__ import annotations
@@ -11,19 +15,22 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 
-
-def build_index_file(spec_json: str, snapshot_path: str, out_path: str) -> None:
-    """Build the sampler described by ``spec_json`` over the snapshot and save it atomically."""
+def build_index_file(spec_json: str, source_json: str, out_path: str) -> None:
+    """Build the sampler described by ``spec_json`` over the source's rows and save it atomically."""
     import hfs.samplers  # noqa: F401  (registers the samplers)
-    from hfs.samplers.base import array_chunks
+    from hfs.paramserver import resolve_secret
+    from hfs.samplers.refresh import RemoteMatrix, read_npy_chunks
     from hfs.samplers.registry import SAMPLERS
 
-    spec = json.loads(spec_json)
+    spec, source = json.loads(spec_json), json.loads(source_json)
     sampler = SAMPLERS.build(spec["name"], **spec["kwargs"])
-    matrix = np.load(snapshot_path, mmap_mode="r")
-    sampler.rebuild(array_chunks(matrix), *matrix.shape)
+    num_rows, dim = source["shape"]
+    if "remote" in source:
+        chunks = RemoteMatrix(**source["remote"], secret=resolve_secret()).chunks()
+    else:
+        chunks = read_npy_chunks(source["snapshot"])
+    sampler.rebuild(chunks, num_rows, dim)
     tmp = Path(out_path).with_suffix(".partial")
     sampler.save(tmp)
     tmp.replace(out_path)

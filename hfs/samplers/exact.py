@@ -2,7 +2,8 @@
 
 On a CPU this costs a full pass over the matrix per batch (seconds at 1M classes); on a
 GPU it is fast enough to need no approximate index at all. Its "index" is a copy of the
-matrix, so changed rows are written in place (``update_cost = "cheap"``) and it never
+matrix — C x D float32 in the trainer (or on its GPU) by nature: it is the brute-force
+ceiling, not a sampler for a memory-bound trainer — so changed rows are written in place (``update_cost = "cheap"``) and it never
 goes stale for rows the trainer has observed.
 """
 
@@ -75,6 +76,15 @@ class ExactSampler(ClassSampler):
         if self._matrix is None or k == 0:
             return np.full((len(features), k), -1, dtype=np.int64)
         return self.scores_topk(features, k)[1]
+
+    def indexed_rows(self, rows: np.ndarray) -> np.ndarray | None:
+        """Rows of its own copy (normalised for cosine)."""
+        import torch
+
+        if self._matrix is None:
+            return None
+        index = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self._matrix.device)
+        return self._matrix[index].cpu().numpy()
 
     def update_rows(self, rows: np.ndarray, values: np.ndarray) -> bool:
         import torch

@@ -73,6 +73,13 @@ class HnswSampler(ClassSampler):
         out[:, :kk] = self._class_of[ids.astype(np.int64)]
         return out
 
+    def indexed_rows(self, rows: np.ndarray) -> np.ndarray | None:
+        """The live element of each class; hnswlib's cosine space stores them normalised."""
+        if self._index is None:
+            return None
+        labels = self._label_of[np.asarray(rows, dtype=np.int64)]
+        return np.asarray(self._index.get_items(labels), dtype=np.float32).reshape(len(labels), -1)
+
     def update_rows(self, rows: np.ndarray, values: np.ndarray) -> bool:
         if self._index is None:
             return False

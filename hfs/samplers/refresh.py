@@ -5,16 +5,19 @@ Three pieces:
 - :class:`RefreshPolicy` decides *when*: every ``interval`` steps (the paper), or
   ``adaptive``: when the measured drift reaches ``drift_threshold``, never more often than
   every ``interval`` steps and at the latest after ``max_interval`` steps.
-- :class:`DriftTracker` measures *how stale* the live index is, cheaply: it keeps a float16
-  copy of the matrix the index was built from and, for every row the trainer observes,
-  the row's relative change ``|w - w_indexed| / |w_indexed|``. Drift is the mean of that
-  over all classes (rows never observed since the build count as unchanged — in sampled
-  training only active rows move).
-- :class:`IndexBuild` does one rebuild: it copies the matrix from the store a chunk per
-  step in the training thread (stores need not be thread-safe; a ZeroMQ socket is not),
-  then builds a fresh sampler in a background thread — or, for indexes whose build holds
-  the GIL (annoy), in a child process fed by a snapshot file — while queries keep using
-  the previous index. The selector swaps the new index in, between two steps.
+- :class:`DriftTracker` measures *how stale* the live index is, cheaply and without a copy
+  of the matrix: for the observed rows it measures (all, or a random ``drift_rows`` of
+  them per step) it compares the row's fresh value with the vector the index itself stores
+  for it (``ClassSampler.indexed_rows``), keeping a float32 change and a seen flag per
+  class. Drift estimates the mean change over all classes (rows never observed since the
+  build count as unchanged — in sampled training only active rows move).
+- :class:`IndexBuild` does one rebuild while queries keep using the previous index; the
+  selector swaps the new one in between two steps. Where the rows come from decides where
+  memory goes: a build against `hfs serve-params` (:class:`RemoteMatrix`) opens its own
+  client and streams the rows itself, so the matrix never passes through the trainer; with
+  the in-process store the training thread (stores need not be thread-safe) appends a chunk
+  per step to a snapshot *file*, which the build reads back chunk by chunk. Indexes whose
+  build holds the GIL (annoy) are built by a child process and loaded with ``mmap``.
 """
 
 from __future__ import annotations
@@ -29,12 +32,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 
-from hfs.samplers.base import ClassSampler, array_chunks
+from hfs.samplers.base import ClassSampler, normalise_rows
 from hfs.utils.errors import HfsError
+
+#: rows per chunk when a build reads a snapshot file back.
+FILE_CHUNK_ROWS = 65536
 
 
 @dataclass(frozen=True)
@@ -55,31 +61,105 @@ class RefreshPolicy:
 
 
 class DriftTracker:
-    """Per-row relative change of observed rows against the copy the live index holds."""
+    """Relative change of observed rows against the vectors the live index holds for them.
 
-    def __init__(self, reference: np.ndarray) -> None:
-        self.reference = reference  # float16 (C, D): what the index was built from
-        self.change = np.zeros(reference.shape[0], dtype=np.float32)
-        self._total = 0.0
+    With the cosine metric both sides are normalised first (hnsw and exact store unit
+    vectors; annoy's angular index stores raw ones), so drift is the change of a row's
+    *direction* — all a cosine neighbour query sees. With ``dot`` it is
+    ``|w - w_indexed| / |w_indexed|``. Drift = (rows observed since the build / all rows) x
+    the mean change of the rows measured (every observed row when all are measured: then it
+    is exactly the mean change over all classes, unobserved rows counting as unchanged).
+    State: a float32 change (NaN = never measured) and a seen flag per class, 5 bytes.
+    """
+
+    def __init__(self, num_rows: int, metric: str = "cosine") -> None:
+        self.metric = metric
+        self.change = np.full(num_rows, np.nan, dtype=np.float32)
+        self.seen = np.zeros(num_rows, dtype=bool)
+        self._total, self._measured, self._seen = 0.0, 0, 0
 
     @property
     def drift(self) -> float:
-        """Mean relative change over all classes since the index was built."""
-        return self._total / max(len(self.change), 1)
+        """Estimated mean relative change over all classes since the index was built."""
+        if not self._measured:
+            return 0.0
+        return self._total / self._measured * self._seen / max(len(self.change), 1)
 
-    def observe(self, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
-        """Record fresh values of ``rows`` (unique ids); return their relative change."""
-        old = self.reference[rows].astype(np.float32)
-        moved = np.linalg.norm(values - old, axis=1) / np.maximum(np.linalg.norm(old, axis=1), 1e-12)
-        self._total += float(moved.sum() - self.change[rows].sum())
-        self.change[rows] = moved
+    def see(self, rows: np.ndarray) -> None:
+        """``rows`` (unique ids) were observed, measured or not."""
+        fresh = ~self.seen[rows]
+        self._seen += int(fresh.sum())
+        self.seen[rows] = True
+
+    def observe(self, rows: np.ndarray, values: np.ndarray, indexed: np.ndarray) -> np.ndarray:
+        """Record fresh ``values`` of ``rows`` (unique ids) against the index's ``indexed``; return their change."""
+        values, indexed = np.asarray(values, dtype=np.float32), np.asarray(indexed, dtype=np.float32)
+        if self.metric == "cosine":
+            values, indexed = normalise_rows(values), normalise_rows(indexed)
+        moved = np.linalg.norm(values - indexed, axis=1) / np.maximum(np.linalg.norm(indexed, axis=1), 1e-12)
+        self._record(rows, moved.astype(np.float32))
         return moved
 
-    def accept(self, rows: np.ndarray, values: np.ndarray) -> None:
-        """The index now holds ``values`` for ``rows`` (an in-place update): they are fresh again."""
-        self.reference[rows] = values
-        self._total -= float(self.change[rows].sum())
-        self.change[rows] = 0.0
+    def accept(self, rows: np.ndarray) -> None:
+        """The index now holds the rows' fresh values (an in-place update): they are unchanged again."""
+        self._record(rows, np.zeros(len(rows), dtype=np.float32))
+
+    def _record(self, rows: np.ndarray, moved: np.ndarray) -> None:
+        self.see(rows)
+        old = self.change[rows]
+        unmeasured = np.isnan(old)
+        self._measured += int(unmeasured.sum())
+        self._total += float(moved.sum() - np.where(unmeasured, 0.0, old).sum())
+        self.change[rows] = moved
+
+
+@dataclass(frozen=True)
+class RemoteMatrix:
+    """A matrix in `hfs serve-params` that a build reads through its own client.
+
+    ``secret`` reaches a child process through its environment (``HFS_PS_SECRET``), never
+    its command line. The rows are those at the time the build read them — what an index
+    built in the background sees anyway.
+    """
+
+    address: str  # every shard's endpoint, comma-separated
+    matrix: str
+    chunk_rows: int
+    timeout_s: float = 60.0
+    secret: bytes | None = None
+
+    def spec(self) -> dict:
+        """Everything but the secret, for a child's command line."""
+        return {"address": self.address, "matrix": self.matrix, "chunk_rows": self.chunk_rows,
+                "timeout_s": self.timeout_s}
+
+    def chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """Stream the matrix with a fresh client (closed at the end)."""
+        from hfs.paramserver.client import ParamClient
+
+        client = ParamClient(self.address, timeout_s=self.timeout_s, secret=self.secret)
+        try:
+            yield from client.iter_chunks(self.matrix, self.chunk_rows)
+        finally:
+            client.close()
+
+
+def write_npy_header(out: BinaryIO, shape: tuple[int, int]) -> None:
+    """A float32 C-order .npy header; the rows follow as raw bytes."""
+    np.lib.format.write_array_header_1_0(out, {"descr": "<f4", "fortran_order": False, "shape": tuple(shape)})
+
+
+def read_npy_chunks(path: str | Path, chunk_rows: int = FILE_CHUNK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+    """(first_row, rows) chunks of a 2-D float32 .npy, read with plain reads (no mapping stays resident)."""
+    with open(path, "rb") as src:
+        version = np.lib.format.read_magic(src)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        (num_rows, dim), fortran, dtype = read_header(src)
+        if fortran or dtype != np.float32:
+            raise HfsError(f"{path}: expected a C-order float32 matrix, got {dtype} (fortran={fortran})")
+        for start in range(0, num_rows, chunk_rows):
+            count = min(chunk_rows, num_rows - start)
+            yield start, np.fromfile(src, dtype=np.float32, count=count * dim).reshape(count, dim)
 
 
 def _package_root() -> str:
@@ -88,58 +168,82 @@ def _package_root() -> str:
     return str(Path(hfs.__file__).resolve().parent.parent)
 
 
-def build_in_child(sampler: ClassSampler, snapshot: np.ndarray, workdir: Path,
-                   on_start: Callable[[subprocess.Popen], None] = lambda proc: None) -> float:
-    """Build ``sampler``'s index in a child process from a snapshot file, then load it here.
+def build_in_child(sampler: ClassSampler, source: dict, shape: tuple[int, int], workdir: Path,
+                   on_start: Callable[[subprocess.Popen], None] = lambda proc: None,
+                   secret: bytes | None = None) -> float:
+    """Build ``sampler``'s index in a child process, then load it here (``mmap``).
 
-    The caller removes ``workdir`` once the index is loaded. Returns the child's CPU seconds. ``on_start`` receives the child so that it can be cancelled.
+    ``source`` is ``{"snapshot": path}`` or ``{"remote": RemoteMatrix.spec()}``. The caller
+    removes ``workdir`` once the index is loaded. Returns the child's CPU seconds.
+    ``on_start`` receives the child so that it can be cancelled.
     """
-    snap_path, index_path, err_path = workdir / "snapshot.npy", workdir / "index.bin", workdir / "stderr.txt"
-    np.save(snap_path, snapshot)
+    index_path, err_path = workdir / "index.bin", workdir / "stderr.txt"
     spec = json.dumps({"name": sampler.name, "kwargs": sampler.spec()})
+    source = dict(source, shape=list(shape))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([_package_root(), os.environ.get("PYTHONPATH", "")]))
+    if secret:
+        from hfs.paramserver import SECRET_ENV
+
+        env[SECRET_ENV] = secret.decode()
     with open(err_path, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "hfs.samplers.build_worker", spec, str(snap_path),
+        proc = subprocess.Popen([sys.executable, "-m", "hfs.samplers.build_worker", spec, json.dumps(source),
                                  str(index_path)], env=env, stdout=subprocess.DEVNULL, stderr=err)
         on_start(proc)
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    snap_path.unlink(missing_ok=True)
     if proc.returncode != 0:
         lines = err_path.read_text(errors="replace").strip().splitlines()
         raise HfsError(f"background '{sampler.name}' index build failed: {lines[-1] if lines else f'exit {proc.returncode}'}")
-    sampler.load(index_path, *snapshot.shape)
+    sampler.load(index_path, *shape)
     return usage.ru_utime + usage.ru_stime
 
 
 class IndexBuild:
-    """One rebuild of a sampler's index, from a snapshot of the store's matrix.
+    """One rebuild of a sampler's index, without a copy of the matrix in the trainer's memory.
 
-    ``advance()`` (training thread) copies the next chunk of the matrix; once the snapshot
-    is complete it starts the build in the background (or runs it right there when
-    ``background`` is False). ``ready`` turns true when the new sampler can be swapped in;
-    ``take()`` hands it over with the float16 reference copy for drift tracking.
+    Rows come from ``remote`` (read by the build itself), else from ``chunks`` (the store's
+    iterator, training thread only): streamed straight into the index for a foreground
+    thread build, otherwise appended to a snapshot file one chunk per ``advance()``.
+    Once the rows are in hand the build starts in the background (or right there when
+    ``background`` is False); ``ready`` turns true when ``take()`` can hand the new sampler over.
     """
 
     def __init__(self, make_sampler: Callable[[], ClassSampler], chunks: Iterator[tuple[int, np.ndarray]],
                  shape: tuple[int, int], started_step: int, *, background: bool = True,
-                 workdir: str = "") -> None:
-        self.make_sampler, self.started_step, self.background = make_sampler, started_step, background
-        self.snapshot = np.empty(shape, dtype=np.float32)
+                 workdir: str = "", remote: RemoteMatrix | None = None) -> None:
+        self.started_step, self.background, self.remote = started_step, background, remote
+        self.shape = shape
+        self.sampler = make_sampler()
         self._chunks, self._rows_read = chunks, 0
         self._workdir_root = workdir
+        self._workdir: Path | None = None
+        self._snapshot: BinaryIO | None = None
         self._thread: threading.Thread | None = None
-        self._result: tuple[ClassSampler, np.ndarray] | None = None
+        self._result: ClassSampler | None = None
         self._error: BaseException | None = None
         self._child: subprocess.Popen | None = None
         self._cancelled = False
         self.bg_cpu_seconds = 0.0
         self.bg_wall_seconds = 0.0
+        if self.remote is None and (background or self.sampler.build_in_subprocess):
+            self._open_snapshot()
+
+    def _make_workdir(self) -> Path:
+        root = self._workdir_root or None
+        if root:
+            Path(root).mkdir(parents=True, exist_ok=True)
+        self._workdir = Path(tempfile.mkdtemp(prefix="hfs-index-", dir=root))
+        return self._workdir
+
+    def _open_snapshot(self) -> None:
+        self._snapshot = open(self._make_workdir() / "snapshot.npy", "wb")
+        write_npy_header(self._snapshot, self.shape)
 
     # -- training thread ----------------------------------------------------------------
     @property
     def snapshot_complete(self) -> bool:
-        return self._rows_read >= self.snapshot.shape[0]
+        """True once the training thread has nothing more to read (always, for a remote source)."""
+        return self._snapshot is None or self._rows_read >= self.shape[0]
 
     @property
     def started(self) -> bool:
@@ -150,22 +254,27 @@ class IndexBuild:
         return self._result is not None or self._error is not None
 
     def advance(self, max_chunks: int = 1) -> None:
-        """Copy up to ``max_chunks`` more chunks; start the build once the copy is complete."""
-        for _ in range(max_chunks):
-            if self.snapshot_complete:
-                break
-            start, rows = next(self._chunks)
-            self.snapshot[start:start + len(rows)] = rows
-            self._rows_read += len(rows)
-        if self.snapshot_complete and not self.started:
+        """Append up to ``max_chunks`` more chunks to the snapshot file; start the build once it is complete."""
+        if self._snapshot is not None:
+            for _ in range(max_chunks):
+                if self._rows_read >= self.shape[0]:
+                    break
+                _, rows = next(self._chunks)
+                self._snapshot.write(np.ascontiguousarray(rows, dtype=np.float32).tobytes())
+                self._rows_read += len(rows)
+            if self._rows_read < self.shape[0]:
+                return
+            self._snapshot.close()
+            self._snapshot = None
+        if not self.started:
             if self.background:
                 self._thread = threading.Thread(target=self._run, name="hfs-index-build", daemon=True)
                 self._thread.start()
             else:
                 self._run()
 
-    def take(self) -> tuple[ClassSampler, np.ndarray]:
-        """The built sampler and the float16 copy it was built from."""
+    def take(self) -> ClassSampler:
+        """The built sampler."""
         if self._error is not None:
             raise self._error
         assert self._result is not None
@@ -182,6 +291,10 @@ class IndexBuild:
         child = self._child
         if child is not None and child.returncode is None:
             child.kill()
+        if self._snapshot is not None and self._thread is None:
+            self._snapshot.close()
+            self._snapshot = None
+            self._remove_workdir()
 
     # -- build (background thread, or inline) ---------------------------------------------
     def _set_child(self, proc: subprocess.Popen) -> None:
@@ -189,36 +302,40 @@ class IndexBuild:
         if self._cancelled:
             proc.kill()
 
+    def _remove_workdir(self) -> None:
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def _source_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        if self.remote is not None:
+            return self.remote.chunks()
+        if self._workdir is not None:
+            return read_npy_chunks(self._workdir / "snapshot.npy")
+        return self._chunks  # a foreground build in the training thread: straight from the store
+
     def _run(self) -> None:
         wall0, cpu0 = time.perf_counter(), time.thread_time()
-        workdir: Path | None = None
+        sampler = self.sampler
         try:
-            sampler = self.make_sampler()
-            num_rows, dim = self.snapshot.shape
             if sampler.build_in_subprocess:
-                root = self._workdir_root or None
-                if root:
-                    Path(root).mkdir(parents=True, exist_ok=True)
-                workdir = Path(tempfile.mkdtemp(prefix="hfs-index-", dir=root))
-                self.bg_cpu_seconds += build_in_child(sampler, self.snapshot, workdir, self._set_child)
-                # The index is memory-mapped now; its file can go (the mapping keeps the
-                # data), so a process that dies without close() leaves nothing behind.
-                shutil.rmtree(workdir, ignore_errors=True)
-                workdir = None
+                if self._workdir is None:
+                    self._make_workdir()  # remote rows: the folder holds only the index file
+                source = ({"remote": self.remote.spec()} if self.remote is not None
+                          else {"snapshot": str(self._workdir / "snapshot.npy")})
+                self.bg_cpu_seconds += build_in_child(sampler, source, self.shape, self._workdir, self._set_child,
+                                                      secret=self.remote.secret if self.remote else None)
             else:
-                sampler.rebuild(array_chunks(self.snapshot), num_rows, dim)
-            reference = self.snapshot.astype(np.float16)
-            self.snapshot = np.empty((0, dim), dtype=np.float32)
+                sampler.rebuild(self._source_chunks(), *self.shape)
             if self._cancelled:
                 sampler.close()
                 return
-            self._result = (sampler, reference)
+            self._result = sampler
         except BaseException as exc:  # surfaced in the training thread by take()
-            if workdir is not None:
-                shutil.rmtree(workdir, ignore_errors=True)
             self._error = exc if not self._cancelled else None
-            if self._cancelled:
-                return
         finally:
+            # An annoy index is memory-mapped by now; its file can go (the mapping keeps
+            # the data), so a process that dies without close() leaves nothing behind.
+            self._remove_workdir()
             self.bg_cpu_seconds += time.thread_time() - cpu0
             self.bg_wall_seconds += time.perf_counter() - wall0

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from hfs.samplers.base import ClassSampler
-from hfs.samplers.refresh import DriftTracker, IndexBuild, RefreshPolicy
+from hfs.samplers.refresh import DriftTracker, IndexBuild, RefreshPolicy, RemoteMatrix
 from hfs.samplers.selection import select_active_classes
 from hfs.utils.errors import HfsError
 
@@ -37,11 +37,13 @@ class ActiveClassSelector:
     def __init__(self, make_sampler: Callable[[], ClassSampler], read_chunks: Callable[[], Iterator[tuple[int, np.ndarray]]],
                  shape: tuple[int, int], *, sample_num: int, neighbours: int, policy: RefreshPolicy,
                  background: bool = True, update_threshold: float = 0.1, update_budget: int = 16,
-                 seed: int = 0, workdir: str = "") -> None:
+                 seed: int = 0, workdir: str = "", remote: RemoteMatrix | None = None, drift_rows: int = 0) -> None:
         self.num_classes, self.dim = shape
         self.sample_num, self.neighbours, self.policy = sample_num, neighbours, policy
         self.background, self.update_threshold, self.update_budget = background, update_threshold, update_budget
-        self._make_sampler, self._read_chunks, self._workdir = make_sampler, read_chunks, workdir
+        self.drift_rows = drift_rows
+        self._drift_rng = np.random.default_rng([seed, 1])  # apart from the fill's stream: selection stays as it was
+        self._make_sampler, self._read_chunks, self._workdir, self._remote = make_sampler, read_chunks, workdir, remote
         self._rng = np.random.default_rng(seed)
         self._warned_overflow = False
         self._sampler: ClassSampler | None = None
@@ -81,25 +83,30 @@ class ActiveClassSelector:
 
     def observe(self, rows: np.ndarray, values: np.ndarray) -> None:
         """Fresh values of rows the trainer fetched: update drift, and the index in place where cheap enough."""
-        if self._tracker is None:
+        if self._tracker is None or not len(rows):
             return
         t0 = time.perf_counter()
         rows = np.asarray(rows, dtype=np.int64)
         values = np.asarray(values, dtype=np.float32)
         rows, first = np.unique(rows, return_index=True)
         values = values[first]
-        moved = self._tracker.observe(rows, values)
         if self.update_cost == "cheap":
-            self._update_in_place(rows, values)
-        elif self.update_cost == "costly" and self.update_budget > 0:
-            big = np.flatnonzero(moved >= self.update_threshold)
-            if big.size:
-                big = big[np.argsort(-moved[big], kind="stable")[:self.update_budget]]
-                self._update_in_place(rows[big], values[big])
+            self._update_in_place(rows, values)  # every row fresh again: nothing to measure
+        else:
+            self._tracker.see(rows)
+            if 0 < self.drift_rows < len(rows):
+                pick = np.sort(self._drift_rng.choice(len(rows), self.drift_rows, replace=False))
+                rows, values = rows[pick], values[pick]
+            moved = self._tracker.observe(rows, values, self._sampler.indexed_rows(rows))
+            if self.update_cost == "costly" and self.update_budget > 0:
+                big = np.flatnonzero(moved >= self.update_threshold)
+                if big.size:
+                    big = big[np.argsort(-moved[big], kind="stable")[:self.update_budget]]
+                    self._update_in_place(rows[big], values[big])
         self._fg_seconds += time.perf_counter() - t0
 
     def maybe_refresh(self, step: int) -> None:
-        """Advance a rebuild in flight (one snapshot chunk per step), swap a finished one in, or start one."""
+        """Advance a rebuild in flight (one snapshot-file chunk per step), swap a finished one in, or start one."""
         if not self.uses_index:
             return
         t0 = time.perf_counter()
@@ -165,7 +172,7 @@ class ActiveClassSelector:
     # -- internals ---------------------------------------------------------------------------
     def _launch(self, step: int) -> None:
         self._build = IndexBuild(self._make_sampler, self._read_chunks(), (self.num_classes, self.dim), step,
-                                 background=self.background, workdir=self._workdir)
+                                 background=self.background, workdir=self._workdir, remote=self._remote)
         self._last_build_step = step
 
     def _swap_in(self) -> None:
@@ -174,7 +181,7 @@ class ActiveClassSelector:
             self._bg_cpu_seconds += build.bg_cpu_seconds
             self._bg_wall_seconds += build.bg_wall_seconds
         try:
-            sampler, reference = build.take()
+            sampler = build.take()
         except Exception as exc:
             self._failed_builds += 1
             if self._failed_builds >= MAX_FAILED_BUILDS:
@@ -184,7 +191,7 @@ class ActiveClassSelector:
             return
         self._failed_builds = 0
         old, self._sampler = self._sampler, sampler
-        self._tracker = DriftTracker(reference)
+        self._tracker = DriftTracker(self.num_classes, sampler.metric)
         self._rebuilds += 1
         if old is not None:
             old.close()
@@ -192,5 +199,5 @@ class ActiveClassSelector:
 
     def _update_in_place(self, rows: np.ndarray, values: np.ndarray) -> None:
         if self._sampler is not None and self._sampler.update_rows(rows, values):
-            self._tracker.accept(rows, values)
+            self._tracker.accept(rows)
             self._rows_updated += len(rows)

@@ -106,18 +106,42 @@ def test_adaptive_policy_triggers_on_drift_and_not_without(small_world, make_sto
     weights, labels, queries = small_world
     store = make_store(weights)
     selector = build_selector(_cfg(type="annoy", refresh="adaptive", interval=2, drift_threshold=0.05,
-                                   max_interval=0, background=False, annoy_trees=5), store, "fc", C)
+                                   max_interval=0, background=False, annoy_trees=5, drift_rows=0), store, "fc", C)
     rows = np.arange(0, C, 2)
     for step in range(1, 30):  # the trainer sees rows, but they do not move
         selector.observe(rows, store.get_rows("fc", rows))
         selector.maybe_refresh(step)
     assert selector.upkeep()["rebuilds"] == 1 and selector.drift == pytest.approx(0, abs=1e-3)
-    moved = store.get_rows("fc", rows) * 1.2  # half the rows change by 20%: drift ~0.1
+    old = store.get_rows("fc", rows)
+    assert selector.observe(rows, old * 3.0) is None and selector.drift == pytest.approx(0, abs=1e-3)  # cosine: length is no drift
+    # half the rows turn by 0.2 rad: each moves |2 sin(0.1)| ~ 0.2 as a unit vector, drift ~0.1 over all classes
+    turn = np.roll(old, 1, axis=1)
+    turn -= (np.sum(turn * old, axis=1, keepdims=True) / np.sum(old * old, axis=1, keepdims=True)) * old
+    turn *= np.linalg.norm(old, axis=1, keepdims=True) / np.linalg.norm(turn, axis=1, keepdims=True)
+    moved = (np.cos(0.2) * old + np.sin(0.2) * turn).astype(np.float32)
     store.set_rows("fc", rows, moved)
     selector.observe(rows, moved)
-    assert selector.drift == pytest.approx(0.1, rel=0.05)
+    assert selector.drift == pytest.approx(len(rows) * 2 * np.sin(0.1) / C, rel=1e-3)
     selector.maybe_refresh(30)
     assert selector.upkeep()["rebuilds"] == 2 and selector.drift == 0
+
+
+def _turned(rows_values: np.ndarray, angle: float) -> np.ndarray:
+    """Each row turned by ``angle`` radians, its length kept."""
+    turn = np.roll(rows_values, 1, axis=1)
+    turn -= (np.sum(turn * rows_values, axis=1, keepdims=True) / np.sum(rows_values ** 2, axis=1, keepdims=True)) * rows_values
+    turn *= np.linalg.norm(rows_values, axis=1, keepdims=True) / np.linalg.norm(turn, axis=1, keepdims=True)
+    return (np.cos(angle) * rows_values + np.sin(angle) * turn).astype(np.float32)
+
+
+def test_drift_rows_measures_a_subset_and_scales_to_the_rows_seen(small_world, make_store):
+    weights = small_world[0]
+    selector = build_selector(_cfg(type="annoy", background=False, annoy_trees=2, drift_rows=10), make_store(weights),
+                              "fc", C)
+    rows = np.arange(0, C, 2)
+    selector.observe(rows, _turned(weights[rows], 0.2))  # every row turned alike: 10 measured stand for all 1000
+    assert np.count_nonzero(~np.isnan(selector._tracker.change)) == 10
+    assert selector.drift == pytest.approx(len(rows) * 2 * np.sin(0.1) / C, rel=1e-3)
 
 
 def test_refresh_policy_rules():
@@ -130,13 +154,81 @@ def test_refresh_policy_rules():
 
 
 def test_drift_tracker_counts_each_row_once_and_accepts_updates():
-    ref = np.ones((4, 2), dtype=np.float16)
-    tracker = DriftTracker(ref)
-    tracker.observe(np.array([0]), np.full((1, 2), 2.0, dtype=np.float32))
-    tracker.observe(np.array([0]), np.full((1, 2), 1.5, dtype=np.float32))  # replaces, not adds
+    tracker = DriftTracker(4, metric="dot")
+    indexed = np.ones((1, 2), dtype=np.float32)
+    tracker.observe(np.array([0]), np.full((1, 2), 2.0, dtype=np.float32), indexed)
+    tracker.observe(np.array([0]), np.full((1, 2), 1.5, dtype=np.float32), indexed)  # replaces, not adds
     assert tracker.drift == pytest.approx(0.5 / 4)
-    tracker.accept(np.array([0]), np.full((1, 2), 1.5, dtype=np.float32))
+    tracker.accept(np.array([0]))
     assert tracker.drift == 0
+    tracker.see(np.array([1, 2, 3]))  # seen, not measured: the measured mean (0) stands for them
+    tracker.observe(np.array([1]), np.full((1, 2), 2.0, dtype=np.float32), indexed)
+    assert tracker.drift == pytest.approx((1.0 / 2) * 4 / 4)  # mean of measured {0, 1} x 4 seen / 4 rows
+
+
+def test_cosine_drift_is_the_change_of_direction_only():
+    tracker = DriftTracker(2, metric="cosine")
+    indexed = np.array([[3.0, 4.0], [1.0, 0.0]], dtype=np.float32)
+    moved = tracker.observe(np.array([0, 1]), np.array([[6.0, 8.0], [0.0, 2.0]], dtype=np.float32), indexed)
+    np.testing.assert_allclose(moved, [0.0, np.sqrt(2.0)], atol=1e-6)  # a longer row does not move its neighbours
+
+
+@pytest.mark.parametrize("name", ["annoy", "hnsw", "exact"])
+def test_indexed_rows_are_what_the_index_holds(name, small_world, make_store):
+    weights = small_world[0]
+    selector = build_selector(_cfg(type=name, background=False), make_store(weights), "fc", C)
+    rows = np.array([5, 0, 1999])
+    held = selector.sampler.indexed_rows(rows)
+    expected = weights[rows] if name == "annoy" else normalise_rows(weights[rows])  # hnsw/exact store unit rows
+    np.testing.assert_allclose(held, expected, rtol=1e-5, atol=1e-6)
+    selector.observe(rows, weights[rows])
+    selector.observe(np.empty(0, dtype=np.int64), np.empty((0, D), dtype=np.float32))  # nothing fetched: a no-op
+    assert selector.drift == pytest.approx(0.0, abs=1e-6)  # unchanged rows: no drift, for every metric convention
+
+
+@pytest.mark.parametrize("name", ["annoy", "hnsw"])
+def test_background_build_leaves_no_snapshot_in_memory_or_on_disk(name, small_world, make_store, tmp_path):
+    weights, labels, queries = small_world
+    workdir = tmp_path / "work"
+    selector = build_selector(_cfg(type=name, snapshot_rows=500, workdir=str(workdir)), make_store(weights), "fc", C)
+    assert selector.wait_ready(60)
+    assert _exact_recall(selector, weights, queries) > 0.5
+    assert list(workdir.iterdir()) == []  # the snapshot file and the index file are gone
+    selector.close()
+
+
+@pytest.mark.parametrize("name", ["annoy", "hnsw"])
+def test_build_against_a_server_reads_rows_through_its_own_client(name, small_world, monkeypatch):
+    from hfs.paramserver.client import ParamClient
+    from hfs.paramserver.server import ParamServer
+    from hfs.paramserver.store import InProcessStore
+    import threading
+
+    weights, labels, queries = small_world
+    secret = b"s3cret"
+    server = ParamServer(InProcessStore(timeout_s=10), "tcp://127.0.0.1:0", secret=secret)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    client = ParamClient(server.endpoint, secret=secret)
+    try:
+        client.create("fc", C, D)
+        client.set_rows("fc", np.arange(C), weights)
+
+        def no_trainer_reads(*args, **kw):
+            raise AssertionError("the trainer's client must not stream the matrix")
+            yield  # a generator, like the real one: only reading from it is an error
+
+        monkeypatch.setattr(client, "iter_chunks", no_trainer_reads)
+        monkeypatch.delenv("HFS_PS_SECRET", raising=False)
+        selector = build_selector(_cfg(type=name, snapshot_rows=700), client, "fc", C)
+        assert selector.wait_ready(60)
+        assert _exact_recall(selector, weights, queries) > 0.5
+        selector.close()
+    finally:
+        client.close()
+        server.stop()
+        thread.join(10)
+        server.close()
 
 
 def test_exact_updates_every_observed_row_and_never_drifts(small_world, make_store):
