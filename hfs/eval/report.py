@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from hfs.eval.verification import VerificationResult
 from hfs.utils.atomic import atomic_write, atomic_write_text
-from hfs.utils.errors import HfsError
+from hfs.utils.optional import require
 
 
 def _far_label(far: float) -> str:
@@ -43,11 +43,7 @@ def write_results_json(path: str | Path, results: Mapping[str, VerificationResul
 
 def require_matplotlib():
     """matplotlib (the optional ``plot`` extra), or a one-line error saying how to install it."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise HfsError("--plot needs matplotlib, which is not installed: pip install 'hfs[plot]'") from None
-    return matplotlib
+    return require("matplotlib", "--plot", "pip install 'hfs[plot]'")
 
 
 def _pyplot():

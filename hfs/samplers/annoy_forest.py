@@ -15,16 +15,8 @@ import numpy as np
 
 from hfs.samplers.base import ClassSampler
 from hfs.samplers.registry import SAMPLERS
-from hfs.utils.errors import HfsError
+from hfs.utils.optional import require
 
-
-def import_annoy():
-    """annoy, or a one-line error saying how to get it."""
-    try:
-        import annoy
-    except ImportError:
-        raise HfsError("sampler 'annoy' needs the annoy package: pip install annoy (or pick sampler.type=hnsw/exact/random)") from None
-    return annoy
 
 
 @SAMPLERS.register("annoy")
@@ -45,7 +37,7 @@ class AnnoySampler(ClassSampler):
                 "build_threads": self.build_threads}
 
     def _empty_index(self, dim: int):
-        index = import_annoy().AnnoyIndex(dim, "angular" if self.metric == "cosine" else "dot")
+        index = require("annoy", "sampler 'annoy'", "pip install annoy", "or pick sampler.type=hnsw/exact/random").AnnoyIndex(dim, "angular" if self.metric == "cosine" else "dot")
         index.set_seed(self.seed)
         return index
 

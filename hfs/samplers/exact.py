@@ -15,15 +15,7 @@ import numpy as np
 
 from hfs.samplers.base import ClassSampler, normalise_rows
 from hfs.samplers.registry import SAMPLERS
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> cuda when available, else cpu."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+from hfs.utils.device import resolve_device
 
 
 @SAMPLERS.register("exact")
@@ -47,7 +39,7 @@ class ExactSampler(ClassSampler):
     def rebuild(self, chunks: Iterable[tuple[int, np.ndarray]], num_rows: int, dim: int) -> None:
         import torch
 
-        matrix = torch.empty((num_rows, dim), dtype=torch.float32, device=resolve_device(self.device))
+        matrix = torch.empty((num_rows, dim), dtype=torch.float32, device=resolve_device(self.device, "config key 'sampler.exact_device'"))
         for start, rows in chunks:
             matrix[start:start + len(rows)] = torch.from_numpy(np.ascontiguousarray(self._prepare(rows)))
         self._matrix = matrix

@@ -17,16 +17,8 @@ import numpy as np
 
 from hfs.samplers.base import ClassSampler
 from hfs.samplers.registry import SAMPLERS
-from hfs.utils.errors import HfsError
+from hfs.utils.optional import require
 
-
-def import_hnswlib():
-    """hnswlib, or a one-line error saying how to get it."""
-    try:
-        import hnswlib
-    except ImportError:
-        raise HfsError("sampler 'hnsw' needs the hnswlib package: pip install hnswlib (or pick sampler.type=annoy/exact/random)") from None
-    return hnswlib
 
 
 @SAMPLERS.register("hnsw")
@@ -51,7 +43,7 @@ class HnswSampler(ClassSampler):
                 "seed": self.seed, "build_threads": self.build_threads, "query_threads": self.query_threads}
 
     def rebuild(self, chunks: Iterable[tuple[int, np.ndarray]], num_rows: int, dim: int) -> None:
-        index = import_hnswlib().Index(space="cosine" if self.metric == "cosine" else "ip", dim=dim)
+        index = require("hnswlib", "sampler 'hnsw'", "pip install hnswlib", "or pick sampler.type=annoy/exact/random").Index(space="cosine" if self.metric == "cosine" else "ip", dim=dim)
         index.init_index(max_elements=num_rows, M=self.m, ef_construction=self.ef_construction, random_seed=self.seed)
         for start, rows in chunks:
             rows = np.ascontiguousarray(rows, dtype=np.float32)
