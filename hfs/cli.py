@@ -222,7 +222,7 @@ def serve_params(
     cfg = resolve_config(config, set_, print_config)
     ps = cfg.paramserver
     opts = ServeOptions(
-        host=host or ps.host, port=port or ps.port, shard=ShardSpec(shard_index, num_shards),
+        host=host or ps.host, port=ps.port if port is None else port, shard=ShardSpec(shard_index, num_shards),
         peers=tuple(p for p in peers.split(",") if p),
         snapshot_dir=snapshot_dir or Path(ps.snapshot_dir or Path(cfg.train.output_dir) / "store"),
         keep_snapshots=ps.keep_snapshots, timeout_s=ps.timeout_s, snapshot_every_steps=ps.snapshot_every_steps,
@@ -413,13 +413,23 @@ def bench_fc_cmd(
         atomic_write_text(json_out, json.dumps(result, indent=2, default=str) + "\n")
 
 
+def one_line(exc: BaseException) -> str:
+    """The user-facing line of an error; errors re-raised from DataLoader workers carry the
+    worker's whole traceback, whose last line is the original message."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    return text
+
+
 def main() -> None:
-    """Console entry: user errors become one line on stderr and exit code 2."""
+    """Console entry: user errors (bad config, bad input, unwritable paths) become one line on
+    stderr and exit code 2."""
     try:
         app()
-    except (ConfigError, HfsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ConfigError, HfsError, OSError) as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)

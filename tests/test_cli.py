@@ -31,3 +31,27 @@ def test_help_does_not_import_heavy_modules():
             "print(','.join(m for m in ('torch', 'zmq', 'annoy', 'hnswlib', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
+
+
+def test_one_line_unwraps_dataloader_worker_errors_and_oserrors():
+    from hfs.cli import one_line
+    from hfs.utils.errors import HfsError
+
+    wrapped = HfsError("Caught HfsError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                       '  File "x.py", line 1, in f\nhfs.utils.errors.HfsError: image a/b.jpg in list.txt line 3: missing')
+    assert one_line(wrapped) == "image a/b.jpg in list.txt line 3: missing"
+    assert one_line(PermissionError(13, "Permission denied", "/ro/out.npy")) == "/ro/out.npy: Permission denied"
+    assert one_line(HfsError("plain")) == "plain"
+
+
+def test_unwritable_output_is_one_line_not_a_traceback(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "synth").write_text("a file where a folder must go")
+    proc = subprocess.run([sys.executable, "-m", "hfs", "make-synthetic", "--out", str(ro / "synth" / "x"),
+                           "--classes", "2", "--images-per-class", "1", "--image-size", "8"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].endswith("synth/x: Not a directory"), proc.stderr

@@ -233,6 +233,7 @@ def trainer_memory(cfg: HfsConfig, classes: list[int], batch: int, sample_num: i
         port = _free_port()
         server = ctx.Process(target=_serve, args=(port,), daemon=True)
         server.start()
+        trainer = None
         try:
             run_cfg = dataclasses.replace(
                 cfg, paramserver=dataclasses.replace(cfg.paramserver, address=f"tcp://127.0.0.1:{port}"),
@@ -241,15 +242,29 @@ def trainer_memory(cfg: HfsConfig, classes: list[int], batch: int, sample_num: i
             queue = ctx.Queue()
             trainer = ctx.Process(target=_trainer_process, args=(run_cfg, num_classes, batch, steps, queue))
             trainer.start()
-            row = queue.get()
+            row = _result_or_death(queue, trainer)
             trainer.join()
         finally:
-            server.terminate()
-            server.join(30)
+            for proc in (trainer, server):
+                if proc is not None and proc.is_alive():
+                    proc.terminate()
+                    proc.join(30)
         if "error" in row:
             raise HfsError(f"memory run at C={num_classes} failed: {row['error']}")
         rows.append(row)
     return rows
+
+
+def _result_or_death(queue, proc) -> dict[str, Any]:
+    """The child's result, or an error row once it has died without one (OOM-kill, segfault)."""
+    import queue as queue_mod
+
+    while True:
+        try:
+            return queue.get(timeout=1.0)
+        except queue_mod.Empty:
+            if not proc.is_alive():
+                return {"error": f"the trainer process died (exit code {proc.exitcode}) without a result"}
 
 
 def render_memory(rows: list[dict[str, Any]], sampler: str, console=None) -> None:

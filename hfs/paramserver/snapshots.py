@@ -71,6 +71,13 @@ def write_snapshot(directory: Path, name: str, meta: Mapping, arrays: Mapping[st
     """Write ``arrays`` (file stem -> array) and a manifest with ``meta`` as ``directory/name``."""
     check_plain_name(name)
     target = Path(directory) / name
+    try:
+        return _write_snapshot_files(target, name, meta, arrays)
+    except OSError as exc:
+        raise SnapshotError(f"cannot write snapshot {target}: {exc.strerror or exc}") from None
+
+
+def _write_snapshot_files(target: Path, name: str, meta: Mapping, arrays: Mapping[str, np.ndarray]) -> Path:
     files = {}
     with atomic_dir(target) as tmp:
         for i, (stem, array) in enumerate(arrays.items()):

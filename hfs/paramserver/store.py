@@ -614,7 +614,13 @@ class InProcessStore(WeightStore):
         due_steps = self.snapshot_every_steps and self.step - self._last_snapshot_step >= self.snapshot_every_steps
         due_time = self.snapshot_every_s and time.monotonic() - self._last_snapshot_time >= self.snapshot_every_s
         if due_steps or due_time:
-            self.snapshot()
+            try:
+                self.snapshot()
+            except (HfsError, OSError) as exc:
+                # The step that triggered it is applied; a failed periodic snapshot must not
+                # fail that push or kill the server. Retry at the next due point.
+                log.error("periodic snapshot failed: %s", exc)
+                self._last_snapshot_step, self._last_snapshot_time = self.step, time.monotonic()
 
     def tick(self) -> None:
         """Housekeeping a server calls between messages: fail overdue steps, timed snapshots."""

@@ -311,16 +311,11 @@ class Trainer:
             raise HfsError(f"weight-store snapshot '{tag}' is at step {step}, checkpoint at {ckpt['step']}")
 
     def _load_state(self, ckpt: dict) -> DataPosition:
-        if ckpt["fc_mode"] != self.mode:
-            raise HfsError(f"checkpoint {self.resume_path} is a fc.mode={ckpt['fc_mode']} run, "
-                           f"this config says fc.mode={self.mode}")
         from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
         backbone_state = dict(ckpt["backbone"])
         consume_prefix_in_state_dict_if_present(backbone_state, "module.")  # saved from a DDP wrapper
         optimizer_state = ckpt["optimizer"]
-
-
         try:
             self.backbone.load_state_dict(backbone_state)
             if self.mode == "full":

@@ -12,3 +12,20 @@ def test_memory_check_runs_the_configured_index_sampler_against_a_server():
     (row,) = trainer_memory(cfg, [300], batch=8, sample_num=40, steps=1)
     assert row["num_classes"] == 300 and row["peak_rss_mb"] >= row["after_imports_mb"] > 0
     assert row["rssanon_mb"] > 0 and row["rssfile_mb"] >= 0  # Linux: the split is reported
+
+
+def test_a_dead_memory_child_is_reported_not_waited_for():
+    import multiprocessing as mp
+
+    from hfs.bench.fc import _result_or_death
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_exit_without_result)
+    proc.start()
+    row = _result_or_death(queue, proc)
+    assert row == {"error": "the trainer process died (exit code 3) without a result"}
+
+
+def _exit_without_result() -> None:
+    raise SystemExit(3)

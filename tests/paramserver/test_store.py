@@ -224,6 +224,23 @@ def test_periodic_snapshots_every_n_steps(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000002", "step-000000004"]
 
 
+def test_a_failed_periodic_snapshot_neither_fails_the_push_nor_raises(tmp_path, monkeypatch, caplog):
+    import hfs.paramserver.snapshots as snapshots
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    store = _store(tmp_path, snapshot_every_steps=1, keep_snapshots=10)
+    store.create("fc", 3, 2)
+    store.set_hparams("fc", HParams(0.1))
+    monkeypatch.setattr(snapshots, "_write_snapshot_files", disk_full)
+    store.push_grads("fc", np.array([0]), np.ones((1, 2), np.float32), 0)  # applied, no exception
+    np.testing.assert_allclose(store.get_rows("fc", np.array([0]), step=1), store.get_rows("fc", np.array([0])))
+    assert "periodic snapshot failed" in caplog.text and "No space left on device" in caplog.text
+    with pytest.raises(SnapshotError, match="cannot write snapshot .*No space left on device"):
+        store.snapshot("explicit")
+
+
 def test_periodic_snapshots_every_n_seconds(tmp_path):
     store = _store(tmp_path, snapshot_every_s=0.05, keep_snapshots=10)
     store.create("fc", 3, 2)
