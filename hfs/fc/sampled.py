@@ -60,8 +60,9 @@ class SampledFC:
         """Loss over the active classes of this micro-batch; backward pushes the row gradients."""
         self.settle()
         t0 = time.perf_counter()
-        active, local = self.selector.select(features.detach().float().cpu().numpy(),
-                                             labels.detach().cpu().numpy().astype(np.int64), step)
+        # Only an index needs the features on the host; skip the device-to-host copy otherwise.
+        queries = features.detach().float().cpu().numpy() if self.selector.uses_index else None
+        active, local = self.selector.select(queries, labels.detach().cpu().numpy().astype(np.int64), step)
         t1 = time.perf_counter()
         values = self.store.get_rows(self.matrix, active, step=step)
         if self._hparams is not None:

@@ -68,8 +68,10 @@ class ActiveClassSelector:
         self._fg_seconds += time.perf_counter() - t0
 
     # -- per step --------------------------------------------------------------------------
-    def select(self, features: np.ndarray, labels: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """Active class ids (S,) int64 and the labels' positions in them (B,) int64."""
+    def select(self, features: np.ndarray | None, labels: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Active class ids (S,) int64 and the labels' positions in them (B,) int64.
+
+        ``features`` may be None when ``uses_index`` is False (no index queries them)."""
         sampler = self._sampler
         candidates = None
         if self.uses_index and sampler is not None:

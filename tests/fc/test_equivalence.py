@@ -34,6 +34,8 @@ class RecordingStore(WeightStore):
 class AllClassesSelector:
     """Test double of the exact selector at sample_num = C: every class, shuffled order."""
 
+    uses_index = False  # every class is active: nothing queries the features
+
     def __init__(self, num_classes: int, seed: int = 0) -> None:
         self.order = np.random.default_rng(seed).permutation(num_classes)
         self.refreshed: list[int] = []
