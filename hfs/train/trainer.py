@@ -393,7 +393,7 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns loss/accuracy/images."""
         accum = self.cfg.train.grad_accum
-        loss_sum, correct, seen = 0.0, 0, 0
+        loss_sum, correct, seen = torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0
         grad_scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
         # SampledFC divides pushed row gradients by this: the shared store sums W ranks' pushes
         push_scale = grad_scale * (self.env.world_size if isinstance(self.fc, SampledFC) else 1)
@@ -408,8 +408,8 @@ class Trainer:
                 out = self.fc(features, labels, step, last_micro=last, grad_scale=push_scale)
                 loss = out.loss / accum
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            loss_sum += out.loss.item()
-            correct += int(out.correct.item())
+            loss_sum += out.loss.detach().float()  # summed on the device: one host sync per step, not two per micro-batch
+            correct += out.correct.detach()
             seen += labels.shape[0]
         self._average_dense_fc_grad()
         if self.scaler is not None:
@@ -420,7 +420,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if isinstance(self.fc, (SampledFC, ShardedFC)):
             self.fc.end_step(step)
-        return {"loss": loss_sum / accum, "correct": correct, "images": seen}
+        loss_total, correct_total = torch.stack([loss_sum, correct.to(loss_sum.dtype)]).tolist()
+        return {"loss": loss_total / accum, "correct": int(round(correct_total)), "images": seen}
 
     def _grad_sync(self, last_micro: bool):
         """DDP all-reduces the backbone's gradients once per cycle, on the last micro-batch."""
