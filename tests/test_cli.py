@@ -55,3 +55,21 @@ def test_unwritable_output_is_one_line_not_a_traceback(tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0].endswith("synth/x: Not a directory"), proc.stderr
+
+
+def test_print_config_on_a_real_command_shows_overrides_and_does_no_work(tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--sampled", "--set", f"train.output_dir={out}",
+                                      "--set", "train.max_steps=7", "--print-config"])
+    assert result.exit_code == 0, result.output
+    assert "max_steps: 7" in result.output and "mode: sampled" in result.output
+    assert not out.exists()
+
+
+def test_show_config_keys_lists_every_key():
+    from hfs.config import describe_keys
+
+    result = CliRunner().invoke(app, ["show-config", "--keys"])
+    assert result.exit_code == 0
+    listed = {line.split()[0] for line in result.output.splitlines() if line.strip()}
+    assert listed == {key for key, *_ in describe_keys()}
