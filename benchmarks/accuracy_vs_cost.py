@@ -85,29 +85,35 @@ def verification_bin(cache_dir: Path, first_class: int, identities: int, pairs: 
 
 
 class ArrayIdentities:
-    """Training or held-out views of the pregenerated identities (same items as SyntheticIdentities)."""
+    """Training or held-out views of the pregenerated identities (same items as SyntheticIdentities).
 
-    def __init__(self, images: np.ndarray, train_views: int, split: str, image_size: int, seed: int = 0) -> None:
+    ``class_stride`` > 1 keeps every stride-th identity only (the held-out split at C = 100K:
+    scoring 100K images against 100K classes would cost more than a cell's training).
+    """
+
+    def __init__(self, images: np.ndarray, train_views: int, split: str, image_size: int, seed: int = 0,
+                 class_stride: int = 1) -> None:
         from hfs.data.transforms import EvalTransform, TrainTransform
 
-        self.images, self.split, self.seed, self.epoch = images, split, seed, 0
+        self.images, self.split, self.seed, self.epoch, self.stride = images, split, seed, 0, class_stride
         self.first = 0 if split == "train" else train_views
         self.per_class = train_views if split == "train" else images.shape[1] - train_views
         self.transform = TrainTransform(image_size, True) if split == "train" else EvalTransform(image_size)
 
     def __len__(self) -> int:
-        return self.images.shape[0] * self.per_class
+        return len(range(0, self.images.shape[0], self.stride)) * self.per_class
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def labels(self) -> np.ndarray:
-        return np.repeat(np.arange(self.images.shape[0], dtype=np.int64), self.per_class)
+        return np.repeat(np.arange(0, self.images.shape[0], self.stride, dtype=np.int64), self.per_class)
 
     def __getitem__(self, index: int):
         from PIL import Image
 
-        cls, j = divmod(int(index), self.per_class)
+        slot, j = divmod(int(index), self.per_class)
+        cls = slot * self.stride
         img = Image.fromarray(np.asarray(self.images[cls, self.first + j]))
         if self.split == "train":
             return self.transform(img, np.random.default_rng([self.seed, 4, index, self.epoch])), cls
@@ -143,7 +149,7 @@ class StepClock:
             self.timers = dict(trainer.fc.timers)
 
 
-def cell_config(args: argparse.Namespace, name: str, sample_num: int, output_dir: Path, bin_path: Path):
+def cell_config(args: argparse.Namespace, name: str, sample_num: int, output_dir: Path, bin_path: Path, seed: int):
     from hfs.config import config_from_dict
 
     fc = {"mode": "full"} if name == "full" else {"mode": "sampled", "sample_num": sample_num}
@@ -155,13 +161,14 @@ def cell_config(args: argparse.Namespace, name: str, sample_num: int, output_dir
         "sampler": {"type": name if name != "full" else "annoy", "annoy_trees": args.annoy_trees},
         "optim": {"lr": args.lr, "schedule": "cosine", "warmup_steps": args.warmup},
         "train": {"output_dir": str(output_dir), "batch_size": args.batch, "max_steps": args.steps,
-                  "checkpoint_every": 0, "log_every": 50, "seed": args.seed},
+                  "checkpoint_every": 0, "log_every": 50, "seed": seed},
         "eval": {"bins": [str(bin_path)], "batch_size": 512, "num_workers": 0},
     })
 
 
-def run_cell(args: argparse.Namespace, cell: str, images: np.ndarray, bin_path: Path, workdir: Path) -> dict[str, Any]:
-    """Train one cell and return its accuracy and cost numbers."""
+def run_cell(args: argparse.Namespace, cell: str, images: np.ndarray, bin_path: Path, workdir: Path,
+             seed: int) -> dict[str, Any]:
+    """Train one cell from training seed ``seed`` and return its accuracy and cost numbers."""
     import shutil
 
     import torch
@@ -171,11 +178,11 @@ def run_cell(args: argparse.Namespace, cell: str, images: np.ndarray, bin_path: 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     name, sample_num = parse_cell(cell, args.classes)
-    out_dir = workdir / cell.replace(":", "_")
+    out_dir = workdir / f"{cell.replace(':', '_')}_seed{seed}"
     shutil.rmtree(out_dir, ignore_errors=True)
-    cfg = cell_config(args, name, sample_num, out_dir, bin_path)
-    train = ArrayIdentities(images, args.train_views, "train", args.image_size, args.seed)
-    val = ArrayIdentities(images, args.train_views, "val", args.image_size, args.seed)
+    cfg = cell_config(args, name, sample_num, out_dir, bin_path, seed)
+    train = ArrayIdentities(images, args.train_views, "train", args.image_size, seed)
+    val = ArrayIdentities(images, args.train_views, "val", args.image_size, seed, class_stride=args.val_stride)
     clock = StepClock(args.steps)
     t0 = time.perf_counter()
     result = Trainer(cfg, datasets=(train, val, args.classes), callbacks=[clock]).run()
@@ -183,7 +190,7 @@ def run_cell(args: argparse.Namespace, cell: str, images: np.ndarray, bin_path: 
     steps_s = clock.step_s[10:]  # skip start-up steps
     train_s = sum(clock.step_s)
     row: dict[str, Any] = {
-        "cell": cell, "sampler": name, "sample_num": sample_num, "rate": sample_num / args.classes,
+        "cell": cell, "seed": seed, "sampler": name, "sample_num": sample_num, "rate": sample_num / args.classes,
         "val_top1": result.val_top1, "verification": result.verification, "final_loss": result.loss,
         "final_train_acc": result.train_acc, "median_step_s": statistics.median(steps_s),
         "train_seconds": train_s, "run_seconds": wall,
@@ -198,9 +205,18 @@ def run_cell(args: argparse.Namespace, cell: str, images: np.ndarray, bin_path: 
     if metrics.exists():
         row["metrics"] = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
     shutil.rmtree(out_dir, ignore_errors=True)
-    log.info("%s: top1 %.4f verify %s step %.3f s", cell, result.val_top1 or float("nan"), result.verification,
-             row["median_step_s"])
+    log.info("%s seed %d: top1 %.4f verify %s step %.3f s", cell, seed, result.val_top1 or float("nan"),
+             result.verification, row["median_step_s"])
     return row
+
+
+def previous_run(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows of an earlier run's results file and the contexts (commands, dates) they came from (``--resume``)."""
+    if not path.exists():
+        return [], []
+    data = json.loads(path.read_text())
+    earlier = data["context"].pop("earlier_runs", [])
+    return list(data["results"]), earlier + [data["context"]]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -221,7 +237,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale", type=float, default=32.0, help="ArcFace scale s")
     p.add_argument("--margin", type=float, default=0.3, help="ArcFace margin m")
     p.add_argument("--annoy-trees", type=int, default=50, help="annoy trees")
-    p.add_argument("--seed", type=int, default=0, help="training seed (same for every cell)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated identities and .bin")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="training seeds, every cell runs once per seed (default: --seed)")
+    p.add_argument("--val-stride", type=int, default=1,
+                   help="score the held-out views of every N-th identity only (top-1 is still over all C classes)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the (cell, seed) results already in --out and run only the missing ones")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch default)")
     p.add_argument("--jobs", type=int, default=2, help="processes generating the image cache")
     p.add_argument("--cache", default="benchmarks/.cache", help="folder of the generated images and .bin")
@@ -240,10 +262,17 @@ def main(argv: list[str] | None = None) -> None:
     bin_path = verification_bin(cache, args.classes, args.verify_identities, args.verify_pairs, args.image_size,
                                 args.seed)
     log.info("data ready in %.0f s", time.perf_counter() - t0)
-    rows = []
-    for cell in args.cells:
-        rows.append(run_cell(args, cell, images, bin_path, cache / "runs"))
-        write_results(args.out, context, rows)  # after every cell: a cut-short run keeps what it measured
+    rows, earlier = previous_run(Path(args.out)) if args.resume else ([], [])
+    if earlier:
+        context["earlier_runs"] = earlier
+    done = {(r["cell"], r.get("seed", args.seed)) for r in rows}
+    for seed in args.seeds or [args.seed]:
+        for cell in args.cells:
+            if (cell, seed) in done:
+                log.info("%s seed %d: kept from %s", cell, seed, args.out)
+                continue
+            rows.append(run_cell(args, cell, images, bin_path, cache / "runs", seed))
+            write_results(args.out, context, rows)  # after every cell: a cut-short run keeps what it measured
     log.info("wrote %s", args.out)
 
 

@@ -16,7 +16,11 @@ from typing import Any
 
 
 def _ctx_line(ctx: dict[str, Any]) -> str:
-    return (f"Run {ctx['date_utc']} - {ctx.get('date_end_utc', '?')} UTC, commit {ctx.get('git_commit', '?')}, "
+    """Date, commit, load and command of a run, then of the earlier runs it resumed (``--resume``)."""
+    earlier = "".join(_ctx_line(c) for c in ctx.get("earlier_runs", []))
+    if earlier:
+        earlier = "Resumed into the same file from:\n\n" + earlier
+    return earlier + (f"Run {ctx['date_utc']} - {ctx.get('date_end_utc', '?')} UTC, commit {ctx.get('git_commit', '?')}, "
             f"load average {ctx['loadavg_start'][0]:.1f} at the start and {ctx.get('loadavg_end', [float('nan')])[0]:.1f} "
             f"at the end on {ctx['cpus']} cores.\n\n```bash\n{ctx['command']}\n```\n")
 
@@ -80,16 +84,35 @@ def scale_table(data: dict[str, Any]) -> str:
     return _ctx_line(data["context"]) + "\n" + "\n".join(lines) + "\n"
 
 
+def _median_range(values: list[float]) -> str:
+    """``median`` as a percentage, with ``(min-max)`` when there are several values (seeds)."""
+    import statistics
+
+    text = f"{statistics.median(values):.2%}"
+    if len(values) > 1:
+        text += f" ({min(values) * 100:.2f}-{max(values) * 100:.2f})"
+    return text
+
+
 def accuracy_table(data: dict[str, Any]) -> str:
-    rows = data["results"]
-    full = next((r for r in rows if r["sampler"] == "full"), None)
-    lines = ["| cell | sample_num | top-1 (all classes) | verification | median step | vs full | upkeep fg | upkeep bg CPU |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ver = next(iter(r["verification"].values()), float("nan"))
-        ratio = f"{r['median_step_s'] / full['median_step_s']:.2f}x" if full else "-"
-        lines.append(f"| {r['cell']} | {r['sample_num']:,} | {r['val_top1']:.2%} | {ver:.2%} | {_ms(r['median_step_s'])} "
-                     f"| {ratio} | {r.get('upkeep_fg_share', 0):.1%} | {r.get('upkeep_bg_cpu_share', 0):.1%} |")
+    """One line per cell: medians over its seeds, (min-max) when there are several."""
+    import statistics
+
+    cells: dict[str, list[dict[str, Any]]] = {}
+    for r in data["results"]:
+        cells.setdefault(r["cell"], []).append(r)
+    full_step = statistics.median(r["median_step_s"] for r in cells["full"]) if "full" in cells else None
+    lines = ["| cell | sample_num | seeds | top-1 (all classes) | verification | median step | vs full | upkeep fg | upkeep bg CPU |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for cell, runs in cells.items():
+        step = statistics.median(r["median_step_s"] for r in runs)
+        ratio = f"{step / full_step:.2f}x" if full_step else "-"
+        top1 = _median_range([r["val_top1"] for r in runs])
+        ver = _median_range([next(iter(r["verification"].values()), float("nan")) for r in runs])
+        fg = statistics.median(r.get("upkeep_fg_share", 0) for r in runs)
+        bg = statistics.median(r.get("upkeep_bg_cpu_share", 0) for r in runs)
+        lines.append(f"| {cell} | {runs[0]['sample_num']:,} | {len(runs)} | {top1} | {ver} | {_ms(step)} | {ratio} "
+                     f"| {fg:.1%} | {bg:.1%} |")
     return _ctx_line(data["context"]) + "\n" + "\n".join(lines) + "\n"
 
 

@@ -347,13 +347,20 @@ def bench_sampler(
     upkeep_samplers: Annotated[str, typer.Option(help="Comma-separated samplers for the upkeep simulation.")] = "annoy,hnsw",
     upkeep_baseline: Annotated[bool, typer.Option(help="Upkeep simulation: also run the same loop with a never-refreshed index, for the measured added wall time.")] = True,
     lr: Annotated[float, typer.Option(help="Upkeep simulation: SGD learning rate on the active rows.", min=0.0)] = 0.1,
+    query_sweep: Annotated[List[str], typer.Option("--query-sweep", help=(
+        "KEY=V1,V2,...: also measure each built index with these values of a query-time sampler "
+        "setting, without rebuilding (annoy_search_k, hnsw_ef, query_threads, exact_chunk; repeatable)."))] = [],
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this file.")] = None,
     config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
 ) -> None:
-    """Measure the class samplers: build time, query time, recall@k, softmax-mass coverage, memory, upkeep."""
+    """Measure the class samplers: build time, query time, recall@k, softmax-mass coverage, memory, upkeep.
+
+    Speed/quality trade-offs are cheapest to explore with --query-sweep: e.g.
+    `--samplers hnsw --query-sweep hnsw_ef=16,24,48` builds one index and times it at four efs.
+    """
     import json
 
-    from hfs.bench.sampler import SamplerBenchSettings, render_report, run_sampler_bench
+    from hfs.bench.sampler import SamplerBenchSettings, parse_query_sweep, render_report, run_sampler_bench
     from hfs.utils.atomic import atomic_write_text
     from hfs.utils.log import make_console
 
@@ -363,7 +370,7 @@ def bench_sampler(
         samplers=[s.strip() for s in samplers.split(",") if s.strip()], weights=weights, scale=scale,
         batches=batches, cluster_size=cluster_size, spread=spread, noise=noise, seed=seed,
         upkeep_steps=upkeep_steps, upkeep_samplers=[s.strip() for s in upkeep_samplers.split(",") if s.strip()],
-        upkeep_baseline=upkeep_baseline, lr=lr)
+        upkeep_baseline=upkeep_baseline, lr=lr, query_sweep=parse_query_sweep(query_sweep))
     console = make_console()
     report = run_sampler_bench(cfg, settings, console=make_console(stderr=True))
     render_report(report, console)

@@ -102,7 +102,7 @@ class SamplerConfig:
     update_budget: int = _f(16, ge=0, help="hnsw: most rows updated in place per step (0 = none)")
     drift_rows: int = _f(128, ge=0, help="observed rows per step whose drift is measured against the index's own vectors, a random subset (0 = all; reading a vector back costs ~10-25 us)")
     build_threads: int = _f(1, help="threads of an index build (annoy n_jobs, hnsw add_items); -1 = all cores")
-    query_threads: int = _f(-1, help="hnsw: threads per batch query; -1 = all cores")
+    query_threads: int = _f(-1, help="annoy and hnsw: threads answering one batch's queries; -1 = all cores")
     annoy_trees: int = _f(50, gt=0, help="annoy: number of trees in the hashing forest")
     annoy_search_k: int = _f(-1, help="annoy: nodes inspected per query (-1 = trees x k)")
     hnsw_m: int = _f(16, gt=0, help="hnsw: graph degree M")

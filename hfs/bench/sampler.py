@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -57,6 +57,8 @@ class SamplerBenchSettings:
     upkeep_samplers: list[str] = field(default_factory=lambda: ["annoy", "hnsw"])
     upkeep_baseline: bool = True
     lr: float = 0.1
+    #: query-time ``sampler`` keys -> values each built index is also measured with (no rebuild)
+    query_sweep: dict[str, list[int]] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- data
@@ -226,11 +228,44 @@ def make_batches(weights: np.ndarray, settings: SamplerBenchSettings, k: int, me
     return batches
 
 
-def bench_one_sampler(name: str, cfg, weights_path: str, batches: list[Batch], settings: SamplerBenchSettings,
-                      k: int) -> dict[str, Any]:
-    """Build time, per-batch selection time, recall@k, coverage and peak memory of one sampler.
+def parse_query_sweep(texts: Iterable[str]) -> dict[str, list[int]]:
+    """``["sampler.hnsw_ef=16,32", ...]`` -> ``{"hnsw_ef": [16, 32]}``, checked against the samplers' query knobs."""
+    from hfs.samplers import SAMPLERS
 
-    Runs in a child process of its own (see :class:`PeakRss`); the weights come memory-mapped.
+    knobs = {key for name in SAMPLERS.names() for key in SAMPLERS.get(name).query_knobs}
+    sweep: dict[str, list[int]] = {}
+    for text in texts:
+        key, sep, values = text.partition("=")
+        key = key.strip().removeprefix("sampler.")
+        if not sep or key not in knobs:
+            raise HfsError(f"--query-sweep '{text}': expected KEY=V1,V2,... with KEY one of "
+                           f"{', '.join(sorted(knobs))} (settings a built index can change without a rebuild)")
+        try:
+            sweep[key] = [int(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            raise HfsError(f"--query-sweep '{text}': values must be integers") from None
+        if not sweep[key]:
+            raise HfsError(f"--query-sweep '{text}': no values given")
+    return sweep
+
+
+def query_variants(sampler, sweep: dict[str, list[int]]) -> list[tuple[str, dict[str, int]]]:
+    """(label, {attribute: value}) for each setting to measure: as configured, then each swept value."""
+    variants: list[tuple[str, dict[str, int]]] = [("", {})]
+    for key, values in sweep.items():
+        attr = sampler.query_knobs.get(key)
+        if attr is not None:
+            variants += [(f"{key}={value}", {attr: value}) for value in values]
+    return variants
+
+
+def bench_one_sampler(name: str, cfg, weights_path: str, batches: list[Batch], settings: SamplerBenchSettings,
+                      k: int) -> list[dict[str, Any]]:
+    """Build time, then per query setting: selection time per batch, recall@k, coverage; and peak memory.
+
+    One row for the configured query settings and one per ``settings.query_sweep`` value
+    this sampler understands, all from the same built index. Runs in a child process of
+    its own (see :class:`PeakRss`); the weights come memory-mapped.
     """
     from hfs.samplers import build_sampler, select_active_classes
     from hfs.samplers.base import array_chunks
@@ -241,25 +276,34 @@ def bench_one_sampler(name: str, cfg, weights_path: str, batches: list[Batch], s
     num_classes, dim = weights.shape
     uses_index = settings.sample_num < num_classes
     sampler = build_sampler(name, cfg.sampler, cfg.sampler_metric)
-    rng = np.random.default_rng(cfg.sampler.seed)
+    configured = {attr: getattr(sampler, attr) for attr in sampler.query_knobs.values()}
+    rows = []
     with PeakRss() as memory:
         t0 = time.perf_counter()
         if uses_index and sampler.needs_index:
             sampler.rebuild(array_chunks(weights), num_classes, dim)
         build_s = time.perf_counter() - t0
-        times, recalls, coverages = [], [], []
-        for batch in [batches[0]] + batches:  # the first batch once more, untimed: warm-up
-            t0 = time.perf_counter()
-            cands = sampler.candidates(batch.features, k) if uses_index else None
-            active, _ = select_active_classes(batch.labels, cands, settings.sample_num, num_classes, rng)
-            times.append(time.perf_counter() - t0)
-            if sampler.needs_index and cands is not None:
-                recalls.append(batch.reference.recall(cands))
-            coverages.append(batch.reference.coverage(weights, active))
+        for label, change in query_variants(sampler, settings.query_sweep):
+            for attr, value in {**configured, **change}.items():
+                setattr(sampler, attr, value)
+            rng = np.random.default_rng(cfg.sampler.seed)
+            times, recalls, coverages = [], [], []
+            for batch in [batches[0]] + batches:  # the first batch once more, untimed: warm-up
+                t0 = time.perf_counter()
+                cands = sampler.candidates(batch.features, k) if uses_index else None
+                active, _ = select_active_classes(batch.labels, cands, settings.sample_num, num_classes, rng)
+                times.append(time.perf_counter() - t0)
+                if sampler.needs_index and cands is not None:
+                    recalls.append(batch.reference.recall(cands))
+                coverages.append(batch.reference.coverage(weights, active))
+            rows.append({"sampler": f"{name} {label}".strip(), "build_s": build_s,
+                         "query_ms": 1000 * float(np.mean(times[1:])),
+                         f"recall_at_{k}": float(np.mean(recalls[1:])) if recalls else None,
+                         "coverage": float(np.mean(coverages[1:]))})
     sampler.close()
-    return {"sampler": name, "build_s": build_s, "query_ms": 1000 * float(np.mean(times[1:])),
-            f"recall_at_{k}": float(np.mean(recalls[1:])) if recalls else None,
-            "coverage": float(np.mean(coverages[1:])), "peak_mem_mb": memory.peak_mb}
+    for row in rows:
+        row["peak_mem_mb"] = memory.peak_mb
+    return rows
 
 
 # ----------------------------------------------------------------------------- upkeep bench
@@ -395,7 +439,7 @@ def _weights_file(weights: np.ndarray, given: Path | None) -> Iterator[str]:
         yield str(path)
 
 
-def _in_child(fn: Callable[..., dict], *args) -> dict:
+def _in_child(fn: Callable[..., Any], *args) -> Any:
     """Run ``fn(*args)`` in a fresh spawned process and return its result."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -437,7 +481,7 @@ def run_sampler_bench(cfg, settings: SamplerBenchSettings, console=None) -> dict
         with _weights_file(weights, settings.weights) as weights_path:
             for name in settings.samplers:
                 bar.update(task, info=name)
-                rows.append(_in_child(bench_one_sampler, name, cfg, weights_path, batches, settings, k))
+                rows.extend(_in_child(bench_one_sampler, name, cfg, weights_path, batches, settings, k))
                 bar.advance(task)
         random_cov = next((r["coverage"] for r in rows if r["sampler"] == "random"), None)
         for row in rows:

@@ -32,7 +32,7 @@ def sampler_kwargs(name: str, scfg: "SamplerConfig", metric: str) -> dict:
     """Constructor arguments of sampler ``name`` from the ``sampler`` config section."""
     per_sampler = {
         "annoy": dict(trees=scfg.annoy_trees, search_k=scfg.annoy_search_k, seed=scfg.seed,
-                      build_threads=scfg.build_threads),
+                      build_threads=scfg.build_threads, query_threads=scfg.query_threads),
         "hnsw": dict(m=scfg.hnsw_m, ef_construction=scfg.hnsw_ef_construction, ef=scfg.hnsw_ef, seed=scfg.seed,
                      build_threads=scfg.build_threads, query_threads=scfg.query_threads),
         "exact": dict(chunk=scfg.exact_chunk, device=scfg.exact_device),

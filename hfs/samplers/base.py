@@ -47,6 +47,9 @@ class ClassSampler(ABC):
     build_in_subprocess: bool = False
     #: False for samplers with no index at all (random): nothing to build or refresh.
     needs_index: bool = True
+    #: ``sampler`` config keys that change only how queries run, mapped to the attribute they
+    #: set: a built index answers with a new value at once (``hfs bench-sampler --query-sweep``).
+    query_knobs: dict[str, str] = {}
 
     @abstractmethod
     def rebuild(self, chunks: Iterable[tuple[int, np.ndarray]], num_rows: int, dim: int) -> None:

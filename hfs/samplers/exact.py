@@ -24,6 +24,7 @@ class ExactSampler(ClassSampler):
 
     name = "exact"
     update_cost = "cheap"
+    query_knobs = {"exact_chunk": "chunk"}
 
     def __init__(self, metric: str = "cosine", chunk: int = 65536, device: str = "auto") -> None:
         self.metric, self.chunk, self.device = metric, chunk, device

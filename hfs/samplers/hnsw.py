@@ -27,6 +27,7 @@ class HnswSampler(ClassSampler):
 
     name = "hnsw"
     update_cost = "costly"
+    query_knobs = {"hnsw_ef": "ef", "query_threads": "query_threads"}
 
     def __init__(self, metric: str = "cosine", m: int = 16, ef_construction: int = 100, ef: int = 32,
                  seed: int = 0, build_threads: int = 1, query_threads: int = -1) -> None:
@@ -85,7 +86,8 @@ class HnswSampler(ClassSampler):
             self._class_of = np.concatenate([self._class_of, np.full(grow, -1, dtype=np.int64)])
         for label in self._label_of[rows]:
             self._index.mark_deleted(int(label))
-        self._index.add_items(np.ascontiguousarray(values, dtype=np.float32), new_labels, num_threads=self.build_threads)
+        # in the training thread, which waits for it: all query threads, not the background build's
+        self._index.add_items(np.ascontiguousarray(values, dtype=np.float32), new_labels, num_threads=self.query_threads)
         self._class_of[new_labels] = rows
         self._label_of[rows] = new_labels
         self._next_label += len(rows)

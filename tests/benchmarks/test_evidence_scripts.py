@@ -52,6 +52,34 @@ def test_parse_cell_and_array_identities(tmp_path):
     train = accuracy_vs_cost.ArrayIdentities(images, 2, "train", 16)
     val = accuracy_vs_cost.ArrayIdentities(images, 2, "val", 16)
     assert len(train) == 6 and len(val) == 3 and train[5][1] == 2 and val[2][1] == 2
+    strided = accuracy_vs_cost.ArrayIdentities(images, 2, "val", 16, class_stride=2)
+    assert len(strided) == 2 and [strided[i][1] for i in range(2)] == [0, 2] and list(strided.labels()) == [0, 2]
+
+
+def test_accuracy_resume_keeps_earlier_rows_and_their_commands(tmp_path):
+    out = tmp_path / "acc.json"
+    write_results(out, {**run_context(), "command": "first"}, [{"cell": "full", "seed": 0}])
+    rows, earlier = accuracy_vs_cost.previous_run(out)
+    assert rows == [{"cell": "full", "seed": 0}] and [c["command"] for c in earlier] == ["first"]
+    write_results(out, {**run_context(), "command": "second", "earlier_runs": earlier}, rows + [{"cell": "x"}])
+    rows, earlier = accuracy_vs_cost.previous_run(out)
+    assert len(rows) == 2 and [c["command"] for c in earlier] == ["first", "second"]
+    assert accuracy_vs_cost.previous_run(tmp_path / "none.json") == ([], [])
+
+
+def test_accuracy_table_takes_medians_over_seeds():
+    import evidence_report
+
+    def row(cell, seed, top1, ver, step):
+        return {"cell": cell, "seed": seed, "sampler": cell.split(":")[0], "sample_num": 10, "val_top1": top1,
+                "verification": {"v.bin": ver}, "median_step_s": step}
+
+    data = {"context": {**run_context(), "command": "accuracy_vs_cost.py"},
+            "results": [row("full", 0, 0.1, 0.8, 0.2), row("full", 1, 0.3, 0.9, 0.4), row("full", 2, 0.2, 0.7, 0.3),
+                        row("random:0.1", 0, 0.05, 0.6, 0.1)]}
+    table = evidence_report.accuracy_table(data)
+    assert "| full | 10 | 3 | 20.00% (10.00-30.00) | 80.00% (70.00-90.00) | 300.0 ms | 1.00x |" in table
+    assert "| random:0.1 | 10 | 1 | 5.00% | 60.00% | 100.0 ms | 0.33x |" in table
 
 
 def test_components_table_and_results_file(tmp_path):

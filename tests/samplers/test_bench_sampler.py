@@ -73,3 +73,35 @@ def test_unknown_sampler_is_a_one_line_error():
                            "--samplers", "anoy"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: --samplers: unknown sampler 'anoy' (did you mean 'annoy'?); known: annoy, exact, hnsw, random"
+
+
+def test_query_sweep_measures_one_built_index_at_each_value(tmp_path):
+    out = tmp_path / "sweep.json"
+    result = CliRunner().invoke(app, [
+        "bench-sampler", "--num-classes", "3000", "--dim", "16", "--batch-size", "32", "--sample-num", "100",
+        "--samplers", "hnsw,random", "--batches", "2", "--query-sweep", "sampler.hnsw_ef=10,200",
+        "--query-sweep", "annoy_search_k=50", "--set", "sampler.hnsw_ef_construction=20", "--set", "sampler.hnsw_m=4",
+        "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    rows = {r["sampler"]: r for r in report["query"]}
+    assert list(rows) == ["hnsw", "hnsw hnsw_ef=10", "hnsw hnsw_ef=200", "random"]  # annoy's knob: no annoy row
+    k = report["settings"]["k"]
+    assert rows["hnsw"]["build_s"] == rows["hnsw hnsw_ef=10"]["build_s"] == rows["hnsw hnsw_ef=200"]["build_s"]
+    # a weak graph (M 4, ef_construction 20) searched wider finds more of the true neighbours
+    assert rows["hnsw hnsw_ef=200"][f"recall_at_{k}"] > rows["hnsw hnsw_ef=10"][f"recall_at_{k}"]
+    assert rows["hnsw hnsw_ef=200"]["coverage_vs_random"] > 1
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ("hnsw_m=4,8", "KEY one of annoy_search_k, exact_chunk, hnsw_ef, query_threads"),
+    ("hnsw_ef", "expected KEY=V1,V2"),
+    ("hnsw_ef=a", "values must be integers"),
+    ("hnsw_ef=", "no values given"),
+])
+def test_bad_query_sweep_is_a_one_line_error(sweep, message):
+    proc = subprocess.run([sys.executable, "-m", "hfs", "bench-sampler", "--num-classes", "100", "--dim", "4",
+                           "--samplers", "random", "--query-sweep", sweep], capture_output=True, text=True)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: --query-sweep '{sweep}'") and message in last

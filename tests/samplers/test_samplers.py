@@ -87,3 +87,18 @@ def test_unknown_sampler_names_suggest_the_nearest():
     cfg = load_config()
     with pytest.raises(KeyError, match="did you mean 'hnsw'"):
         build_sampler("hnws", cfg.sampler, "cosine")
+
+
+@pytest.mark.parametrize("threads", [2, 3, 64])
+def test_annoy_threaded_queries_answer_exactly_as_one_thread(threads, small_world):
+    """Splitting a batch over threads (annoy releases the GIL per query) changes no answer."""
+    weights, _, queries = small_world
+    one = _built("annoy", weights, annoy_trees=10, query_threads=1)
+    many = _built("annoy", weights, annoy_trees=10, query_threads=threads)
+    expected = one.candidates(queries, K)
+    for _ in range(2):  # the pool is reused across batches
+        np.testing.assert_array_equal(many.candidates(queries, K), expected)
+    np.testing.assert_array_equal(many.candidates(queries[:1], K), expected[:1])
+    many.close()
+    many.close()  # idempotent, pool included
+    one.close()
