@@ -44,6 +44,10 @@ class WeightStore(ABC):
         """(num_rows, dim) of a matrix."""
 
     @abstractmethod
+    def last_applied(self, name: str) -> int:
+        """The last step applied to a matrix (-1: never trained). A fresh run must find -1."""
+
+    @abstractmethod
     def get_rows(self, name: str, rows: np.ndarray, step: int | None = None) -> np.ndarray:
         """Rows' current values. With ``step``, wait until every step before it is applied."""
 

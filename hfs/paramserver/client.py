@@ -272,6 +272,13 @@ class ParamClient(WeightStore):
             raise ServerError(f"parameter server {self.endpoints[0]}: no matrix named {name!r}")
         return self._shapes[name]
 
+    def last_applied(self, name: str) -> int:
+        """The newest step any shard applied (shards of one job apply the same steps)."""
+        steps = [reply.get("matrices", {}).get(name, {}).get("last_applied") for reply in self.ping()]
+        if any(step is None for step in steps):
+            raise ServerError(f"parameter server {self.endpoints[0]}: no matrix named {name!r}")
+        return max(int(step) for step in steps)
+
     def get_rows(self, name: str, rows: np.ndarray, step: int | None = None) -> np.ndarray:
         rows = self._rows(rows)
         header = {"op": "get", "matrix": name}

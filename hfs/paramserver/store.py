@@ -370,6 +370,10 @@ class InProcessStore(WeightStore):
             m = self._matrix(name)
             return m.num_rows, m.dim
 
+    def last_applied(self, name: str) -> int:
+        with self._cond:
+            return self._matrix(name).last_applied
+
     def matrices(self) -> dict[str, dict]:
         """Per matrix: total rows, dim, this store's row range, last applied step."""
         with self._cond:

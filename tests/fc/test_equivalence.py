@@ -19,6 +19,7 @@ class RecordingStore(WeightStore):
 
     def create(self, name, num_rows, dim, **kw): raise AssertionError("not used")
     def shape(self, name): return self.weight.shape
+    def last_applied(self, name): return max((step for _, _, step in self.pushes), default=-1)
     def get_rows(self, name, rows, step=None): return self.weight[rows].copy()
     def set_rows(self, name, rows, values): self.weight[rows] = values
     def push_grads(self, name, rows, grads, step): self.pushes.append((rows.copy(), grads.copy(), step))

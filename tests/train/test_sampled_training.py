@@ -64,3 +64,30 @@ def test_cli_train_sampled_then_resume(tmp_path):
     again = subprocess.run(base + ["--set", "train.max_steps=3", "--resume", "latest"], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert "2 -> 3" in again.stdout
+
+
+def test_fresh_run_against_a_server_holding_a_trained_matrix_is_refused(tiny_cfg, blobs, tmp_path):
+    """A long-running `hfs serve-params` keeps the last run's matrix: a fresh run must not train on top of it."""
+    import threading
+
+    from hfs.paramserver.server import ParamServer
+    from hfs.paramserver.store import InProcessStore
+    from hfs.utils.errors import HfsError
+
+    server = ParamServer(InProcessStore(tmp_path / "snapshots", timeout_s=10), "tcp://127.0.0.1:0")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        common = ("fc.mode=sampled", "fc.sample_num=8", "sampler.type=random", "train.max_steps=2",
+                  f"paramserver.address={server.endpoint}")
+        first = train(tiny_cfg(*common, f"train.output_dir={tmp_path / 'a'}"), datasets=blobs)
+        assert first.steps == 2
+        with pytest.raises(HfsError, match=r"already holds a matrix 'fc' trained to step 1 .*--resume"):
+            train(tiny_cfg(*common, f"train.output_dir={tmp_path / 'b'}"), datasets=blobs)
+        resumed = Trainer(tiny_cfg(*common[:-2], "train.max_steps=3", common[-1], f"train.output_dir={tmp_path / 'a'}"),
+                          datasets=blobs, resume=first.checkpoint).run()
+        assert resumed.steps == 3
+    finally:
+        server.stop()
+        thread.join(10)
+        server.close()
