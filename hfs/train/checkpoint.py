@@ -110,10 +110,12 @@ def save_checkpoint(output_dir: str | Path, step: int, payload: dict[str, Any], 
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint's dict. ``mmap=True`` maps the tensors instead of reading them: cheap when
+    only the small entries (config, step) are wanted from a multi-GB file."""
     path = Path(path)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise HfsError(f"checkpoint {path} does not exist") from None
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file

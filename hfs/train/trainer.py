@@ -105,7 +105,7 @@ def resume_config(spec: str, config_given: bool, cfg: HfsConfig, overrides: Sequ
     path = ckpt_io.resolve_checkpoint(spec, cfg.train.output_dir)
     if config_given:
         return path, cfg
-    data = ckpt_io.load_checkpoint(path)["config"]
+    data = ckpt_io.load_checkpoint(path, mmap=True)["config"]  # the Trainer reads the tensors later
     for text in overrides:
         data = _merge(data, parse_override(text))
     return path, config_from_dict(data)
