@@ -23,6 +23,7 @@ Three pieces:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -38,6 +39,8 @@ import numpy as np
 
 from hfs.samplers.base import ClassSampler, normalise_rows
 from hfs.utils.errors import HfsError
+
+log = logging.getLogger(__name__)
 
 #: rows per chunk when a build reads a snapshot file back.
 FILE_CHUNK_ROWS = 65536
@@ -162,6 +165,32 @@ def read_npy_chunks(path: str | Path, chunk_rows: int = FILE_CHUNK_ROWS) -> Iter
             yield start, np.fromfile(src, dtype=np.float32, count=count * dim).reshape(count, dim)
 
 
+WORKDIR_PREFIX = "hfs-index-"
+OWNER_FILE = "owner.pid"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_workdirs(root: Path) -> None:
+    """Delete build folders whose owning process is gone (killed mid-build: a snapshot is C x D x 4 bytes)."""
+    for folder in root.glob(WORKDIR_PREFIX + "*"):
+        try:
+            pid = int((folder / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or being created right now
+        if not _process_alive(pid):
+            log.info("removing %s, left by process %d that ended mid-build", folder, pid)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def _package_root() -> str:
     import hfs
 
@@ -229,10 +258,11 @@ class IndexBuild:
             self._open_snapshot()
 
     def _make_workdir(self) -> Path:
-        root = self._workdir_root or None
-        if root:
-            Path(root).mkdir(parents=True, exist_ok=True)
-        self._workdir = Path(tempfile.mkdtemp(prefix="hfs-index-", dir=root))
+        root = Path(self._workdir_root or tempfile.gettempdir())
+        root.mkdir(parents=True, exist_ok=True)
+        remove_stale_workdirs(root)
+        self._workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX, dir=root))
+        (self._workdir / OWNER_FILE).write_text(str(os.getpid()))
         return self._workdir
 
     def _open_snapshot(self) -> None:

@@ -1,4 +1,5 @@
 import logging
+import os
 import time
 
 import numpy as np
@@ -195,6 +196,25 @@ def test_background_build_leaves_no_snapshot_in_memory_or_on_disk(name, small_wo
     assert _exact_recall(selector, weights, queries) > 0.5
     assert list(workdir.iterdir()) == []  # the snapshot file and the index file are gone
     selector.close()
+
+
+def test_a_build_removes_folders_left_by_builds_whose_process_died(small_world, make_store, tmp_path):
+    import subprocess
+    import sys
+
+    weights, _, _ = small_world
+    workdir = tmp_path / "work"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for folder, owner in (("hfs-index-dead", dead.stdout.strip()), ("hfs-index-alive", str(os.getpid())),
+                          ("hfs-index-unowned", None), ("other", dead.stdout.strip())):
+        (workdir / folder).mkdir(parents=True)
+        (workdir / folder / "snapshot.npy").write_bytes(b"x" * 100)
+        if owner is not None:
+            (workdir / folder / "owner.pid").write_text(owner)
+    selector = build_selector(_cfg(type="annoy", snapshot_rows=500, workdir=str(workdir)), make_store(weights), "fc", C)
+    assert selector.wait_ready(60)
+    selector.close()
+    assert sorted(p.name for p in workdir.iterdir()) == ["hfs-index-alive", "hfs-index-unowned", "other"]
 
 
 @pytest.mark.parametrize("name", ["annoy", "hnsw"])
