@@ -158,7 +158,8 @@ def cell_config(args: argparse.Namespace, name: str, sample_num: int, output_dir
         "model": {"arch": "tiny", "embedding_size": args.dim},
         "head": {"type": "arcface", "scale": args.scale, "margin": args.margin},
         "fc": fc,
-        "sampler": {"type": name if name != "full" else "annoy", "annoy_trees": args.annoy_trees},
+        "sampler": {"type": name if name != "full" else "annoy",
+                    **({"annoy_trees": args.annoy_trees} if args.annoy_trees else {})},
         "optim": {"lr": args.lr, "schedule": "cosine", "warmup_steps": args.warmup},
         "train": {"output_dir": str(output_dir), "batch_size": args.batch, "max_steps": args.steps,
                   "checkpoint_every": 0, "log_every": 50, "seed": seed},
@@ -236,7 +237,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=100, help="warm-up steps")
     p.add_argument("--scale", type=float, default=32.0, help="ArcFace scale s")
     p.add_argument("--margin", type=float, default=0.3, help="ArcFace margin m")
-    p.add_argument("--annoy-trees", type=int, default=50, help="annoy trees")
+    p.add_argument("--annoy-trees", type=int, default=0, help="annoy trees (0 = the config default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated identities and .bin")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="training seeds, every cell runs once per seed (default: --seed)")

@@ -296,7 +296,7 @@ def bench_one_sampler(name: str, cfg, weights_path: str, batches: list[Batch], s
                 if sampler.needs_index and cands is not None:
                     recalls.append(batch.reference.recall(cands))
                 coverages.append(batch.reference.coverage(weights, active))
-            rows.append({"sampler": f"{name} {label}".strip(), "build_s": build_s,
+            rows.append({"sampler": name, "setting": label or "as configured", "build_s": build_s,
                          "query_ms": 1000 * float(np.mean(times[1:])),
                          f"recall_at_{k}": float(np.mean(recalls[1:])) if recalls else None,
                          "coverage": float(np.mean(coverages[1:]))})
@@ -483,7 +483,7 @@ def run_sampler_bench(cfg, settings: SamplerBenchSettings, console=None) -> dict
                 bar.update(task, info=name)
                 rows.extend(_in_child(bench_one_sampler, name, cfg, weights_path, batches, settings, k))
                 bar.advance(task)
-        random_cov = next((r["coverage"] for r in rows if r["sampler"] == "random"), None)
+        random_cov = next((r["coverage"] for r in rows if r["sampler"] == "random"), None)  # as configured: first
         for row in rows:
             row["coverage_vs_random"] = row["coverage"] / random_cov if random_cov else None
         report["query"] = rows
@@ -510,11 +510,14 @@ def render_report(report: dict[str, Any], console) -> None:
     k = s["k"]
     table = Table(title=f"samplers: C={s['num_classes']:,} D={s['dim']} B={s['batch_size']} S={s['sample_num']} "
                         f"k={k} {s['metric']} scale={s['scale']:g} ({s['weights']})")
-    for col in ("sampler", "build s", "query ms/batch", f"recall@{k}", "coverage", "x random", "peak mem MB"):
-        table.add_column(col, justify="left" if col == "sampler" else "right")
+    swept = any(r.get("setting", "as configured") != "as configured" for r in report["query"])
+    columns = ("sampler", "query setting") if swept else ("sampler",)
+    for col in columns + ("build s", "query ms/batch", f"recall@{k}", "coverage", "x random", "peak mem MB"):
+        table.add_column(col, justify="left" if col in columns else "right", no_wrap=col in columns)
     for r in report["query"]:
         recall = r[f"recall_at_{k}"]
-        table.add_row(r["sampler"], f"{r['build_s']:.2f}", f"{r['query_ms']:.1f}",
+        names = (r["sampler"], r.get("setting", "")) if swept else (r["sampler"],)
+        table.add_row(*names, f"{r['build_s']:.2f}", f"{r['query_ms']:.1f}",
                       "-" if recall is None else f"{recall:.3f}", f"{r['coverage']:.4f}",
                       "-" if r["coverage_vs_random"] is None else f"{r['coverage_vs_random']:.1f}",
                       f"{r['peak_mem_mb']:.0f}")

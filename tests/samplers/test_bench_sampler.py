@@ -84,13 +84,15 @@ def test_query_sweep_measures_one_built_index_at_each_value(tmp_path):
         "--json", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    rows = {r["sampler"]: r for r in report["query"]}
-    assert list(rows) == ["hnsw", "hnsw hnsw_ef=10", "hnsw hnsw_ef=200", "random"]  # annoy's knob: no annoy row
+    rows = {(r["sampler"], r["setting"]): r for r in report["query"]}
+    configured, low, high = ("hnsw", "as configured"), ("hnsw", "hnsw_ef=10"), ("hnsw", "hnsw_ef=200")
+    assert list(rows) == [configured, low, high, ("random", "as configured")]  # annoy's knob: no annoy row
     k = report["settings"]["k"]
-    assert rows["hnsw"]["build_s"] == rows["hnsw hnsw_ef=10"]["build_s"] == rows["hnsw hnsw_ef=200"]["build_s"]
+    assert rows[configured]["build_s"] == rows[low]["build_s"] == rows[high]["build_s"]
     # a weak graph (M 4, ef_construction 20) searched wider finds more of the true neighbours
-    assert rows["hnsw hnsw_ef=200"][f"recall_at_{k}"] > rows["hnsw hnsw_ef=10"][f"recall_at_{k}"]
-    assert rows["hnsw hnsw_ef=200"]["coverage_vs_random"] > 1
+    assert rows[high][f"recall_at_{k}"] > rows[low][f"recall_at_{k}"]
+    assert rows[high]["coverage_vs_random"] > 1
+    assert "query setting" in result.output and "hnsw_ef=200" in result.output
 
 
 @pytest.mark.parametrize("sweep, message", [
