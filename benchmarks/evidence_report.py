@@ -60,6 +60,14 @@ def cost_table(data: dict[str, Any]) -> str:
     return _ctx_line(data["context"]) + "\n" + "\n".join(lines) + "\n"
 
 
+def _first_index_step(log: list[dict[str, Any]]) -> str:
+    """The first logged step at which an index had been swapped in (``index_rebuilds`` >= 1)."""
+    step = next((x["step"] for x in log if x.get("index_rebuilds", 0) >= 1), None)
+    if step is None:
+        return "never (uniform negatives throughout)" if any("index_rebuilds" in x for x in log) else "- (no index)"
+    return f"step {step}"
+
+
 def scale_table(data: dict[str, Any]) -> str:
     r, a = data["results"], data["context"]["args"]
     res = r["result"]
@@ -75,6 +83,7 @@ def scale_table(data: dict[str, Any]) -> str:
              f"| train accuracy, last window | {res['train_acc']:.1%} |",
              f"| top-1 of held-out views against all {a['classes']:,} classes | {res['val_top1']:.1%} |" if res.get("val_top1") is not None else "| top-1 | - |",
              f"| upkeep share (last window) | {log[-1]['upkeep_share']:.1%} |" if log else "| upkeep | - |",
+             f"| index in use from (first logged step with a built index) | {_first_index_step(log)} |",
              f"| server RSS after creation | {r['server_rss_after_create_mb'] / 1024:.2f} GiB |",
              f"| server RSS during training (max of samples) | {max(x['server_rss_mb'] for x in rss) / 1024:.2f} GiB |" if rss else "| server RSS | - |",
              f"| server peak RSS incl. the final checkpoint's snapshot | {r['server_peak_rss_mb'] / 1024:.2f} GiB |",
