@@ -28,7 +28,7 @@ import sys
 import time
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -206,9 +206,37 @@ def run_cell(args: argparse.Namespace, cell: str, images: np.ndarray, bin_path: 
     if metrics.exists():
         row["metrics"] = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
     shutil.rmtree(out_dir, ignore_errors=True)
-    log.info("%s seed %d: top1 %.4f verify %s step %.3f s", cell, seed, result.val_top1 or float("nan"),
+    log.info("%s seed %d: top1 %.4f verify %s step %.3f s", cell, seed,
+             float("nan") if result.val_top1 is None else result.val_top1,
              result.verification, row["median_step_s"])
     return row
+
+
+def _run_cell_from_file(args: argparse.Namespace, cell: str, images_path: Path, bin_path: Path, workdir: Path,
+                        seed: int) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return run_cell(args, cell, np.load(images_path, mmap_mode="r"), bin_path, workdir, seed)
+
+
+def run_cells(args: argparse.Namespace, todo: list[tuple[str, int]], images_path: Path, bin_path: Path,
+              workdir: Path) -> Iterator[dict[str, Any]]:
+    """Each (cell, seed)'s row as it finishes: one after the other, or ``--parallel`` at a time.
+
+    Parallel cells run in spawned processes of ``--threads`` torch threads each, so every
+    cell of a run shares the box the same way (its step times are comparable with each
+    other, not with a run of another ``--parallel``).
+    """
+    if args.parallel <= 1:
+        for cell, seed in todo:
+            yield run_cell(args, cell, np.load(images_path, mmap_mode="r"), bin_path, workdir, seed)
+        return
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(args.parallel, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(_run_cell_from_file, args, cell, images_path, bin_path, workdir, seed)
+                   for cell, seed in todo]
+        for future in as_completed(futures):
+            yield future.result()
 
 
 def previous_run(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -243,6 +271,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="training seeds, every cell runs once per seed (default: --seed)")
     p.add_argument("--val-stride", type=int, default=1,
                    help="score the held-out views of every N-th identity only (top-1 is still over all C classes)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="cells trained at the same time, each in its own process (2 uses both cores of a 2-core box)")
     p.add_argument("--resume", action="store_true",
                    help="keep the (cell, seed) results already in --out and run only the missing ones")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch default)")
@@ -258,8 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     context = {**run_context(), "args": vars(args)}
     cache = Path(args.cache)
     t0 = time.perf_counter()
-    images = np.load(pregenerate(cache, args.classes, args.train_views + args.val_views, args.image_size,
-                                 args.seed, jobs=args.jobs), mmap_mode="r")
+    images_path = pregenerate(cache, args.classes, args.train_views + args.val_views, args.image_size, args.seed,
+                              jobs=args.jobs)
     bin_path = verification_bin(cache, args.classes, args.verify_identities, args.verify_pairs, args.image_size,
                                 args.seed)
     log.info("data ready in %.0f s", time.perf_counter() - t0)
@@ -267,13 +297,14 @@ def main(argv: list[str] | None = None) -> None:
     if earlier:
         context["earlier_runs"] = earlier
     done = {(r["cell"], r.get("seed", args.seed)) for r in rows}
-    for seed in args.seeds or [args.seed]:
-        for cell in args.cells:
-            if (cell, seed) in done:
-                log.info("%s seed %d: kept from %s", cell, seed, args.out)
-                continue
-            rows.append(run_cell(args, cell, images, bin_path, cache / "runs", seed))
-            write_results(args.out, context, rows)  # after every cell: a cut-short run keeps what it measured
+    todo = [(cell, seed) for seed in args.seeds or [args.seed] for cell in args.cells if (cell, seed) not in done]
+    for cell, seed in sorted(done):
+        log.info("%s seed %d: kept from %s", cell, seed, args.out)
+    order = {cell: i for i, cell in enumerate(args.cells)}
+    for row in run_cells(args, todo, images_path, bin_path, cache / "runs"):
+        rows.append(row)
+        rows.sort(key=lambda r: (order.get(r["cell"], len(order)), r.get("seed", args.seed)))
+        write_results(args.out, context, rows)  # after every cell: a cut-short run keeps what it measured
     log.info("wrote %s", args.out)
 
 

@@ -99,3 +99,20 @@ def test_index_build_times_a_small_annoy_forest():
 
     row = index_build.build_once("annoy", classes=500, dim=8, trees=2, probe_batch=4, k=3)
     assert row["classes"] == 500 and row["build_s"] > 0 and row["query_ms_per_batch"] > 0 and row["trees"] == 2
+
+
+def test_accuracy_script_end_to_end_with_parallel_cells_and_resume(tmp_path):
+    out = tmp_path / "acc.json"
+    common = ["--classes", "24", "--train-views", "2", "--val-views", "1", "--verify-identities", "8",
+              "--verify-pairs", "20", "--image-size", "16", "--dim", "8", "--batch", "8", "--steps", "3",
+              "--warmup", "1", "--jobs", "1", "--cache", str(tmp_path / "cache"), "--out", str(out)]
+    accuracy_vs_cost.main(common + ["--cells", "full", "random:0.5", "--seeds", "0", "1", "--parallel", "2",
+                                    "--val-stride", "2"])
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["cell"], r["seed"]) for r in rows] == [("full", 0), ("full", 1), ("random:0.5", 0), ("random:0.5", 1)]
+    assert all(0 <= r["val_top1"] <= 1 and r["sample_num"] in (24, 12) for r in rows)
+    accuracy_vs_cost.main(common + ["--cells", "full", "exact:0.5", "--resume"])
+    data = json.loads(out.read_text())
+    assert [(r["cell"], r["seed"]) for r in data["results"]] == [("full", 0), ("full", 1), ("exact:0.5", 0),
+                                                                 ("random:0.5", 0), ("random:0.5", 1)]
+    assert len(data["context"]["earlier_runs"]) == 1
