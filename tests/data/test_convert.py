@@ -157,3 +157,25 @@ def test_missing_listed_image_is_named(tmp_path):
     with pytest.raises(HfsError, match="image not found: .*images/0/1.jpg"):
         images_to_rec(tmp_path / "in", tmp_path / "out")
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_cli_rec_name_and_val_ratio(small_rec, tmp_path):
+    import shutil
+
+    named = tmp_path / "named"
+    named.mkdir()
+    for suffix in (".rec", ".idx"):
+        shutil.copy(small_rec / f"train{suffix}", named / f"ms1m{suffix}")
+    shutil.copy(small_rec / "property", named / "property")
+    proc = _cli("convert", "--in-folder", str(named), "--out-folder", str(tmp_path / "a"), "--rec-name", "ms1m",
+                "--val-ratio", "0.4", "-j", "1")
+    assert proc.returncode == 0, proc.stderr
+    (train, _), (val, val_labels) = (read_image_list(tmp_path / "a/train_list.txt"),
+                                     read_image_list(tmp_path / "a/val_list.txt"))
+    assert len(train) == 18 and len(val) == 12 and np.bincount(val_labels).tolist() == [2] * 6  # 2 of 5 each
+    proc = _cli("convert", "--to", "rec", "--in-folder", str(tmp_path / "a"), "--out-folder", str(tmp_path / "r"),
+                "--rec-name", "packed")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "r/packed.rec").exists() and (tmp_path / "r/packed.idx").exists()
+    proc = _cli("convert", "--in-folder", str(named), "--out-folder", str(tmp_path / "b"), "--val-ratio", "0.95")
+    assert proc.returncode == 2 and "--val-ratio" in proc.stderr

@@ -100,3 +100,27 @@ def test_make_synthetic_command(tmp_path):
                                       "--val-pairs", "2", "--val-first-class", "1"])
     assert result.exit_code != 0 and "overlap the training identities" in str(result.exception)
     assert not (tmp_path / "t").exists()
+
+
+def test_make_synthetic_format_and_cluster_size(tmp_path):
+    from typer.testing import CliRunner
+
+    from hfs.cli import app
+    from hfs.data.filelist import image_extension
+
+    common = ["--classes", "4", "--images-per-class", "1", "--image-size", "16", "--val-pairs", "0"]
+    for name, extra in (("png", ["--format", "png"]), ("c1", ["--cluster-size", "1"]), ("c4", ["--cluster-size", "4"])):
+        result = CliRunner().invoke(app, ["make-synthetic", "--out", str(tmp_path / name), *common, *extra])
+        assert result.exit_code == 0, result.output
+    rec = RecordFile(tmp_path / "png/train.rec", tmp_path / "png/train.idx")
+    first_key = read_layout(rec).image_keys[0]
+    assert image_extension(rec.read_image(first_key)[1]) == "png"
+
+    def images(name):
+        r = RecordFile(tmp_path / name / "train.rec", tmp_path / name / "train.idx")
+        return [r.read_image(k)[1] for k in read_layout(r).image_keys]
+
+    # clusters of 1 and of 4 draw identities 1..3 around different prototypes: other images
+    assert images("c1")[1:] != images("c4")[1:]
+    result = CliRunner().invoke(app, ["make-synthetic", "--out", str(tmp_path / "bad"), *common, "--format", "gif"])
+    assert result.exit_code != 0 and not (tmp_path / "bad").exists()
