@@ -3,9 +3,11 @@
 The layout Partial FC uses to reach tens of millions of classes on many GPUs:
 
 * rank r of W owns the contiguous rows ``[r*C//W, (r+1)*C//W)`` as a local parameter,
-  trained by the trainer's own SGD optimizer (momentum and weight decay act on the whole
-  shard every step, as in Partial FC v2; with ``sample_num >= C`` this is exactly the full
-  softmax);
+  trained by the trainer's optimizer. With ``fc.sharded_momentum=lazy`` (the default) SGD's
+  momentum and weight decay act only on the rows active in the step (``take_active_rows``
+  feeds :class:`~hfs.train.optim.RowSparseSGD`), the weight store's rule in sampled mode;
+  ``dense`` moves the whole shard every step, as Partial FC v2 does. With
+  ``sample_num >= C`` both are exactly the full softmax;
 * features are all-gathered *with gradient* (:class:`~hfs.train.distributed.AllGatherWithGrad`)
   and labels without, so every rank scores the whole global batch against its rows;
 * each rank picks its active rows inside its shard: every positive that falls in the shard,
@@ -185,6 +187,8 @@ class ShardedFC(nn.Module):
         self.seed, self.ddp_average = seed, ddp_average
         self.selector: ActiveClassSelector | None = None
         self.timers = {"select": 0.0, "refresh": 0.0}
+        # rows active since the optimizer last asked (micro-batches of one step add up)
+        self._touched = torch.zeros(self.end - self.start, dtype=torch.bool, device=shard_rows.device)
 
     @property
     def shard_rows(self) -> int:
@@ -224,6 +228,7 @@ class ShardedFC(nn.Module):
         all_features = all_gather_with_grad(features).float()
         all_labels = all_gather_no_grad(labels)
         index, local = self._select(all_features.detach(), all_labels, step)
+        self._touched[slice(None) if index is None else index] = True
         rows = self.weight if index is None else self.weight[index]
         with torch.autocast(device_type=all_features.device.type, enabled=False):
             logits = self.head(all_features, rows.float(), local)
@@ -256,6 +261,14 @@ class ShardedFC(nn.Module):
             t0 = time.perf_counter()
             self.selector.maybe_refresh(step)
             self.timers["refresh"] += time.perf_counter() - t0
+
+    def take_active_rows(self) -> torch.Tensor | None:
+        """Shard-local rows active since the last call (None: all of them), then forget them.
+
+        The optimizer's row-sparse update (``fc.sharded_momentum=lazy``) applies SGD to these
+        rows only, as the weight store does in sampled mode."""
+        touched, self._touched = self._touched, torch.zeros_like(self._touched)
+        return None if bool(touched.all()) else torch.nonzero(touched, as_tuple=True)[0]
 
     def sampler_seconds(self) -> float:
         """Time spent choosing rows and keeping the index fresh (the 'upkeep' share)."""

@@ -42,6 +42,7 @@ from hfs.train import checkpoint as ckpt_io
 from hfs.train.data_order import BatchStream, DataPosition
 from hfs.train.distributed import DistEnv, all_reduce_sum, barrier, eval_indices
 from hfs.train.metrics import MetricsWriter
+from hfs.train.optim import RowSparseSGD
 from hfs.train.schedule import lr_at
 from hfs.utils.device import resolve_device
 from hfs.utils.errors import HfsError
@@ -196,8 +197,10 @@ class Trainer:
             params.append({"params": [self.fc.weight], "lr_scale": cfg.fc.lr_scale})
         else:
             self.fc = self._build_sampled_fc(stack)
-        self.optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                         weight_decay=cfg.optim.weight_decay)
+        self.optimizer = RowSparseSGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                      weight_decay=cfg.optim.weight_decay)
+        if self.mode == "sharded" and cfg.fc.sharded_momentum == "lazy":
+            self.optimizer.update_rows_of(self.fc.weight, self.fc.take_active_rows)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
         batches_per_epoch = len(train_ds) // (cfg.train.batch_size * world)

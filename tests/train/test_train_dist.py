@@ -136,3 +136,22 @@ def test_sharded_mode_with_hard_negatives_from_each_ranks_index_trains(tmp_path,
     assert losses[-1] < losses[0]
     assert all(r["upkeep_share"] > 0 for r in records if "upkeep_share" in r)  # random negatives cost 0 here
     assert max(r.get("index_rebuilds", 0) for r in records) >= 2  # rank 0's shard index was rebuilt and swapped in
+
+
+@pytest.mark.parametrize("momentum_rule", ["lazy", "dense"])
+def test_sharded_lazy_momentum_moves_only_rows_that_were_active(tmp_path, momentum_rule):
+    """fc.sharded_momentum=lazy: a row never active keeps its initial value (the store's rule);
+    dense: torch's SGD decays and moves every row of the shard every step."""
+    from hfs.fc.sharded import init_shard_rows
+
+    cfg = _cfg(tmp_path, 2, 4, "fc.mode=sharded", "fc.sample_num=6", "sampler.type=random",
+               "train.max_steps=2", "train.checkpoint_every=0", f"fc.sharded_momentum={momentum_rule}")
+    data = make_blobs(num_classes=40, per_class=2, size=8), make_blobs(num_classes=40, per_class=1, size=8, seed=1), 40
+    result = run_train_dist(cfg, None, datasets=data, worker=_worker)
+    assert result.steps == 2
+    start = init_shard_rows(0, 40, 8, cfg.fc.init, cfg.fc.init_std, cfg.train.seed)
+    moved = (_final(tmp_path)["fc"]["weight"] != start).any(dim=1).sum().item()
+    if momentum_rule == "lazy":
+        assert 0 < moved <= 2 * 6 + 2  # at most 2 steps x (3 rows per shard x 2 shards), rounding per shard
+    else:
+        assert moved == 40

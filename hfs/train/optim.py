@@ -1,0 +1,85 @@
+"""The trainer's optimizer: torch's SGD, with row-sparse updates for a sharded classifier.
+
+In sampled mode the weight store applies SGD to the rows a step touched only: an inactive
+row keeps its weight and its momentum. A sharded classifier is a dense parameter of the
+trainer's optimizer, and torch's SGD moves *every* row of it by its momentum (and decays
+it) on every step, so a hard negative's one large gradient keeps being applied for
+~1/(1 - momentum) steps after it was last active. Measured on 2 gloo ranks, that made
+hard negatives worse than random ones at momentum 0.9 (docs/benchmarks.md, "Sharded
+mode"). :class:`RowSparseSGD` gives chosen 2-D parameters the store's rule instead.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+#: returns the row indices a parameter's step should update (None: every row)
+RowsFn = Callable[[], "torch.Tensor | None"]
+
+
+class RowSparseSGD(torch.optim.SGD):
+    """``torch.optim.SGD``; parameters given to :meth:`update_rows_of` are updated on some rows only.
+
+    For those rows the rule is torch's SGD exactly (weight decay, momentum with dampening,
+    nesterov, maximize); the other rows keep their weight and momentum. With every row
+    selected the result equals torch's dense SGD. Momentum buffers are full-size tensors
+    under the same state key as torch's, so checkpoints do not change.
+    """
+
+    def __init__(self, params: Iterable, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        self._rows_fn: dict[torch.Tensor, RowsFn] = {}
+
+    def update_rows_of(self, param: torch.Tensor, rows_fn: RowsFn) -> None:
+        """From now on ``param`` (2-D, in one of the groups) is updated on ``rows_fn()``'s rows each step."""
+        if param.dim() != 2:
+            raise ValueError(f"row-sparse updates need a 2-D parameter, got shape {tuple(param.shape)}")
+        if not any(p is param for group in self.param_groups for p in group["params"]):
+            raise ValueError("the parameter is not in this optimizer's groups")
+        self._rows_fn[param] = rows_fn
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        held = {p: p.grad for p in self._rows_fn if p.grad is not None}
+        for p in held:  # torch's step skips parameters without a gradient
+            p.grad = None
+        try:
+            loss = super().step(closure)
+        finally:
+            for p, grad in held.items():
+                p.grad = grad
+        for p in held:
+            self._step_rows(p, self._rows_fn[p]())
+        return loss
+
+    def _group_of(self, param: torch.Tensor) -> dict:
+        return next(g for g in self.param_groups if any(p is param for p in g["params"]))
+
+    def _step_rows(self, param: torch.Tensor, rows: torch.Tensor | None) -> None:
+        group = self._group_of(param)
+        if rows is None:
+            rows = torch.arange(param.shape[0], device=param.device)
+        rows = rows.to(device=param.device, dtype=torch.long)
+        if rows.numel() == 0:
+            return
+        lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
+        step = param.grad.index_select(0, rows)
+        if group["maximize"]:
+            step = -step
+        if decay:
+            step = step.add(param.index_select(0, rows), alpha=decay)
+        if momentum:
+            state = self.state[param]
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                # torch starts a buffer as a copy of the first step; a zero buffer gives
+                # momentum * 0 + (1 - dampening) * step, the same when dampening is 0 (the default)
+                buf = state["momentum_buffer"] = torch.zeros_like(param)
+                rows_buf = step.clone()
+            else:
+                rows_buf = buf.index_select(0, rows).mul_(momentum).add_(step, alpha=1 - group["dampening"])
+            buf.index_copy_(0, rows, rows_buf)
+            step = step.add(rows_buf, alpha=momentum) if group["nesterov"] else rows_buf
+        param.index_add_(0, rows, step, alpha=-lr)
