@@ -72,13 +72,14 @@ def test_accuracy_table_takes_medians_over_seeds():
 
     def row(cell, seed, top1, ver, step):
         return {"cell": cell, "seed": seed, "sampler": cell.split(":")[0], "sample_num": 10, "val_top1": top1,
-                "verification": {"v.bin": ver}, "median_step_s": step}
+                "verification": {"v.bin": ver}, "median_step_s": step, "train_seconds": 10.0,
+                "timers": {"select": 1.0, "observe": 0.5, "refresh": 0.5}, "upkeep_bg_cpu_share": 0.25}
 
     data = {"context": {**run_context(), "command": "accuracy_vs_cost.py"},
             "results": [row("full", 0, 0.1, 0.8, 0.2), row("full", 1, 0.3, 0.9, 0.4), row("full", 2, 0.2, 0.7, 0.3),
                         row("random:0.1", 0, 0.05, 0.6, 0.1)]}
     table = evidence_report.accuracy_table(data)
-    assert "| full | 10 | 3 | 20.00% (10.00-30.00) | 80.00% (70.00-90.00) | 300.0 ms | 1.00x |" in table
+    assert "| full | 10 | 3 | 20.00% (10.00-30.00) | 80.00% (70.00-90.00) | 300.0 ms | 1.00x | 10.0% | 10.0% | 25.0% |" in table
     assert "| random:0.1 | 10 | 1 | 5.00% | 60.00% | 100.0 ms | 0.33x |" in table
 
 
