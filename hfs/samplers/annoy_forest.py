@@ -6,8 +6,8 @@ result with ``mmap`` (instant, shared page cache). ``angular`` serves cosine, ``
 inner product.
 
 Queries are one ``get_nns_by_vector`` call per feature, but annoy releases the GIL inside
-each call, so a batch is split over ``query_threads`` threads: 1.9x faster on 2 idle cores
-(256 queries at 100K rows: 22 ms -> 12 ms).
+each call, so a batch is split over ``query_threads`` threads: 1.3-1.9x faster in isolated
+tests on 2 idle cores, though no gain showed inside ``hfs bench-sampler`` at 1M rows.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class AnnoySampler(ClassSampler):
     build_in_subprocess = True
     query_knobs = {"annoy_search_k": "search_k", "query_threads": "query_threads"}
 
-    def __init__(self, metric: str = "cosine", trees: int = 50, search_k: int = -1, seed: int = 0,
+    def __init__(self, metric: str = "cosine", trees: int = 16, search_k: int = -1, seed: int = 0,
                  build_threads: int = 1, query_threads: int = -1) -> None:
         self.metric, self.trees, self.search_k, self.seed, self.build_threads = metric, trees, search_k, seed, build_threads
         self.query_threads = query_threads

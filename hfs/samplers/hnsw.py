@@ -29,7 +29,7 @@ class HnswSampler(ClassSampler):
     update_cost = "costly"
     query_knobs = {"hnsw_ef": "ef", "query_threads": "query_threads"}
 
-    def __init__(self, metric: str = "cosine", m: int = 16, ef_construction: int = 100, ef: int = 32,
+    def __init__(self, metric: str = "cosine", m: int = 16, ef_construction: int = 100, ef: int = 16,
                  seed: int = 0, build_threads: int = 1, query_threads: int = -1) -> None:
         self.metric, self.m, self.ef_construction, self.ef = metric, m, ef_construction, ef
         self.seed, self.build_threads, self.query_threads = seed, build_threads, query_threads
