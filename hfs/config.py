@@ -79,10 +79,10 @@ class FCConfig:
     init_std: float = _f(0.01, ge=0.0, help="std (gaussian) or half-width (uniform) of the initialisation")
     lr_scale: float = _f(1.0, gt=0.0, help="classifier lr = backbone lr x lr_scale")
     overlap_push: bool = _f(True, help="sampled: push row gradients on a background thread, overlapping the backbone's backward")
-    sharded_momentum: str = _f("lazy", choices=("lazy", "dense"),
-                               help="sharded: lazy = SGD momentum and weight decay act only on the rows active in a step "
-                                    "(the weight store's rule; hard negatives need it); dense = on the whole shard every "
-                                    "step (Partial FC v2)")
+    sharded_momentum: str = _f("dense", choices=("dense", "lazy"),
+                               help="sharded: dense = SGD momentum and weight decay move the whole shard every step "
+                                    "(Partial FC v2); lazy = only the rows active in the step (the weight store's rule "
+                                    "in sampled mode)")
 
 
 @dataclass

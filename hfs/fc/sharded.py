@@ -3,10 +3,10 @@
 The layout Partial FC uses to reach tens of millions of classes on many GPUs:
 
 * rank r of W owns the contiguous rows ``[r*C//W, (r+1)*C//W)`` as a local parameter,
-  trained by the trainer's optimizer. With ``fc.sharded_momentum=lazy`` (the default) SGD's
-  momentum and weight decay act only on the rows active in the step (``take_active_rows``
-  feeds :class:`~hfs.train.optim.RowSparseSGD`), the weight store's rule in sampled mode;
-  ``dense`` moves the whole shard every step, as Partial FC v2 does. With
+  trained by the trainer's optimizer. ``fc.sharded_momentum=dense`` (the default) moves the
+  whole shard every step, as Partial FC v2 does; with ``lazy`` SGD's momentum and weight
+  decay act only on the rows active in the step (``take_active_rows`` feeds
+  :class:`~hfs.train.optim.RowSparseSGD`), the weight store's rule in sampled mode. With
   ``sample_num >= C`` both are exactly the full softmax;
 * features are all-gathered *with gradient* (:class:`~hfs.train.distributed.AllGatherWithGrad`)
   and labels without, so every rank scores the whole global batch against its rows;

@@ -1,12 +1,12 @@
-"""The trainer's optimizer: torch's SGD, with row-sparse updates for a sharded classifier.
+"""The trainer's optimizer: torch's SGD, with optional row-sparse updates for a sharded classifier.
 
 In sampled mode the weight store applies SGD to the rows a step touched only: an inactive
 row keeps its weight and its momentum. A sharded classifier is a dense parameter of the
 trainer's optimizer, and torch's SGD moves *every* row of it by its momentum (and decays
-it) on every step, so a hard negative's one large gradient keeps being applied for
-~1/(1 - momentum) steps after it was last active. Measured on 2 gloo ranks, that made
-hard negatives worse than random ones at momentum 0.9 (docs/benchmarks.md, "Sharded
-mode"). :class:`RowSparseSGD` gives chosen 2-D parameters the store's rule instead.
+it) on every step, as Partial FC v2 does. :class:`RowSparseSGD` can give chosen 2-D
+parameters the store's rule instead (``fc.sharded_momentum=lazy``), so that sampled and
+sharded mode apply the same update. Measured on 2 gloo ranks it does not change quality
+(docs/benchmarks.md, "Sharded mode"), so the default stays dense.
 """
 
 from __future__ import annotations
