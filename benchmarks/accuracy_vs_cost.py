@@ -188,7 +188,7 @@ def run_cell(args: argparse.Namespace, cell: str, images: np.ndarray, bin_path: 
     t0 = time.perf_counter()
     result = Trainer(cfg, datasets=(train, val, args.classes), callbacks=[clock]).run()
     wall = time.perf_counter() - t0
-    steps_s = clock.step_s[10:]  # skip start-up steps
+    steps_s = clock.step_s[min(10, len(clock.step_s) // 2):]  # skip start-up steps (fewer in very short runs)
     train_s = sum(clock.step_s)
     row: dict[str, Any] = {
         "cell": cell, "seed": seed, "sampler": name, "sample_num": sample_num, "rate": sample_num / args.classes,
