@@ -63,19 +63,30 @@ def draw_panel(draw, box: tuple[int, int, int, int], points: list[dict[str, Any]
         draw.text((cx + 7, cy - 7), label, fill=colour, font=font)
 
 
+def median_points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One point per cell: the medians over its seeds of top-1, verification and step time."""
+    import statistics
+
+    cells: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        cells.setdefault(r["cell"], []).append(r)
+    return [{"sampler": runs[0]["sampler"], "sample_num": runs[0]["sample_num"],
+             "val_top1": statistics.median(r["val_top1"] for r in runs),
+             "verify": statistics.median(next(iter(r["verification"].values()), float("nan")) for r in runs),
+             "median_step_s": statistics.median(r["median_step_s"] for r in runs)} for runs in cells.values()]
+
+
 def plot(results: dict[str, Any], out: Path) -> Path:
     from PIL import Image, ImageDraw, ImageFont
 
-    points = [r for r in results["results"] if r.get("val_top1") is not None]
-    for p in points:
-        p["verify"] = next(iter(p["verification"].values()), float("nan"))
+    points = median_points([r for r in results["results"] if r.get("val_top1") is not None])
     img = Image.new("RGB", (1200, 560), "white")
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default()
     ctx = results["context"]
     args = ctx.get("args", {})
     draw.text((20, 10), f"Accuracy vs cost: C={args.get('classes')} synthetic identities, tiny backbone, "
-                        f"{args.get('steps')} steps, B={args.get('batch')}, seed {args.get('seed')} "
+                        f"{args.get('steps')} steps, B={args.get('batch')}, seeds {args.get('seeds') or [args.get('seed')]} (medians) "
                         f"({ctx['date_utc']} UTC, load {ctx['loadavg_start'][0]:.1f} on {ctx['cpus']} cores)",
               fill=(0, 0, 0), font=font)
     draw_panel(draw, (90, 70, 570, 480), points, "val_top1", "closed-set top-1 on held-out views (all classes)", font)

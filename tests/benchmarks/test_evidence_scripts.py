@@ -117,3 +117,16 @@ def test_accuracy_script_end_to_end_with_parallel_cells_and_resume(tmp_path):
     assert [(r["cell"], r["seed"]) for r in data["results"]] == [("full", 0), ("full", 1), ("exact:0.5", 0),
                                                                  ("random:0.5", 0), ("random:0.5", 1)]
     assert len(data["context"]["earlier_runs"]) == 1
+
+
+def test_plot_draws_one_median_point_per_cell(tmp_path):
+    import plot_accuracy_vs_cost
+
+    rows = [{"cell": "full", "sampler": "full", "sample_num": 10, "val_top1": v, "verification": {"b": v},
+             "median_step_s": v} for v in (0.1, 0.3, 0.2)]
+    points = plot_accuracy_vs_cost.median_points(rows)
+    assert points == [{"sampler": "full", "sample_num": 10, "val_top1": 0.2, "verify": 0.2, "median_step_s": 0.2}]
+    data = {"context": {**run_context(), "args": {"classes": 10, "steps": 3, "batch": 2, "seeds": [0, 1, 2]}},
+            "results": rows}
+    out = plot_accuracy_vs_cost.plot(data, tmp_path / "p.png")
+    assert out.stat().st_size > 0
