@@ -76,7 +76,7 @@ def run_components(args: argparse.Namespace) -> dict[str, Any]:
                          memory_dim=args.memory_dim)
     log.info("bench-paramserver %s", ps_cfg)
     ps = run_benchmark(ps_cfg)
-    cfg = load_config(None, [f"sampler.annoy_trees={args.annoy_trees}"])
+    cfg = load_config(None, [f"sampler.annoy_trees={args.annoy_trees}"] if args.annoy_trees else [])
     settings = SamplerBenchSettings(num_classes=args.num_classes, dim=args.dim, batch_size=args.batch_size,
                                     sample_num=args.sample_num, samplers=args.samplers, batches=args.batches,
                                     upkeep_steps=args.upkeep_steps, upkeep_samplers=args.upkeep_samplers)
@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256, help="queries per batch B (sampler)")
     p.add_argument("--sample-num", type=int, default=1000, help="active classes S (sampler) = rows per get/push (server)")
     p.add_argument("--samplers", nargs="+", default=["annoy", "hnsw", "exact", "random"], help="samplers to compare")
-    p.add_argument("--annoy-trees", type=int, default=50, help="annoy trees")
+    p.add_argument("--annoy-trees", type=int, default=0, help="annoy trees (0 = the config default)")
     p.add_argument("--batches", type=int, default=5, help="query batches per sampler")
     p.add_argument("--upkeep-steps", type=int, default=0, help="simulated training steps of the upkeep measurement (0 = skip)")
     p.add_argument("--upkeep-samplers", nargs="+", default=["annoy", "hnsw"], help="samplers of the upkeep measurement")
