@@ -150,10 +150,10 @@ class StepClock:
 
 
 def cell_config(args: argparse.Namespace, name: str, sample_num: int, output_dir: Path, bin_path: Path, seed: int):
-    from hfs.config import config_from_dict
+    from hfs.config import _merge, config_from_dict, parse_override
 
     fc = {"mode": "full"} if name == "full" else {"mode": "sampled", "sample_num": sample_num}
-    return config_from_dict({
+    data = {
         "data": {"image_size": args.image_size, "num_workers": 0},
         "model": {"arch": "tiny", "embedding_size": args.dim},
         "head": {"type": "arcface", "scale": args.scale, "margin": args.margin},
@@ -164,7 +164,10 @@ def cell_config(args: argparse.Namespace, name: str, sample_num: int, output_dir
         "train": {"output_dir": str(output_dir), "batch_size": args.batch, "max_steps": args.steps,
                   "checkpoint_every": 0, "log_every": 50, "seed": seed},
         "eval": {"bins": [str(bin_path)], "batch_size": 512, "num_workers": 0},
-    })
+    }
+    for text in args.set or []:  # the same --set section.key=value as the hfs commands
+        data = _merge(data, parse_override(text))
+    return config_from_dict(data)
 
 
 def run_cell(args: argparse.Namespace, cell: str, images: np.ndarray, bin_path: Path, workdir: Path,
@@ -271,6 +274,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="training seeds, every cell runs once per seed (default: --seed)")
     p.add_argument("--val-stride", type=int, default=1,
                    help="score the held-out views of every N-th identity only (top-1 is still over all C classes)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="config override for every cell, as `hfs train --set` (repeatable)")
     p.add_argument("--parallel", type=int, default=1,
                    help="cells trained at the same time, each in its own process (2 uses both cores of a 2-core box)")
     p.add_argument("--resume", action="store_true",

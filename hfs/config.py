@@ -104,6 +104,7 @@ class SamplerConfig:
     snapshot_rows: int = _f(32768, gt=0, help="rows per step the training thread appends to a rebuild's snapshot file (in-process store); with paramserver.address set the build reads the server itself, this many rows per request")
     update_threshold: float = _f(0.1, gt=0.0, help="hnsw: relative change of a row that earns an in-place update")
     update_budget: int = _f(16, ge=0, help="hnsw: most rows updated in place per step (0 = none)")
+    hard_after: int = _f(0, ge=0, help="steps of uniform negatives (Partial FC's rule) before the index's hard negatives are used; the index is built meanwhile")
     drift_rows: int = _f(128, ge=0, help="observed rows per step whose drift is measured against the index's own vectors, a random subset (0 = all; reading a vector back costs ~10-25 us)")
     build_threads: int = _f(1, help="threads of an index build (annoy n_jobs, hnsw add_items); -1 = all cores")
     query_threads: int = _f(-1, help="annoy and hnsw: threads answering one batch's queries; -1 = all cores")

@@ -61,7 +61,8 @@ def build_selector(cfg: "HfsConfig", store: "WeightStore", matrix: str, num_clas
                                sample_num=cfg.fc.sample_num, neighbours=neighbours, policy=policy,
                                background=scfg.background, update_threshold=scfg.update_threshold,
                                update_budget=scfg.update_budget, seed=scfg.seed, workdir=scfg.workdir,
-                               remote=remote_matrix(store, matrix, chunk_rows), drift_rows=scfg.drift_rows)
+                               remote=remote_matrix(store, matrix, chunk_rows), drift_rows=scfg.drift_rows,
+                               hard_after=scfg.hard_after)
 
 
 def remote_matrix(store: "WeightStore", matrix: str, chunk_rows: int) -> RemoteMatrix | None:

@@ -37,11 +37,12 @@ class ActiveClassSelector:
     def __init__(self, make_sampler: Callable[[], ClassSampler], read_chunks: Callable[[], Iterator[tuple[int, np.ndarray]]],
                  shape: tuple[int, int], *, sample_num: int, neighbours: int, policy: RefreshPolicy,
                  background: bool = True, update_threshold: float = 0.1, update_budget: int = 16,
-                 seed: int = 0, workdir: str = "", remote: RemoteMatrix | None = None, drift_rows: int = 0) -> None:
+                 seed: int = 0, workdir: str = "", remote: RemoteMatrix | None = None, drift_rows: int = 0,
+                 hard_after: int = 0) -> None:
         self.num_classes, self.dim = shape
         self.sample_num, self.neighbours, self.policy = sample_num, neighbours, policy
         self.background, self.update_threshold, self.update_budget = background, update_threshold, update_budget
-        self.drift_rows = drift_rows
+        self.drift_rows, self.hard_after = drift_rows, hard_after
         self._drift_rng = np.random.default_rng([seed, 1])  # apart from the fill's stream: selection stays as it was
         self._make_sampler, self._read_chunks, self._workdir, self._remote = make_sampler, read_chunks, workdir, remote
         self._rng = np.random.default_rng(seed)
@@ -74,7 +75,7 @@ class ActiveClassSelector:
         ``features`` may be None when ``uses_index`` is False (no index queries them)."""
         sampler = self._sampler
         candidates = None
-        if self.uses_index and sampler is not None:
+        if self.uses_index and sampler is not None and step >= self.hard_after:
             candidates = sampler.candidates(np.asarray(features, dtype=np.float32), self.neighbours)
         active, local = select_active_classes(labels, candidates, self.sample_num, self.num_classes, self._rng)
         if len(active) > self.sample_num and not self._warned_overflow:

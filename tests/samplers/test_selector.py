@@ -333,3 +333,21 @@ def test_failed_builds_keep_the_old_index_then_give_up(small_world, make_store, 
     with pytest.raises(HfsError, match="in a row failed; last: no room"):
         selector.maybe_refresh(selector_mod.MAX_FAILED_BUILDS)
     assert len(calls) == selector_mod.MAX_FAILED_BUILDS
+
+
+def test_hard_after_gives_uniform_negatives_first_then_the_index(small_world, make_store):
+    from hfs.samplers.selection import select_active_classes
+
+    weights, labels, queries = small_world
+    selector = build_selector(_cfg(type="exact", background=False, hard_after=3), make_store(weights), "fc", C)
+    assert selector.index_ready  # built at once; only its use waits
+    early, local = selector.select(queries, labels, 2)
+    expected, _ = select_active_classes(labels, None, 200, C, np.random.default_rng(0))
+    np.testing.assert_array_equal(early, expected)  # the random rule, same fill stream
+    _valid(early, local, labels)
+    late, local = selector.select(queries, labels, 3)
+    _valid(late, local, labels)
+    nearest = selector.sampler.candidates(queries, 2)
+    hard = set(nearest.ravel().tolist()) - set(labels.tolist())
+    assert len(hard & set(late.tolist())) > 0.9 * len(hard) > len(hard & set(early.tolist()))
+    selector.close()
