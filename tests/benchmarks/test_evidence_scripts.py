@@ -130,3 +130,10 @@ def test_plot_draws_one_median_point_per_cell(tmp_path):
             "results": rows}
     out = plot_accuracy_vs_cost.plot(data, tmp_path / "p.png")
     assert out.stat().st_size > 0
+
+
+def test_accuracy_cells_take_config_overrides(tmp_path):
+    args = accuracy_vs_cost.parse_args(["--set", "sampler.hard_after=7", "--set", "optim.momentum=0"])
+    cfg = accuracy_vs_cost.cell_config(args, "annoy", 100, tmp_path, tmp_path / "v.bin", seed=3)
+    assert (cfg.sampler.hard_after, cfg.optim.momentum, cfg.train.seed, cfg.fc.sample_num) == (7, 0.0, 3, 100)
+    assert cfg.sampler.type == "annoy" and cfg.fc.mode == "sampled"
