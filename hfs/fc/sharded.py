@@ -267,8 +267,9 @@ class ShardedFC(nn.Module):
 
         The optimizer's row-sparse update (``fc.sharded_momentum=lazy``) applies SGD to these
         rows only, as the weight store does in sampled mode."""
-        touched, self._touched = self._touched, torch.zeros_like(self._touched)
-        return None if bool(touched.all()) else torch.nonzero(touched, as_tuple=True)[0]
+        rows = None if bool(self._touched.all()) else torch.nonzero(self._touched, as_tuple=True)[0]
+        self._touched.zero_()
+        return rows
 
     def sampler_seconds(self) -> float:
         """Time spent choosing rows and keeping the index fresh (the 'upkeep' share)."""

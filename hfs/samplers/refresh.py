@@ -170,12 +170,13 @@ OWNER_FILE = "owner.pid"
 
 
 def _process_alive(pid: int) -> bool:
+    """Signal 0 probes a pid; a PermissionError means it is alive but someone else's."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's live process
-        return True
+    except PermissionError:
+        pass
     return True
 
 

@@ -252,10 +252,10 @@ class Trainer:
                          std=cfg.fc.init_std, seed=cfg.train.seed, exist_ok=True)
             if self.ckpt is not None:
                 self._restore_store(store, self.ckpt)
-            elif store.last_applied(MATRIX) >= 0:
+            elif (trained_to := store.last_applied(MATRIX)) >= 0:
                 raise HfsError(
                     f"the parameter server at {cfg.paramserver.address} already holds a matrix '{MATRIX}' trained "
-                    f"to step {store.last_applied(MATRIX)} by another run; a fresh run needs a fresh server "
+                    f"to step {trained_to} by another run; a fresh run needs a fresh server "
                     f"(restart `hfs serve-params`), or continue that run with --resume")
         if env.distributed:
             # Every rank is a worker of the store's synchronous step; all must be registered
