@@ -79,9 +79,12 @@ def train_cmd(
     cfg = resolve_config(config, sugar + list(set_), print_config)
     from hfs.train.trainer import resume_config, summarize, train
 
+    from hfs.train.run_dir import check_train_outputs
+
     checkpoint = None
     if resume:
         checkpoint, cfg = resume_config(resume, config is not None, cfg, sugar + list(set_))
+    check_train_outputs(cfg)
     result = train(cfg, resume=checkpoint)
     summarize(result)
     if result.interrupted:
@@ -122,9 +125,12 @@ def train_dist_cmd(
     from hfs.train.launch import run_train_dist
     from hfs.train.trainer import resume_config, summarize
 
+    from hfs.train.run_dir import check_train_outputs
+
     checkpoint = None
     if resume:
         checkpoint, cfg = resume_config(resume, config is not None, cfg, list(set_) + sugar)
+    check_train_outputs(cfg)
     result = run_train_dist(cfg, resume=str(checkpoint) if checkpoint else None,
                             verbose=int(logging.getLogger().isEnabledFor(logging.DEBUG)))
     if result is not None:  # nodes other than 0 leave the report to rank 0
@@ -151,6 +157,9 @@ def extract(
     """Embed a .bin or an image list with a trained backbone; write features.npy + features.json."""
     cfg = resolve_config(config, set_, print_config)
     from hfs.eval.evaluate import extract_checkpoint
+    from hfs.utils.writable import require_writable_file
+
+    require_writable_file(out, "--out")
 
     extract_checkpoint(checkpoint, out, bin_path=bin_, list_path=list_, prefix=prefix,
                        flip=cfg.eval.flip if flip is None else flip, batch_size=batch_size or cfg.eval.batch_size,
@@ -174,6 +183,11 @@ def verify(
     from hfs.eval.report import plot_roc, require_matplotlib, results_table, write_results_json
     from hfs.utils.log import make_console
 
+    from hfs.utils.writable import require_writable_file
+
+    for path, flag in ((json_out, "--json"), (plot, "--plot")):
+        if path is not None:
+            require_writable_file(path, flag)
     if plot:
         require_matplotlib()  # fail before the work, not after
     bins = bins or [Path(b) for b in cfg.eval.bins]
@@ -219,12 +233,18 @@ def serve_params(
     from hfs.paramserver.server import ServeOptions, serve, serve_shards
     from hfs.paramserver.store import ShardSpec
 
+    from hfs.utils.writable import require_writable_dir
+
     cfg = resolve_config(config, set_, print_config)
     ps = cfg.paramserver
+    snapshot_dir, snapshot_name = ((snapshot_dir, "--snapshot-dir") if snapshot_dir else
+                                   (Path(ps.snapshot_dir), "config key 'paramserver.snapshot_dir'") if ps.snapshot_dir else
+                                   (Path(cfg.train.output_dir) / "store", "config key 'train.output_dir'"))
+    require_writable_dir(snapshot_dir, snapshot_name)
     opts = ServeOptions(
         host=host or ps.host, port=ps.port if port is None else port, shard=ShardSpec(shard_index, num_shards),
         peers=tuple(p for p in peers.split(",") if p),
-        snapshot_dir=snapshot_dir or Path(ps.snapshot_dir or Path(cfg.train.output_dir) / "store"),
+        snapshot_dir=snapshot_dir,
         keep_snapshots=ps.keep_snapshots, timeout_s=ps.timeout_s, snapshot_every_steps=ps.snapshot_every_steps,
         snapshot_every_s=ps.snapshot_every_s, resume=resume, secret=resolve_secret(ps.secret, secret_file),
         insecure=insecure, max_message_bytes=int(ps.max_message_mb * 2**20))
@@ -251,6 +271,9 @@ def convert(
     """Convert InsightFace train.rec <-> images + lists, losslessly (stored bytes, never re-encoded)."""
     from hfs.data.convert import images_to_rec, rec_to_images
     from hfs.utils.log import make_console
+    from hfs.utils.writable import require_writable_dir
+
+    require_writable_dir(out_folder, "--out-folder")
 
     if to == "images":
         summary = rec_to_images(in_folder, out_folder, val_ratio, seed, workers, resume, rec_name)
@@ -283,6 +306,9 @@ def make_synthetic(
     """Write a synthetic face-like dataset as an InsightFace-layout .rec (no downloads needed)."""
     from hfs.data.synthetic import make_synthetic_rec, write_synthetic_bin
     from hfs.utils.log import make_console
+    from hfs.utils.writable import require_writable_dir
+
+    require_writable_dir(out, "--out")
 
     val_first = first_class + classes if val_first_class is None else val_first_class
     val_count = classes if val_classes is None else val_classes
@@ -319,7 +345,10 @@ def bench_paramserver(
     from hfs.bench.paramserver import BenchConfig, render, run_benchmark
     from hfs.utils.atomic import atomic_write_text
     from hfs.utils.log import make_console, progress
+    from hfs.utils.writable import require_writable_file
 
+    if out:
+        require_writable_file(out, "--json")
     cfg = BenchConfig(rows=rows, dim=dim, num_classes=num_classes, seconds=seconds, workers=workers,
                       sync_steps=sync_steps, memory_rows=memory_rows, memory_dim=memory_dim)
     with progress(transient=True) as bar:
@@ -365,6 +394,10 @@ def bench_sampler(
     from hfs.utils.log import make_console
 
     cfg = resolve_config(config, set_, print_config)
+    if json_out is not None:
+        from hfs.utils.writable import require_writable_file
+
+        require_writable_file(json_out, "--json")
     settings = SamplerBenchSettings(
         num_classes=num_classes, dim=dim, batch_size=batch_size, sample_num=sample_num,
         samplers=[s.strip() for s in samplers.split(",") if s.strip()], weights=weights, scale=scale,
@@ -406,7 +439,10 @@ def bench_fc_cmd(
 
     from hfs.bench.fc import bench_fc, render, render_memory, trainer_memory
     from hfs.utils.atomic import atomic_write_text
+    from hfs.utils.writable import require_writable_file
 
+    if json_out is not None:
+        require_writable_file(json_out, "--json")
     if threads:
         torch.set_num_threads(threads)
 
