@@ -79,11 +79,14 @@ def train_cmd(
     cfg = resolve_config(config, sugar + list(set_), print_config)
     from hfs.train.trainer import resume_config, summarize, train
 
-    from hfs.train.run_dir import check_train_outputs
+    from hfs.train.run_dir import check_train_outputs, place_resumed_run, report_if_complete
 
     checkpoint = None
     if resume:
         checkpoint, cfg = resume_config(resume, config is not None, cfg, sugar + list(set_))
+        cfg = place_resumed_run(cfg, checkpoint, config, sugar + list(set_))
+        if report_if_complete(checkpoint, cfg):
+            return
     check_train_outputs(cfg)
     result = train(cfg, resume=checkpoint)
     summarize(result)
@@ -125,11 +128,14 @@ def train_dist_cmd(
     from hfs.train.launch import run_train_dist
     from hfs.train.trainer import resume_config, summarize
 
-    from hfs.train.run_dir import check_train_outputs
+    from hfs.train.run_dir import check_train_outputs, place_resumed_run, report_if_complete
 
     checkpoint = None
     if resume:
         checkpoint, cfg = resume_config(resume, config is not None, cfg, list(set_) + sugar)
+        cfg = place_resumed_run(cfg, checkpoint, config, list(set_) + sugar)
+        if report_if_complete(checkpoint, cfg, world_size=None):
+            return
     check_train_outputs(cfg)
     result = run_train_dist(cfg, resume=str(checkpoint) if checkpoint else None,
                             verbose=int(logging.getLogger().isEnabledFor(logging.DEBUG)))

@@ -7,8 +7,10 @@ dataset or store is built.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
+from typing import Sequence
 
 from hfs.config import HfsConfig
 from hfs.utils.writable import require_writable_dir
@@ -31,3 +33,66 @@ def check_train_outputs(cfg: HfsConfig) -> None:
         require_writable_dir(folder, name)
     if cfg.sampler.workdir:
         require_writable_dir(cfg.sampler.workdir, "config key 'sampler.workdir'")
+
+
+def run_folder_of(checkpoint: Path) -> Path:
+    """The run a checkpoint belongs to: ``<run>/checkpoints/step-N.pt`` -> ``<run>``; a loose
+    checkpoint file -> the folder it is in."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def output_dir_given(config_path: str | Path | None, overrides: Sequence[str]) -> bool:
+    """Whether the user named train.output_dir (in --config's file or a --set)."""
+    from hfs.config import read_yaml
+
+    if any(text.split("=", 1)[0].strip() == "train.output_dir" for text in overrides):
+        return True
+    if config_path is None:
+        return False
+    train = read_yaml(config_path).get("train") or {}
+    return isinstance(train, dict) and "output_dir" in train
+
+
+def place_resumed_run(cfg: HfsConfig, checkpoint: Path, config_path: str | Path | None,
+                      overrides: Sequence[str]) -> HfsConfig:
+    """A resumed run writes into the folder its checkpoint is in (a copied run stays apart
+    from the original), unless train.output_dir was given; either way it says where."""
+    if not output_dir_given(config_path, overrides):
+        folder = run_folder_of(checkpoint)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=str(folder)))
+    log.info("resuming from %s; writing to %s", checkpoint, cfg.train.output_dir)
+    return cfg
+
+
+def completed_step(checkpoint: Path, cfg: HfsConfig, world_size: int | None = 1) -> int | None:
+    """The checkpoint's step when it already is the end of the run ``cfg`` describes, else None.
+
+    With train.max_steps the end is known; with epochs it is the run's recorded step count,
+    when the epoch settings and the world size (None: not known yet) are the checkpoint's own.
+    """
+    from hfs.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint, mmap=True)
+    step = int(ckpt["step"])
+    total = cfg.train.max_steps
+    if not total:
+        saved = ckpt["config"].get("train", {})
+        same = all(saved.get(k) == getattr(cfg.train, k) for k in ("max_steps", "epochs", "batch_size", "grad_accum"))
+        if same and world_size is not None and int(ckpt.get("world_size", 1)) == world_size:
+            total = int(ckpt.get("total_steps") or 0)
+    return step if total and step >= total else None
+
+
+def report_if_complete(checkpoint: Path, cfg: HfsConfig, world_size: int | None = 1, console=None) -> bool:
+    """Say so and return True when the resumed run has nothing left to do (nothing is touched)."""
+    step = completed_step(checkpoint, cfg, world_size)
+    if step is None:
+        return False
+    from hfs.utils.log import make_console
+
+    (console or make_console()).print(
+        f"run {cfg.train.output_dir} is complete: {checkpoint} is at step {step}, the end of the run; "
+        f"nothing to do (raise train.max_steps, e.g. --set train.max_steps={step * 2}, to train further)",
+        soft_wrap=True)
+    return True

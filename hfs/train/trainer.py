@@ -537,6 +537,7 @@ class Trainer:
             "rng": ckpt_io.capture_rng(),
             "data": dataclasses.asdict(self.stream.position),
             "store_snapshot": snapshot,
+            "total_steps": self.total_steps,  # lets a resume of a finished run say so without building anything
         }
         path = ckpt_io.save_checkpoint(self.cfg.train.output_dir, self.step, payload, self.cfg.train.keep_checkpoints)
         log.debug("checkpoint %s", path)

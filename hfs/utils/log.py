@@ -13,12 +13,24 @@ def make_console(stderr: bool = False):
 
 
 def setup_logging(verbose: int = 0) -> None:
-    """Route `logging` through rich on stderr: INFO by default, DEBUG with -v."""
+    """Route `logging` through rich on stderr: INFO by default, DEBUG with -v.
+
+    When stderr is not a terminal (nohup, sbatch, a pipe) every record is one plain line with
+    its date and level, never wrapped at 80 columns, so log files can be grepped.
+    """
+    import sys
+
     from rich.logging import RichHandler
 
     level = logging.DEBUG if verbose > 0 else logging.INFO
-    handler = RichHandler(console=make_console(stderr=True), show_path=False, rich_tracebacks=False)
-    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]", handlers=[handler], force=True)
+    if sys.stderr.isatty():
+        handler: logging.Handler = RichHandler(console=make_console(stderr=True), show_path=False,
+                                               rich_tracebacks=False)
+        fmt, datefmt = "%(message)s", "[%X]"
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        fmt, datefmt = "%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"
+    logging.basicConfig(level=level, format=fmt, datefmt=datefmt, handlers=[handler], force=True)
 
 
 def progress(console=None, transient: bool = False):
