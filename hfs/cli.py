@@ -482,3 +482,5 @@ def main() -> None:
     except (ConfigError, HfsError, OSError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # a second Ctrl-C: the trainer already said what was kept
+        sys.exit(130)

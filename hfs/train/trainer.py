@@ -22,7 +22,6 @@ import dataclasses
 import logging
 import math
 import random
-import signal
 import threading
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -127,6 +126,7 @@ class Trainer:
         self._stop = threading.Event()
         self._stop_reason = ""
         self._verification_sets = None
+        self._running_step = 0
 
     # ------------------------------------------------------------------ control
     def request_stop(self, reason: str = "stop requested") -> None:
@@ -136,25 +136,13 @@ class Trainer:
 
     @contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
+        """First Ctrl-C: stop after this step with a checkpoint; second: at once (hfs.train.interrupt)."""
+        from hfs.train.interrupt import two_stage_stop
 
-        def handler(signum, _frame):
-            if self._stop.is_set():
-                if self.launched:
-                    # Ctrl-C reaches a worker twice: from the terminal and forwarded by the
-                    # launcher, whose shutdown timeout is the hard stop; keep checkpointing.
-                    return
-                raise KeyboardInterrupt  # a second signal: give up at once
-            self.request_stop(signal.Signals(signum).name)
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        with two_stage_stop(self.request_stop, self._stop.is_set, lambda: max(self.step, self._running_step),
+                            self.cfg.train.output_dir, command="hfs train-dist" if self.launched else "hfs train",
+                            announce=self.env.is_main, hard_stop=not self.launched):
             yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
 
     # ------------------------------------------------------------------ building
     def _setup(self, stack: ExitStack) -> None:
@@ -401,6 +389,7 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns loss/accuracy/images."""
         accum = self.cfg.train.grad_accum
+        self._running_step = step + 1  # what a Ctrl-C now stops after
         loss_sum, correct, seen = torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0
         grad_scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
         # SampledFC divides pushed row gradients by this: the shared store sums W ranks' pushes
