@@ -261,7 +261,15 @@ class ParamServer:
     def _op_ping(self, msg, envelope):
         return {"shard": self.store.shard.index, "num_shards": self.store.shard.count, "peers": self.peers,
                 "protocol": proto.PROTOCOL_VERSION, "step_timeout_s": self.store.timeout_s,
-                "auth": bool(self.secret), "matrices": self.store.matrices()}, []
+                "auth": bool(self.secret), "matrices": self.store.matrices(),
+                "snapshot_dir": self._served_snapshot_dir()}, []
+
+    def _served_snapshot_dir(self) -> str:
+        """The --snapshot-dir this server was started with (shards keep sub-folders of it)."""
+        folder = self.store.snapshot_dir
+        if folder is None:
+            return ""
+        return str(folder.parent if self.store.shard.count > 1 else folder)
 
     def _op_register(self, msg, envelope):
         self.store.register(_name(msg.header, "worker"))

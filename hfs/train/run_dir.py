@@ -96,3 +96,8 @@ def report_if_complete(checkpoint: Path, cfg: HfsConfig, world_size: int | None 
         f"nothing to do (raise train.max_steps, e.g. --set train.max_steps={step * 2}, to train further)",
         soft_wrap=True)
     return True
+
+
+def resume_hint(cfg: HfsConfig, launched: bool) -> str:
+    """The command that continues this run from its newest checkpoint, as printed to users."""
+    return f"{'hfs train-dist' if launched else 'hfs train'} --resume {cfg.train.output_dir}"

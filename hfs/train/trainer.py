@@ -235,6 +235,10 @@ class Trainer:
                         cfg.train.keep_checkpoints)
         store = open_store(cfg.paramserver, snapshot_dir)
         stack.callback(store.close)
+        if hasattr(store, "resume_hint"):  # a server that stops answering names the way back
+            from hfs.train.run_dir import resume_hint
+
+            store.resume_hint = resume_hint(cfg, self.launched)
         if env.is_main:  # one rank creates / restores the shared matrix, the others wait for it
             store.create(MATRIX, self.num_classes, cfg.model.embedding_size, init=cfg.fc.init,
                          std=cfg.fc.init_std, seed=cfg.train.seed, exist_ok=True)
