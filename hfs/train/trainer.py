@@ -41,6 +41,7 @@ from hfs.train import checkpoint as ckpt_io
 from hfs.train.data_order import BatchStream, DataPosition
 from hfs.train.distributed import DistEnv, all_reduce_sum, barrier, eval_indices
 from hfs.train.metrics import MetricsWriter
+from hfs.train.plain_log import PlainLog
 from hfs.train.optim import RowSparseSGD
 from hfs.train.schedule import lr_at
 from hfs.utils.device import resolve_device
@@ -560,6 +561,7 @@ class Trainer:
             window = _Window(self._sampler_seconds(), self.env.distributed)
             bar = stack.enter_context(progress(self.console if main else _quiet_console()))
             task = bar.add_task(f"train ({self.mode})", total=self.total_steps, completed=start, info="")
+            plain = PlainLog(self.total_steps, start) if main else None
             stopped = False
             while self.step < self.total_steps:
                 if self._agreed_stop():
@@ -575,6 +577,8 @@ class Trainer:
                     record.update(self._index_upkeep())
                     result.loss, result.train_acc = record["loss"], record["acc"]
                     bar.update(task, info=_progress_info(record))
+                    if plain is not None:
+                        plain.line(record)
                 if cfg.train.val_every and self.step % cfg.train.val_every == 0 and self.step < self.total_steps:
                     record["val_top1"] = result.val_top1 = self.validate()
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.total_steps and main:
@@ -588,6 +592,9 @@ class Trainer:
                 for callback in self.callbacks:
                     callback(self, self.step, record)
             result.interrupted = stopped
+            if window.steps:  # stopped between log lines: report the steps since the last one
+                record = window.flush(self._sampler_seconds())
+                result.loss, result.train_acc = record["loss"], record["acc"]
             if not result.interrupted:
                 final = {"step": self.step, "val_top1": self.validate()}
                 result.val_top1 = final["val_top1"]
@@ -685,7 +692,8 @@ def summarize(result: TrainResult, console=None) -> None:
     table = Table(title="training" + (" (interrupted)" if result.interrupted else ""), show_header=False)
     table.add_row("mode", f"{result.mode}: {result.active_classes} of {result.num_classes} classes per step")
     table.add_row("steps", f"{result.start_step} -> {result.steps} in {result.seconds:.1f} s")
-    table.add_row("last loss / train acc", f"{result.loss:.4f} / {result.train_acc:.1%}")
+    table.add_row("last loss / train acc", "no step completed" if math.isnan(result.loss)
+                  else f"{result.loss:.4f} / {result.train_acc:.1%}")
     if result.val_top1 is not None:
         table.add_row("val top-1 (all classes)", f"{result.val_top1:.2%}")
     for name, acc in result.verification.items():

@@ -38,6 +38,9 @@ def progress(console=None, transient: bool = False):
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 
+    console = console or make_console(stderr=True)
+    # Off a terminal rich would draw one frame at the very end, cut at 80 columns: no bar
+    # at all is clearer (training prints plain lines instead, see hfs.train.plain_log).
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console or make_console(stderr=True), transient=transient)
+                    console=console, transient=transient, disable=not console.is_terminal)
