@@ -310,7 +310,7 @@ def make_synthetic(
         "Held-out identities in val.bin (default: --classes)."))] = None,
 ) -> None:
     """Write a synthetic face-like dataset as an InsightFace-layout .rec (no downloads needed)."""
-    from hfs.data.synthetic import make_synthetic_rec, write_synthetic_bin
+    from hfs.data.synthetic import make_synthetic_bin, make_synthetic_rec
     from hfs.utils.log import make_console
     from hfs.utils.writable import require_writable_dir
 
@@ -327,7 +327,7 @@ def make_synthetic(
     console.print(f"wrote {stats['images']} images of {stats['identities']} identities "
                   f"({stats['bytes'] / 1e6:.1f} MB) to {out} in {stats['seconds']:.1f} s", soft_wrap=True)
     if val_pairs:
-        write_synthetic_bin(out / "val.bin", val_pairs, val_first, val_count, image_size, seed, image_format,
+        make_synthetic_bin(out / "val.bin", val_pairs, val_first, val_count, image_size, seed, image_format,
                             cluster_size)
         console.print(f"wrote {out / 'val.bin'}: {val_pairs} pairs of identities {val_first}..{val_first + val_count - 1}",
                       soft_wrap=True)
@@ -452,8 +452,11 @@ def bench_fc_cmd(
     if threads:
         torch.set_num_threads(threads)
 
-    result = bench_fc(cfg, classes, batch, sample_num, steps=steps, full_steps=full_steps, skip_full=skip_full,
-                      amortise_steps=amortise)
+    from hfs.utils.log import progress
+
+    with progress(transient=True) as bar:
+        result = bench_fc(cfg, classes, batch, sample_num, steps=steps, full_steps=full_steps, skip_full=skip_full,
+                          amortise_steps=amortise, bar=bar)
     render(result)
     if memory_at:
         result["trainer_memory"] = trainer_memory(cfg, memory_at, batch, sample_num)
