@@ -14,7 +14,7 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
-from hfs.config import ConfigError, HfsConfig, load_config
+from hfs.config import ConfigError, HfsConfig, check_flag, load_config
 from hfs.utils.errors import HfsError
 
 app = typer.Typer(
@@ -31,6 +31,17 @@ log = logging.getLogger("hfs")
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (see configs/).")]
 SetOpt = Annotated[List[str], typer.Option("--set", "-s", help="Override a key: section.key=value (repeatable).")]
 PrintConfigOpt = Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")]
+
+
+def key_rule(key: str):
+    """A Typer callback checking a flag by the rule of the config key it sets (one rule for both)."""
+
+    def callback(param: typer.CallbackParam, value: Optional[float]):
+        if value is not None:
+            check_flag(param.opts[0], key, value)
+        return value
+
+    return callback
 
 
 def resolve_config(config: Optional[Path], sets: List[str], print_config: bool) -> HfsConfig:
@@ -68,7 +79,7 @@ def train_cmd(
     config: ConfigOpt = None,
     sampled: Annotated[bool, typer.Option("--sampled", help="HF-softmax: same as --set fc.mode=sampled.")] = False,
     sample_num: Annotated[Optional[int], typer.Option(
-        "--sample-num", min=1, help="Active classes per step (sets fc.sample_num).")] = None,
+        "--sample-num", callback=key_rule("fc.sample_num"), help="Active classes per step (sets fc.sample_num).")] = None,
     resume: Annotated[Optional[str], typer.Option(
         "--resume", help="Continue from 'latest' (in train.output_dir), a run folder or a checkpoint file.")] = None,
     set_: SetOpt = [],
@@ -97,20 +108,20 @@ def train_cmd(
 def train_dist_cmd(
     config: ConfigOpt = None,
     nproc: Annotated[Optional[int], typer.Option(
-        "--nproc", min=1, help="Workers on this node (dist.nproc; default: visible GPUs, 1 on CPU).")] = None,
+        "--nproc", callback=key_rule("dist.nproc"), help="Workers on this node (dist.nproc; default: visible GPUs, 1 on CPU).")] = None,
     backend: Annotated[Optional[str], typer.Option(
         "--backend", help="nccl (GPUs) or gloo (CPU) (dist.backend).")] = None,
-    nnodes: Annotated[Optional[int], typer.Option("--nnodes", min=1, help="Number of nodes (dist.nnodes).")] = None,
+    nnodes: Annotated[Optional[int], typer.Option("--nnodes", callback=key_rule("dist.nnodes"), help="Number of nodes (dist.nnodes).")] = None,
     node_rank: Annotated[Optional[int], typer.Option(
-        "--node-rank", min=0, help="This node's rank; node 0 hosts the rendezvous (dist.node_rank).")] = None,
+        "--node-rank", callback=key_rule("dist.node_rank"), help="This node's rank; node 0 hosts the rendezvous (dist.node_rank).")] = None,
     master_addr: Annotated[Optional[str], typer.Option(
         "--master-addr", help="Node 0's address, reachable from every node (dist.master_addr).")] = None,
     master_port: Annotated[Optional[int], typer.Option(
-        "--master-port", min=0, max=65535, help="Rendezvous port; 0 = a free one, single node only (dist.master_port).")] = None,
+        "--master-port", callback=key_rule("dist.master_port"), help="Rendezvous port; 0 = a free one, single node only (dist.master_port).")] = None,
     sampled: Annotated[bool, typer.Option("--sampled", help="HF-softmax on a shared parameter server: fc.mode=sampled.")] = False,
     sharded: Annotated[bool, typer.Option("--sharded", help="Model-parallel classifier across ranks: fc.mode=sharded.")] = False,
     sample_num: Annotated[Optional[int], typer.Option(
-        "--sample-num", min=1, help="Active classes per step (sets fc.sample_num).")] = None,
+        "--sample-num", callback=key_rule("fc.sample_num"), help="Active classes per step (sets fc.sample_num).")] = None,
     resume: Annotated[Optional[str], typer.Option(
         "--resume", help="Continue from 'latest' (in train.output_dir), a run folder or a checkpoint file; "
                          "any world size.")] = None,
@@ -145,9 +156,9 @@ def train_dist_cmd(
 
 CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Checkpoint file or run folder (its latest checkpoint).")]
 FlipOpt = Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Add the embedding of the mirrored image (default: eval.flip).")]
-BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per batch (default: eval.batch_size).")]
+BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", callback=key_rule("eval.batch_size"), help="Images per batch (default: eval.batch_size).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-WorkersOpt = Annotated[Optional[int], typer.Option("--num-workers", min=0, help="Image-decoding workers (default: eval.num_workers).")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--num-workers", callback=key_rule("eval.num_workers"), help="Image-decoding workers (default: eval.num_workers).")]
 
 
 @app.command("extract")
@@ -177,7 +188,7 @@ def verify(
     bins: Annotated[List[Path], typer.Option("--bin", help="Verification .bin file (repeatable; default: eval.bins).")] = [],
     features: Annotated[List[Path], typer.Option("--features", help="Features .npy from `hfs extract`, one per --bin, same order.")] = [],
     checkpoint: CheckpointOpt = None,
-    folds: Annotated[Optional[int], typer.Option("--folds", min=2, help="Cross-validation folds (default: eval.folds).")] = None,
+    folds: Annotated[Optional[int], typer.Option("--folds", callback=key_rule("eval.folds"), help="Cross-validation folds (default: eval.folds).")] = None,
     flip: FlipOpt = None, batch_size: BatchSizeOpt = None, device: DeviceOpt = "auto", num_workers: WorkersOpt = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the ROC curves to this PNG (needs the plot extra: pip install 'hfs\\[plot]').")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write all metrics to this JSON file.")] = None,
@@ -224,8 +235,8 @@ def serve_params(
     set_: SetOpt = [],
     print_config: PrintConfigOpt = False,
     host: Annotated[Optional[str], typer.Option(help="Address to listen on (default paramserver.host, 127.0.0.1).")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port of shard 0; shard i listens on port + i (default paramserver.port).")] = None,
-    shards: Annotated[Optional[int], typer.Option(help="Start N shard processes, each owning a contiguous row range.")] = None,
+    port: Annotated[Optional[int], typer.Option(callback=key_rule("paramserver.port"), help="Port of shard 0; shard i listens on port + i (default paramserver.port).")] = None,
+    shards: Annotated[Optional[int], typer.Option(callback=key_rule("paramserver.shards"), help="Start N shard processes, each owning a contiguous row range.")] = None,
     snapshot_dir: Annotated[Optional[Path], typer.Option(help="Snapshot folder (default paramserver.snapshot_dir, else <train.output_dir>/store).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Restore this snapshot at start: 'latest' or a snapshot name.")] = None,
     secret_file: Annotated[Optional[Path], typer.Option(help="File holding the shared secret that HMAC-signs every message.")] = None,
@@ -255,6 +266,9 @@ def serve_params(
         snapshot_every_s=ps.snapshot_every_s, resume=resume, secret=resolve_secret(ps.secret, secret_file),
         insecure=insecure, max_message_bytes=int(ps.max_message_mb * 2**20))
     count = shards or ps.shards
+    if opts.port + count - 1 > 65535:
+        raise HfsError(f"--port {opts.port} + --shards {count}: shard {count - 1} would listen on port "
+                       f"{opts.port + count - 1}, above 65535")
     if count > 1 and num_shards == 1:
         raise typer.Exit(serve_shards(opts, count, config, set_))
     serve(opts)
@@ -267,7 +281,7 @@ def convert(
         "or class folders of images (--to rec)."))],
     out_folder: Annotated[Path, typer.Option("--out-folder", help="Where the converted dataset goes.")],
     to: Annotated[str, typer.Option("--to", help="images: unpack a .rec; rec: pack images into a .rec.")] = "images",
-    val_ratio: Annotated[float, typer.Option("--val-ratio", min=0.0, max=0.9, help=(
+    val_ratio: Annotated[float, typer.Option("--val-ratio", callback=key_rule("data.rec_val_ratio"), help=(
         "Share of each identity's images listed in val_list.txt (--to images)."))] = 0.05,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the validation split (--to images).")] = 0,
     workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Parallel worker processes (reader threads for --to rec).")] = 4,
@@ -420,7 +434,7 @@ def bench_sampler(
 def bench_fc_cmd(
     config: ConfigOpt = None,
     classes: Annotated[int, typer.Option("--classes", min=2, help="Number of classes C.")] = 1_000_000,
-    dim: Annotated[int, typer.Option("--dim", min=1, help="Feature dimension D (sets model.embedding_size).")] = 256,
+    dim: Annotated[int, typer.Option("--dim", callback=key_rule("model.embedding_size"), help="Feature dimension D (sets model.embedding_size).")] = 256,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Batch size B.")] = 256,
     sample_num: Annotated[int, typer.Option("--sample-num", min=1, help="Active classes S of the sampled step.")] = 1000,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Measured sampled steps.")] = 20,

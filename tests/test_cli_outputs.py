@@ -63,12 +63,12 @@ def a_file(tmp_path):
 
 
 def test_serve_params_snapshot_dir_that_is_a_file(a_file):
-    line = one_error(hfs("serve-params", "--port", "0", "--snapshot-dir", str(a_file), timeout=30))
+    line = one_error(hfs("serve-params", "--port", "5599", "--snapshot-dir", str(a_file), timeout=30))
     assert line.startswith("error: --snapshot-dir ") and "is a file" in line
 
 
 def test_serve_params_snapshot_dir_key_is_named(a_file):
-    line = one_error(hfs("serve-params", "--port", "0", "--set", f"paramserver.snapshot_dir={a_file}", timeout=30))
+    line = one_error(hfs("serve-params", "--port", "5599", "--set", f"paramserver.snapshot_dir={a_file}", timeout=30))
     assert "paramserver.snapshot_dir" in line
 
 
