@@ -190,7 +190,7 @@ def verify(
     checkpoint: CheckpointOpt = None,
     folds: Annotated[Optional[int], typer.Option("--folds", callback=key_rule("eval.folds"), help="Cross-validation folds (default: eval.folds).")] = None,
     flip: FlipOpt = None, batch_size: BatchSizeOpt = None, device: DeviceOpt = "auto", num_workers: WorkersOpt = None,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the ROC curves to this PNG (needs the plot extra: pip install 'hfs\\[plot]').")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the ROC curves to this PNG (needs matplotlib: pip install matplotlib).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write all metrics to this JSON file.")] = None,
     config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
 ) -> None:

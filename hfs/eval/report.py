@@ -43,7 +43,8 @@ def write_results_json(path: str | Path, results: Mapping[str, VerificationResul
 
 def require_matplotlib():
     """matplotlib (the optional ``plot`` extra), or a one-line error saying how to install it."""
-    return require("matplotlib", "--plot", "pip install 'hfs[plot]'")
+    # not `pip install 'hfs[plot]'`: on the public index `hfs` is an unrelated package
+    return require("matplotlib", "--plot", "pip install matplotlib (or, in the hfs checkout, pip install -e '.[plot]')")
 
 
 def _pyplot():
