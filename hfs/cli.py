@@ -90,10 +90,11 @@ def train_cmd(
     cfg = resolve_config(config, sugar + list(set_), print_config)
     from hfs.train.trainer import resume_config, summarize, train
 
-    from hfs.train.run_dir import check_train_outputs, place_resumed_run, report_if_complete
+    from hfs.train.run_dir import check_train_outputs, place_resumed_run, report_if_complete, resolve_latest
 
     checkpoint = None
     if resume:
+        resume = resolve_latest(resume, cfg, config, sugar + list(set_))
         checkpoint, cfg = resume_config(resume, config is not None, cfg, sugar + list(set_))
         cfg = place_resumed_run(cfg, checkpoint, config, sugar + list(set_))
         if report_if_complete(checkpoint, cfg):
@@ -139,10 +140,11 @@ def train_dist_cmd(
     from hfs.train.launch import run_train_dist
     from hfs.train.trainer import resume_config, summarize
 
-    from hfs.train.run_dir import check_train_outputs, place_resumed_run, report_if_complete
+    from hfs.train.run_dir import check_train_outputs, place_resumed_run, report_if_complete, resolve_latest
 
     checkpoint = None
     if resume:
+        resume = resolve_latest(resume, cfg, config, list(set_) + sugar)
         checkpoint, cfg = resume_config(resume, config is not None, cfg, list(set_) + sugar)
         cfg = place_resumed_run(cfg, checkpoint, config, list(set_) + sugar)
         if report_if_complete(checkpoint, cfg, world_size=None):

@@ -101,3 +101,30 @@ def report_if_complete(checkpoint: Path, cfg: HfsConfig, world_size: int | None 
 def resume_hint(cfg: HfsConfig, launched: bool) -> str:
     """The command that continues this run from its newest checkpoint, as printed to users."""
     return f"{'hfs train-dist' if launched else 'hfs train'} --resume {cfg.train.output_dir}"
+
+
+def newest_run(parent: Path) -> Path | None:
+    """The run folder under ``parent`` whose newest checkpoint was written last."""
+    from hfs.train.checkpoint import list_checkpoints
+
+    newest: tuple[float, Path] | None = None
+    for folder in sorted(p for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []:
+        found = list_checkpoints(folder)
+        if found and (newest is None or found[-1].stat().st_mtime > newest[0]):
+            newest = (found[-1].stat().st_mtime, folder)
+    return newest[1] if newest else None
+
+
+def resolve_latest(spec: str, cfg: HfsConfig, config_path: str | Path | None, overrides: Sequence[str]) -> str:
+    """``--resume latest`` with neither --config nor train.output_dir given, and no checkpoint
+    in the default run folder: the newest run beside it (runs/*), said out loud."""
+    from hfs.train.checkpoint import list_checkpoints
+
+    if spec != "latest" or output_dir_given(config_path, overrides) or list_checkpoints(cfg.train.output_dir):
+        return spec
+    found = newest_run(Path(cfg.train.output_dir).parent)
+    if found is None:
+        return spec
+    log.info("--resume latest: no checkpoint in %s; resuming the newest run, %s "
+             "(give a run folder to --resume to pick another)", cfg.train.output_dir, found)
+    return str(found)
