@@ -238,9 +238,14 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         (item_tp,) = typing.get_args(tp)
         if value is None:
             return []
+        if isinstance(value, str) and "," in value:  # the comma form other flags take: 100,200
+            value = [yaml.safe_load(part) for part in value.split(",") if part.strip()]
         if not isinstance(value, (list, tuple)):
             value = [value]
-        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+        try:
+            return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} ('{key}' is a list: [100,200] or 100,200)") from None
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -107,3 +107,21 @@ def test_readme_config_reference_is_current():
     start, end = readme.index(README_START), readme.index(README_END) + len(README_END)
     assert readme[start:end] == render_config_reference(), \
         "regenerate the README's config table: python -m hfs.utils.default_config --markdown"
+
+
+def test_list_key_accepts_the_comma_form():
+    """Issue 15 item 15: --set optim.milestones=100,200 works like [100,200]."""
+    from hfs.config import load_config
+
+    assert load_config(None, ["optim.milestones=100,200"]).optim.milestones == [100, 200]
+    assert load_config(None, ["optim.milestones=[100, 200]"]).optim.milestones == [100, 200]
+    assert load_config(None, ["eval.bins=a.bin,b.bin"]).eval.bins == ["a.bin", "b.bin"]
+
+
+def test_list_key_error_shows_both_forms():
+    import pytest
+
+    from hfs.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"optim.milestones.*\[100,200\].*100,200"):
+        load_config(None, ["optim.milestones=100,x"])
