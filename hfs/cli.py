@@ -240,7 +240,7 @@ def serve_params(
     port: Annotated[Optional[int], typer.Option(callback=key_rule("paramserver.port"), help="Port of shard 0; shard i listens on port + i (default paramserver.port).")] = None,
     shards: Annotated[Optional[int], typer.Option(callback=key_rule("paramserver.shards"), help="Start N shard processes, each owning a contiguous row range.")] = None,
     snapshot_dir: Annotated[Optional[Path], typer.Option(help="Snapshot folder (default paramserver.snapshot_dir, else <train.output_dir>/store).")] = None,
-    resume: Annotated[Optional[str], typer.Option(help="Restore this snapshot at start: 'latest' or a snapshot name.")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Restore this snapshot at start: 'latest' (an error when there is none), 'latest-or-new' or a snapshot name.")] = None,
     secret_file: Annotated[Optional[Path], typer.Option(help="File holding the shared secret that HMAC-signs every message.")] = None,
     insecure: Annotated[bool, typer.Option(help="Allow a non-loopback --host without a secret (anyone who can connect can write).")] = False,
     shard_index: Annotated[int, typer.Option(hidden=True, help="This process's shard (set by --shards).")] = 0,
@@ -254,6 +254,10 @@ def serve_params(
 
     from hfs.utils.writable import require_writable_dir
 
+    if num_shards > 1:  # a shard process of a group: its log lines say which shard wrote them
+        from hfs.utils.log import prefix_log_lines
+
+        prefix_log_lines(f"[shard {shard_index}/{num_shards}] ")
     cfg = resolve_config(config, set_, print_config)
     ps = cfg.paramserver
     snapshot_dir, snapshot_name = ((snapshot_dir, "--snapshot-dir") if snapshot_dir else

@@ -399,9 +399,13 @@ def build_server(opts: ServeOptions) -> ParamServer:
 def _resume(store: InProcessStore, tag: str) -> None:
     from hfs.paramserver.snapshots import list_snapshots
 
-    if tag == "latest" and (store.snapshot_dir is None or not list_snapshots(store.snapshot_dir)):
-        log.warning("--resume latest: no snapshot in %s yet; starting empty", store.snapshot_dir)
+    if tag in ("latest", "latest-or-new") and (store.snapshot_dir is None or not list_snapshots(store.snapshot_dir)):
+        if tag == "latest":  # a mistyped folder must not silently start a fresh matrix
+            raise HfsError(f"--resume latest: no snapshot in {store.snapshot_dir}; "
+                           "use --resume latest-or-new to start empty when there is none")
+        log.info("--resume latest-or-new: no snapshot in %s yet; starting empty", store.snapshot_dir)
         return
+    tag = "latest" if tag == "latest-or-new" else tag
     step = store.restore(tag)
     log.info("resumed from snapshot %s at step %d", tag, step)
 

@@ -44,3 +44,16 @@ def progress(console=None, transient: bool = False):
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                     console=console, transient=transient, disable=not console.is_terminal)
+
+
+def prefix_log_lines(prefix: str) -> None:
+    """Start every log line of this process with ``prefix`` (e.g. which shard of a group wrote it)."""
+
+    class _Prefix(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if not getattr(record, "_hfs_prefixed", False):
+                record.msg, record._hfs_prefixed = f"{prefix}{record.msg}", True
+            return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_Prefix())
