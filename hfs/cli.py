@@ -330,14 +330,13 @@ def make_synthetic(
         "Held-out identities in val.bin (default: --classes)."))] = None,
 ) -> None:
     """Write a synthetic face-like dataset as an InsightFace-layout .rec (no downloads needed)."""
-    from hfs.data.synthetic import make_synthetic_bin, make_synthetic_rec
+    from hfs.data.synthetic import held_out_identities, make_synthetic_bin, make_synthetic_rec
     from hfs.utils.log import make_console
     from hfs.utils.writable import require_writable_dir
 
     require_writable_dir(out, "--out")
 
-    val_first = first_class + classes if val_first_class is None else val_first_class
-    val_count = classes if val_classes is None else val_classes
+    val_first, val_count = held_out_identities(classes, first_class, val_first_class, val_classes)
     if val_pairs and val_first < first_class + classes and first_class < val_first + val_count:
         raise HfsError(f"--val-first-class {val_first}: held-out identities [{val_first}, {val_first + val_count}) "
                        f"overlap the training identities [{first_class}, {first_class + classes})")
@@ -346,6 +345,9 @@ def make_synthetic(
     console = make_console()
     console.print(f"wrote {stats['images']} images of {stats['identities']} identities "
                   f"({stats['bytes'] / 1e6:.1f} MB) to {out} in {stats['seconds']:.1f} s", soft_wrap=True)
+    if not val_pairs and (out / "val.bin").exists():  # an earlier run's pairs do not fit these identities
+        (out / "val.bin").unlink()
+        console.print(f"removed {out / 'val.bin'} of an earlier run (not written without --val-pairs)", soft_wrap=True)
     if val_pairs:
         make_synthetic_bin(out / "val.bin", val_pairs, val_first, val_count, image_size, seed, image_format,
                             cluster_size)

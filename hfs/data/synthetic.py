@@ -326,6 +326,14 @@ def make_synthetic_rec(out_folder: str | Path, num_classes: int, images_per_clas
     return {**stats, "seconds": time.perf_counter() - start}
 
 
+def held_out_identities(classes: int, first_class: int = 0, val_first_class: int | None = None,
+                        val_classes: int | None = None) -> tuple[int, int]:
+    """(first generator identity, count) of ``make-synthetic --val-pairs``: by default the
+    ``classes`` identities right after the training ones."""
+    first = first_class + classes if val_first_class is None else val_first_class
+    return first, classes if val_classes is None else val_classes
+
+
 VERIFICATION_VIEW_OFFSET = 1_000_000  # verification views never coincide with training views
 
 

@@ -128,3 +128,10 @@ def resolve_latest(spec: str, cfg: HfsConfig, config_path: str | Path | None, ov
     log.info("--resume latest: no checkpoint in %s; resuming the newest run, %s "
              "(give a run folder to --resume to pick another)", cfg.train.output_dir, found)
     return str(found)
+
+
+def warn_ignored_keys(cfg: HfsConfig) -> None:
+    """Keys that this fc.mode does not use, said once instead of silently ignored."""
+    if cfg.paramserver.address and cfg.fc.mode != "sampled":
+        log.warning("paramserver.address=%s is not used with fc.mode=%s (the classifier lives in the trainer); "
+                    "the parameter server serves fc.mode=sampled (--sampled)", cfg.paramserver.address, cfg.fc.mode)

@@ -43,6 +43,7 @@ from hfs.train.distributed import DistEnv, all_reduce_sum, barrier, eval_indices
 from hfs.train.metrics import MetricsWriter
 from hfs.train.cpu_hint import warn_if_slow_on_cpu
 from hfs.train.plain_log import PlainLog
+from hfs.train.run_dir import warn_ignored_keys
 from hfs.train.optim import RowSparseSGD
 from hfs.train.schedule import lr_at
 from hfs.utils.device import resolve_device
@@ -152,6 +153,8 @@ class Trainer:
         if cfg.fc.mode == "sharded" and not self.launched:
             raise HfsError("config key 'fc.mode' is 'sharded': that is the model-parallel FC of "
                            "`hfs train-dist`; `hfs train` takes full or sampled")
+        if self.env.is_main:
+            warn_ignored_keys(cfg)
         self.device = self.env.device() if self.launched else resolve_device(cfg.train.device, "config key 'train.device'")
         self.amp_dtype = self._resolve_amp()
         seed_everything(cfg.train.seed)
