@@ -44,6 +44,17 @@ def key_rule(key: str):
     return callback
 
 
+def renamed(value, old_value, flag: str, old_flag: str, default=None):
+    """The value of a flag given by its spelling or by its old one (a hidden alias kept so
+    existing scripts still run); ``default`` when neither, a usage error when required."""
+    if value is not None and old_value is not None:
+        raise HfsError(f"{flag} given twice (also as {old_flag})")
+    value = old_value if value is None else value
+    if value is None and default is None:
+        raise HfsError(f"missing option '{flag}'")
+    return default if value is None else value
+
+
 def resolve_config(config: Optional[Path], sets: List[str], print_config: bool) -> HfsConfig:
     """Load defaults + file + overrides; with --print-config, show the result and exit 0."""
     cfg = load_config(config, sets or [])
@@ -54,17 +65,21 @@ def resolve_config(config: Optional[Path], sets: List[str], print_config: bool) 
 
 
 @app.callback()
-def _root(verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output.")] = 0) -> None:
+def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More log output (debug level).")] = False
+          ) -> None:
     """hfs: train classifiers over 100K-10M classes without paying for the whole softmax."""
     from hfs.utils.log import setup_logging
 
-    setup_logging(verbose)
+    setup_logging(int(verbose))
 
 
 @app.command("show-config")
 def show_config(config: ConfigOpt = None, set_: SetOpt = [], keys: Annotated[bool, typer.Option(
         "--keys", help="List every key with its type, default and meaning instead.")] = False) -> None:
-    """Print the resolved config (defaults, then --config, then --set) as YAML."""
+    """Print the resolved config (defaults, then --config, then --set) as YAML.
+
+    Example: hfs show-config --config configs/quickstart_cpu.yaml --set train.max_steps=50
+    """
     from hfs.config import describe_keys
 
     if keys:
@@ -85,7 +100,10 @@ def train_cmd(
     set_: SetOpt = [],
     print_config: PrintConfigOpt = False,
 ) -> None:
-    """Train a backbone with the full softmax (baseline) or HF-softmax over active classes (--sampled)."""
+    """Train a backbone with the full softmax (baseline) or HF-softmax over active classes (--sampled).
+
+    Example: hfs train --config configs/quickstart_cpu.yaml --sampled --set train.output_dir=runs/qs
+    """
     sugar = (["fc.mode=sampled"] if sampled else []) + ([f"fc.sample_num={sample_num}"] if sample_num else [])
     cfg = resolve_config(config, sugar + list(set_), print_config)
     from hfs.train.trainer import resume_config, summarize, train
@@ -129,7 +147,10 @@ def train_dist_cmd(
     set_: SetOpt = [],
     print_config: PrintConfigOpt = False,
 ) -> None:
-    """Train on several devices/nodes: one worker per device via torch's elastic launcher (DDP)."""
+    """Train on several devices/nodes: one worker per device via torch's elastic launcher (DDP).
+
+    Example: hfs train-dist --nproc 2 --backend gloo --config configs/quickstart_cpu.yaml --sharded
+    """
     if sampled and sharded:
         raise HfsError("--sampled and --sharded are two different classifier modes; pick one")
     flags = {"dist.nproc": nproc, "dist.backend": backend, "dist.nnodes": nnodes, "dist.node_rank": node_rank,
@@ -173,7 +194,10 @@ def extract(
     flip: FlipOpt = None, batch_size: BatchSizeOpt = None, device: DeviceOpt = "auto", num_workers: WorkersOpt = None,
     config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
 ) -> None:
-    """Embed a .bin or an image list with a trained backbone; write features.npy + features.json."""
+    """Embed a .bin or an image list with a trained backbone; write features.npy + features.json.
+
+    Example: hfs extract --checkpoint runs/qs --bin data/synth/val.bin --out runs/qs/feats.npy
+    """
     cfg = resolve_config(config, set_, print_config)
     from hfs.eval.evaluate import extract_checkpoint
     from hfs.utils.writable import require_writable_file
@@ -196,7 +220,10 @@ def verify(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write all metrics to this JSON file.")] = None,
     config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
 ) -> None:
-    """Verification accuracy (10-fold), VAL@FAR, AUC and EER on InsightFace .bin pair sets."""
+    """Verification accuracy (10-fold), VAL@FAR, AUC and EER on InsightFace .bin pair sets.
+
+    Example: hfs verify --bin data/synth/val.bin --features runs/qs/feats.npy --json runs/qs/verify.json
+    """
     cfg = resolve_config(config, set_, print_config)
     from hfs.eval.evaluate import verify_checkpoint, verify_feature_files
     from hfs.eval.report import plot_roc, require_matplotlib, results_table, write_results_json
@@ -247,7 +274,10 @@ def serve_params(
     num_shards: Annotated[int, typer.Option(hidden=True, help="Shards in the group (set by --shards).")] = 1,
     peers: Annotated[str, typer.Option(hidden=True, help="Comma-separated endpoints of all shards (set by --shards).")] = "",
 ) -> None:
-    """Serve the classifier matrices over ZeroMQ (sparse SGD, synchronous steps, snapshots)."""
+    """Serve the classifier matrices over ZeroMQ (sparse SGD, synchronous steps, snapshots).
+
+    Example: hfs serve-params --port 5570 --snapshot-dir runs/ps --resume latest-or-new
+    """
     from hfs.paramserver import resolve_secret
     from hfs.paramserver.server import ServeOptions, serve, serve_shards
     from hfs.paramserver.store import ShardSpec
@@ -290,15 +320,20 @@ def convert(
     val_ratio: Annotated[float, typer.Option("--val-ratio", callback=key_rule("data.rec_val_ratio"), help=(
         "Share of each identity's images listed in val_list.txt (--to images)."))] = 0.05,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the validation split (--to images).")] = 0,
-    workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Parallel worker processes (reader threads for --to rec).")] = 4,
+    workers: Annotated[Optional[int], typer.Option("--num-workers", "-j", min=1, help="Parallel worker processes (reader threads for --to rec; default 4).")] = None,
+    workers_old: Annotated[Optional[int], typer.Option("--workers", min=1, hidden=True)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Skip images already written by an interrupted run (--to images).")] = False,
     rec_name: Annotated[str, typer.Option("--rec-name", help="Base name of the .rec/.idx files.")] = "train",
 ) -> None:
-    """Convert InsightFace train.rec <-> images + lists, losslessly (stored bytes, never re-encoded)."""
+    """Convert InsightFace train.rec <-> images + lists, losslessly (stored bytes, never re-encoded).
+
+    Example: hfs convert --in-folder data/synth --out-folder data/synth_images
+    """
     from hfs.data.convert import images_to_rec, rec_to_images
     from hfs.utils.log import make_console
     from hfs.utils.writable import require_writable_dir
 
+    workers = renamed(workers, workers_old, "--num-workers", "--workers", default=4)
     require_writable_dir(out_folder, "--out-folder")
 
     if to == "images":
@@ -313,7 +348,8 @@ def convert(
 @app.command("make-synthetic")
 def make_synthetic(
     out: Annotated[Path, typer.Option("--out", help="Folder for train.rec, train.idx and property.")],
-    classes: Annotated[int, typer.Option("--classes", min=1, help="Number of identities (labels 0..N-1).")],
+    classes: Annotated[Optional[int], typer.Option("--num-classes", min=1, help="Number of identities (labels 0..N-1). (required)")] = None,
+    classes_old: Annotated[Optional[int], typer.Option("--classes", min=1, hidden=True)] = None,
     images_per_class: Annotated[int, typer.Option("--images-per-class", min=1, help="Images per identity.")] = 20,
     image_size: Annotated[int, typer.Option("--image-size", min=8, help="Square image size in pixels.")] = 112,
     seed: Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same images.")] = 0,
@@ -327,10 +363,15 @@ def make_synthetic(
     val_first_class: Annotated[Optional[int], typer.Option("--val-first-class", min=0, help=(
         "First held-out identity of val.bin (default: right after the training identities)."))] = None,
     val_classes: Annotated[Optional[int], typer.Option("--val-classes", min=2, help=(
-        "Held-out identities in val.bin (default: --classes)."))] = None,
+        "Held-out identities in val.bin (default: --num-classes)."))] = None,
 ) -> None:
-    """Write a synthetic face-like dataset as an InsightFace-layout .rec (no downloads needed)."""
+    """Write a synthetic face-like dataset as an InsightFace-layout .rec (no downloads needed).
+
+    Example: hfs make-synthetic --out data/synth --num-classes 1000 --images-per-class 20 --val-pairs 3000
+    """
     from hfs.data.synthetic import held_out_identities, make_synthetic_bin, make_synthetic_rec
+
+    classes = renamed(classes, classes_old, "--num-classes", "--classes")
     from hfs.utils.log import make_console
     from hfs.utils.writable import require_writable_dir
 
@@ -365,9 +406,13 @@ def bench_paramserver(
     sync_steps: Annotated[int, typer.Option(help="Synchronous steps per measurement.")] = 100,
     memory_rows: Annotated[int, typer.Option(help="Rows of the memory check (10000000 needs ~5 GB free).")] = 2_000_000,
     memory_dim: Annotated[int, typer.Option(help="Columns of the memory check.")] = 128,
-    out: Annotated[Optional[Path], typer.Option(help="Also write the results as JSON here.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    out_old: Annotated[Optional[Path], typer.Option("--out", hidden=True)] = None,
 ) -> None:
-    """Measure the store in process vs over loopback, sync-step cost with N workers, and memory."""
+    """Measure the store in process vs over loopback, sync-step cost with N workers, and memory.
+
+    Example: hfs bench-paramserver --num-classes 100000 --rows 1000 --json runs/bench-ps.json
+    """
     import json
 
     from hfs.bench.paramserver import BenchConfig, render, run_benchmark
@@ -375,6 +420,7 @@ def bench_paramserver(
     from hfs.utils.log import make_console, progress
     from hfs.utils.writable import require_writable_file
 
+    out = renamed(out, out_old, "--json", "--out", default=False) or None
     if out:
         require_writable_file(out, "--json")
     cfg = BenchConfig(rows=rows, dim=dim, num_classes=num_classes, seconds=seconds, workers=workers,
@@ -414,6 +460,8 @@ def bench_sampler(
 
     Speed/quality trade-offs are cheapest to explore with --query-sweep: e.g.
     `--samplers hnsw --query-sweep hnsw_ef=16,24,48` builds one index and times it at four efs.
+
+    Example: hfs bench-sampler --num-classes 100000 --samplers annoy,hnsw,random --json runs/bench-sampler.json
     """
     import json
 
@@ -441,9 +489,11 @@ def bench_sampler(
 @app.command("bench-fc")
 def bench_fc_cmd(
     config: ConfigOpt = None,
-    classes: Annotated[int, typer.Option("--classes", min=2, help="Number of classes C.")] = 1_000_000,
+    classes: Annotated[Optional[int], typer.Option("--num-classes", min=2, help="Number of classes C (default 1000000).")] = None,
+    classes_old: Annotated[Optional[int], typer.Option("--classes", min=2, hidden=True)] = None,
     dim: Annotated[int, typer.Option("--dim", callback=key_rule("model.embedding_size"), help="Feature dimension D (sets model.embedding_size).")] = 256,
-    batch: Annotated[int, typer.Option("--batch", min=1, help="Batch size B.")] = 256,
+    batch: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Batch size B (default 256).")] = None,
+    batch_old: Annotated[Optional[int], typer.Option("--batch", min=1, hidden=True)] = None,
     sample_num: Annotated[int, typer.Option("--sample-num", min=1, help="Active classes S of the sampled step.")] = 1000,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Measured sampled steps.")] = 20,
     full_steps: Annotated[int, typer.Option("--full-steps", min=1, help="Measured full-softmax steps.")] = 3,
@@ -459,7 +509,12 @@ def bench_fc_cmd(
     set_: SetOpt = [],
     print_config: PrintConfigOpt = False,
 ) -> None:
-    """Time the classifier-layer step: HF-softmax (sampler + store + head) vs the full softmax."""
+    """Time the classifier-layer step: HF-softmax (sampler + store + head) vs the full softmax.
+
+    Example: hfs bench-fc --num-classes 100000 --batch-size 256 --sample-num 1000 --json runs/bench-fc.json
+    """
+    classes = renamed(classes, classes_old, "--num-classes", "--classes", default=1_000_000)
+    batch = renamed(batch, batch_old, "--batch-size", "--batch", default=256)
     cfg = resolve_config(config, [f"model.embedding_size={dim}"] + list(set_), print_config)
     import json
 
@@ -499,13 +554,31 @@ def one_line(exc: BaseException) -> str:
     return text
 
 
+def usage_line(exc: Exception) -> str:
+    """Typer's usage error (a five-line box) as one line that names the command's --help."""
+    text = " ".join(str(exc.format_message()).split())  # type: ignore[attr-defined]
+    if not text:
+        return ""
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path if ctx is not None and ctx.command_path else "hfs"
+    return f"{text[0].lower()}{text[1:]} (see `{command} --help`)"
+
+
 def main() -> None:
-    """Console entry: user errors (bad config, bad input, unwritable paths) become one line on
-    stderr and exit code 2."""
+    """Console entry: user errors (bad config, bad input, unwritable paths) and usage errors
+    become one line on stderr and exit code 2."""
+    from typer.exceptions import TyperException
+
     try:
-        app()
+        code = app(prog_name="hfs", standalone_mode=False)
     except (ConfigError, HfsError, OSError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # a second Ctrl-C: the trainer already said what was kept
         sys.exit(130)
+    except TyperException as exc:
+        line = usage_line(exc)
+        if line:
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)
