@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from hfs.eval.verification import VerificationResult
 from hfs.utils.atomic import atomic_write, atomic_write_text
-from hfs.utils.optional import require
+from hfs.utils.optional import install_hint, require
 
 
 def _far_label(far: float) -> str:
@@ -43,8 +43,7 @@ def write_results_json(path: str | Path, results: Mapping[str, VerificationResul
 
 def require_matplotlib():
     """matplotlib (the optional ``plot`` extra), or a one-line error saying how to install it."""
-    # not `pip install 'hfs[plot]'`: on the public index `hfs` is an unrelated package
-    return require("matplotlib", "--plot", "pip install matplotlib (or, in the hfs checkout, pip install -e '.[plot]')")
+    return require("matplotlib", "--plot", install_hint("matplotlib", "plot"))
 
 
 def _pyplot():
