@@ -8,6 +8,7 @@ Ctrl-C gets a second one, and a user who pressed it twice must know which steps 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -48,7 +49,13 @@ def two_stage_stop(request_stop: Callable[[str], None], stopping: Callable[[], b
         yield
         return
 
+    owner = os.getpid()
+
     def handler(signum, _frame):
+        if os.getpid() != owner:
+            # a forked DataLoader worker (Ctrl-C reaches the whole process group): it keeps
+            # serving batches until the trainer, which owns the stop, shuts it down
+            return
         name = signal.Signals(signum).name
         if stopping():
             if not hard_stop:
@@ -67,3 +74,11 @@ def two_stage_stop(request_stop: Callable[[str], None], stopping: Callable[[], b
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def leave_stop_to_the_trainer(_worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a signal sent to the whole process group (Ctrl-C in a
+    terminal, ``scancel``, ``timeout``) must not kill the loader workers under the trainer,
+    which is finishing its step and writing a checkpoint; the trainer shuts them down."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)

@@ -41,7 +41,7 @@ from hfs.train import checkpoint as ckpt_io
 from hfs.train.data_order import BatchStream, DataPosition
 from hfs.train.distributed import DistEnv, all_reduce_sum, barrier, eval_indices
 from hfs.train.metrics import MetricsWriter
-from hfs.train.cpu_hint import warn_if_slow_on_cpu
+from hfs.train.cpu_hint import CpuHint
 from hfs.train.plain_log import PlainLog
 from hfs.train.run_dir import warn_ignored_keys
 from hfs.train.optim import RowSparseSGD
@@ -567,7 +567,10 @@ class Trainer:
             task = bar.add_task(f"train ({self.mode})", total=self.total_steps, completed=start, info="")
             plain = PlainLog(self.total_steps, start) if main else None
             stopped = False
-            loop_t0 = time.perf_counter()
+            cpu_hint = CpuHint(self.device, self.total_steps - start) if main else None
+            if cpu_hint is not None:  # the defaults on a CPU take hours: say so before they start
+                cpu_hint.before_first_step(self.backbone, cfg.data.image_size,
+                                           cfg.train.batch_size * cfg.train.grad_accum)
             while self.step < self.total_steps:
                 if self._agreed_stop():
                     stopped = True
@@ -575,8 +578,8 @@ class Trainer:
                 lr = self._set_lr(self.step)
                 stats = self.train_step(self.step)
                 self.step += 1
-                if self.step == start + 1 and main:  # the defaults on a CPU take hours: say so
-                    warn_if_slow_on_cpu(self.device, time.perf_counter() - loop_t0, self.total_steps - start)
+                if self.step == start + 1 and cpu_hint is not None:
+                    cpu_hint.after_first_step()
                 window.add(stats)
                 record = {"step": self.step, "lr": lr}
                 if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:

@@ -10,18 +10,36 @@ from hfs.train import cpu_hint
 from hfs.train.trainer import Trainer
 
 
-def test_slow_cpu_run_warns_with_the_estimate(tiny_cfg, blobs, caplog, monkeypatch):
+def hints(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "quickstart_cpu.yaml" in r.getMessage()]
+
+
+def test_slow_cpu_run_warns_before_its_first_step(tiny_cfg, blobs, caplog, monkeypatch):
     monkeypatch.setattr(cpu_hint, "SLOW_RUN_S", 0.0)
+    seen_at_step_1 = []
     with caplog.at_level(logging.WARNING):
-        Trainer(tiny_cfg("train.max_steps=3", "train.device=cpu"), datasets=blobs).run()
-    warned = [r.getMessage() for r in caplog.records if "quickstart_cpu.yaml" in r.getMessage()]
-    assert len(warned) == 1 and "on CPU" in warned[0] and "for 3 steps" in warned[0], warned
+        Trainer(tiny_cfg("train.max_steps=3", "train.device=cpu"), datasets=blobs,
+                callbacks=[lambda t, step, rec: step == 1 and seen_at_step_1.extend(hints(caplog))]).run()
+    assert len(hints(caplog)) == 1 and seen_at_step_1 == hints(caplog)  # said once, before step 1 ended
+    assert "on CPU" in seen_at_step_1[0] and "for 3 steps" in seen_at_step_1[0]
+    assert "estimated from a forward pass" in seen_at_step_1[0]
 
 
 def test_short_cpu_run_does_not_warn(tiny_cfg, blobs, caplog):
     with caplog.at_level(logging.WARNING):
         Trainer(tiny_cfg("train.max_steps=3", "train.device=cpu"), datasets=blobs).run()
-    assert not [r for r in caplog.records if "quickstart_cpu.yaml" in r.getMessage()]
+    assert not hints(caplog)
+
+
+def test_estimate_leaves_the_rng_and_the_mode_alone():
+    from hfs.config import ModelConfig
+    from hfs.models import build_backbone
+
+    net = build_backbone(ModelConfig(arch="tiny", embedding_size=8), 16)
+    net.train()
+    before = torch.get_rng_state()
+    assert cpu_hint.estimate_step_seconds(net, 16, 64) > 0
+    assert torch.equal(before, torch.get_rng_state()) and net.training
 
 
 def test_message_for_the_default_config_on_cpu():

@@ -18,10 +18,11 @@ SLOW = ["train", "--set", "data.synthetic_classes=8", "--set", "data.synthetic_i
         "--set", "train.max_steps=10000", "--set", "train.log_every=1", "--set", "train.checkpoint_every=0"]
 
 
-def start(out, *extra: str) -> subprocess.Popen:
+def start(out, *extra: str, session: bool = False) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "hfs", *SLOW, "--set", f"train.output_dir={out}", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=session)
 
 
 def wait_for_steps(out, proc, count: int = 1, timeout: float = 120) -> None:
@@ -83,3 +84,22 @@ def test_second_ctrl_c_stops_now_and_says_what_was_kept(tmp_path):
     assert kept, rest
     assert "stopped now without a checkpoint" in rest and str(kept[-1]) in rest, rest
     assert "--resume" in rest
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_to_the_process_group_with_loader_workers(tmp_path, signum):
+    """Ctrl-C in a terminal (or scancel, or timeout) reaches the DataLoader workers too: one
+    message, a clean stop, a checkpoint."""
+    out = tmp_path / "run"
+    # a long epoch, so the workers are still loading when the signal comes
+    proc = start(out, "--set", "data.num_workers=2", "--set", "data.synthetic_images_per_class=200", session=True)
+    try:
+        wait_for_steps(out, proc, count=2)
+        os.killpg(proc.pid, signum)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err.count("stopping after step") == 1, err
+    assert "Traceback" not in err and sorted((out / "checkpoints").glob("step-*.pt")), err
