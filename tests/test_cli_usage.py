@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from hfs.cli import app
 
-COMMANDS = ["show-config", "train", "train-dist", "extract", "verify", "serve-params", "convert", "make-synthetic",
-            "bench-paramserver", "bench-sampler", "bench-fc"]
+# every registered command, so a command added later is held to the same rule
+COMMANDS = [c.name for c in app.registered_commands]
 
 
 def hfs(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -23,6 +23,10 @@ def help_of(command: str) -> str:
     result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     return result.output
+
+
+def test_all_commands_are_listed():
+    assert {"train", "serve-params", "bench-fc", "make-synthetic"} <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("command", COMMANDS)
