@@ -133,6 +133,11 @@ class ParamServerConfig:
     port: int = _f(5570, gt=0, le=65535, help="serve-params: port of shard 0 (shard i listens on port + i)")
     shards: int = _f(1, gt=0, help="serve-params: server processes, each owning a contiguous range of rows")
     max_message_mb: float = _f(1024.0, gt=0.0, help="serve-params: largest request accepted, in MiB")
+    update_rule: str = _f("catchup", choices=("catchup", "lazy", "dense"),
+                          help="what SGD does to the classifier rows a step does not touch: catchup = what "
+                               "torch's dense SGD does (decay + momentum every step), applied in closed form when "
+                               "a row is next used; lazy = nothing (stale momentum replayed later; the rule before "
+                               "0.2); dense = every row every step (O(C x D), reference)")
 
 
 @dataclass
