@@ -117,10 +117,16 @@ class RowClock:
         if rows.size == 0:
             return 0
         starts, which = np.unique(self.row_tick[rows], return_inverse=True)
-        coef = self.history.suffix_products(starts)[which]  # float64: one rounding per element
+        # products in float64, applied in float32 (the rows' own precision), with 3 temporaries
+        coef = self.history.suffix_products(starts).astype(np.float32)[which]
         w, buf = weight[rows], momentum[rows]
-        weight[rows] = coef[:, 0, 0, None] * w + coef[:, 0, 1, None] * buf
-        momentum[rows] = coef[:, 1, 0, None] * w + coef[:, 1, 1, None] * buf
+        new_w = w * coef[:, 0, 0, None]
+        new_w += buf * coef[:, 0, 1, None]
+        buf *= coef[:, 1, 1, None]
+        w *= coef[:, 1, 0, None]
+        buf += w
+        weight[rows] = new_w
+        momentum[rows] = buf
         self.row_tick[rows] = self.now
         return int(rows.size)
 
