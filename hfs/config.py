@@ -35,12 +35,13 @@ def _f(default: Any, *, help: str = "", choices: Iterable[Any] | None = None,
 
 @dataclass
 class DataConfig:
-    source: str = _f("synthetic", choices=("synthetic", "list", "rec"),
-                     help="where training images come from")
+    source: str = _f("synthetic", choices=("synthetic", "list", "rec", "latent"),
+                     help="where training images come from; latent = synthetic identities as vectors of "
+                          "image_size numbers (embedding-level regime, use model.arch=mlp)")
     root: str = _f("", help="folder of `hfs convert` output (source=list) or of train.rec/.idx (source=rec)")
     train_list: str = _f("train_list.txt", help="training list inside root (source=list)")
     val_list: str = _f("val_list.txt", help="validation list inside root (source=list); empty: none")
-    image_size: int = _f(112, gt=0, help="square input size in pixels")
+    image_size: int = _f(112, gt=0, help="square input size in pixels (data.source=latent: input vector length)")
     hflip: bool = _f(True, help="random horizontal flip during training")
     num_workers: int = _f(2, ge=0, help="DataLoader worker processes")
     synthetic_classes: int = _f(1000, gt=0, help="identities of the synthetic source")
