@@ -35,12 +35,13 @@ def _f(default: Any, *, help: str = "", choices: Iterable[Any] | None = None,
 
 @dataclass
 class DataConfig:
-    source: str = _f("synthetic", choices=("synthetic", "list", "rec"),
-                     help="where training images come from")
+    source: str = _f("synthetic", choices=("synthetic", "list", "rec", "latent"),
+                     help="where training images come from; latent = synthetic identities as vectors of "
+                          "image_size numbers (embedding-level regime, use model.arch=mlp)")
     root: str = _f("", help="folder of `hfs convert` output (source=list) or of train.rec/.idx (source=rec)")
     train_list: str = _f("train_list.txt", help="training list inside root (source=list)")
     val_list: str = _f("val_list.txt", help="validation list inside root (source=list); empty: none")
-    image_size: int = _f(112, gt=0, help="square input size in pixels")
+    image_size: int = _f(112, gt=0, help="square input size in pixels (data.source=latent: input vector length)")
     hflip: bool = _f(True, help="random horizontal flip during training")
     num_workers: int = _f(2, ge=0, help="DataLoader worker processes")
     synthetic_classes: int = _f(1000, gt=0, help="identities of the synthetic source")
@@ -133,6 +134,11 @@ class ParamServerConfig:
     port: int = _f(5570, gt=0, le=65535, help="serve-params: port of shard 0 (shard i listens on port + i)")
     shards: int = _f(1, gt=0, help="serve-params: server processes, each owning a contiguous range of rows")
     max_message_mb: float = _f(1024.0, gt=0.0, help="serve-params: largest request accepted, in MiB")
+    update_rule: str = _f("catchup", choices=("catchup", "lazy", "dense"),
+                          help="what SGD does to the classifier rows a step does not touch: catchup = what "
+                               "torch's dense SGD does (decay + momentum every step), applied in closed form when "
+                               "a row is next used; lazy = nothing (stale momentum replayed later; the rule before "
+                               "0.2); dense = every row every step (O(C x D), reference)")
 
 
 @dataclass

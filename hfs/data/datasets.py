@@ -114,7 +114,9 @@ def build_datasets(cfg) -> tuple[Any, Any | None, int]:
         return _from_lists(cfg)
     if source == "rec":
         return _from_rec(cfg)
-    raise HfsError(f"data.source '{source}' is not one of synthetic, list, rec")
+    if source == "latent":
+        return _latent(cfg)
+    raise HfsError(f"data.source '{source}' is not one of synthetic, list, rec, latent")
 
 
 def _synthetic(cfg):
@@ -126,6 +128,19 @@ def _synthetic(cfg):
                   cluster_size=d.synthetic_cluster_size)
     train = SyntheticIdentities(split="train", hflip=d.hflip, **common)
     val = SyntheticIdentities(split="val", **common) if d.synthetic_val_per_class > 0 else None
+    return train, val, d.synthetic_classes
+
+
+def _latent(cfg):
+    """Synthetic identities as vectors (`hfs.data.latent`), sized by the synthetic_* keys."""
+    from hfs.data.latent import LatentGenerator, LatentIdentities
+
+    d = cfg.data
+    gen = LatentGenerator(d.synthetic_seed, input_dim=d.image_size, cluster_size=d.synthetic_cluster_size)
+    train = LatentIdentities(gen, d.synthetic_classes, d.synthetic_images_per_class, split="train",
+                             val_per_class=d.synthetic_val_per_class)
+    val = (LatentIdentities(gen, d.synthetic_classes, d.synthetic_images_per_class, split="val",
+                            val_per_class=d.synthetic_val_per_class) if d.synthetic_val_per_class > 0 else None)
     return train, val, d.synthetic_classes
 
 

@@ -14,6 +14,11 @@ backward pass, its optimizer step, the next batch's loading and the next backbon
 It is waited for before the next selection, a snapshot or a validation pass, and the
 selector's refresh for a step runs only after its push has landed (at the start of the next
 forward), so results do not depend on thread timing.
+
+The selector observes rows twice: the active rows when they are fetched for a step, and the
+rows a step updated once that update has landed (re-read from the store before the next
+selection), so an index updated in place never answers with a row's value from before its
+last update.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class SampledFC:
         self._pending: Future | None = None
         self._cycle: list[tuple[np.ndarray, np.ndarray]] = []
         self._refresh_step: int | None = None
+        self._updated: tuple[int, np.ndarray] | None = None  # (step, rows) to observe once applied
         self._hparams: HParams | None = None
         self.timers = {"select": 0.0, "observe": 0.0, "refresh": 0.0, "get": 0.0, "push_wait": 0.0}
 
@@ -96,6 +102,8 @@ class SampledFC:
         ids = np.concatenate([a for a, _ in self._cycle])
         grads = np.concatenate([g for _, g in self._cycle])
         self._cycle = []
+        if self.selector.uses_index:
+            self._updated = (step, np.unique(ids))
         if grad_scale != 1.0:
             grads /= grad_scale
         if not np.isfinite(grads).all():
@@ -122,13 +130,26 @@ class SampledFC:
         self._refresh_step = step
 
     def settle(self) -> None:
-        """Wait for the pending push, then give the selector its refresh for that step."""
+        """Wait for the pending push, let the selector see the rows it updated, then its refresh."""
         self.wait()
+        self._observe_updated()
         if self._refresh_step is not None:
             step, self._refresh_step = self._refresh_step, None
             t0 = time.perf_counter()
             self.selector.maybe_refresh(step)
             self.timers["refresh"] += time.perf_counter() - t0
+
+    def _observe_updated(self) -> None:
+        """The selector sees the values the last step's update gave its rows (no one-update lag)."""
+        if self._updated is None:
+            return
+        (step, rows), self._updated = self._updated, None
+        t0 = time.perf_counter()
+        values = self.store.get_rows(self.matrix, rows, step=step + 1)
+        t1 = time.perf_counter()
+        self.selector.observe(rows, values)
+        self.timers["get"] += t1 - t0
+        self.timers["observe"] += time.perf_counter() - t1
 
     # -- whole matrix ------------------------------------------------------------------
     def iter_chunks(self, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:

@@ -40,7 +40,7 @@ def open_store(cfg: "ParamServerConfig", snapshot_dir: str | Path | None) -> "We
 
         return InProcessStore(cfg.snapshot_dir or snapshot_dir, keep_snapshots=cfg.keep_snapshots,
                               timeout_s=cfg.timeout_s, snapshot_every_steps=cfg.snapshot_every_steps,
-                              snapshot_every_s=cfg.snapshot_every_s)
+                              snapshot_every_s=cfg.snapshot_every_s, update_rule=cfg.update_rule)
     from hfs.paramserver.client import ParamClient
 
     return ParamClient(cfg.address, timeout_s=cfg.timeout_s, connect_timeout_s=cfg.connect_timeout_s,

@@ -249,7 +249,8 @@ class Trainer:
         stack.callback(store.close)
         if env.is_main:  # one rank creates / restores the shared matrix, the others wait for it
             store.create(MATRIX, self.num_classes, cfg.model.embedding_size, init=cfg.fc.init,
-                         std=cfg.fc.init_std, seed=cfg.train.seed, exist_ok=True)
+                         std=cfg.fc.init_std, seed=cfg.train.seed, exist_ok=True,
+                         update_rule=cfg.paramserver.update_rule)
             if self.ckpt is not None:
                 self._restore_store(store, self.ckpt)
             elif (trained_to := store.last_applied(MATRIX)) >= 0:

@@ -40,7 +40,7 @@ def test_inactive_rows_keep_weight_and_momentum_and_active_rows_follow_the_store
     active_per_step = [torch.tensor([0, 3]), torch.tensor([3, 5, 7]), torch.tensor([0])]
     pending = iter(active_per_step)
     opt.update_rows_of(weight, lambda: next(pending))
-    store = InProcessStore()
+    store = InProcessStore(update_rule="lazy")  # RowSparseSGD implements the store's lazy rule
     store.create("fc", 8, 3)
     store.set_rows("fc", np.arange(8), start)
     store.set_hparams("fc", HParams(**HP))
