@@ -131,7 +131,8 @@ def train_dist_cmd(
         summarize(result)
 
 
-CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Checkpoint file or run folder (its latest checkpoint).")]
+CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help=(
+    "Checkpoint file, run folder (its latest checkpoint), 'latest' (in train.output_dir) or an .onnx from `hfs export`."))]
 FlipOpt = Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Add the embedding of the mirrored image (default: eval.flip).")]
 BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per batch (default: eval.batch_size).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
@@ -140,7 +141,8 @@ WorkersOpt = Annotated[Optional[int], typer.Option("--num-workers", min=0, help=
 
 @app.command("extract")
 def extract(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint file or run folder (its latest checkpoint).")],
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help=(
+        "Checkpoint file, run folder (its latest checkpoint), 'latest' (in train.output_dir) or an .onnx from `hfs export`."))],
     out: Annotated[Path, typer.Option("--out", help="Features file (.npy, float32 N x D); a .json is written beside it.")],
     bin_: Annotated[Optional[Path], typer.Option("--bin", help="Verification .bin: embed its images in order.")] = None,
     list_: Annotated[Optional[Path], typer.Option("--list", help="Image list ('relative/path label' per line, as `hfs convert` writes) to embed instead.")] = None,
@@ -154,7 +156,8 @@ def extract(
 
     extract_checkpoint(checkpoint, out, bin_path=bin_, list_path=list_, prefix=prefix,
                        flip=cfg.eval.flip if flip is None else flip, batch_size=batch_size or cfg.eval.batch_size,
-                       device=device, num_workers=cfg.eval.num_workers if num_workers is None else num_workers)
+                       device=device, num_workers=cfg.eval.num_workers if num_workers is None else num_workers,
+                       output_dir=cfg.train.output_dir)
 
 
 @app.command("verify")
@@ -186,7 +189,7 @@ def verify(
         results, sources = verify_checkpoint(
             bins, checkpoint, folds=folds, far_target=cfg.eval.far_target, flip=cfg.eval.flip if flip is None else flip,
             batch_size=batch_size or cfg.eval.batch_size, device=device,
-            num_workers=cfg.eval.num_workers if num_workers is None else num_workers)
+            num_workers=cfg.eval.num_workers if num_workers is None else num_workers, output_dir=cfg.train.output_dir)
     else:
         if flip is not None:
             log.warning("--flip has no effect with --features: flipping happens at extraction (hfs extract --flip)")
@@ -196,6 +199,29 @@ def verify(
         write_results_json(json_out, results, sources)
     if plot:
         plot_roc(plot, results)
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help=(
+        "Checkpoint file, run folder (its latest checkpoint) or 'latest' (in train.output_dir)."))],
+    onnx: Annotated[Optional[Path], typer.Option("--onnx", help=(
+        "Write the backbone as ONNX here (.onnx): opset 18, input 'input' float32 (batch, 3, S, S) in [-1, 1], "
+        "output 'embedding' float32 (batch, D), dynamic batch. Needs pip install 'hfs\\[onnx]'."))] = None,
+    torchscript: Annotated[Optional[Path], typer.Option("--torchscript", help=(
+        "Also (or instead) write the traced backbone as TorchScript here (.pt), for libtorch."))] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help=(
+        "float16 weights and arithmetic; the input and output stay float32."))] = False,
+    config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
+) -> None:
+    """Export a trained backbone (not the classifier) to ONNX and/or TorchScript, checked against torch."""
+    cfg = resolve_config(config, set_, print_config)
+    from hfs.eval.export import export_checkpoint, render_export
+    from hfs.utils.log import make_console
+
+    result = export_checkpoint(checkpoint, onnx=onnx, torchscript=torchscript, fp16=fp16,
+                               output_dir=cfg.train.output_dir)
+    render_export(result, make_console())
 
 
 @app.command("serve-params")

@@ -47,12 +47,15 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve_checkpoint(spec: str, output_dir: str | Path) -> Path:
-    """``latest`` (in output_dir), a run folder (its latest), or a checkpoint file."""
+def resolve_checkpoint(spec: str, output_dir: str | Path, flag: str = "--resume") -> Path:
+    """``latest`` (in output_dir), a run folder (its latest), or a checkpoint file.
+
+    ``flag`` is the option the spec came from, named in the error when ``latest`` finds nothing.
+    """
     if spec == "latest":
         found = list_checkpoints(output_dir)
         if not found:
-            raise HfsError(f"--resume latest: no checkpoint in {checkpoint_dir(output_dir)}")
+            raise HfsError(f"{flag} latest: no checkpoint in {checkpoint_dir(output_dir)}")
         return found[-1]
     path = Path(spec)
     if path.is_dir():
@@ -134,6 +137,9 @@ def load_backbone(path: str | Path, map_location: str | torch.device = "cpu") ->
         path = resolve_checkpoint(str(path), path)
     ckpt = load_checkpoint(path, map_location)
     cfg = config_from_dict(ckpt["config"])
-    model = build_backbone(cfg.model, cfg.data.image_size)
+    try:
+        model = build_backbone(cfg.model, cfg.data.image_size)
+    except HfsError as exc:  # an arch this version does not know: say which file asked for it
+        raise HfsError(f"checkpoint {path}: {exc}") from None
     model.load_state_dict(ckpt["backbone"])
     return model.to(map_location).eval(), cfg
