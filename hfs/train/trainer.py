@@ -356,7 +356,8 @@ class Trainer:
         return sum(len(group["params"]) for group in self.optimizer.param_groups) - 1
 
     def _shard_optimizer_state(self, state: dict) -> dict:
-        """A checkpoint's optimizer state with the classifier's per-row state (momentum, AdamW's moments) cut to this rank's rows."""
+        """A checkpoint's optimizer state with the classifier's per-row state (momentum, AdamW's
+        moments) cut to this rank's rows."""
         from hfs.fc.sharded import shard_of
 
         return split_state_rows(state, self._fc_param_index(), self.num_classes,

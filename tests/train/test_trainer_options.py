@@ -71,3 +71,22 @@ def test_adamw_in_sampled_mode_trains_the_backbone_and_the_store_keeps_sgd(tiny_
         trainer.run()
     assert isinstance(trainer.optimizer, torch.optim.AdamW)
     assert "keep the store's SGD" in caplog.text
+
+
+@pytest.mark.gpu
+def test_fp16_amp_clips_the_unscaled_gradient_on_cuda(tiny_cfg, blobs, monkeypatch):
+    """Under fp16 the clip sees the true gradient (unscaled first) and the scaler's step does not
+    unscale again: every finite step reaches AdamW with norm <= clip_grad_norm."""
+    seen = []
+    original = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        grads = [p.grad for p in self.param_groups[0]["params"] if p.grad is not None]
+        seen.append(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    result = train(tiny_cfg("train.device=cuda", "train.amp=fp16", "optim.name=adamw", "optim.lr=0.01",
+                            "optim.clip_grad_norm=0.5", "train.max_steps=6"), datasets=blobs)
+    assert result.steps == 6 and seen and max(seen) <= 0.5 * (1 + 1e-3)
+    assert torch.isfinite(torch.tensor(result.loss))
