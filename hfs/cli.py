@@ -446,6 +446,45 @@ def bench_fc_cmd(
         atomic_write_text(json_out, json.dumps(result, indent=2, default=str) + "\n")
 
 
+@app.command("bench-loader")
+def bench_loader_cmd(
+    data: Annotated[Optional[Path], typer.Option("--data", help=(
+        "Folder with train.rec/.idx to read (default: generate --images 112x112 JPEG faces in a temp folder).")
+    )] = None,
+    images: Annotated[int, typer.Option("--images", min=1, help="Generated images (without --data).")] = 4096,
+    image_size: Annotated[int, typer.Option("--image-size", min=8, help="Square image size (generated and loaded).")] = 112,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 128,
+    batches: Annotated[int, typer.Option("--batches", min=1, help="Measured batches per setting, after the first.")] = 20,
+    workers: Annotated[List[int], typer.Option("--workers", min=0, help="DataLoader workers to measure (repeatable).")] = [0, 1, 2],
+    decoders: Annotated[str, typer.Option("--decoders", help="Comma-separated decoders (pil, simplejpeg); missing ones are skipped.")] = "pil,simplejpeg",
+    decode_images: Annotated[int, typer.Option("--decode-images", min=1, help="Images of the bare decode loop.")] = 2000,
+    threads: Annotated[int, typer.Option("--threads", min=0, help=(
+        "torch intra-op threads of this process, which runs the 0-worker loader (0 = torch's default, what "
+        "`hfs train` uses; workers always use 1)."))] = 0,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this file.")] = None,
+) -> None:
+    """Measure the training loader's images/s (decode + augment + collate) per decoder and worker count, next to a bare decode loop."""
+    import json
+
+    from hfs.bench.loader import LoaderBenchSettings, render, run_loader_bench
+    from hfs.utils.atomic import atomic_write_text
+    from hfs.utils.log import make_console
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    settings = LoaderBenchSettings(data=data, images=images, image_size=image_size, batch_size=batch_size,
+                                   batches=batches, workers=list(workers),
+                                   decoders=[d.strip() for d in decoders.split(",") if d.strip()],
+                                   decode_images=decode_images)
+    status = make_console(stderr=True)
+    report = run_loader_bench(settings, on_progress=lambda text: status.print(f"[dim]{text}[/dim]"))
+    render(report, make_console())
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(report, indent=2) + "\n")
+
+
 def one_line(exc: BaseException) -> str:
     """The user-facing line of an error; errors re-raised from DataLoader workers carry the
     worker's whole traceback, whose last line is the original message."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,9 @@ class DataConfig:
     rec_val_ratio: float = _f(0.0, ge=0.0, le=0.9, help="source=rec: share of each identity's images held out "
                                                        "for validation (the rule `hfs convert` uses)")
     split_seed: int = _f(0, help="source=rec: seed of the validation split (as `hfs convert --seed`)")
+    decoder: str = _f("pil", choices=("pil", "simplejpeg", "auto"),
+                      help="JPEG decoder of the list/rec sources: pil, simplejpeg (the jpeg extra; other "
+                           "formats still go through PIL) or auto (simplejpeg when installed)")
 
 
 @dataclass
@@ -143,13 +147,24 @@ class ParamServerConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = _f("sgd", choices=("sgd", "adamw"),
+                   help="backbone optimizer (and the classifier's in full/sharded modes); the weight store "
+                        "(fc.mode=sampled) always applies SGD to the classifier rows")
     lr: float = _f(0.1, gt=0.0, help="base learning rate (per global batch)")
-    momentum: float = _f(0.9, ge=0.0, le=1.0, help="SGD momentum")
-    weight_decay: float = _f(5e-4, ge=0.0, help="SGD weight decay")
-    schedule: str = _f("multistep", choices=("multistep", "cosine", "poly", "constant"), help="lr schedule")
+    momentum: float = _f(0.9, ge=0.0, le=1.0, help="SGD momentum (also the weight store's SGD under adamw)")
+    weight_decay: float = _f(5e-4, ge=0.0, help="weight decay: SGD's L2 term, AdamW's decoupled decay")
+    adamw_beta1: float = _f(0.9, ge=0.0, le=1.0, help="adamw: first-moment decay")
+    adamw_beta2: float = _f(0.999, ge=0.0, le=1.0, help="adamw: second-moment decay")
+    adamw_eps: float = _f(1e-8, gt=0.0, help="adamw: denominator epsilon")
+    store_weight_decay: float = _f(-1.0, help="weight decay of the weight store's SGD on the classifier rows "
+                                              "(fc.mode=sampled); negative = optim.weight_decay")
+    clip_grad_norm: float = _f(0.0, ge=0.0, help="clip the backbone's gradient to this total norm before each "
+                                                 "step (0 = off; arcface_torch clips at 5)")
+    schedule: str = _f("multistep", choices=("multistep", "cosine", "poly", "constant"),
+                       help="lr schedule; poly with warmup_steps is arcface_torch's PolynomialLRWarmup")
     milestones: list[int] = _f([], help="multistep: steps at which lr *= gamma")
     gamma: float = _f(0.1, gt=0.0, help="multistep: lr factor at each milestone")
-    power: float = _f(2.0, gt=0.0, help="poly: exponent")
+    power: float = _f(2.0, gt=0.0, help="poly: exponent (arcface_torch's train_v2 uses 1)")
     warmup_steps: int = _f(0, ge=0, help="linear warmup steps")
 
 
@@ -168,6 +183,13 @@ class TrainConfig:
     checkpoint_every_epochs: int = _f(0, ge=0, help="also checkpoint after every N completed epochs (0 = off)")
     keep_checkpoints: int = _f(3, gt=0, help="checkpoints kept")
     val_every: int = _f(0, ge=0, help="steps between validations (0 = only at the end)")
+    loggers: list[str] = _f(["jsonl", "tensorboard"], choices=("jsonl", "tensorboard", "wandb"),
+                            help="metrics sinks: jsonl (<output_dir>/metrics.jsonl), tensorboard "
+                                 "(when installed), wandb (the wandb extra)")
+    wandb_project: str = _f("hfs", help="wandb: project name")
+    wandb_mode: str = _f("auto", choices=("auto", "online", "offline"),
+                         help="wandb: auto = WANDB_MODE if set, else online with WANDB_API_KEY, else offline "
+                              "(files under <output_dir>/wandb, `wandb sync` later)")
 
 
 @dataclass
@@ -237,6 +259,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotated type; ints are accepted where floats are."""
     origin = typing.get_origin(tp)
@@ -256,6 +281,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 5e-4 (no dot) as a string
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -264,6 +291,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 def _check_rules(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
     choices = meta.get("choices")
+    if choices is not None and isinstance(value, list):  # a list key: every item is one of the choices
+        for i, item in enumerate(value):
+            _check_rules(f"{key}[{i}]", item, meta)
+        return
     if choices is not None and value not in choices:
         raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}")
     for rule, ok, text in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),

@@ -1,4 +1,8 @@
-"""The trainer's optimizer: torch's SGD, with optional row-sparse updates for a sharded classifier.
+"""The trainer's optimizer: SGD (with optional row-sparse updates for a sharded classifier) or AdamW.
+
+:func:`build_optimizer` is the one place the optimizer is chosen (``optim.name``),
+:func:`store_sgd_hparams` what the weight store's SGD gets in sampled mode, and
+:func:`clip_backbone_grads` the gradient clipping (``optim.clip_grad_norm``).
 
 In sampled mode the weight store applies SGD to the rows a step touched only: an inactive
 row keeps its weight and its momentum. A sharded classifier is a dense parameter of the
@@ -11,9 +15,17 @@ sharded mode apply the same update. Measured on 2 gloo ranks it does not change 
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import logging
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
+
+from hfs.utils.errors import HfsError
+
+if TYPE_CHECKING:
+    from hfs.config import HfsConfig
+
+log = logging.getLogger(__name__)
 
 #: returns the row indices a parameter's step should update (None: every row)
 RowsFn = Callable[[], "torch.Tensor | None"]
@@ -83,3 +95,73 @@ class RowSparseSGD(torch.optim.SGD):
             buf.index_copy_(0, rows, rows_buf)
             step = step.add(rows_buf, alpha=momentum) if group["nesterov"] else rows_buf
         param.index_add_(0, rows, step, alpha=-lr)
+
+
+# --------------------------------------------------------------------------- the trainer's optimizer
+
+
+def build_optimizer(cfg: "HfsConfig", groups: list[dict]) -> torch.optim.Optimizer:
+    """The optimizer over the trainer's parameter groups (each group carries its ``lr_scale``).
+
+    ``optim.name=sgd``: :class:`RowSparseSGD` (torch's SGD; a sharded classifier can take the
+    weight store's row-sparse rule). ``optim.name=adamw``: torch's AdamW with decoupled weight
+    decay, over the backbone and a classifier that is a torch parameter (fc.mode full or
+    sharded). The classifier rows in the weight store (fc.mode=sampled) are updated by the
+    store, whose rule is SGD; see :func:`store_sgd_hparams`.
+    """
+    o = cfg.optim
+    if o.name == "sgd":
+        return RowSparseSGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    if cfg.fc.mode == "sharded" and cfg.fc.sharded_momentum == "lazy":
+        raise HfsError("config key 'fc.sharded_momentum' is 'lazy', the weight store's SGD rule on active rows; "
+                       "optim.name=adamw updates the sharded classifier densely: set fc.sharded_momentum=dense")
+    if cfg.fc.mode == "sampled":
+        log.warning("optim.name=adamw trains the backbone; the classifier rows in the weight store (fc.mode=sampled) "
+                    "keep the store's SGD: lr = optim.lr x fc.lr_scale = %g, momentum %g (optim.momentum), "
+                    "weight decay %g (optim.store_weight_decay)", o.lr * cfg.fc.lr_scale, o.momentum,
+                    store_sgd_hparams(cfg, o.lr)[2])
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.adamw_beta1, o.adamw_beta2), eps=o.adamw_eps,
+                             weight_decay=o.weight_decay)
+
+
+def store_sgd_hparams(cfg: "HfsConfig", lr: float) -> tuple[float, float, float]:
+    """(lr, momentum, weight decay) of the weight store's SGD on the classifier rows at backbone lr ``lr``.
+
+    The store implements SGD only, whatever ``optim.name`` says; ``optim.store_weight_decay``
+    exists because AdamW's decoupled decay (e.g. 0.1) would be far too strong as SGD's.
+    """
+    o = cfg.optim
+    decay = o.weight_decay if o.store_weight_decay < 0 else o.store_weight_decay
+    return lr * cfg.fc.lr_scale, o.momentum, decay
+
+
+def clip_backbone_grads(params: Iterable[torch.nn.Parameter], max_norm: float, optimizer: torch.optim.Optimizer,
+                        scaler: "torch.amp.GradScaler | None" = None) -> float | None:
+    """Clip the backbone's gradient to total norm ``max_norm`` before the step (0: off).
+
+    As arcface_torch: the backbone only (the classifier is not clipped). Under fp16 AMP the
+    gradients are unscaled first, so the norm is the true one; ``scaler.step`` then knows
+    they are unscaled and does not divide again. Returns the norm before clipping, or None.
+    """
+    if max_norm <= 0:
+        return None
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    return float(torch.nn.utils.clip_grad_norm_(list(params), max_norm))
+
+
+def split_state_rows(state: dict, index: int, rows: int, transform: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+    """The optimizer state with every per-row tensor of parameter ``index`` passed through ``transform``.
+
+    Per-row tensors are those whose first dimension is ``rows`` (SGD's momentum buffer,
+    AdamW's two moments); scalars such as AdamW's step count are kept. The sharded
+    classifier uses it to gather its state whole for a checkpoint and to cut it to a rank's
+    shard on resume.
+    """
+    per_param = dict(state["state"])
+    entry = per_param.get(index)
+    if not entry:
+        return state
+    per_param[index] = {k: transform(v) if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == rows else v
+                        for k, v in entry.items()}
+    return {**state, "state": per_param}

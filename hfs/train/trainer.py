@@ -41,8 +41,8 @@ from hfs.models import build_backbone, build_head
 from hfs.train import checkpoint as ckpt_io
 from hfs.train.data_order import BatchStream, DataPosition
 from hfs.train.distributed import DistEnv, all_reduce_sum, barrier, eval_indices
-from hfs.train.metrics import MetricsWriter
-from hfs.train.optim import RowSparseSGD
+from hfs.train.metrics import open_metrics
+from hfs.train.optim import build_optimizer, clip_backbone_grads, split_state_rows, store_sgd_hparams
 from hfs.train.schedule import lr_at
 from hfs.utils.device import resolve_device
 from hfs.utils.errors import HfsError
@@ -197,8 +197,7 @@ class Trainer:
             params.append({"params": [self.fc.weight], "lr_scale": cfg.fc.lr_scale})
         else:
             self.fc = self._build_sampled_fc(stack)
-        self.optimizer = RowSparseSGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                      weight_decay=cfg.optim.weight_decay)
+        self.optimizer = build_optimizer(cfg, params)
         if self.mode == "sharded" and cfg.fc.sharded_momentum == "lazy":
             self.optimizer.update_rows_of(self.fc.weight, self.fc.take_active_rows)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
@@ -358,31 +357,21 @@ class Trainer:
         return sum(len(group["params"]) for group in self.optimizer.param_groups) - 1
 
     def _shard_optimizer_state(self, state: dict) -> dict:
-        """A checkpoint's optimizer state with the classifier's momentum cut to this rank's rows."""
+        """A checkpoint's optimizer state with the classifier's per-row state (momentum, AdamW's
+        moments) cut to this rank's rows."""
         from hfs.fc.sharded import shard_of
 
-        index = self._fc_param_index()
-        per_param = dict(state["state"])
-        if index in per_param and "momentum_buffer" in per_param[index]:
-            buf = per_param[index]["momentum_buffer"]
-            if buf is not None:
-                per_param[index] = {**per_param[index], "momentum_buffer": shard_of(buf, self.num_classes)}
-        return {**state, "state": per_param}
+        return split_state_rows(state, self._fc_param_index(), self.num_classes,
+                                lambda full: shard_of(full, self.num_classes))
 
     def _full_optimizer_state(self) -> dict | None:
-        """The optimizer state with the sharded classifier's momentum whole, in global row
+        """The optimizer state with the sharded classifier's per-row state whole, in global row
         order, on rank 0 (None elsewhere); every rank calls."""
         from hfs.fc.sharded import gather_shards
 
-        state = self.optimizer.state_dict()
-        index = self._fc_param_index()
-        buf = state["state"].get(index, {}).get("momentum_buffer")
-        full = gather_shards(buf, self.num_classes) if buf is not None else None
-        if not self.env.is_main:
-            return None
-        if full is not None:
-            state["state"][index] = {**state["state"][index], "momentum_buffer": full}
-        return state
+        state = split_state_rows(self.optimizer.state_dict(), self._fc_param_index(), self.fc.weight.shape[0],
+                                 lambda shard: gather_shards(shard, self.num_classes))
+        return state if self.env.is_main else None
 
     # ------------------------------------------------------------------ one step
     def _set_lr(self, step: int) -> float:
@@ -390,8 +379,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         if isinstance(self.fc, SampledFC):
-            o = self.cfg.optim
-            self.fc.set_hparams(lr * self.cfg.fc.lr_scale, o.momentum, o.weight_decay)
+            self.fc.set_hparams(*store_sgd_hparams(self.cfg, lr))
         return lr
 
     def _autocast(self):
@@ -421,6 +409,7 @@ class Trainer:
             correct += out.correct.detach()
             seen += labels.shape[0]
         self._average_dense_fc_grad()
+        clip_backbone_grads(self.backbone.parameters(), self.cfg.optim.clip_grad_norm, self.optimizer, self.scaler)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -553,7 +542,7 @@ class Trainer:
             self._setup(stack)
             start = self.step
             main = self.env.is_main  # rank 0 alone writes metrics and shows progress
-            metrics = MetricsWriter(cfg.train.output_dir, resume_step=start if self.ckpt else None) if main else None
+            metrics = open_metrics(cfg, resume_step=start if self.ckpt else None) if main else None
             if metrics is not None:
                 stack.callback(metrics.close)
             stack.enter_context(self._stop_on_signals())

@@ -155,3 +155,14 @@ def test_sharded_lazy_momentum_moves_only_rows_that_were_active(tmp_path, moment
         assert 0 < moved <= 2 * 6 + 2  # at most 2 steps x (3 rows per shard x 2 shards), rounding per shard
     else:
         assert moved == 40
+
+
+def test_sharded_mode_with_adamw_resumes_on_another_world_size(tmp_path):
+    """AdamW's two moments of the sharded classifier are gathered whole and cut again on resume."""
+    sharded = ("fc.mode=sharded", "fc.sample_num=1000", "optim.name=adamw", "optim.lr=0.01", "optim.clip_grad_norm=5")
+    _run(_cfg(tmp_path / "straight", 2, 12, *sharded))
+    halfway = ckpt_io.checkpoint_path(tmp_path / "straight", 4)
+    state = ckpt_io.load_checkpoint(halfway)["optimizer"]["state"][2]
+    assert state["exp_avg"].shape == state["exp_avg_sq"].shape == (10, 8)  # whole, not one shard
+    _run(_cfg(tmp_path / "resumed", 1, 12, *sharded), resume=str(halfway))
+    _assert_same_weights(_final(tmp_path / "straight"), _final(tmp_path / "resumed"))
