@@ -93,7 +93,8 @@ class IjbLayout:
 def _open_meta(path: Path):
     if not path.is_file():
         raise HfsError(f"{path}: meta file missing")
-    return open(path, encoding="utf-8", errors="replace")
+    # newline="": lines keep their \r\n, so their lengths add up to the file's size (the progress bar)
+    return open(path, encoding="utf-8", errors="replace", newline="")
 
 
 @dataclass
@@ -314,13 +315,12 @@ def iter_pair_rows(path: Path, templates: np.ndarray, chunk_lines: int,
         yield template_rows(ids[:, :2], templates, path, numbers), ids[:, 2] == 1
 
 
-def _pair_pass(show_progress: bool, transient: bool = False):
-    """A progress bar (or a falsy no-op) and a factory of callbacks advancing one of its tasks by bytes."""
+def _byte_bar(show_progress: bool, transient: bool = False):
+    """A progress bar over a file's bytes, or a falsy no-op when hidden."""
     from hfs.eval.extract import _NoBar
     from hfs.utils.log import progress
 
-    bar = progress(transient=transient) if show_progress else _NoBar()
-    return bar, (lambda task: (lambda n: bar.advance(task, n))) if bar else (lambda task: None)
+    return progress(transient=transient) if show_progress else _NoBar()
 
 
 def check_pair_file(path: Path, templates: np.ndarray, chunk_lines: int = DEFAULT_PAIR_CHUNK,
@@ -331,11 +331,11 @@ def check_pair_file(path: Path, templates: np.ndarray, chunk_lines: int = DEFAUL
     """
     if not path.is_file():
         raise HfsError(f"{path}: meta file missing")
-    bar, advancer = _pair_pass(show_progress, transient=True)
     count = 0
-    with bar:
+    with _byte_bar(show_progress, transient=True) as bar:
         task = bar.add_task("check pairs", total=path.stat().st_size, info="") if bar else None
-        for rows, _ in iter_pair_rows(path, templates, chunk_lines, advancer(task)):
+        advance = (lambda n: bar.advance(task, n)) if bar else None
+        for rows, _ in iter_pair_rows(path, templates, chunk_lines, advance):
             count += len(rows)
     if count == 0:
         raise HfsError(f"{path}: no template pairs listed")
@@ -348,10 +348,10 @@ def score_pairs(path: Path, templates: np.ndarray, features: np.ndarray, chunk_l
     step = max(1, _SCORE_BATCH_FLOATS // max(1, features.shape[1]))
     scores: list[np.ndarray] = []
     labels: list[np.ndarray] = []
-    bar, advancer = _pair_pass(show_progress)
-    with bar:
+    with _byte_bar(show_progress) as bar:
         task = bar.add_task("score pairs", total=path.stat().st_size, info="") if bar else None
-        for rows, chunk_labels in iter_pair_rows(path, templates, chunk_lines, advancer(task)):
+        advance = (lambda n: bar.advance(task, n)) if bar else None
+        for rows, chunk_labels in iter_pair_rows(path, templates, chunk_lines, advance):
             chunk = np.empty(len(rows), dtype=np.float32)
             for a in range(0, len(rows), step):
                 left, right = features[rows[a:a + step, 0]], features[rows[a:a + step, 1]]
@@ -386,8 +386,9 @@ def score_roc(scores: np.ndarray, labels: np.ndarray) -> ScoreRoc:
     """
     scores = np.asarray(scores, dtype=np.float32)
     labels = np.asarray(labels, dtype=bool)
-    positives = np.sort(scores[labels])
-    negatives = np.sort(scores[~labels])
+    positives, negatives = scores[labels], scores[~labels]  # copies: sorting them in place costs no more
+    positives.sort()
+    negatives.sort()
     n_pos, n_neg = len(positives), len(negatives)
     if n_pos == 0 or n_neg == 0:
         raise HfsError("the pair file needs both genuine (label 1) and impostor (label 0) pairs")
