@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 TARGETS = {"IJBB": "ijbb", "IJBC": "ijbc"}
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 DEFAULT_PAIR_CHUNK = 200_000
-_SCORE_BATCH_FLOATS = 1 << 24  # gathered template features per scoring step and side (64 MB)
+_SCORE_BATCH_FLOATS = 1 << 22  # gathered template features per scoring step and side (16 MB)
 
 
 # --------------------------------------------------------------------------- layout and meta files
@@ -506,7 +506,7 @@ def write_result_json(path: str | Path, result: IjbResult) -> None:
 
 
 def pool_feature_file(path: str | Path, pooling: TemplatePooling, accumulator: TemplateAccumulator,
-                      chunk_rows: int = 65_536, show_progress: bool = True) -> dict[str, Any]:
+                      chunk_rows: int = 8192, show_progress: bool = True) -> dict[str, Any]:
     """Pool the rows of a (faces x D) float ``.npy`` read chunk by chunk through a memory map."""
     from hfs.eval.extract import _progress_bar
 
