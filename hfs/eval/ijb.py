@@ -97,6 +97,15 @@ def _open_meta(path: Path):
     return open(path, encoding="utf-8", errors="replace", newline="")
 
 
+def _meta_lines(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """``(line number, whitespace-separated fields)`` of every non-blank line."""
+    with _open_meta(path) as fh:
+        for number, line in enumerate(fh, 1):
+            tokens = line.split()
+            if tokens:
+                yield number, tokens
+
+
 @dataclass
 class FaceList:
     """The face file: one row per line, in order (rows of an ``.npy`` match these lines)."""
@@ -119,16 +128,12 @@ def _int_fields(tokens: Sequence[str], where: str, what: str) -> list[int]:
 def read_face_file(path: Path) -> FaceList:
     """``image_name template_id media_id`` per line; blank lines are skipped."""
     names, ids = [], []
-    with _open_meta(path) as fh:
-        for number, line in enumerate(fh, 1):
-            tokens = line.split()
-            if not tokens:
-                continue
-            where = f"{path}:{number}"
-            if len(tokens) != 3:
-                raise HfsError(f"{where}: expected 'image template_id media_id', got {len(tokens)} fields")
-            names.append(tokens[0])
-            ids.append(_int_fields(tokens[1:], where, "template and media ids"))
+    for number, tokens in _meta_lines(path):
+        where = f"{path}:{number}"
+        if len(tokens) != 3:
+            raise HfsError(f"{where}: expected 'image template_id media_id', got {len(tokens)} fields")
+        names.append(tokens[0])
+        ids.append(_int_fields(tokens[1:], where, "template and media ids"))
     if not names:
         raise HfsError(f"{path}: no faces listed")
     arr = np.asarray(ids, dtype=np.int64)
@@ -144,37 +149,37 @@ class LandmarkList:
     lines: np.ndarray   # int64 (N,), the line each row came from (for error messages)
 
 
+def _landmark_values(tokens: list[str], where: str, expected_name: str, row: int) -> list[float]:
+    """The 11 numbers of one landmark line (10 coordinates, the score), checked against the face file."""
+    if len(tokens) != 12:
+        raise HfsError(f"{where}: expected an image name, 10 landmark coordinates (5 points) and a "
+                       f"score, got {max(len(tokens) - 2, 0)} coordinates")
+    if tokens[0] != expected_name:
+        raise HfsError(f"{where}: image {tokens[0]} where the face file's row {row + 1} is "
+                       f"{expected_name} (the two files must list the same faces in order)")
+    try:
+        return [float(t) for t in tokens[1:]]
+    except ValueError:
+        raise HfsError(f"{where}: landmarks and score must be numbers") from None
+
+
 def read_landmark_file(path: Path, faces: FaceList) -> LandmarkList:
     """``image_name x1 y1 ... x5 y5 score`` per line, naming the same images as the face file, in order."""
-    points = np.empty((len(faces), 10), dtype=np.float32)
-    scores = np.empty(len(faces), dtype=np.float32)
+    values = np.empty((len(faces), 11), dtype=np.float64)
     lines = np.empty(len(faces), dtype=np.int64)
     row = 0
-    with _open_meta(path) as fh:
-        for number, line in enumerate(fh, 1):
-            tokens = line.split()
-            if not tokens:
-                continue
-            where = f"{path}:{number}"
-            if row >= len(faces):
-                raise HfsError(f"{where}: more faces than the face file's {len(faces)}")
-            if len(tokens) != 12:
-                raise HfsError(f"{where}: expected an image name, 10 landmark coordinates (5 points) and a "
-                               f"score, got {len(tokens) - 2 if len(tokens) >= 2 else 0} coordinates")
-            if tokens[0] != faces.names[row]:
-                raise HfsError(f"{where}: image {tokens[0]} where the face file's row {row + 1} is "
-                               f"{faces.names[row]} (the two files must list the same faces in order)")
-            try:
-                values = [float(t) for t in tokens[1:]]
-            except ValueError:
-                raise HfsError(f"{where}: landmarks and score must be numbers") from None
-            if not np.isfinite(values).all():
-                raise HfsError(f"{where}: landmarks and score must be finite numbers")
-            points[row], scores[row], lines[row] = values[:10], values[10], number
-            row += 1
+    for number, tokens in _meta_lines(path):
+        if row >= len(faces):
+            raise HfsError(f"{path}:{number}: more faces than the face file's {len(faces)}")
+        values[row] = _landmark_values(tokens, f"{path}:{number}", faces.names[row], row)
+        lines[row] = number
+        row += 1
     if row != len(faces):
         raise HfsError(f"{path}: {row} faces, but the face file lists {len(faces)}")
-    return LandmarkList(points.reshape(-1, 5, 2), scores, lines)
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        raise HfsError(f"{path}:{lines[np.flatnonzero(bad)[0]]}: landmarks and score must be finite numbers")
+    return LandmarkList(values[:, :10].reshape(-1, 5, 2).astype(np.float32), values[:, 10].astype(np.float32), lines)
 
 
 # --------------------------------------------------------------------------- template pooling
@@ -270,28 +275,31 @@ def _bad_pair_line(path: Path, first_line: int, lines: list[str]) -> HfsError:
     return HfsError(f"{path}:{first_line}: unreadable pair lines")
 
 
+def _parse_pair_lines(path: Path, first_line: int, lines: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids (n, 3) int64, line numbers (n,))`` of a block of lines; blank lines are skipped."""
+    numbers = np.asarray([first_line + i for i, line in enumerate(lines) if line.strip()], dtype=np.int64)
+    if not len(numbers):
+        return np.empty((0, 3), dtype=np.int64), numbers
+    try:
+        ids = np.loadtxt(lines, dtype=np.int64, ndmin=2, comments=None)  # C speed: IJB-C has 15.6M lines
+    except ValueError:
+        raise _bad_pair_line(path, first_line, lines) from None
+    if ids.shape != (len(numbers), 3):
+        raise _bad_pair_line(path, first_line, lines)
+    return ids, numbers
+
+
 def iter_pair_chunks(path: Path, chunk_lines: int, on_bytes=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(ids (n, 3) int64, line numbers (n,))`` for ``chunk_lines`` lines at a time."""
     first_line = 1
     with _open_meta(path) as fh:
-        while True:
-            lines = [line for _, line in zip(range(chunk_lines), fh)]
-            if not lines:
-                return
-            numbers = [first_line + i for i, line in enumerate(lines) if line.strip()]
+        while lines := [line for _, line in zip(range(chunk_lines), fh)]:
             if on_bytes is not None:
                 on_bytes(sum(len(line) for line in lines))
-            if not numbers:
-                first_line += len(lines)
-                continue
-            try:
-                ids = np.loadtxt(lines, dtype=np.int64, ndmin=2, comments=None)
-            except ValueError:
-                raise _bad_pair_line(path, first_line, lines) from None
-            if ids.shape != (len(numbers), 3):
-                raise _bad_pair_line(path, first_line, lines)
+            ids, numbers = _parse_pair_lines(path, first_line, lines)
             first_line += len(lines)
-            yield ids, np.asarray(numbers, dtype=np.int64)
+            if len(ids):
+                yield ids, numbers
 
 
 def template_rows(ids: np.ndarray, templates: np.ndarray, path: Path, numbers: np.ndarray) -> np.ndarray:
@@ -596,8 +604,6 @@ class FeatureFileWriter:
     """Rows written as they come into an ``.npy`` memory map, renamed into place only when complete."""
 
     def __init__(self, path: Path, rows: int, meta: dict[str, Any]) -> None:
-        if path.suffix != ".npy":
-            raise HfsError(f"--save-features {path}: features are written as .npy; give a path ending in .npy")
         self.path, self.rows, self.meta = path, rows, meta
         self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         self.array: np.ndarray | None = None
@@ -649,7 +655,8 @@ def pool_checkpoint(checkpoint: str | Path, layout: IjbLayout, faces: FaceList, 
                                      num_workers=num_workers, show_progress=show_progress,
                                      description=f"{layout.target} faces"):
             if not np.isfinite(block).all():
-                raise HfsError(f"{checkpoint}: the model returned NaN or infinity for faces {start}..{start + len(block) - 1}")
+                raise HfsError(f"{checkpoint}: the model returned NaN or infinity for faces "
+                               f"{start}..{start + len(block) - 1}")
             if writer:
                 writer.write(start, block)
             accumulator.add(start, block)

@@ -152,6 +152,16 @@ def test_pair_chunking_does_not_change_scores(toy, toy_features):
     np.testing.assert_allclose(whole.scores, expected, atol=1e-6)
 
 
+def test_blank_lines_and_crlf_endings_are_read_alike(toy, toy_features):
+    settings = IjbSettings(root=toy.root, target="IJBC", features=toy_features, pair_chunk=50, show_progress=False)
+    before = evaluate_ijb(settings).to_dict()
+    for kind in ("template_pair_label", "face_tid_mid"):
+        path = toy.meta(kind)
+        lines = path.read_text().splitlines()
+        path.write_bytes(("\r\n".join(lines[:10] + ["", "  "] + lines[10:]) + "\r\n").encode())
+    assert evaluate_ijb(settings).to_dict() == before
+
+
 def test_separable_scores_give_full_tar(tmp_path):
     toy = make_ijb(tmp_path / "IJBB", "IJBB", subjects=15, templates_per_subject=3)
     feats = np.eye(16, dtype=np.float32)[toy.subjects] * 2.0  # one direction per subject
@@ -218,6 +228,7 @@ def test_missing_meta_file(toy, toy_features):
     ("face_tid_mid", 6, "6.jpg 7\n", "expected 'image template_id media_id', got 2 fields"),
     ("name_5pts_score", 2, "1.jpg 1 2 3 4 5 6 7 8 9 0.9\n", "expected an image name, 10 landmark coordinates"),
     ("name_5pts_score", 3, "nope.jpg 1 2 3 4 5 6 7 8 9 10 0.9\n", "image nope.jpg where the face file's row 3"),
+    ("name_5pts_score", 4, "3.jpg 1 2 3 4 5 6 7 8 9 nan 0.9\n", "landmarks and score must be finite numbers"),
 ])
 def test_malformed_line_names_file_and_line(toy, toy_features, kind, line_no, text, fragment):
     path = toy.meta(kind)
