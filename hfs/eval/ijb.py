@@ -341,7 +341,7 @@ def check_pair_file(path: Path, templates: np.ndarray, chunk_lines: int = DEFAUL
         raise HfsError(f"{path}: meta file missing")
     count = 0
     with _byte_bar(show_progress, transient=True) as bar:
-        task = bar.add_task("check pairs", total=path.stat().st_size, info="") if bar else None
+        task = bar.add_task("check pairs", total=path.stat().st_size, info=f"bytes of {path.name}") if bar else None
         advance = (lambda n: bar.advance(task, n)) if bar else None
         for rows, _ in iter_pair_rows(path, templates, chunk_lines, advance):
             count += len(rows)
@@ -357,7 +357,7 @@ def score_pairs(path: Path, templates: np.ndarray, features: np.ndarray, chunk_l
     scores: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     with _byte_bar(show_progress) as bar:
-        task = bar.add_task("score pairs", total=path.stat().st_size, info="") if bar else None
+        task = bar.add_task("score pairs", total=path.stat().st_size, info=f"bytes of {path.name}") if bar else None
         advance = (lambda n: bar.advance(task, n)) if bar else None
         for rows, chunk_labels in iter_pair_rows(path, templates, chunk_lines, advance):
             chunk = np.empty(len(rows), dtype=np.float32)
@@ -480,7 +480,8 @@ def far_label(far: float) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
-def evaluate_pair_scores(pairs: PairScores, far_targets: Sequence[float] = FAR_TARGETS) -> tuple[list[TarAtFar], float, float, ScoreRoc]:
+def evaluate_pair_scores(pairs: PairScores, far_targets: Sequence[float] = FAR_TARGETS
+                         ) -> tuple[list[TarAtFar], float, float, ScoreRoc]:
     """(TAR at each FAR, AUC, EER, ROC) of scored pairs."""
     from hfs.eval.verification import equal_error_rate
 
@@ -494,7 +495,7 @@ def results_table(result: IjbResult):
 
     table = Table(title=f"{result.target} 1:1 verification: TAR % at each FAR ({result.templates} templates, "
                         f"{result.pairs} pairs)")
-    table.add_column("FAR")
+    table.add_column("set")
     for t in result.tars:
         table.add_column(far_label(t.far_target), justify="right")
     table.add_column("AUC", justify="right")
