@@ -29,6 +29,7 @@ sorted impostor scores.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -651,17 +652,20 @@ def pool_checkpoint(checkpoint: str | Path, layout: IjbLayout, faces: FaceList, 
                                                             "target": layout.target})
               if save_features else None)
     start, ok = 0, False
+    batches = iter_embeddings(model, dataset, batch_size=batch_size, flip=flip, device=device,
+                              num_workers=num_workers, show_progress=show_progress,
+                              description=f"{layout.target} faces")
     try:
-        for block in iter_embeddings(model, dataset, batch_size=batch_size, flip=flip, device=device,
-                                     num_workers=num_workers, show_progress=show_progress,
-                                     description=f"{layout.target} faces"):
-            if not np.isfinite(block).all():
-                raise HfsError(f"{checkpoint}: the model returned NaN or infinity for faces "
-                               f"{start}..{start + len(block) - 1}")
-            if writer:
-                writer.write(start, block)
-            accumulator.add(start, block)
-            start += len(block)
+        # closing(): an error raised here stops the generator's progress bar and loader at once
+        with contextlib.closing(batches):
+            for block in batches:
+                if not np.isfinite(block).all():
+                    raise HfsError(f"{checkpoint}: the model returned NaN or infinity for faces "
+                                   f"{start}..{start + len(block) - 1}")
+                if writer:
+                    writer.write(start, block)
+                accumulator.add(start, block)
+                start += len(block)
         ok = True
     finally:
         if writer:

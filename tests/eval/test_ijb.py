@@ -370,6 +370,22 @@ def test_undecodable_image_stops_the_extraction_with_its_name(tmp_path, checkpoi
     assert not (tmp_path / "r.json").exists()
 
 
+def test_a_model_that_returns_nan_stops_cleanly(tmp_path, checkpoint):
+    pytest.importorskip("skimage")
+    import torch
+
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["backbone"]["fc.weight"].fill_(float("nan"))
+    torch.save(ckpt, checkpoint)
+    toy = make_ijb(tmp_path / "IJBC", subjects=2, templates_per_subject=2, images=True)
+    proc = _hfs("eval-ijb", "--root", toy.root, "--checkpoint", checkpoint, "--num-workers", "0",
+                "--save-features", tmp_path / "f.npy")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: {checkpoint}: the model returned NaN or infinity "
+                                                    f"for faces 0..{len(toy.names) - 1}")
+    assert not list(tmp_path.glob("*.npy")) and not list(tmp_path.glob(".f.npy*"))
+
+
 def test_alignment_without_scikit_image_says_how_to_install(tmp_path, checkpoint, monkeypatch):
     toy = make_ijb(tmp_path / "IJBC", subjects=2, templates_per_subject=2)
     monkeypatch.setitem(sys.modules, "skimage", None)
