@@ -224,6 +224,44 @@ def export_cmd(
     render_export(result, make_console())
 
 
+@app.command("eval-ijb")
+def eval_ijb(
+    root: Annotated[Path, typer.Option("--root", help="The IJB release folder of one set (holds meta/ and loose_crop/).")],
+    target: Annotated[str, typer.Option("--target", help="IJBC or IJBB (names the meta files: ijbc_*.txt, ijbb_*.txt).")] = "IJBC",
+    checkpoint: CheckpointOpt = None,
+    features: Annotated[Optional[Path], typer.Option("--features", help="Precomputed (faces x D) .npy, one row per line of <set>_face_tid_mid.txt, instead of --checkpoint.")] = None,
+    score_weight: Annotated[bool, typer.Option("--score-weight", help="Weight each face by its detection score (last column of <set>_name_5pts_score.txt).")] = False,
+    keep_norm: Annotated[bool, typer.Option("--keep-norm", help="Pool embeddings as they are instead of L2-normalised (InsightFace's default: the norm acts as a quality weight).")] = False,
+    save_features: Annotated[Optional[Path], typer.Option("--save-features", help="With --checkpoint: also write the faces' embeddings here (.npy + .json), for later --features runs.")] = None,
+    pair_chunk: Annotated[int, typer.Option("--pair-chunk", min=1, help="Pair-file lines read and scored at a time (bounds memory).")] = 200_000,
+    flip: FlipOpt = None, batch_size: BatchSizeOpt = None, device: DeviceOpt = "auto", num_workers: WorkersOpt = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the ROC curve to this PNG (needs the plot extra: pip install 'hfs\\[plot]').")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every number to this JSON file.")] = None,
+    config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
+) -> None:
+    """IJB-B / IJB-C 1:1 template verification: TAR at FAR 1e-6 .. 1e-1, AUC, EER."""
+    cfg = resolve_config(config, set_, print_config)
+    from hfs.eval.ijb import IjbSettings, evaluate_ijb, results_table, write_result_json
+    from hfs.eval.report import plot_roc, require_matplotlib
+    from hfs.utils.log import make_console
+
+    if plot:
+        require_matplotlib()  # fail before the work, not after
+    if features is not None and flip is not None:
+        log.warning("--flip has no effect with --features: flipping happens when the features are made")
+    result = evaluate_ijb(IjbSettings(
+        root=root, target=target, checkpoint=checkpoint, features=features,
+        flip=cfg.eval.flip if flip is None else flip, score_weight=score_weight, keep_norm=keep_norm,
+        batch_size=batch_size or cfg.eval.batch_size, device=device,
+        num_workers=cfg.eval.num_workers if num_workers is None else num_workers, pair_chunk=pair_chunk,
+        save_features=save_features))
+    make_console().print(results_table(result))
+    if json_out:
+        write_result_json(json_out, result)
+    if plot:
+        plot_roc(plot, {result.target: result})
+
+
 @app.command("serve-params")
 def serve_params(
     config: ConfigOpt = None,
