@@ -79,7 +79,7 @@ def extract_and_verify(checkpoint: str | Path, bin_path: Path, features_out: Pat
     """What `hfs extract` + `hfs verify` do: features of the .bin images, then 10-fold accuracy."""
     from hfs.eval.evaluate import VerificationSet, verify_features
     from hfs.eval.extract import EncodedImages, extract_features, write_features
-    from hfs.train.checkpoint import load_backbone
+    from hfs.models.loading import load_backbone
 
     model, cfg = load_backbone(checkpoint)
     vset = VerificationSet.load(bin_path)

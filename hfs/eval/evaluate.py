@@ -141,7 +141,8 @@ def load_checkpoint_model(checkpoint: str | Path, device: "str | torch.device | 
     ``checkpoint`` is a file or a run folder (its latest checkpoint).
     """
     from hfs.utils.device import resolve_device
-    from hfs.train.checkpoint import load_backbone, resolve_checkpoint
+    from hfs.checkpoint import resolve_checkpoint
+    from hfs.models.loading import load_backbone
 
     path = Path(checkpoint)
     if path.is_dir():

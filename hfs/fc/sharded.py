@@ -8,7 +8,7 @@ The layout Partial FC uses to reach tens of millions of classes on many GPUs:
   decay act only on the rows active in the step (``take_active_rows`` feeds
   :class:`~hfs.train.optim.RowSparseSGD`), the weight store's rule in sampled mode. With
   ``sample_num >= C`` both are exactly the full softmax;
-* features are all-gathered *with gradient* (:class:`~hfs.train.distributed.AllGatherWithGrad`)
+* features are all-gathered *with gradient* (:class:`~hfs.dist.AllGatherWithGrad`)
   and labels without, so every rank scores the whole global batch against its rows;
 * each rank picks its active rows inside its shard: every positive that falls in the shard,
   then negatives up to its share of ``fc.sample_num``. ``sample_num`` is global: rank r
@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hfs.train.distributed import (all_gather_no_grad, all_gather_with_grad, get_rank, get_world_size,
+from hfs.dist import (all_gather_no_grad, all_gather_with_grad, get_rank, get_world_size,
                                    is_initialized, scale_grad)
 
 if TYPE_CHECKING:

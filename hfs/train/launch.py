@@ -3,7 +3,7 @@
 ``hfs train-dist`` calls the launcher programmatically (``LaunchConfig`` +
 ``elastic_launch``) instead of re-executing a script, so every worker gets the very same
 resolved config and flags. The launcher sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/
-``MASTER_ADDR``/``MASTER_PORT`` for each worker (see :mod:`hfs.train.distributed`), watches
+``MASTER_ADDR``/``MASTER_PORT`` for each worker (see :mod:`hfs.dist`), watches
 them, and stops the rest as soon as one fails (``max_restarts=0``): a failed worker ends the
 job with one line naming its rank and error, never a hung peer.
 """
@@ -194,7 +194,7 @@ def train_worker(cfg_data: dict, resume: str | None, verbose: int, datasets: Any
     for tests and programmatic use, as ``Trainer(datasets=...)`` does.
     """
     from hfs.config import config_from_dict
-    from hfs.train.distributed import destroy_distributed, init_distributed
+    from hfs.dist import destroy_distributed, init_distributed
     from hfs.train.trainer import Trainer
     from hfs.utils.log import setup_logging
 

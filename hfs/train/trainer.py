@@ -1,7 +1,7 @@
 """The training loop of `hfs train` and of every `hfs train-dist` worker.
 
 `hfs train` runs it in one process with FullFC or SampledFC. Under `hfs train-dist` each
-worker runs the same loop with a :class:`~hfs.train.distributed.DistEnv`: the backbone is
+worker runs the same loop with a :class:`~hfs.dist.DistEnv`: the backbone is
 wrapped in DistributedDataParallel, each rank takes its slice of every global batch, the
 classifier is FullFC (gradients averaged like DDP's), SampledFC on a shared parameter
 server (row gradients divided by W: the store sums the W ranks' pushes) or ShardedFC
@@ -38,9 +38,9 @@ from hfs.config import HfsConfig
 from hfs.fc import FullFC, SampledFC, predict_all_classes
 from hfs.fc.sharded import ShardedFC
 from hfs.models import build_backbone, build_head
-from hfs.train import checkpoint as ckpt_io
+from hfs import checkpoint as ckpt_io
 from hfs.train.data_order import BatchStream, DataPosition
-from hfs.train.distributed import DistEnv, all_reduce_sum, barrier, eval_indices
+from hfs.dist import DistEnv, all_reduce_sum, barrier, eval_indices
 from hfs.train.metrics import MetricsWriter
 from hfs.train.optim import RowSparseSGD
 from hfs.train.schedule import lr_at

@@ -7,7 +7,7 @@ from torch import nn
 from hfs.config import load_config
 from hfs.fc.sharded import (ShardedFC, ShardView, build_shard_selector, dist_cross_entropy, gather_shards,
                             init_shard_rows, select_shard_rows, shard_bounds, shard_sample_num)
-from hfs.train.distributed import DistEnv
+from hfs.dist import DistEnv
 from tests.train.distutil import run_ranks
 
 C, D, B = 11, 8, 3  # classes, dims, samples per rank

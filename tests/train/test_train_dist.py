@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from hfs.config import load_config
-from hfs.train import checkpoint as ckpt_io
+from hfs import checkpoint as ckpt_io
 from hfs.train.launch import run_train_dist, train_worker
 from tests.train.conftest import make_blobs
 

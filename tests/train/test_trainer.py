@@ -5,7 +5,8 @@ import signal
 import pytest
 import torch
 
-from hfs.train.checkpoint import list_checkpoints, load_backbone
+from hfs.checkpoint import list_checkpoints
+from hfs.models.loading import load_backbone
 from hfs.train.schedule import lr_at
 from hfs.train.trainer import Trainer, train
 from hfs.config import OptimConfig
