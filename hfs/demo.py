@@ -93,6 +93,7 @@ def run_demo(out: Path, sizes: DemoSizes = DemoSizes()) -> dict:
     """Run the five steps; returns what the summary shows."""
     from hfs.config import load_config
     from hfs.data.convert import rec_to_images
+    from hfs.eval.hooks import verification_hooks
     from hfs.train.trainer import train
 
     t0 = time.perf_counter()
@@ -105,7 +106,7 @@ def run_demo(out: Path, sizes: DemoSizes = DemoSizes()) -> dict:
     cfg = load_config(None, demo_overrides(out, sizes, out / "converted"))
     if (out / "train").exists():  # the demo's own previous run: start afresh
         shutil.rmtree(out / "train")
-    result = train(cfg)
+    result = train(cfg, hooks=verification_hooks(cfg))
     if result.interrupted:
         raise DemoInterrupted(f"training stopped at step {result.steps} of {sizes.steps}; continue it with "
                               f"`hfs train --resume {result.checkpoint}`, or run the demo again")
