@@ -77,12 +77,13 @@ def train_cmd(
     """Train a backbone with the full softmax (baseline) or HF-softmax over active classes (--sampled)."""
     sugar = (["fc.mode=sampled"] if sampled else []) + ([f"fc.sample_num={sample_num}"] if sample_num else [])
     cfg = resolve_config(config, sugar + list(set_), print_config)
+    from hfs.eval.hooks import verification_hooks
     from hfs.train.trainer import resume_config, summarize, train
 
     checkpoint = None
     if resume:
         checkpoint, cfg = resume_config(resume, config is not None, cfg, sugar + list(set_))
-    result = train(cfg, resume=checkpoint)
+    result = train(cfg, resume=checkpoint, hooks=verification_hooks(cfg))
     summarize(result)
     if result.interrupted:
         raise typer.Exit(130)
@@ -119,6 +120,7 @@ def train_dist_cmd(
              "fc.mode": "sampled" if sampled else "sharded" if sharded else None}
     sugar = [f"{key}={value}" for key, value in flags.items() if value is not None]
     cfg = resolve_config(config, list(set_) + sugar, print_config)
+    from hfs.eval.hooks import verification_hooks
     from hfs.train.launch import run_train_dist
     from hfs.train.trainer import resume_config, summarize
 
@@ -126,7 +128,7 @@ def train_dist_cmd(
     if resume:
         checkpoint, cfg = resume_config(resume, config is not None, cfg, list(set_) + sugar)
     result = run_train_dist(cfg, resume=str(checkpoint) if checkpoint else None,
-                            verbose=int(logging.getLogger().isEnabledFor(logging.DEBUG)))
+                            verbose=int(logging.getLogger().isEnabledFor(logging.DEBUG)), hooks=verification_hooks)
     if result is not None:  # nodes other than 0 leave the report to rank 0
         summarize(result)
 

@@ -93,20 +93,20 @@ def test_every_key_has_help():
 
 
 def test_default_config_file_is_current():
-    from hfs.utils.default_config import render_default_config
+    from hfs.default_config import render_default_config
 
     assert (CONFIGS / "default.yaml").read_text() == render_default_config(), \
-        "regenerate: python -m hfs.utils.default_config > configs/default.yaml"
+        "regenerate: python -m hfs.default_config > configs/default.yaml"
     assert load_config(CONFIGS / "default.yaml") == HfsConfig()
 
 
 def test_readme_config_reference_is_current():
-    from hfs.utils.default_config import README_END, README_START, render_config_reference
+    from hfs.default_config import README_END, README_START, render_config_reference
 
     readme = (CONFIGS.parent / "README.md").read_text()
     start, end = readme.index(README_START), readme.index(README_END) + len(README_END)
     assert readme[start:end] == render_config_reference(), \
-        "regenerate the README's config table: python -m hfs.utils.default_config --markdown"
+        "regenerate the README's config table: python -m hfs.default_config --markdown"
 
 
 @pytest.mark.parametrize("override,needle", [

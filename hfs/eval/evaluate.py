@@ -139,7 +139,7 @@ def verify_feature_files(bins: Sequence[str | Path], features: Sequence[str | Pa
 def resolve_checkpoint_path(checkpoint: str | Path, output_dir: str | Path | None = None) -> Path:
     """The checkpoint file a --checkpoint value means: a file, a run folder (its latest checkpoint),
     or ``latest`` (the latest one in ``output_dir``, the config's ``train.output_dir``)."""
-    from hfs.train.checkpoint import resolve_checkpoint
+    from hfs.checkpoint import resolve_checkpoint
 
     spec = str(checkpoint)
     if spec == "latest" and output_dir is None:
@@ -154,7 +154,7 @@ def load_checkpoint_model(checkpoint: str | Path, device: "str | torch.device | 
     ``checkpoint`` is resolved by :func:`resolve_checkpoint_path`.
     """
     from hfs.utils.device import resolve_device
-    from hfs.train.checkpoint import load_backbone
+    from hfs.models.loading import load_backbone
 
     path = resolve_checkpoint_path(checkpoint, output_dir)
     model, cfg = load_backbone(path, map_location=resolve_device(device, "--device"))

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from hfs.fc.common import FCOutput, loss_and_correct
+from hfs.dist import barrier, is_main
+from hfs.fc.common import FCOutput, loss_and_correct, predict_all_classes
+from hfs.fc.layer import selector_upkeep
 from hfs.models.heads import MarginHead
 from hfs.paramserver.base import HParams, WeightStore
 
@@ -39,8 +41,10 @@ class SampledFC:
     """The classifier layer of sampled (HF-softmax) training; see the module docstring."""
 
     def __init__(self, store: WeightStore, selector, head: MarginHead, *, matrix: str = "fc",
-                 overlap_push: bool = True) -> None:
+                 overlap_push: bool = True, lr_scale: float = 1.0, workers: int = 1) -> None:
         self.store, self.selector, self.head, self.matrix = store, selector, head, matrix
+        self.lr_scale = lr_scale  # the classifier's lr = the schedule's x fc.lr_scale
+        self.workers = workers  # ranks pushing to one shared store: it sums their row gradients
         self.num_classes, self.dim = store.shape(matrix)
         self._overlap = overlap_push
         self._pool: ThreadPoolExecutor | None = None
@@ -160,6 +164,44 @@ class SampledFC:
     def sampler_seconds(self) -> float:
         """Time spent choosing classes and keeping the index fresh (the 'upkeep' share)."""
         return self.timers["select"] + self.timers["observe"] + self.timers["refresh"]
+
+    # -- ClassifierLayer ---------------------------------------------------------------
+    @property
+    def active_classes(self) -> int:
+        return self.selector.sample_num
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return []  # the rows live in the store, which applies SGD itself
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+    def grad_scale(self, amp_scale: float) -> float:
+        """Pushed row gradients are divided by this: the AMP scale x the ranks the store sums."""
+        return amp_scale * self.workers
+
+    def before_step(self, lr: float, momentum: float, weight_decay: float) -> None:
+        self.set_hparams(lr * self.lr_scale, momentum, weight_decay)
+
+    def after_backward(self) -> None:
+        pass
+
+    def checkpoint_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The store's own step-named (and pruned) snapshot, taken once every rank's push of
+        this step is applied; the rows and their momentum are in it, not in the checkpoint."""
+        self.wait()
+        barrier()
+        snapshot = self.store.snapshot() if is_main() else None
+        return {"fc": None, "optimizer": optimizer.state_dict(), "store_snapshot": snapshot}
+
+    def optimizer_state(self, saved: dict[str, Any]) -> dict[str, Any]:
+        return saved
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        return predict_all_classes(self.head, features, self.iter_chunks())
+
+    def upkeep(self) -> dict[str, float]:
+        return selector_upkeep(self.selector)
 
     def close(self) -> None:
         """Finish the pending push and stop the push thread and the selector. Idempotent."""

@@ -148,20 +148,3 @@ def clip_backbone_grads(params: Iterable[torch.nn.Parameter], max_norm: float, o
     if scaler is not None:
         scaler.unscale_(optimizer)
     return float(torch.nn.utils.clip_grad_norm_(list(params), max_norm))
-
-
-def split_state_rows(state: dict, index: int, rows: int, transform: Callable[[torch.Tensor], torch.Tensor]) -> dict:
-    """The optimizer state with every per-row tensor of parameter ``index`` passed through ``transform``.
-
-    Per-row tensors are those whose first dimension is ``rows`` (SGD's momentum buffer,
-    AdamW's two moments); scalars such as AdamW's step count are kept. The sharded
-    classifier uses it to gather its state whole for a checkpoint and to cut it to a rank's
-    shard on resume.
-    """
-    per_param = dict(state["state"])
-    entry = per_param.get(index)
-    if not entry:
-        return state
-    per_param[index] = {k: transform(v) if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == rows else v
-                        for k, v in entry.items()}
-    return {**state, "state": per_param}

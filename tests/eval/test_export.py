@@ -25,7 +25,7 @@ def _save_tiny_checkpoint(run, arch="tiny", seed=0):
     """A checkpoint of a freshly initialised `tiny` backbone (8x8 input, 16-D), with BN statistics
     that are not the identity, so a wrong BN export would show."""
     from hfs.models import build_backbone
-    from hfs.train.checkpoint import save_checkpoint
+    from hfs.checkpoint import save_checkpoint
 
     cfg = load_config(None, ["model.arch=tiny", "model.embedding_size=16", "data.image_size=8"])
     torch.manual_seed(seed)
@@ -40,7 +40,7 @@ def _save_tiny_checkpoint(run, arch="tiny", seed=0):
 
 
 def _torch_model(checkpoint):
-    from hfs.train.checkpoint import load_backbone
+    from hfs.models.loading import load_backbone
 
     return load_backbone(checkpoint)[0]
 

@@ -291,7 +291,7 @@ def checkpoint(tmp_path):
 
     from hfs.config import load_config
     from hfs.models import build_backbone
-    from hfs.train.checkpoint import save_checkpoint
+    from hfs.checkpoint import save_checkpoint
 
     cfg = load_config(None, ["model.arch=tiny", "model.embedding_size=16", "data.image_size=32"])
     torch.manual_seed(0)
@@ -306,7 +306,7 @@ def test_checkpoint_aligns_embeds_and_pools(tmp_path, checkpoint):
     from skimage.transform import AffineTransform, warp
 
     from hfs.data.transforms import to_tensor
-    from hfs.train.checkpoint import load_backbone
+    from hfs.models.loading import load_backbone
 
     toy = make_ijb(tmp_path / "IJBB", "IJBB", subjects=4, templates_per_subject=2, images=True)
     saved, a_json, b_json = tmp_path / "faces.npy", tmp_path / "a.json", tmp_path / "b.json"

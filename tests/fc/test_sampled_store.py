@@ -8,7 +8,14 @@ from hfs.config import load_config
 from hfs.fc import FullFC, SampledFC
 from hfs.models.heads import ArcFaceHead
 from hfs.paramserver.store import InProcessStore
-from hfs.samplers import build_selector
+from hfs.samplers import build_selector as _build_selector
+
+
+def build_selector(cfg, store, matrix, num_classes):
+    """The selector sampled training builds from ``cfg`` (one rank, nothing capped)."""
+    return _build_selector(cfg.sampler, store=store, matrix=matrix, num_classes=num_classes,
+                           sample_num=cfg.fc.sample_num, queries_per_step=cfg.train.batch_size,
+                           seed=cfg.sampler.seed, metric=cfg.sampler_metric)
 
 
 @pytest.mark.parametrize("accum", [1, 2])

@@ -70,7 +70,8 @@ def test_only_2d_parameters_in_the_optimizer():
 # --------------------------------------------------------------------------- optim.name, clipping, store hparams
 
 from hfs.config import load_config  # noqa: E402
-from hfs.train.optim import build_optimizer, clip_backbone_grads, split_state_rows, store_sgd_hparams  # noqa: E402
+from hfs.fc.sharded import split_state_rows  # noqa: E402
+from hfs.train.optim import build_optimizer, clip_backbone_grads, store_sgd_hparams  # noqa: E402
 from hfs.utils.errors import HfsError  # noqa: E402
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from hfs.config import load_config
-from hfs.train import checkpoint as ckpt_io
+from hfs import checkpoint as ckpt_io
 from hfs.train.launch import run_train_dist, train_worker
 from tests.train.conftest import make_blobs
 
@@ -28,13 +28,13 @@ def _linear_backbone(embedding_size: int, image_size: int, dropout: float = 0.0)
     return nn.Sequential(nn.Flatten(), layer)
 
 
-def _worker(cfg_data: dict, resume: str | None, verbose: int, datasets):
+def _worker(cfg_data: dict, resume: str | None, verbose: int, datasets, hooks=None):
     """train_worker with a BatchNorm-free test backbone registered in the spawned process."""
     from hfs.models.backbones import BACKBONES
 
     if "test-linear" not in BACKBONES:
         BACKBONES.register("test-linear")(_linear_backbone)
-    return train_worker(cfg_data, resume, verbose, datasets)
+    return train_worker(cfg_data, resume, verbose, datasets, hooks)
 
 
 def _cfg(out: Path, nproc: int, global_batch: int, *extra: str):

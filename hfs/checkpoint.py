@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from hfs.config import HfsConfig, config_from_dict
 from hfs.utils.atomic import atomic_write_bytes
 from hfs.utils.errors import HfsError
 
@@ -126,20 +125,3 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise HfsError(f"checkpoint {path} is not an hfs checkpoint (format {FORMAT} expected)")
     return ckpt
-
-
-def load_backbone(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, HfsConfig]:
-    """The trained backbone (eval mode) and the run's config, from a checkpoint or a run folder."""
-    from hfs.models import build_backbone
-
-    path = Path(path)
-    if path.is_dir():
-        path = resolve_checkpoint(str(path), path)
-    ckpt = load_checkpoint(path, map_location)
-    cfg = config_from_dict(ckpt["config"])
-    try:
-        model = build_backbone(cfg.model, cfg.data.image_size)
-    except HfsError as exc:  # an arch this version does not know: say which file asked for it
-        raise HfsError(f"checkpoint {path}: {exc}") from None
-    model.load_state_dict(ckpt["backbone"])
-    return model.to(map_location).eval(), cfg
