@@ -84,10 +84,12 @@ class FCConfig:
     init_std: float = _f(0.01, ge=0.0, help="std (gaussian) or half-width (uniform) of the initialisation")
     lr_scale: float = _f(1.0, gt=0.0, help="classifier lr = backbone lr x lr_scale")
     overlap_push: bool = _f(True, help="sampled: push row gradients on a background thread, overlapping the backbone's backward")
-    sharded_momentum: str = _f("dense", choices=("dense", "lazy"),
-                               help="sharded: dense = SGD momentum and weight decay move the whole shard every step "
-                                    "(Partial FC v2); lazy = only the rows active in the step (the weight store's rule "
-                                    "in sampled mode)")
+    sharded_momentum: str = _f("catchup", choices=("catchup", "dense", "lazy"),
+                               help="sharded, SGD: what the rows a step does not touch do. catchup = what dense SGD "
+                                    "does (decay + momentum every step), applied in closed form when a row is next read, "
+                                    "the weight store's rule; dense = torch's SGD on the whole shard every step (Partial "
+                                    "FC v2; the same numbers, O(shard) per step); lazy = nothing (the store's old rule). "
+                                    "Under AdamW catchup means dense")
 
 
 @dataclass

@@ -161,12 +161,15 @@ class ShardView:
         signature: the shard is updated in this process, so there is nothing to wait for)."""
         weight = self._weight(name)
         index = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=weight.device)
+        self._fc.current(index)
         return weight[index].float().cpu().numpy()
 
     def iter_chunks(self, name: str, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
         weight = self._weight(name)
         for first in range(0, weight.shape[0], chunk_rows):
-            yield first, weight[first:first + chunk_rows].to("cpu", torch.float32, copy=True).numpy()
+            last = min(first + chunk_rows, weight.shape[0])
+            self._fc.current(torch.arange(first, last, device=weight.device))
+            yield first, weight[first:last].to("cpu", torch.float32, copy=True).numpy()
 
 
 class ShardedFC(nn.Module):
@@ -174,7 +177,7 @@ class ShardedFC(nn.Module):
 
     def __init__(self, shard_rows: torch.Tensor, num_classes: int, head: nn.Module, *, sample_num: int,
                  seed: int = 0, ddp_average: bool = True, lr_scale: float = 1.0,
-                 momentum_rule: str = "dense") -> None:
+                 momentum_rule: str = "catchup") -> None:
         super().__init__()
         self.lr_scale, self.momentum_rule = lr_scale, momentum_rule
         self.rank, self.world_size = get_rank(), get_world_size()
@@ -189,6 +192,7 @@ class ShardedFC(nn.Module):
         self.sample_num = shard_sample_num(sample_num, num_classes, self.end - self.start)
         self.seed, self.ddp_average = seed, ddp_average
         self.selector: ActiveClassSelector | None = None
+        self._optimizer: Any = None  # the RowSparseSGD that catches rows up (momentum_rule=catchup)
         self.timers = {"select": 0.0, "refresh": 0.0}
         # rows active since the optimizer last asked (micro-batches of one step add up)
         self._touched = torch.zeros(self.end - self.start, dtype=torch.bool, device=shard_rows.device)
@@ -237,6 +241,7 @@ class ShardedFC(nn.Module):
         all_features = all_gather_with_grad(features).float()
         all_labels = all_gather_no_grad(labels)
         index, local = self._select(all_features.detach(), all_labels, step)
+        self.current(index)
         self._touched[slice(None) if index is None else index] = True
         rows = self.weight if index is None else self.weight[index]
         with torch.autocast(device_type=all_features.device.type, enabled=False):
@@ -294,10 +299,21 @@ class ShardedFC(nn.Module):
         return [{"params": [self.weight], "lr_scale": self.lr_scale}]
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """``fc.sharded_momentum=lazy``: the optimizer updates the step's active rows only."""
+        """``fc.sharded_momentum`` lazy or catchup: the optimizer updates the step's active rows only
+        (catchup: and the others catch up on dense SGD's steps when read). Dense, and any rule
+        under an optimizer without row-sparse updates (AdamW), leave torch's dense update."""
         self._param_index = _index_in(optimizer, self.weight)  # where its momentum is in the optimizer's state
-        if self.momentum_rule == "lazy":
-            optimizer.update_rows_of(self.weight, self.take_active_rows)
+        if self.momentum_rule == "dense" or not hasattr(optimizer, "update_rows_of"):
+            return
+        optimizer.update_rows_of(self.weight, self.take_active_rows, catch_up=self.momentum_rule == "catchup")
+        if self.momentum_rule == "catchup":
+            self._optimizer = optimizer
+
+    def current(self, index: torch.Tensor | None = None) -> None:
+        """Bring rows ``index`` (None: the whole shard) to the last step before they are read
+        (``fc.sharded_momentum=catchup``; a no-op under the other rules)."""
+        if self._optimizer is not None:
+            self._optimizer.catch_up(self.weight, index)
 
     def grad_scale(self, amp_scale: float) -> float:
         return amp_scale  # a parameter of the trainer's optimizer, unscaled with the backbone
@@ -309,7 +325,12 @@ class ShardedFC(nn.Module):
         pass  # the shard's gradient is exact on each rank: nothing to average
 
     def checkpoint_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """The whole matrix and its momentum in global row order (rank 0; None elsewhere)."""
+        """The whole matrix and its momentum in global row order (rank 0; None elsewhere).
+
+        Under catchup every row is brought current and the step history forgotten first, so a
+        run resumed from this checkpoint continues exactly as the uninterrupted one."""
+        if self._optimizer is not None:
+            self._optimizer.catch_up_all(self.weight)
         return {"fc": {"weight": self.full_weight()}, "optimizer": self._full_optimizer_state(optimizer),
                 "store_snapshot": None}
 
@@ -361,6 +382,7 @@ class ShardedFC(nn.Module):
 
     def full_weight(self) -> torch.Tensor | None:
         """The whole matrix in global row order on rank 0 (None elsewhere); every rank calls."""
+        self.current()
         return gather_shards(self.weight, self.num_classes)
 
     @torch.no_grad()
@@ -373,6 +395,7 @@ class ShardedFC(nn.Module):
 
     def iter_local_chunks(self, chunk_rows: int = 65536) -> Iterator[tuple[int, torch.Tensor]]:
         """(first global row, rows) chunks of this rank's shard."""
+        self.current()
         w = self.weight.detach()
         for first in range(0, w.shape[0], chunk_rows):
             yield self.start + first, w[first:first + chunk_rows]

@@ -165,3 +165,36 @@ def test_split_state_rows_touches_per_row_tensors_only():
     assert out["state"][1]["step"].item() == 3.0 and out["state"][0]["exp_avg"].shape == (4,)
     assert state["state"][1]["exp_avg"].shape == (6, 2)  # the input is not changed
     assert split_state_rows({"state": {}}, 1, 6, lambda t: t) == {"state": {}}
+
+
+def test_catch_up_equals_torch_dense_sgd_for_a_row_sparse_parameter():
+    """fc.sharded_momentum=catchup: sparse updates plus catch-up on read equal torch's dense SGD."""
+    gen = torch.Generator().manual_seed(3)
+    start = torch.randn(12, 4, generator=gen)
+    dense_w, sparse_w = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    dense = torch.optim.SGD([dense_w], **HP)
+    sparse = RowSparseSGD([sparse_w], **HP)
+    active = [torch.tensor([0, 3]), torch.tensor([3, 5, 7]), torch.tensor([], dtype=torch.long), torch.tensor([0, 11])]
+    pending = iter(active * 5)
+    sparse.update_rows_of(sparse_w, lambda: next(pending), catch_up=True)
+    for step, rows in enumerate(active * 5):
+        for group in dense.param_groups + sparse.param_groups:
+            group["lr"] = 0.1 * (1 + step % 3)  # a changing lr
+        grad = torch.zeros(12, 4)
+        grad[rows] = torch.randn(len(rows), 4, generator=gen)
+        dense_w.grad, sparse_w.grad = grad.clone(), grad.clone()
+        dense.step()
+        sparse.catch_up(sparse_w, rows)  # what the forward does before reading its rows
+        sparse.step()
+        torch.testing.assert_close(sparse_w[rows], dense_w[rows], rtol=1e-5, atol=1e-6)
+    sparse.catch_up_all(sparse_w)
+    torch.testing.assert_close(sparse_w, dense_w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sparse.state[sparse_w]["momentum_buffer"], dense.state[dense_w]["momentum_buffer"],
+                               rtol=1e-5, atol=1e-6)
+    assert sparse._clocks[sparse_w].history.num_ticks == 0  # forgotten once every row is current
+
+
+def test_catch_up_refuses_rules_it_cannot_express():
+    w = torch.nn.Parameter(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="nesterov"):
+        RowSparseSGD([w], lr=0.1, momentum=0.9, nesterov=True).update_rows_of(w, lambda: None, catch_up=True)

@@ -157,6 +157,21 @@ def test_sharded_lazy_momentum_moves_only_rows_that_were_active(tmp_path, moment
         assert moved == 40
 
 
+def test_sharded_catchup_equals_dense_sgd_on_two_ranks(tmp_path):
+    """fc.sharded_momentum=catchup (6 of 40 rows active per step) ends where torch's dense SGD on
+    the whole shard ends: the same classifier, momentum and backbone."""
+    data = make_blobs(num_classes=40, per_class=2, size=8), make_blobs(num_classes=40, per_class=1, size=8, seed=1), 40
+    finals = {}
+    for rule in ("dense", "catchup"):
+        cfg = _cfg(tmp_path / rule, 2, 4, "fc.mode=sharded", "fc.sample_num=6", "sampler.type=random",
+                   "train.max_steps=5", "train.checkpoint_every=0", f"fc.sharded_momentum={rule}")
+        run_train_dist(cfg, None, datasets=data, worker=_worker)
+        finals[rule] = _final(tmp_path / rule)
+    _assert_same_weights(finals["dense"], finals["catchup"])
+    torch.testing.assert_close(finals["catchup"]["optimizer"]["state"][2]["momentum_buffer"],
+                               finals["dense"]["optimizer"]["state"][2]["momentum_buffer"], rtol=1e-4, atol=1e-6)
+
+
 def test_sharded_mode_with_adamw_resumes_on_another_world_size(tmp_path):
     """AdamW's two moments of the sharded classifier are gathered whole and cut again on resume."""
     sharded = ("fc.mode=sharded", "fc.sample_num=1000", "optim.name=adamw", "optim.lr=0.01", "optim.clip_grad_norm=5")
