@@ -106,9 +106,9 @@ def train_cmd(
     """
     sugar = (["fc.mode=sampled"] if sampled else []) + ([f"fc.sample_num={sample_num}"] if sample_num else [])
     cfg = resolve_config(config, sugar + list(set_), print_config)
-    from hfs.train.trainer import resume_config, summarize, train
-
+    from hfs.eval.hooks import verification_hooks
     from hfs.train.run_dir import check_train_outputs, place_resumed_run, report_if_complete, resolve_latest
+    from hfs.train.trainer import resume_config, summarize, train
 
     checkpoint = None
     if resume:
@@ -118,7 +118,7 @@ def train_cmd(
         if report_if_complete(checkpoint, cfg):
             return
     check_train_outputs(cfg)
-    result = train(cfg, resume=checkpoint)
+    result = train(cfg, resume=checkpoint, hooks=verification_hooks(cfg))
     summarize(result)
     if result.interrupted:
         raise typer.Exit(130)
@@ -158,6 +158,7 @@ def train_dist_cmd(
              "fc.mode": "sampled" if sampled else "sharded" if sharded else None}
     sugar = [f"{key}={value}" for key, value in flags.items() if value is not None]
     cfg = resolve_config(config, list(set_) + sugar, print_config)
+    from hfs.eval.hooks import verification_hooks
     from hfs.train.launch import run_train_dist
     from hfs.train.trainer import resume_config, summarize
 
@@ -172,12 +173,13 @@ def train_dist_cmd(
             return
     check_train_outputs(cfg)
     result = run_train_dist(cfg, resume=str(checkpoint) if checkpoint else None,
-                            verbose=int(logging.getLogger().isEnabledFor(logging.DEBUG)))
+                            verbose=int(logging.getLogger().isEnabledFor(logging.DEBUG)), hooks=verification_hooks)
     if result is not None:  # nodes other than 0 leave the report to rank 0
         summarize(result)
 
 
-CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Checkpoint file or run folder (its latest checkpoint).")]
+CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help=(
+    "Checkpoint file, run folder (its latest checkpoint), 'latest' (in train.output_dir) or an .onnx from `hfs export`."))]
 FlipOpt = Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Add the embedding of the mirrored image (default: eval.flip).")]
 BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", callback=key_rule("eval.batch_size"), help="Images per batch (default: eval.batch_size).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
@@ -186,7 +188,8 @@ WorkersOpt = Annotated[Optional[int], typer.Option("--num-workers", callback=key
 
 @app.command("extract")
 def extract(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint file or run folder (its latest checkpoint).")],
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help=(
+        "Checkpoint file, run folder (its latest checkpoint), 'latest' (in train.output_dir) or an .onnx from `hfs export`."))],
     out: Annotated[Path, typer.Option("--out", help="Features file (.npy, float32 N x D); a .json is written beside it.")],
     bin_: Annotated[Optional[Path], typer.Option("--bin", help="Verification .bin: embed its images in order.")] = None,
     list_: Annotated[Optional[Path], typer.Option("--list", help="Image list ('relative/path label' per line, as `hfs convert` writes) to embed instead.")] = None,
@@ -206,7 +209,8 @@ def extract(
 
     extract_checkpoint(checkpoint, out, bin_path=bin_, list_path=list_, prefix=prefix,
                        flip=cfg.eval.flip if flip is None else flip, batch_size=batch_size or cfg.eval.batch_size,
-                       device=device, num_workers=cfg.eval.num_workers if num_workers is None else num_workers)
+                       device=device, num_workers=cfg.eval.num_workers if num_workers is None else num_workers,
+                       output_dir=cfg.train.output_dir)
 
 
 @app.command("verify")
@@ -246,7 +250,7 @@ def verify(
         results, sources = verify_checkpoint(
             bins, checkpoint, folds=folds, far_target=cfg.eval.far_target, flip=cfg.eval.flip if flip is None else flip,
             batch_size=batch_size or cfg.eval.batch_size, device=device,
-            num_workers=cfg.eval.num_workers if num_workers is None else num_workers)
+            num_workers=cfg.eval.num_workers if num_workers is None else num_workers, output_dir=cfg.train.output_dir)
     else:
         if flip is not None:
             log.warning("--flip has no effect with --features: flipping happens at extraction (hfs extract --flip)")
@@ -256,6 +260,83 @@ def verify(
         write_results_json(json_out, results, sources)
     if plot:
         plot_roc(plot, results)
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help=(
+        "Checkpoint file, run folder (its latest checkpoint) or 'latest' (in train.output_dir)."))],
+    onnx: Annotated[Optional[Path], typer.Option("--onnx", help=(
+        "Write the backbone as ONNX here (.onnx): opset 18, input 'input' float32 (batch, 3, S, S) in [-1, 1], "
+        "output 'embedding' float32 (batch, D), dynamic batch. Needs pip install onnx onnxruntime onnxscript."))] = None,
+    torchscript: Annotated[Optional[Path], typer.Option("--torchscript", help=(
+        "Also (or instead) write the traced backbone as TorchScript here (.pt), for libtorch."))] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help=(
+        "float16 weights and arithmetic; the input and output stay float32."))] = False,
+    config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
+) -> None:
+    """Export a trained backbone (not the classifier) to ONNX and/or TorchScript, checked against torch.
+
+    Example: hfs export --checkpoint runs/qs --onnx runs/qs/backbone.onnx
+    """
+    cfg = resolve_config(config, set_, print_config)
+    from hfs.eval.export import export_checkpoint, render_export
+    from hfs.utils.log import make_console
+    from hfs.utils.writable import require_writable_file
+
+    for path, flag in ((onnx, "--onnx"), (torchscript, "--torchscript")):
+        if path is not None:
+            require_writable_file(path, flag)
+
+    result = export_checkpoint(checkpoint, onnx=onnx, torchscript=torchscript, fp16=fp16,
+                               output_dir=cfg.train.output_dir)
+    render_export(result, make_console())
+
+
+@app.command("eval-ijb")
+def eval_ijb(
+    root: Annotated[Path, typer.Option("--root", help="The IJB release folder of one set (holds meta/ and loose_crop/).")],
+    target: Annotated[str, typer.Option("--target", help="IJBC or IJBB (names the meta files: ijbc_*.txt, ijbb_*.txt).")] = "IJBC",
+    checkpoint: CheckpointOpt = None,
+    features: Annotated[Optional[Path], typer.Option("--features", help="Precomputed (faces x D) .npy, one row per line of <set>_face_tid_mid.txt, instead of --checkpoint.")] = None,
+    score_weight: Annotated[bool, typer.Option("--score-weight", help="Weight each face by its detection score (last column of <set>_name_5pts_score.txt).")] = False,
+    keep_norm: Annotated[bool, typer.Option("--keep-norm", help="Pool embeddings as they are instead of L2-normalised (InsightFace's default: the norm acts as a quality weight).")] = False,
+    save_features: Annotated[Optional[Path], typer.Option("--save-features", help="With --checkpoint: also write the faces' embeddings here (.npy + .json), for later --features runs.")] = None,
+    pair_chunk: Annotated[int, typer.Option("--pair-chunk", min=1, help="Pair-file lines read and scored at a time (bounds memory).")] = 200_000,
+    flip: FlipOpt = None, batch_size: BatchSizeOpt = None, device: DeviceOpt = "auto", num_workers: WorkersOpt = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the ROC curve to this PNG (needs matplotlib: pip install matplotlib).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every number to this JSON file.")] = None,
+    config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
+) -> None:
+    """IJB-B / IJB-C 1:1 template verification: TAR at FAR 1e-6 .. 1e-1, AUC, EER.
+
+    Example: hfs eval-ijb --root IJB_release/IJBC --target IJBC --checkpoint runs/x --json ijbc.json
+    """
+    cfg = resolve_config(config, set_, print_config)
+    from hfs.eval.ijb import IjbSettings, evaluate_ijb, results_table, write_result_json
+    from hfs.eval.report import plot_roc, require_matplotlib
+    from hfs.utils.log import make_console
+    from hfs.utils.writable import require_writable_file
+
+    for path, flag in ((json_out, "--json"), (plot, "--plot"), (save_features, "--save-features")):
+        if path is not None:
+            require_writable_file(path, flag)
+
+    if plot:
+        require_matplotlib()  # fail before the work, not after
+    if features is not None and flip is not None:
+        log.warning("--flip has no effect with --features: flipping happens when the features are made")
+    result = evaluate_ijb(IjbSettings(
+        root=root, target=target, checkpoint=checkpoint, features=features,
+        flip=cfg.eval.flip if flip is None else flip, score_weight=score_weight, keep_norm=keep_norm,
+        batch_size=batch_size or cfg.eval.batch_size, device=device,
+        num_workers=cfg.eval.num_workers if num_workers is None else num_workers, pair_chunk=pair_chunk,
+        save_features=save_features))
+    make_console().print(results_table(result))
+    if json_out:
+        write_result_json(json_out, result)
+    if plot:
+        plot_roc(plot, {result.target: result})
 
 
 @app.command("serve-params")
@@ -540,6 +621,55 @@ def bench_fc_cmd(
         render_memory(result["trainer_memory"], cfg.sampler.type)
     if json_out is not None:
         atomic_write_text(json_out, json.dumps(result, indent=2, default=str) + "\n")
+
+
+@app.command("bench-loader")
+def bench_loader_cmd(
+    data: Annotated[Optional[Path], typer.Option("--data", help=(
+        "Folder with train.rec/.idx to read (default: generate --images 112x112 JPEG faces in a temp folder).")
+    )] = None,
+    images: Annotated[int, typer.Option("--images", min=1, help="Generated images (without --data).")] = 4096,
+    image_size: Annotated[int, typer.Option("--image-size", min=8, help="Square image size (generated and loaded).")] = 112,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 128,
+    batches: Annotated[int, typer.Option("--batches", min=1, help="Measured batches per setting, after the first.")] = 20,
+    workers: Annotated[List[int], typer.Option("--num-workers", min=0, help="DataLoader workers to measure (repeatable; default 0, 1, 2).")] = [],
+    workers_old: Annotated[List[int], typer.Option("--workers", min=0, hidden=True)] = [],
+    decoders: Annotated[str, typer.Option("--decoders", help="Comma-separated decoders (pil, simplejpeg); missing ones are skipped.")] = "pil,simplejpeg",
+    decode_images: Annotated[int, typer.Option("--decode-images", min=1, help="Images of the bare decode loop.")] = 2000,
+    threads: Annotated[int, typer.Option("--threads", min=0, help=(
+        "torch intra-op threads of this process, which runs the 0-worker loader (0 = torch's default, what "
+        "`hfs train` uses; workers always use 1)."))] = 0,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this file.")] = None,
+) -> None:
+    """Measure the training loader's images/s (decode + augment + collate) per decoder and worker count, next to a bare decode loop.
+
+    Example: hfs bench-loader --num-workers 0 --num-workers 2 --json runs/bench-loader.json
+    """
+    import json
+
+    from hfs.utils.writable import require_writable_file
+
+    workers = renamed(workers or None, workers_old or None, "--num-workers", "--workers", default=[0, 1, 2])
+    if json_out is not None:
+        require_writable_file(json_out, "--json")
+
+    from hfs.bench.loader import LoaderBenchSettings, render, run_loader_bench
+    from hfs.utils.atomic import atomic_write_text
+    from hfs.utils.log import make_console
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    settings = LoaderBenchSettings(data=data, images=images, image_size=image_size, batch_size=batch_size,
+                                   batches=batches, workers=list(workers),
+                                   decoders=[d.strip() for d in decoders.split(",") if d.strip()],
+                                   decode_images=decode_images)
+    status = make_console(stderr=True)
+    report = run_loader_bench(settings, on_progress=lambda text: status.print(f"[dim]{text}[/dim]"))
+    render(report, make_console())
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(report, indent=2) + "\n")
 
 
 def one_line(exc: BaseException) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +36,13 @@ def _f(default: Any, *, help: str = "", choices: Iterable[Any] | None = None,
 
 @dataclass
 class DataConfig:
-    source: str = _f("synthetic", choices=("synthetic", "list", "rec"),
-                     help="where training images come from")
+    source: str = _f("synthetic", choices=("synthetic", "list", "rec", "latent"),
+                     help="where training images come from; latent = synthetic identities as vectors of "
+                          "image_size numbers (embedding-level regime, use model.arch=mlp)")
     root: str = _f("", help="folder of `hfs convert` output (source=list) or of train.rec/.idx (source=rec)")
     train_list: str = _f("train_list.txt", help="training list inside root (source=list)")
     val_list: str = _f("val_list.txt", help="validation list inside root (source=list); empty: none")
-    image_size: int = _f(112, gt=0, help="square input size in pixels")
+    image_size: int = _f(112, gt=0, help="square input size in pixels (data.source=latent: input vector length)")
     hflip: bool = _f(True, help="random horizontal flip during training")
     num_workers: int = _f(2, ge=0, help="DataLoader worker processes")
     synthetic_classes: int = _f(1000, gt=0, help="identities of the synthetic source")
@@ -52,6 +54,9 @@ class DataConfig:
     rec_val_ratio: float = _f(0.0, ge=0.0, le=0.9, help="source=rec: share of each identity's images held out "
                                                        "for validation (the rule `hfs convert` uses)")
     split_seed: int = _f(0, help="source=rec: seed of the validation split (as `hfs convert --seed`)")
+    decoder: str = _f("pil", choices=("pil", "simplejpeg", "auto"),
+                      help="JPEG decoder of the list/rec sources: pil, simplejpeg (the jpeg extra; other "
+                           "formats still go through PIL) or auto (simplejpeg when installed)")
 
 
 @dataclass
@@ -79,10 +84,12 @@ class FCConfig:
     init_std: float = _f(0.01, ge=0.0, help="std (gaussian) or half-width (uniform) of the initialisation")
     lr_scale: float = _f(1.0, gt=0.0, help="classifier lr = backbone lr x lr_scale")
     overlap_push: bool = _f(True, help="sampled: push row gradients on a background thread, overlapping the backbone's backward")
-    sharded_momentum: str = _f("dense", choices=("dense", "lazy"),
-                               help="sharded: dense = SGD momentum and weight decay move the whole shard every step "
-                                    "(Partial FC v2); lazy = only the rows active in the step (the weight store's rule "
-                                    "in sampled mode)")
+    sharded_momentum: str = _f("catchup", choices=("catchup", "dense", "lazy"),
+                               help="sharded, SGD: what the rows a step does not touch do. catchup = what dense SGD "
+                                    "does (decay + momentum every step), applied in closed form when a row is next read, "
+                                    "the weight store's rule; dense = torch's SGD on the whole shard every step (Partial "
+                                    "FC v2; the same numbers, O(shard) per step); lazy = nothing (the store's old rule). "
+                                    "Under AdamW catchup means dense")
 
 
 @dataclass
@@ -133,17 +140,33 @@ class ParamServerConfig:
     port: int = _f(5570, gt=0, le=65535, help="serve-params: port of shard 0 (shard i listens on port + i)")
     shards: int = _f(1, gt=0, help="serve-params: server processes, each owning a contiguous range of rows")
     max_message_mb: float = _f(1024.0, gt=0.0, help="serve-params: largest request accepted, in MiB")
+    update_rule: str = _f("catchup", choices=("catchup", "lazy", "dense"),
+                          help="what SGD does to the classifier rows a step does not touch: catchup = what "
+                               "torch's dense SGD does (decay + momentum every step), applied in closed form when "
+                               "a row is next used; lazy = nothing (stale momentum replayed later; the rule before "
+                               "0.2); dense = every row every step (O(C x D), reference)")
 
 
 @dataclass
 class OptimConfig:
+    name: str = _f("sgd", choices=("sgd", "adamw"),
+                   help="backbone optimizer (and the classifier's in full/sharded modes); the weight store "
+                        "(fc.mode=sampled) always applies SGD to the classifier rows")
     lr: float = _f(0.1, gt=0.0, help="base learning rate (per global batch)")
-    momentum: float = _f(0.9, ge=0.0, le=1.0, help="SGD momentum")
-    weight_decay: float = _f(5e-4, ge=0.0, help="SGD weight decay")
-    schedule: str = _f("multistep", choices=("multistep", "cosine", "poly", "constant"), help="lr schedule")
+    momentum: float = _f(0.9, ge=0.0, le=1.0, help="SGD momentum (also the weight store's SGD under adamw)")
+    weight_decay: float = _f(5e-4, ge=0.0, help="weight decay: SGD's L2 term, AdamW's decoupled decay")
+    adamw_beta1: float = _f(0.9, ge=0.0, le=1.0, help="adamw: first-moment decay")
+    adamw_beta2: float = _f(0.999, ge=0.0, le=1.0, help="adamw: second-moment decay")
+    adamw_eps: float = _f(1e-8, gt=0.0, help="adamw: denominator epsilon")
+    store_weight_decay: float = _f(-1.0, help="weight decay of the weight store's SGD on the classifier rows "
+                                              "(fc.mode=sampled); negative = optim.weight_decay")
+    clip_grad_norm: float = _f(0.0, ge=0.0, help="clip the backbone's gradient to this total norm before each "
+                                                 "step (0 = off; arcface_torch clips at 5)")
+    schedule: str = _f("multistep", choices=("multistep", "cosine", "poly", "constant"),
+                       help="lr schedule; poly with warmup_steps is arcface_torch's PolynomialLRWarmup")
     milestones: list[int] = _f([], help="multistep: steps at which lr *= gamma")
     gamma: float = _f(0.1, gt=0.0, help="multistep: lr factor at each milestone")
-    power: float = _f(2.0, gt=0.0, help="poly: exponent")
+    power: float = _f(2.0, gt=0.0, help="poly: exponent (arcface_torch's train_v2 uses 1)")
     warmup_steps: int = _f(0, ge=0, help="linear warmup steps")
 
 
@@ -162,6 +185,13 @@ class TrainConfig:
     checkpoint_every_epochs: int = _f(0, ge=0, help="also checkpoint after every N completed epochs (0 = off)")
     keep_checkpoints: int = _f(3, gt=0, help="checkpoints kept")
     val_every: int = _f(0, ge=0, help="steps between validations (0 = only at the end)")
+    loggers: list[str] = _f(["jsonl", "tensorboard"], choices=("jsonl", "tensorboard", "wandb"),
+                            help="metrics sinks: jsonl (<output_dir>/metrics.jsonl), tensorboard "
+                                 "(when installed), wandb (the wandb extra)")
+    wandb_project: str = _f("hfs", help="wandb: project name")
+    wandb_mode: str = _f("auto", choices=("auto", "online", "offline"),
+                         help="wandb: auto = WANDB_MODE if set, else online with WANDB_API_KEY, else offline "
+                              "(files under <output_dir>/wandb, `wandb sync` later)")
 
 
 @dataclass
@@ -231,6 +261,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotated type; ints are accepted where floats are."""
     origin = typing.get_origin(tp)
@@ -255,6 +288,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 5e-4 (no dot) as a string
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -262,10 +297,14 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 
 def _check_rules(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
+    choices = meta.get("choices")
+    if choices is not None and isinstance(value, list):  # a list key: every item is one of the choices
+        for i, item in enumerate(value):
+            _check_rules(f"{key}[{i}]", item, meta)
+        return
     from hfs.utils.ranges import range_problem
 
-    problem = range_problem(value, choices=meta.get("choices"), ge=meta.get("ge"), gt=meta.get("gt"),
-                            le=meta.get("le"))
+    problem = range_problem(value, choices=choices, ge=meta.get("ge"), gt=meta.get("gt"), le=meta.get("le"))
     if problem:
         raise ConfigError(f"config key '{key}' {problem}")
 

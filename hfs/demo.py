@@ -79,7 +79,7 @@ def extract_and_verify(checkpoint: str | Path, bin_path: Path, features_out: Pat
     """What `hfs extract` + `hfs verify` do: features of the .bin images, then 10-fold accuracy."""
     from hfs.eval.evaluate import VerificationSet, verify_features
     from hfs.eval.extract import EncodedImages, extract_features, write_features
-    from hfs.train.checkpoint import load_backbone
+    from hfs.models.loading import load_backbone
 
     model, cfg = load_backbone(checkpoint)
     vset = VerificationSet.load(bin_path)
@@ -93,6 +93,7 @@ def run_demo(out: Path, sizes: DemoSizes = DemoSizes()) -> dict:
     """Run the five steps; returns what the summary shows."""
     from hfs.config import load_config
     from hfs.data.convert import rec_to_images
+    from hfs.eval.hooks import verification_hooks
     from hfs.train.trainer import train
 
     t0 = time.perf_counter()
@@ -105,7 +106,7 @@ def run_demo(out: Path, sizes: DemoSizes = DemoSizes()) -> dict:
     cfg = load_config(None, demo_overrides(out, sizes, out / "converted"))
     if (out / "train").exists():  # the demo's own previous run: start afresh
         shutil.rmtree(out / "train")
-    result = train(cfg)
+    result = train(cfg, hooks=verification_hooks(cfg))
     if result.interrupted:
         raise DemoInterrupted(f"training stopped at step {result.steps} of {sizes.steps}; continue it with "
                               f"`hfs train --resume {result.checkpoint}`, or run the demo again")

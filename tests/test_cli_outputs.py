@@ -123,3 +123,13 @@ def test_verify_json_folder_names_the_flag(tmp_path):
 def test_bench_json_folder(command, tmp_path):
     line = one_error(hfs(*command, str(tmp_path)))
     assert line.startswith("error: --json ") and "is a folder" in line
+
+
+@pytest.mark.parametrize("command, flag", [
+    (["export", "--checkpoint", "runs/none"], "--onnx"),
+    (["eval-ijb", "--root", "nowhere"], "--json"),
+    (["bench-loader"], "--json"),
+])
+def test_newer_commands_check_their_outputs_too(command, flag, tmp_path):
+    line = one_error(hfs(*command, flag, str(tmp_path)))
+    assert line.startswith(f"error: {flag} ") and "is a folder" in line

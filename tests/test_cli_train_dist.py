@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from hfs.train import checkpoint as ckpt_io
+from hfs import checkpoint as ckpt_io
 
 
 def _hfs(*args: str) -> subprocess.CompletedProcess:

@@ -41,6 +41,7 @@ def test_every_command_help_has_an_example(command):
     ("bench-fc", "--batch-size", "--batch"),
     ("bench-paramserver", "--json", "--out"),
     ("convert", "--num-workers", "--workers"),
+    ("bench-loader", "--num-workers", "--workers"),
 ])
 def test_one_spelling_per_concept_old_one_hidden(command, new, old):
     text = help_of(command)

@@ -93,19 +93,44 @@ def test_every_key_has_help():
 
 
 def test_default_config_file_is_current():
-    from hfs.utils.default_config import render_default_config
+    from hfs.default_config import render_default_config
 
     assert (CONFIGS / "default.yaml").read_text() == render_default_config(), \
-        "regenerate: python -m hfs.utils.default_config > configs/default.yaml"
+        "regenerate: python -m hfs.default_config > configs/default.yaml"
     assert load_config(CONFIGS / "default.yaml") == HfsConfig()
 
 
 def test_readme_config_reference_is_current():
-    from hfs.utils.default_config import README_END, README_START, render_config_reference
+    from hfs.default_config import README_END, README_START, render_config_reference
 
     readme = (CONFIGS.parent / "README.md").read_text()
     start, end = readme.index(README_START), readme.index(README_END) + len(README_END)
     assert readme[start:end] == render_config_reference(), \
+        "regenerate the README's config table: python -m hfs.default_config --markdown"
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("optim.name=adam", "config key 'optim.name' must be one of sgd, adamw"),
+    ("optim.clip_grad_norm=-1", "config key 'optim.clip_grad_norm' must be >= 0"),
+    ("optim.adamw_beta2=1.5", "config key 'optim.adamw_beta2' must be <= 1"),
+    ("train.loggers=[jsonl, mlflow]", "config key 'train.loggers[1]' must be one of jsonl, tensorboard, wandb"),
+    ("train.wandb_mode=cloud", "config key 'train.wandb_mode'"),
+    ("data.decoder=turbo", "config key 'data.decoder' must be one of pil, simplejpeg, auto"),
+])
+def test_training_option_errors_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert needle in str(info.value)
+
+
+def test_float_keys_take_exponents_without_a_dot(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  weight_decay: 5e-4\n  lr: 1E-3\n")  # YAML 1.1 reads these as strings
+    cfg = load_config(p)
+    assert cfg.optim.weight_decay == 5e-4 and cfg.optim.lr == 1e-3
+    with pytest.raises(ConfigError, match="'optim.lr' expects float"):
+        load_config(None, ["optim.lr=fast"])
+
         "regenerate the README's config table: python -m hfs.utils.default_config --markdown"
 
 

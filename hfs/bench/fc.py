@@ -72,11 +72,13 @@ def time_sampled_steps(cfg: HfsConfig, num_classes: int, batch: int, steps: int,
 
     dim = cfg.model.embedding_size
     with tempfile.TemporaryDirectory(prefix="hfs-bench-fc-") as tmp:
-        store = open_store(cfg.paramserver, tmp)
+        store = open_store(cfg.paramserver, cfg.paramserver.snapshot_dir or tmp)
         try:
             store.create("fc", num_classes, dim, init=cfg.fc.init, std=cfg.fc.init_std, seed=0, exist_ok=True)
             t0 = time.perf_counter()
-            selector = build_selector(cfg, store, "fc", num_classes)
+            selector = build_selector(cfg.sampler, store=store, matrix="fc", num_classes=num_classes,
+                                      sample_num=cfg.fc.sample_num, queries_per_step=cfg.train.batch_size,
+                                      seed=cfg.sampler.seed, metric=cfg.sampler_metric)
             selector.maybe_refresh(0)
             if wait_index:
                 selector.wait_ready()

@@ -22,14 +22,17 @@ log = logging.getLogger(__name__)
 class _ImageDataset:
     """Shared item logic: load encoded bytes or a path, then the train or eval transform."""
 
-    def __init__(self, labels: np.ndarray, image_size: int, train: bool, hflip: bool, seed: int) -> None:
-        from hfs.data.transforms import EvalTransform, TrainTransform
+    def __init__(self, labels: np.ndarray, image_size: int, train: bool, hflip: bool, seed: int,
+                 decoder: str = "pil") -> None:
+        from hfs.data.transforms import EvalTransform, TrainTransform, resolve_decoder
 
         self._labels = np.asarray(labels, dtype=np.int64)
         self.train = train
         self.seed = int(seed)
         self.epoch = 0
-        self.transform = TrainTransform(image_size, hflip) if train else EvalTransform(image_size)
+        self.decoder = resolve_decoder(decoder)
+        self.transform = (TrainTransform(image_size, hflip, self.decoder) if train
+                          else EvalTransform(image_size, self.decoder))
 
     def __len__(self) -> int:
         return len(self._labels)
@@ -65,11 +68,11 @@ class ImageListDataset(_ImageDataset):
     """Images named by a list file ("relative/path label" per line) under a root folder."""
 
     def __init__(self, list_path: str | Path, root: str | Path, image_size: int, train: bool = True,
-                 hflip: bool = True, seed: int = 0) -> None:
+                 hflip: bool = True, seed: int = 0, decoder: str = "pil") -> None:
         self.list_path = Path(list_path)
         self.root = Path(root)
         self.paths, labels = read_image_list(self.list_path)
-        super().__init__(labels, image_size, train, hflip, seed)
+        super().__init__(labels, image_size, train, hflip, seed, decoder)
 
     def _load(self, index: int) -> Path:
         path = self.root / self.paths[index]
@@ -89,10 +92,10 @@ class RecDataset(_ImageDataset):
     """
 
     def __init__(self, rec, keys: Sequence[int], labels: np.ndarray, image_size: int, train: bool = True,
-                 hflip: bool = True, seed: int = 0) -> None:
+                 hflip: bool = True, seed: int = 0, decoder: str = "pil") -> None:
         self.rec = rec
         self.keys = np.asarray(keys, dtype=np.int64)
-        super().__init__(labels, image_size, train, hflip, seed)
+        super().__init__(labels, image_size, train, hflip, seed, decoder)
 
     def _load(self, index: int) -> bytes:
         return self.rec.read_image(int(self.keys[index]))[1]
@@ -114,7 +117,9 @@ def build_datasets(cfg) -> tuple[Any, Any | None, int]:
         return _from_lists(cfg)
     if source == "rec":
         return _from_rec(cfg)
-    raise HfsError(f"data.source '{source}' is not one of synthetic, list, rec")
+    if source == "latent":
+        return _latent(cfg)
+    raise HfsError(f"data.source '{source}' is not one of synthetic, list, rec, latent")
 
 
 def _synthetic(cfg):
@@ -126,6 +131,19 @@ def _synthetic(cfg):
                   cluster_size=d.synthetic_cluster_size)
     train = SyntheticIdentities(split="train", hflip=d.hflip, **common)
     val = SyntheticIdentities(split="val", **common) if d.synthetic_val_per_class > 0 else None
+    return train, val, d.synthetic_classes
+
+
+def _latent(cfg):
+    """Synthetic identities as vectors (`hfs.data.latent`), sized by the synthetic_* keys."""
+    from hfs.data.latent import LatentGenerator, LatentIdentities
+
+    d = cfg.data
+    gen = LatentGenerator(d.synthetic_seed, input_dim=d.image_size, cluster_size=d.synthetic_cluster_size)
+    train = LatentIdentities(gen, d.synthetic_classes, d.synthetic_images_per_class, split="train",
+                             val_per_class=d.synthetic_val_per_class)
+    val = (LatentIdentities(gen, d.synthetic_classes, d.synthetic_images_per_class, split="val",
+                            val_per_class=d.synthetic_val_per_class) if d.synthetic_val_per_class > 0 else None)
     return train, val, d.synthetic_classes
 
 
@@ -154,10 +172,10 @@ def _num_classes(root: Path, labels: Sequence[np.ndarray], what: str) -> int:
 
 def _from_lists(cfg):
     d, root = cfg.data, _root(cfg)
-    train = ImageListDataset(root / d.train_list, root, d.image_size, True, d.hflip, cfg.train.seed)
+    train = ImageListDataset(root / d.train_list, root, d.image_size, True, d.hflip, cfg.train.seed, d.decoder)
     val = None
     if d.val_list:
-        val = ImageListDataset(root / d.val_list, root, d.image_size, train=False)
+        val = ImageListDataset(root / d.val_list, root, d.image_size, train=False, decoder=d.decoder)
         if len(val) == 0:
             val = None
     if len(train) == 0:
@@ -179,10 +197,11 @@ def _from_rec(cfg):
         raise HfsError(f"{rec_path} holds no images")
     is_val = split_per_identity(layout.labels, d.rec_val_ratio, d.split_seed)
     train = RecDataset(rec, layout.image_keys[~is_val], layout.labels[~is_val], d.image_size, True, d.hflip,
-                       cfg.train.seed)
+                       cfg.train.seed, d.decoder)
     val = None
     if is_val.any():
-        val = RecDataset(rec, layout.image_keys[is_val], layout.labels[is_val], d.image_size, train=False)
+        val = RecDataset(rec, layout.image_keys[is_val], layout.labels[is_val], d.image_size, train=False,
+                         decoder=d.decoder)
     num_classes = layout.num_classes
     if (root / "property").is_file():
         num_classes = _num_classes(root, [layout.labels], str(rec_path))

@@ -14,8 +14,55 @@ import numpy as np
 from PIL import Image
 
 
-def decode_image(data: bytes | str | Path) -> Image.Image:
-    """Decode encoded bytes (JPEG/PNG) or a file path into an RGB PIL image."""
+DECODERS = ("pil", "simplejpeg")
+JPEG_MAGIC = b"\xff\xd8"
+
+
+def resolve_decoder(name: str) -> str:
+    """``data.decoder`` to a decoder that is installed: auto = simplejpeg when it imports, else PIL.
+
+    Asking for simplejpeg explicitly without it installed is an error with the install hint,
+    raised here, in the main process, before any DataLoader worker starts.
+    """
+    if name not in ("pil", "simplejpeg", "auto"):
+        raise ValueError(f"unknown decoder {name!r}; one of pil, simplejpeg, auto")
+    if name == "pil":
+        return "pil"
+    try:
+        import simplejpeg  # noqa: F401
+    except ImportError:
+        if name == "auto":
+            return "pil"
+        from hfs.utils.errors import HfsError
+
+        raise HfsError("config key 'data.decoder' is simplejpeg, which is not installed: "
+                       "pip install simplejpeg (or data.decoder=pil)") from None
+    return "simplejpeg"
+
+
+def _decode_simplejpeg(data: bytes | str | Path) -> Image.Image | None:
+    """libjpeg-turbo through simplejpeg for JPEG input; None for anything else (PIL decodes it)."""
+    import simplejpeg
+
+    raw = data if isinstance(data, (bytes, bytearray, memoryview)) else Path(data).read_bytes()
+    if bytes(raw[:2]) != JPEG_MAGIC:
+        return None
+    try:
+        return Image.fromarray(simplejpeg.decode_jpeg(raw, colorspace="RGB"))
+    except ValueError:  # CMYK, arithmetic coding, ...: PIL's wider support decides
+        return None
+
+
+def decode_image(data: bytes | str | Path, decoder: str = "pil") -> Image.Image:
+    """Decode encoded bytes (JPEG/PNG) or a file path into an RGB PIL image.
+
+    ``decoder="simplejpeg"`` (resolved by :func:`resolve_decoder`) decodes JPEGs with
+    simplejpeg; other formats, and JPEGs it cannot read, go through PIL.
+    """
+    if decoder == "simplejpeg":
+        img = _decode_simplejpeg(data)
+        if img is not None:
+            return img
     src = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     with Image.open(src) as img:
         return img.convert("RGB")
@@ -44,27 +91,28 @@ def hflip(img: Image.Image) -> Image.Image:
 
 
 class EvalTransform:
-    """Decode (if needed), resize, normalise."""
+    """Decode (if needed, with ``decoder``: pil or simplejpeg), resize, normalise."""
 
-    def __init__(self, image_size: int) -> None:
+    def __init__(self, image_size: int, decoder: str = "pil") -> None:
         self.image_size = image_size
+        self.decoder = decoder
 
     def __call__(self, img):
         if not isinstance(img, Image.Image):
-            img = decode_image(img)
+            img = decode_image(img, self.decoder)
         return to_tensor(resize(img, self.image_size))
 
 
 class TrainTransform(EvalTransform):
     """EvalTransform plus a random horizontal flip drawn from the given numpy Generator."""
 
-    def __init__(self, image_size: int, flip: bool = True) -> None:
-        super().__init__(image_size)
+    def __init__(self, image_size: int, flip: bool = True, decoder: str = "pil") -> None:
+        super().__init__(image_size, decoder)
         self.flip = flip
 
     def __call__(self, img, rng: np.random.Generator | None = None):
         if not isinstance(img, Image.Image):
-            img = decode_image(img)
+            img = decode_image(img, self.decoder)
         rng = rng if rng is not None else np.random.default_rng()
         if self.flip and rng.random() < 0.5:
             img = hflip(img)

@@ -6,7 +6,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -135,26 +136,74 @@ def verify_feature_files(bins: Sequence[str | Path], features: Sequence[str | Pa
     return results, sources
 
 
-def load_checkpoint_model(checkpoint: str | Path, device: "str | torch.device | None" = "auto"):
+def resolve_checkpoint_path(checkpoint: str | Path, output_dir: str | Path | None = None) -> Path:
+    """The checkpoint file a --checkpoint value means: a file, a run folder (its latest checkpoint),
+    or ``latest`` (the latest one in ``output_dir``, the config's ``train.output_dir``)."""
+    from hfs.checkpoint import resolve_checkpoint
+
+    spec = str(checkpoint)
+    if spec == "latest" and output_dir is None:
+        raise HfsError("--checkpoint latest: no run folder to look in (set train.output_dir)")
+    return resolve_checkpoint(spec, "." if output_dir is None else output_dir, flag="--checkpoint")
+
+
+def load_checkpoint_model(checkpoint: str | Path, device: "str | torch.device | None" = "auto",
+                          output_dir: str | Path | None = None):
     """(backbone in eval mode on ``device``, the run's HfsConfig, the checkpoint file used).
 
-    ``checkpoint`` is a file or a run folder (its latest checkpoint).
+    ``checkpoint`` is resolved by :func:`resolve_checkpoint_path`.
     """
     from hfs.utils.device import resolve_device
-    from hfs.train.checkpoint import load_backbone, resolve_checkpoint
+    from hfs.models.loading import load_backbone
 
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = resolve_checkpoint(str(path), path)
+    path = resolve_checkpoint_path(checkpoint, output_dir)
     model, cfg = load_backbone(path, map_location=resolve_device(device, "--device"))
     return model, cfg, path
+
+
+@dataclass
+class EmbeddingModel:
+    """A backbone ready to embed images, whether a trained checkpoint's torch module or an exported
+    .onnx run by onnxruntime: both are called the same way, so extraction has one code path."""
+
+    model: "torch.nn.Module"
+    image_size: int
+    device: "torch.device"
+    source: Path
+    meta: dict = field(default_factory=dict)  # arch, image_size (+ format: onnx) for the JSON summaries
+
+    @property
+    def is_onnx(self) -> bool:
+        return self.meta.get("format") == "onnx"
+
+
+def load_embedding_model(checkpoint: str | Path, device: "str | torch.device | None" = "auto",
+                         output_dir: str | Path | None = None) -> EmbeddingModel:
+    """The --checkpoint of ``hfs extract`` / ``hfs verify``: an hfs checkpoint (file, run folder,
+    ``latest``) or an ``.onnx`` file from ``hfs export``, which runs on onnxruntime's CPU provider."""
+    from hfs.eval.onnx_model import OnnxBackbone, is_onnx_path
+    from hfs.utils.device import resolve_device
+
+    if not is_onnx_path(checkpoint):
+        model, cfg, path = load_checkpoint_model(checkpoint, device, output_dir)
+        return EmbeddingModel(model, cfg.data.image_size, resolve_device(device, "--device"), path,
+                              {"arch": cfg.model.arch, "image_size": cfg.data.image_size})
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise HfsError(f"--checkpoint {path} does not exist")
+    wanted = resolve_device(device, "--device")
+    if device not in (None, "auto") and wanted.type != "cpu":
+        logging.getLogger(__name__).warning("--device %s: an .onnx model runs on onnxruntime's CPU provider", device)
+    model = OnnxBackbone(path)
+    return EmbeddingModel(model, model.image_size, resolve_device("cpu"), path, model.describe())
 
 
 def extract_checkpoint(checkpoint: str | Path, out: str | Path, *, bin_path: str | Path | None = None,
                        list_path: str | Path | None = None, prefix: str | Path | None = None,
                        flip: bool = False, batch_size: int = 256, device: str = "auto",
-                       num_workers: int = 2) -> Path:
-    """``hfs extract``: a checkpoint's embeddings of a .bin (in its order) or of a file list.
+                       num_workers: int = 2, output_dir: str | Path | None = None) -> Path:
+    """``hfs extract``: a checkpoint's (or exported .onnx's) embeddings of a .bin (in its order) or of
+    a file list.
 
     Writes ``out`` (float32 N x D .npy) and a JSON beside it; returns the JSON's path.
     """
@@ -173,22 +222,24 @@ def extract_checkpoint(checkpoint: str | Path, out: str | Path, *, bin_path: str
         prefix = Path(list_path).parent if prefix is None else Path(prefix)
         images = list_image_paths(list_path, prefix)
         source, where = str(list_path), {"list": str(list_path), "prefix": str(prefix)}
-    model, cfg, checkpoint = load_checkpoint_model(checkpoint, device)
-    feats = extract_features(model, EncodedImages(images, cfg.data.image_size, source), batch_size=batch_size,
-                             flip=flip, device=device, num_workers=num_workers, description=Path(source).name)
-    meta = {"checkpoint": str(checkpoint), "arch": cfg.model.arch, "flip": flip,
-            "image_size": cfg.data.image_size, **where}
+    em = load_embedding_model(checkpoint, device, output_dir)
+    feats = extract_features(em.model, EncodedImages(images, em.image_size, source), batch_size=batch_size,
+                             flip=flip, device=em.device, num_workers=num_workers, description=Path(source).name)
+    meta = {"checkpoint": str(em.source), **em.meta, "flip": flip, **where}
     return write_features(out, feats, meta)
 
 
 def verify_checkpoint(bins: Sequence[str | Path], checkpoint: str | Path, *, folds: int = 10,
                       far_target: float = DEFAULT_FAR_TARGET, flip: bool = False, batch_size: int = 256,
-                      device: str = "auto", num_workers: int = 2) -> tuple[dict[str, VerificationResult], dict]:
-    """``hfs verify --checkpoint``: embed each .bin with the checkpoint's backbone and score it."""
+                      device: str = "auto", num_workers: int = 2,
+                      output_dir: str | Path | None = None) -> tuple[dict[str, VerificationResult], dict]:
+    """``hfs verify --checkpoint``: embed each .bin with the checkpoint's backbone (or an exported
+    .onnx) and score it."""
     sets = load_verification_sets(bins)
-    model, cfg, checkpoint = load_checkpoint_model(checkpoint, device)
-    results = evaluate_sets(model, sets, cfg.data.image_size, batch_size=batch_size, flip=flip, device=device,
+    em = load_embedding_model(checkpoint, device, output_dir)
+    results = evaluate_sets(em.model, sets, em.image_size, batch_size=batch_size, flip=flip, device=em.device,
                             folds=folds, far_target=far_target, num_workers=num_workers)
-    sources = {name: {"bin": str(s.path), "checkpoint": str(checkpoint), "flip": flip}
+    onnx = {"format": "onnx"} if em.is_onnx else {}
+    sources = {name: {"bin": str(s.path), "checkpoint": str(em.source), "flip": flip, **onnx}
                for name, s in zip(results, sets)}
     return results, sources

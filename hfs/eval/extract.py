@@ -108,6 +108,23 @@ def extract_features(model, images: EncodedImages, *, batch_size: int = 256, fli
     for the pass and restored to its previous mode afterwards, so the trainer can call this
     mid-training. On CUDA the forward pass runs under fp16 autocast (``amp``).
     """
+    chunks = list(iter_embeddings(model, images, batch_size=batch_size, flip=flip, device=device,
+                                  num_workers=num_workers, amp=amp, show_progress=show_progress,
+                                  description=description))
+    if not chunks:
+        raise HfsError(f"{images.source}: no images to extract")
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def iter_embeddings(model, images, *, batch_size: int = 256, flip: bool = False,
+                    device: "str | torch.device | None" = None, num_workers: int = 0, amp: bool = True,
+                    show_progress: bool = True, description: str = "extract"):
+    """:func:`extract_features` one batch at a time: yields float32 (b, D) arrays in image order.
+
+    For sets too large to hold every embedding at once (IJB-C: 469K images); ``images`` is any
+    dataset whose items are ``(tensor, error message)`` as :class:`EncodedImages` returns them.
+    A failed image raises :class:`HfsError` with its message once the loader has shut down.
+    """
     import contextlib
 
     import torch
@@ -118,28 +135,26 @@ def extract_features(model, images: EncodedImages, *, batch_size: int = 256, fli
                         pin_memory=device.type == "cuda")
     autocast = (torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda"
                 else contextlib.nullcontext())
-    chunks: list[np.ndarray] = []
     was_training = model.training
     model.eval()
     bar = _progress_bar(show_progress)
     failure = ""
     try:
-        with bar, torch.inference_mode(), autocast:
+        with bar:
             task = bar.add_task(description, total=len(images), info="flip" if flip else "") if bar else None
             for batch, errors in loader:
                 failure = next((e for e in errors if e), "")
                 if failure:
                     break
-                chunks.append(_embed(model, batch.to(device, non_blocking=True), flip).cpu().numpy())
+                with torch.inference_mode(), autocast:
+                    emb = _embed(model, batch.to(device, non_blocking=True), flip).cpu().numpy()
+                yield emb.astype(np.float32, copy=False)
                 if bar:
                     bar.advance(task, len(batch))
     finally:
         model.train(was_training)
     if failure:
         raise HfsError(failure)
-    if not chunks:
-        raise HfsError(f"{images.source}: no images to extract")
-    return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
 def _progress_bar(show: bool):

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any, Mapping
 
 from hfs.eval.verification import VerificationResult
-from hfs.utils.atomic import atomic_write, atomic_write_text
-from hfs.utils.optional import install_hint, require
+from hfs.utils.atomic import atomic_write_text
 
 
 def _far_label(far: float) -> str:
@@ -43,22 +41,16 @@ def write_results_json(path: str | Path, results: Mapping[str, VerificationResul
 
 def require_matplotlib():
     """matplotlib (the optional ``plot`` extra), or a one-line error saying how to install it."""
-    return require("matplotlib", "--plot", install_hint("matplotlib", "plot"))
+    from hfs.utils.plotting import require_matplotlib as require_plot
 
-
-def _pyplot():
-    matplotlib = require_matplotlib()
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
+    return require_plot("--plot")
 
 
 def plot_roc(path: str | Path, results: Mapping[str, VerificationResult]) -> None:
     """Draw every set's ROC (TAR against FAR, log FAR axis) into one PNG, written atomically."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 5))
-    try:
+    from hfs.utils.plotting import figure, save_png
+
+    with figure(figsize=(6, 5)) as (fig, ax):
         for name, r in results.items():
             keep = r.roc.fpr > 0  # a log axis cannot show FAR = 0
             ax.plot(r.roc.fpr[keep], r.roc.tpr[keep], label=f"{name} (AUC {r.auc:.4f}, EER {r.eer:.4f})")
@@ -66,11 +58,5 @@ def plot_roc(path: str | Path, results: Mapping[str, VerificationResult]) -> Non
         ax.set_xlabel("false accept rate")
         ax.set_ylabel("true accept rate")
         ax.set_ylim(0, 1.01)
-        ax.grid(True, which="both", alpha=0.3)
         ax.legend(loc="lower right")
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    with atomic_write(path, "wb") as fh:
-        fh.write(buf.getvalue())
+        save_png(fig, path)

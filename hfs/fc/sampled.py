@@ -14,18 +14,25 @@ backward pass, its optimizer step, the next batch's loading and the next backbon
 It is waited for before the next selection, a snapshot or a validation pass, and the
 selector's refresh for a step runs only after its push has landed (at the start of the next
 forward), so results do not depend on thread timing.
+
+The selector observes rows twice: the active rows when they are fetched for a step, and the
+rows a step updated once that update has landed (re-read from the store before the next
+selection), so an index updated in place never answers with a row's value from before its
+last update.
 """
 
 from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from hfs.fc.common import FCOutput, loss_and_correct
+from hfs.dist import barrier, is_main
+from hfs.fc.common import FCOutput, loss_and_correct, predict_all_classes
+from hfs.fc.layer import selector_upkeep
 from hfs.models.heads import MarginHead
 from hfs.paramserver.base import HParams, WeightStore
 
@@ -34,14 +41,17 @@ class SampledFC:
     """The classifier layer of sampled (HF-softmax) training; see the module docstring."""
 
     def __init__(self, store: WeightStore, selector, head: MarginHead, *, matrix: str = "fc",
-                 overlap_push: bool = True) -> None:
+                 overlap_push: bool = True, lr_scale: float = 1.0, workers: int = 1) -> None:
         self.store, self.selector, self.head, self.matrix = store, selector, head, matrix
+        self.lr_scale = lr_scale  # the classifier's lr = the schedule's x fc.lr_scale
+        self.workers = workers  # ranks pushing to one shared store: it sums their row gradients
         self.num_classes, self.dim = store.shape(matrix)
         self._overlap = overlap_push
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self._cycle: list[tuple[np.ndarray, np.ndarray]] = []
         self._refresh_step: int | None = None
+        self._updated: tuple[int, np.ndarray] | None = None  # (step, rows) to observe once applied
         self._hparams: HParams | None = None
         self.timers = {"select": 0.0, "observe": 0.0, "refresh": 0.0, "get": 0.0, "push_wait": 0.0}
 
@@ -96,6 +106,8 @@ class SampledFC:
         ids = np.concatenate([a for a, _ in self._cycle])
         grads = np.concatenate([g for _, g in self._cycle])
         self._cycle = []
+        if self.selector.uses_index:
+            self._updated = (step, np.unique(ids))
         if grad_scale != 1.0:
             grads /= grad_scale
         if not np.isfinite(grads).all():
@@ -122,13 +134,26 @@ class SampledFC:
         self._refresh_step = step
 
     def settle(self) -> None:
-        """Wait for the pending push, then give the selector its refresh for that step."""
+        """Wait for the pending push, let the selector see the rows it updated, then its refresh."""
         self.wait()
+        self._observe_updated()
         if self._refresh_step is not None:
             step, self._refresh_step = self._refresh_step, None
             t0 = time.perf_counter()
             self.selector.maybe_refresh(step)
             self.timers["refresh"] += time.perf_counter() - t0
+
+    def _observe_updated(self) -> None:
+        """The selector sees the values the last step's update gave its rows (no one-update lag)."""
+        if self._updated is None:
+            return
+        (step, rows), self._updated = self._updated, None
+        t0 = time.perf_counter()
+        values = self.store.get_rows(self.matrix, rows, step=step + 1)
+        t1 = time.perf_counter()
+        self.selector.observe(rows, values)
+        self.timers["get"] += t1 - t0
+        self.timers["observe"] += time.perf_counter() - t1
 
     # -- whole matrix ------------------------------------------------------------------
     def iter_chunks(self, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
@@ -139,6 +164,44 @@ class SampledFC:
     def sampler_seconds(self) -> float:
         """Time spent choosing classes and keeping the index fresh (the 'upkeep' share)."""
         return self.timers["select"] + self.timers["observe"] + self.timers["refresh"]
+
+    # -- ClassifierLayer ---------------------------------------------------------------
+    @property
+    def active_classes(self) -> int:
+        return self.selector.sample_num
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return []  # the rows live in the store, which applies SGD itself
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+    def grad_scale(self, amp_scale: float) -> float:
+        """Pushed row gradients are divided by this: the AMP scale x the ranks the store sums."""
+        return amp_scale * self.workers
+
+    def before_step(self, lr: float, momentum: float, weight_decay: float) -> None:
+        self.set_hparams(lr * self.lr_scale, momentum, weight_decay)
+
+    def after_backward(self) -> None:
+        pass
+
+    def checkpoint_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The store's own step-named (and pruned) snapshot, taken once every rank's push of
+        this step is applied; the rows and their momentum are in it, not in the checkpoint."""
+        self.wait()
+        barrier()
+        snapshot = self.store.snapshot() if is_main() else None
+        return {"fc": None, "optimizer": optimizer.state_dict(), "store_snapshot": snapshot}
+
+    def optimizer_state(self, saved: dict[str, Any]) -> dict[str, Any]:
+        return saved
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        return predict_all_classes(self.head, features, self.iter_chunks())
+
+    def upkeep(self) -> dict[str, float]:
+        return selector_upkeep(self.selector)
 
     def close(self) -> None:
         """Finish the pending push and stop the push thread and the selector. Idempotent."""

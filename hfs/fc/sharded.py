@@ -8,7 +8,7 @@ The layout Partial FC uses to reach tens of millions of classes on many GPUs:
   decay act only on the rows active in the step (``take_active_rows`` feeds
   :class:`~hfs.train.optim.RowSparseSGD`), the weight store's rule in sampled mode. With
   ``sample_num >= C`` both are exactly the full softmax;
-* features are all-gathered *with gradient* (:class:`~hfs.train.distributed.AllGatherWithGrad`)
+* features are all-gathered *with gradient* (:class:`~hfs.dist.AllGatherWithGrad`)
   and labels without, so every rank scores the whole global batch against its rows;
 * each rank picks its active rows inside its shard: every positive that falls in the shard,
   then negatives up to its share of ``fc.sample_num``. ``sample_num`` is global: rank r
@@ -35,21 +35,21 @@ backbone's update equals the single-process update on the global batch.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from hfs.train.distributed import (all_gather_no_grad, all_gather_with_grad, get_rank, get_world_size,
-                                   is_initialized, scale_grad)
+from hfs.dist import (all_gather_no_grad, all_gather_with_grad, get_rank, get_world_size, is_initialized,
+                      scale_grad)
+from hfs.fc.layer import selector_upkeep
 
 if TYPE_CHECKING:
-    from hfs.config import HfsConfig
+    from hfs.config import SamplerConfig
     from hfs.samplers import ActiveClassSelector
 
 
@@ -161,20 +161,25 @@ class ShardView:
         signature: the shard is updated in this process, so there is nothing to wait for)."""
         weight = self._weight(name)
         index = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=weight.device)
+        self._fc.current(index)
         return weight[index].float().cpu().numpy()
 
     def iter_chunks(self, name: str, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
         weight = self._weight(name)
         for first in range(0, weight.shape[0], chunk_rows):
-            yield first, weight[first:first + chunk_rows].to("cpu", torch.float32, copy=True).numpy()
+            last = min(first + chunk_rows, weight.shape[0])
+            self._fc.current(torch.arange(first, last, device=weight.device))
+            yield first, weight[first:last].to("cpu", torch.float32, copy=True).numpy()
 
 
 class ShardedFC(nn.Module):
     """This rank's shard of the classifier; see the module docstring for the layout."""
 
     def __init__(self, shard_rows: torch.Tensor, num_classes: int, head: nn.Module, *, sample_num: int,
-                 seed: int = 0, ddp_average: bool = True) -> None:
+                 seed: int = 0, ddp_average: bool = True, lr_scale: float = 1.0,
+                 momentum_rule: str = "catchup") -> None:
         super().__init__()
+        self.lr_scale, self.momentum_rule = lr_scale, momentum_rule
         self.rank, self.world_size = get_rank(), get_world_size()
         self.num_classes = num_classes
         self.start, self.end = shard_bounds(num_classes, self.rank, self.world_size)
@@ -183,9 +188,11 @@ class ShardedFC(nn.Module):
                              f"got {shard_rows.shape[0]} rows")
         self.head = head
         self.weight = nn.Parameter(shard_rows)
+        self._global_sample_num = min(sample_num, num_classes)
         self.sample_num = shard_sample_num(sample_num, num_classes, self.end - self.start)
         self.seed, self.ddp_average = seed, ddp_average
         self.selector: ActiveClassSelector | None = None
+        self._optimizer: Any = None  # the RowSparseSGD that catches rows up (momentum_rule=catchup)
         self.timers = {"select": 0.0, "refresh": 0.0}
         # rows active since the optimizer last asked (micro-batches of one step add up)
         self._touched = torch.zeros(self.end - self.start, dtype=torch.bool, device=shard_rows.device)
@@ -193,6 +200,12 @@ class ShardedFC(nn.Module):
     @property
     def shard_rows(self) -> int:
         return self.end - self.start
+
+    @property
+    def active_classes(self) -> int:
+        """The global ``sample_num`` share summed over ranks would need a collective; this
+        is what the run summary reports: ``fc.sample_num`` capped at C."""
+        return self._global_sample_num
 
     def attach_selector(self, selector: "ActiveClassSelector") -> None:
         """Pick negatives through ``selector`` (an index over :class:`ShardView` of this
@@ -228,6 +241,7 @@ class ShardedFC(nn.Module):
         all_features = all_gather_with_grad(features).float()
         all_labels = all_gather_no_grad(labels)
         index, local = self._select(all_features.detach(), all_labels, step)
+        self.current(index)
         self._touched[slice(None) if index is None else index] = True
         rows = self.weight if index is None else self.weight[index]
         with torch.autocast(device_type=all_features.device.type, enabled=False):
@@ -280,6 +294,61 @@ class ShardedFC(nn.Module):
         if self.selector is not None:
             self.selector.close()
 
+    # -- ClassifierLayer ---------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": [self.weight], "lr_scale": self.lr_scale}]
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """``fc.sharded_momentum`` lazy or catchup: the optimizer updates the step's active rows only
+        (catchup: and the others catch up on dense SGD's steps when read). Dense, and any rule
+        under an optimizer without row-sparse updates (AdamW), leave torch's dense update."""
+        self._param_index = _index_in(optimizer, self.weight)  # where its momentum is in the optimizer's state
+        if self.momentum_rule == "dense" or not hasattr(optimizer, "update_rows_of"):
+            return
+        optimizer.update_rows_of(self.weight, self.take_active_rows, catch_up=self.momentum_rule == "catchup")
+        if self.momentum_rule == "catchup":
+            self._optimizer = optimizer
+
+    def current(self, index: torch.Tensor | None = None) -> None:
+        """Bring rows ``index`` (None: the whole shard) to the last step before they are read
+        (``fc.sharded_momentum=catchup``; a no-op under the other rules)."""
+        if self._optimizer is not None:
+            self._optimizer.catch_up(self.weight, index)
+
+    def grad_scale(self, amp_scale: float) -> float:
+        return amp_scale  # a parameter of the trainer's optimizer, unscaled with the backbone
+
+    def before_step(self, lr: float, momentum: float, weight_decay: float) -> None:
+        pass
+
+    def after_backward(self) -> None:
+        pass  # the shard's gradient is exact on each rank: nothing to average
+
+    def checkpoint_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The whole matrix and its momentum in global row order (rank 0; None elsewhere).
+
+        Under catchup every row is brought current and the step history forgotten first, so a
+        run resumed from this checkpoint continues exactly as the uninterrupted one."""
+        if self._optimizer is not None:
+            self._optimizer.catch_up_all(self.weight)
+        return {"fc": {"weight": self.full_weight()}, "optimizer": self._full_optimizer_state(optimizer),
+                "store_snapshot": None}
+
+    def optimizer_state(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint's optimizer state with the shard's per-row state (SGD's momentum, AdamW's
+        two moments) cut to this rank's rows."""
+        return split_state_rows(saved, self._param_index, self.num_classes,
+                                lambda full: shard_of(full, self.num_classes))
+
+    def _full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict | None:
+        """The optimizer state with the shard's per-row state whole, in global row order, on rank 0."""
+        state = split_state_rows(optimizer.state_dict(), self._param_index, self.weight.shape[0],
+                                 lambda shard: gather_shards(shard, self.num_classes))
+        return state if get_rank() == 0 else None
+
+    def upkeep(self) -> dict[str, float]:
+        return selector_upkeep(self.selector)
+
     @torch.no_grad()
     def _own_correct(self, features: torch.Tensor, rows: torch.Tensor, local: torch.Tensor, own: int) -> torch.Tensor:
         """Top-1 hits (margin-free score over the global active set) among this rank's samples."""
@@ -313,6 +382,7 @@ class ShardedFC(nn.Module):
 
     def full_weight(self) -> torch.Tensor | None:
         """The whole matrix in global row order on rank 0 (None elsewhere); every rank calls."""
+        self.current()
         return gather_shards(self.weight, self.num_classes)
 
     @torch.no_grad()
@@ -325,33 +395,56 @@ class ShardedFC(nn.Module):
 
     def iter_local_chunks(self, chunk_rows: int = 65536) -> Iterator[tuple[int, torch.Tensor]]:
         """(first global row, rows) chunks of this rank's shard."""
+        self.current()
         w = self.weight.detach()
         for first in range(0, w.shape[0], chunk_rows):
             yield self.start + first, w[first:first + chunk_rows]
 
 
-def build_shard_selector(cfg: "HfsConfig", fc: ShardedFC, batch_size: int) -> "ActiveClassSelector | None":
+def build_shard_selector(sampler_cfg: "SamplerConfig", fc: ShardedFC, batch_size: int, *, seed: int,
+                         metric: str) -> "ActiveClassSelector | None":
     """The selector of ``fc``'s hard negatives, or None for ``sampler.type: random``.
 
     It is ``hfs.samplers.build_selector`` over :class:`ShardView` (shard-local ids) with
-    three settings adapted to the shard: ``fc.sample_num`` becomes this rank's share
-    (``ShardedFC.sample_num``), the queries are the all-gathered global batch (so ``sampler.k = 0``
-    sizes candidates for ``batch_size x W`` queries), and each rank's random fill is seeded
-    ``sampler.seed + rank``. ``batch_size`` is the per-rank micro-batch.
+    the shard's own sizes: ``sample_num`` is this rank's share (``ShardedFC.sample_num``)
+    and the queries are the all-gathered global batch, ``batch_size x W`` (``batch_size``
+    is the per-rank micro-batch; ``sampler.k = 0`` sizes candidates for it). ``seed`` seeds
+    this rank's random fill (the trainer passes ``sampler.seed + rank``).
     """
-    if cfg.sampler.type == "random":
+    if sampler_cfg.type == "random":
         return None
     from hfs.samplers import build_selector
 
-    shard_cfg = dataclasses.replace(
-        cfg, fc=dataclasses.replace(cfg.fc, sample_num=fc.sample_num),
-        train=dataclasses.replace(cfg.train, batch_size=batch_size * fc.world_size),
-        sampler=dataclasses.replace(cfg.sampler, seed=cfg.sampler.seed + fc.rank))
     view = ShardView(fc)
-    return build_selector(shard_cfg, view, view.matrix, fc.shard_rows)
+    return build_selector(sampler_cfg, store=view, matrix=view.matrix, num_classes=fc.shard_rows,
+                          sample_num=fc.sample_num, queries_per_step=batch_size * fc.world_size, seed=seed,
+                          metric=metric)
 
 
 # --------------------------------------------------------------------------- world-size independence
+
+
+def split_state_rows(state: dict, index: int, rows: int, transform: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+    """The optimizer state with every per-row tensor of parameter ``index`` passed through ``transform``.
+
+    Per-row tensors are those whose first dimension is ``rows`` (SGD's momentum buffer,
+    AdamW's two moments); scalars such as AdamW's step count are kept. The sharded
+    classifier uses it to gather its state whole for a checkpoint and to cut it to a rank's
+    shard on resume.
+    """
+    per_param = dict(state["state"])
+    entry = per_param.get(index)
+    if not entry:
+        return state
+    per_param[index] = {k: transform(v) if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == rows else v
+                        for k, v in entry.items()}
+    return {**state, "state": per_param}
+
+
+def _index_in(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> int:
+    """``param``'s key in ``optimizer.state_dict()["state"]`` (parameters numbered across groups)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return next(i for i, p in enumerate(params) if p is param)
 
 
 def init_shard_rows(start: int, end: int, dim: int, init: str, std: float, seed: int,

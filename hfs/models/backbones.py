@@ -1,6 +1,7 @@
-"""Backbones behind one registry: IResNet (18/34/50/100), MobileFaceNet, and a tiny CPU net.
+"""Backbones behind one registry: IResNet (18/34/50/100), MobileFaceNet, a tiny CPU net, and an MLP.
 
-All map a (B, 3, H, W) image batch in [-1, 1] to a (B, embedding_size) feature. The
+The image nets map a (B, 3, H, W) batch in [-1, 1] to a (B, embedding_size) feature; ``mlp``
+maps (B, image_size) vectors (``data.source: latent``, the embedding-level benchmark regime). The
 face-recognition nets end in InsightFace's embedding head (BN -> Dropout -> FC -> BN) and
 size their last FC from the input size, so 112x112 (the standard) and other sizes both work.
 """
@@ -225,6 +226,36 @@ class TinyNet(nn.Module):
 @BACKBONES.register("tiny")
 def tiny(embedding_size: int = 64, image_size: int = 32, dropout: float = 0.0) -> nn.Module:
     return TinyNet(embedding_size, image_size, dropout)
+
+
+class MLPNet(nn.Module):
+    """Vectors -> embedding: two hidden layers (Linear-BN-PReLU) and a BN'd embedding layer.
+
+    For inputs that are already vectors (``data.source: latent``), where a step's cost is the
+    classifier's, as at millions of identities; ``image_size`` is the input vector's length.
+    """
+
+    def __init__(self, embedding_size: int = 64, in_features: int = 64, dropout: float = 0.0,
+                 hidden: int = 256) -> None:
+        super().__init__()
+        layers, width = [], in_features
+        for _ in range(2):
+            layers += [nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden), nn.PReLU(hidden)]
+            width = hidden
+        self.body = nn.Sequential(*layers, nn.Dropout(p=dropout))
+        self.fc = nn.Linear(width, embedding_size)
+        self.features = nn.BatchNorm1d(embedding_size)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:
+            raise ValueError(f"mlp backbone takes (batch, {self.fc.in_features}) vectors, got shape {tuple(x.shape)}")
+        return self.features(self.fc(self.body(x)))
+
+
+@BACKBONES.register("mlp")
+def mlp(embedding_size: int = 64, image_size: int = 64, dropout: float = 0.0) -> nn.Module:
+    return MLPNet(embedding_size, image_size, dropout)
 
 
 def build_backbone(model_cfg, image_size: int) -> nn.Module:

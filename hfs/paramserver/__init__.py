@@ -29,18 +29,24 @@ def resolve_secret(configured: str = "", secret_file: str | Path | None = None) 
     return text.encode() if text else None
 
 
+def snapshot_dir_for(cfg: "ParamServerConfig", output_dir: str | Path) -> Path:
+    """Where a run's store keeps snapshots: ``paramserver.snapshot_dir``, else ``<output_dir>/store``
+    (the trainer's in-process store and the server `hfs train-dist` starts use the same folder)."""
+    return Path(cfg.snapshot_dir or Path(output_dir) / "store")
+
+
 def open_store(cfg: "ParamServerConfig", snapshot_dir: str | Path | None) -> "WeightStore":
     """The in-process store when ``cfg.address`` is empty, else a client of `hfs serve-params`.
 
-    ``snapshot_dir`` is where the in-process store keeps snapshots unless
-    ``cfg.snapshot_dir`` names another folder; a server keeps its own.
+    ``snapshot_dir`` is where the in-process store keeps snapshots (see
+    :func:`snapshot_dir_for`); a server keeps its own.
     """
     if not cfg.address:
         from hfs.paramserver.store import InProcessStore
 
-        return InProcessStore(cfg.snapshot_dir or snapshot_dir, keep_snapshots=cfg.keep_snapshots,
+        return InProcessStore(snapshot_dir, keep_snapshots=cfg.keep_snapshots,
                               timeout_s=cfg.timeout_s, snapshot_every_steps=cfg.snapshot_every_steps,
-                              snapshot_every_s=cfg.snapshot_every_s)
+                              snapshot_every_s=cfg.snapshot_every_s, update_rule=cfg.update_rule)
     from hfs.paramserver.client import ParamClient
 
     return ParamClient(cfg.address, timeout_s=cfg.timeout_s, connect_timeout_s=cfg.connect_timeout_s,

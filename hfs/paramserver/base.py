@@ -36,8 +36,12 @@ class WeightStore(ABC):
     # -- matrices --------------------------------------------------------------------
     @abstractmethod
     def create(self, name: str, num_rows: int, dim: int, *, init: str = "gaussian", std: float = 0.01,
-               seed: int = 0, exist_ok: bool = False) -> None:
-        """Create a float32 matrix (and its momentum). With exist_ok, keep an existing one of that shape."""
+               seed: int = 0, exist_ok: bool = False, update_rule: str | None = None) -> None:
+        """Create a float32 matrix (and its momentum). With exist_ok, keep an existing one of that shape.
+
+        ``update_rule`` (catchup | lazy | dense; None = the store's default, catchup) says how the
+        rows a step does not touch move; an existing matrix switches to a rule given here.
+        """
 
     @abstractmethod
     def shape(self, name: str) -> tuple[int, int]:
@@ -53,7 +57,7 @@ class WeightStore(ABC):
 
     @abstractmethod
     def set_rows(self, name: str, rows: np.ndarray, values: np.ndarray) -> None:
-        """Overwrite rows (momentum untouched)."""
+        """Overwrite rows (momentum kept, brought to the current step under the catchup rule)."""
 
     @abstractmethod
     def push_grads(self, name: str, rows: np.ndarray, grads: np.ndarray, step: int, *,
@@ -61,7 +65,8 @@ class WeightStore(ABC):
         """Add this worker's row gradients to ``step``; the step is applied once all workers pushed.
 
         Duplicate rows, within and across pushes, add up. Applied with the SGD rule of
-        ``torch.optim.SGD`` on the touched rows only (untouched rows keep their momentum).
+        ``torch.optim.SGD``; the matrix's update rule says what the untouched rows do (catchup:
+        exactly what dense SGD does to them, paid for when they are next used).
         One push per worker per step (accumulate micro-batches before pushing). ``worker``
         names the pusher when several workers share one in-process store; it may be left
         out when at most one worker is registered, and the ZeroMQ client fills it in with

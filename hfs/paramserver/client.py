@@ -286,9 +286,12 @@ class ParamClient(WeightStore):
             self._worker = None
 
     def create(self, name: str, num_rows: int, dim: int, *, init: str = "gaussian", std: float = 0.01,
-               seed: int = 0, exist_ok: bool = False) -> None:
-        self._all({"op": "create", "matrix": name, "rows": int(num_rows), "dim": int(dim), "init": init,
-                   "std": float(std), "seed": int(seed), "exist_ok": bool(exist_ok)})
+               seed: int = 0, exist_ok: bool = False, update_rule: str | None = None) -> None:
+        header = {"op": "create", "matrix": name, "rows": int(num_rows), "dim": int(dim), "init": init,
+                  "std": float(std), "seed": int(seed), "exist_ok": bool(exist_ok)}
+        if update_rule is not None:
+            header["update_rule"] = update_rule
+        self._all(header)
         self._shapes[name] = (int(num_rows), int(dim))
 
     def shape(self, name: str) -> tuple[int, int]:

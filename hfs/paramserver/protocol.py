@@ -39,7 +39,7 @@ OPS = {
     "ping": "who is there: shard index/count, peer endpoints, matrices, protocol version",
     "register": "join the synchronous workers (field worker)",
     "leave": "leave the synchronous workers (field worker)",
-    "create": "create a matrix (matrix, rows, dim, init, std, seed, exist_ok)",
+    "create": "create a matrix (matrix, rows, dim, init, std, seed, exist_ok, update_rule)",
     "get": "read rows (matrix; frame rows int64[n], or fields start/stop; optional step) -> float32[n, dim]",
     "set": "overwrite rows (matrix; frames rows int64[n], values float32[n, dim])",
     "push": "add gradients to a step (matrix, step, worker; frames rows int64[n], grads float32[n, dim])",

@@ -26,6 +26,7 @@ import numpy as np
 
 from hfs.paramserver import protocol as proto
 from hfs.paramserver.base import HParams
+from hfs.paramserver.catchup import UPDATE_RULES
 from hfs.paramserver.store import INITS, InProcessStore, ShardSpec
 from hfs.utils.errors import HfsError
 
@@ -294,8 +295,12 @@ class ParamServer:
         seed = proto.field_of(h, "seed", int, 0)
         if not 0 <= seed < 2**63:
             raise proto.ProtocolError(f"header field 'seed' must be in 0..2**63-1, got {seed}")
+        rule = proto.field_of(h, "update_rule", str, None)
+        if rule is not None and rule not in UPDATE_RULES:
+            raise proto.ProtocolError(f"header field 'update_rule' must be one of {', '.join(UPDATE_RULES)}, "
+                                      f"got {rule!r}")
         self.store.create(_name(h), rows, dim, init=init, std=std, seed=seed,
-                          exist_ok=proto.field_of(h, "exist_ok", bool, False))
+                          exist_ok=proto.field_of(h, "exist_ok", bool, False), update_rule=rule)
         return {}, []
 
     def _op_get(self, msg, envelope):

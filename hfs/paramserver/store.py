@@ -11,8 +11,23 @@ Update rule, per touched row (``torch.optim.SGD`` with dampening 0 and nesterov 
     buf = momentum * buf + g          # buf starts at 0, which equals torch's first-step clone
     w   = w - lr * buf
 
-Untouched rows keep their weights *and* momentum (lazy), so a run that touches every row
-every step equals ``torch.optim.SGD`` on the whole matrix.
+What happens to the rows a step does not touch is the matrix's ``update_rule``:
+
+- ``catchup`` (default): what ``torch.optim.SGD`` does to the whole matrix, where an idle row
+  still decays and coasts on its momentum every step, at sparse cost: each row remembers the
+  step it is current at and, when it is next read, pushed, set, scanned or snapshotted,
+  first catches up in closed form on the steps it missed (`catchup.py`). Equal to dense SGD
+  to float32 round-off.
+- ``lazy``: idle rows keep their weight *and* momentum; a row's stale momentum is replayed
+  when it is next active (the rule of earlier versions; kept for comparison).
+- ``dense``: every row is updated every step, O(C x D) per step: the reference, for tests
+  and small matrices.
+
+Every applied step is a step of the whole matrix, also when its pushes hold no rows (a shard
+that owns none of the step's rows, or a step whose gradients overflowed under AMP and were
+dropped): under catchup and dense the idle rows decay and coast on it. (Torch's GradScaler
+skips the backbone's step entirely in the overflow case; the classifier's rows still take
+this zero-gradient step, a difference of one step of decay in a rare event.)
 
 Synchronous steps: the gradients every registered worker pushed for step t are summed
 (duplicate rows add up) and applied once; ``get_rows(step=t+1)`` waits until step t is
@@ -35,6 +50,7 @@ from typing import Iterator
 import numpy as np
 
 from hfs.paramserver.base import HParams, WeightStore
+from hfs.paramserver.catchup import UPDATE_RULES, RowClock, zero_grad_transition
 from hfs.paramserver import snapshots as snaps
 from hfs.utils.errors import HfsError
 
@@ -131,6 +147,15 @@ def sgd_rows(weight: np.ndarray, momentum: np.ndarray, rows: np.ndarray, grads: 
     momentum[rows] = buf
 
 
+def sgd_dense(weight: np.ndarray, momentum: np.ndarray, rows: np.ndarray, grads: np.ndarray,
+              hp: HParams) -> None:
+    """torch.optim.SGD on the whole matrix: ``rows`` get ``grads``, every other row a zero gradient."""
+    full = np.zeros_like(weight)
+    full[rows] = grads
+    everything = slice(None)
+    sgd_rows(weight, momentum, everything, full, hp)
+
+
 def init_rows(out: np.ndarray, first_row: int, init: str, std: float, seed: int) -> None:
     """Fill ``out`` (rows first_row.. of a matrix) in place, one seeded block at a time.
 
@@ -191,8 +216,40 @@ class Matrix:
     momentum: np.ndarray
     hparams: HParams | None = None
     last_applied: int = -1
+    update_rule: str = "catchup"
     pending: dict[int, PendingStep] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
+    clock: RowClock | None = None
+
+    def __post_init__(self) -> None:
+        if self.update_rule == "catchup" and self.clock is None:
+            self.clock = RowClock(self.weight.shape[0])
+
+    def catch_up(self, local_rows: np.ndarray) -> None:
+        """Bring unique local rows to the last applied step (catchup rule; no-op otherwise)."""
+        if self.clock is not None:
+            self.clock.catch_up(self.weight, self.momentum, local_rows)
+
+    def catch_up_range(self, start: int, stop: int) -> None:
+        if self.clock is not None:
+            self.clock.catch_up_range(self.weight, self.momentum, start, stop)
+
+    def catch_up_all(self) -> None:
+        """Every row current, and the step history forgotten (before a snapshot or a rule change)."""
+        if self.clock is not None:
+            self.catch_up_range(0, self.weight.shape[0])
+            self.clock.forget_history()
+
+    def set_update_rule(self, rule: str) -> None:
+        if rule != self.update_rule:
+            self.catch_up_all()
+            self.update_rule = rule
+            self.clock = RowClock(self.weight.shape[0]) if rule == "catchup" else None
+
+    def info(self) -> dict:
+        return {"rows": self.num_rows, "dim": self.dim, "row_start": self.row_start, "row_end": self.row_end,
+                "last_applied": self.last_applied, "update_rule": self.update_rule,
+                "hparams": None if self.hparams is None else vars(self.hparams)}
 
     @property
     def dim(self) -> int:
@@ -232,6 +289,12 @@ def _available_memory_bytes() -> int | None:
     return None
 
 
+def _check_rule(rule: str) -> str:
+    if rule not in UPDATE_RULES:
+        raise StoreError(f"update_rule must be one of {', '.join(UPDATE_RULES)}; got {rule!r}")
+    return rule
+
+
 def _as_rows(rows: object, what: str = "rows") -> np.ndarray:
     arr = np.asarray(rows)
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
@@ -247,12 +310,14 @@ class InProcessStore(WeightStore):
 
     ``timeout_s`` bounds a synchronous step; ``snapshot_dir`` (optional) enables snapshots,
     of which the newest ``keep_snapshots`` automatic ones are kept; ``snapshot_every_steps``
-    / ``snapshot_every_s`` (0 = off) take automatic snapshots after applied steps.
+    / ``snapshot_every_s`` (0 = off) take automatic snapshots after applied steps;
+    ``update_rule`` is the rule of matrices created without one (see the module docstring).
     """
 
     def __init__(self, snapshot_dir: str | Path | None = None, *, keep_snapshots: int = 3,
                  timeout_s: float = 60.0, snapshot_every_steps: int = 0, snapshot_every_s: float = 0.0,
-                 shard: ShardSpec = ShardSpec()) -> None:
+                 shard: ShardSpec = ShardSpec(), update_rule: str = "catchup") -> None:
+        self.update_rule = _check_rule(update_rule)
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
         self.keep_snapshots = keep_snapshots
         self.timeout_s = timeout_s
@@ -334,8 +399,11 @@ class InProcessStore(WeightStore):
 
     # -- matrices --------------------------------------------------------------------
     def create(self, name: str, num_rows: int, dim: int, *, init: str = "gaussian", std: float = 0.01,
-               seed: int = 0, exist_ok: bool = False) -> None:
+               seed: int = 0, exist_ok: bool = False, update_rule: str | None = None) -> None:
+        """See WeightStore.create. An existing matrix kept by ``exist_ok`` switches to ``update_rule``
+        when one is given (its rows first caught up under the old rule)."""
         snaps.check_plain_name(name, "matrix name")
+        rule = self.update_rule if update_rule is None else _check_rule(update_rule)
         if init not in INITS:
             raise StoreError(f"init must be one of {', '.join(INITS)}; got {init!r}")
         if int(num_rows) <= 0 or int(dim) <= 0:
@@ -347,6 +415,9 @@ class InProcessStore(WeightStore):
             if name in self._matrices:
                 have = self._matrices[name]
                 if exist_ok and (have.num_rows, have.dim) == (num_rows, dim):
+                    if update_rule is not None and have.update_rule != rule:
+                        log.info("matrix %s: update rule %s -> %s", name, have.update_rule, rule)
+                        have.set_update_rule(rule)
                     return
                 raise StoreError(f"matrix {name!r} already exists with shape ({have.num_rows}, {have.dim})")
             start, end = self.shard.row_range(num_rows)
@@ -361,9 +432,10 @@ class InProcessStore(WeightStore):
             except MemoryError:
                 raise StoreError(f"not enough memory for matrix {name!r} ({need / 2**30:.1f} GiB)") from None
             init_rows(weight, start, init, float(std), int(seed))
-            self._matrices[name] = Matrix(name, num_rows, start, weight, momentum)
+            self._matrices[name] = Matrix(name, num_rows, start, weight, momentum, update_rule=rule)
             self._dirty = True
-            log.info("created matrix %s: rows %d..%d of %d, dim %d (%s)", name, start, end, num_rows, dim, init)
+            log.info("created matrix %s: rows %d..%d of %d, dim %d (%s, update rule %s)", name, start, end,
+                     num_rows, dim, init, rule)
 
     def shape(self, name: str) -> tuple[int, int]:
         with self._cond:
@@ -377,10 +449,7 @@ class InProcessStore(WeightStore):
     def matrices(self) -> dict[str, dict]:
         """Per matrix: total rows, dim, this store's row range, last applied step."""
         with self._cond:
-            return {m.name: {"rows": m.num_rows, "dim": m.dim, "row_start": m.row_start, "row_end": m.row_end,
-                             "last_applied": m.last_applied,
-                             "hparams": None if m.hparams is None else vars(m.hparams)}
-                    for m in self._matrices.values()}
+            return {m.name: m.info() for m in self._matrices.values()}
 
     def try_get_rows(self, name: str, rows: np.ndarray, step: int | None = None) -> np.ndarray | None:
         """Rows' values, or None while a step before ``step`` is still pending (never blocks)."""
@@ -391,6 +460,7 @@ class InProcessStore(WeightStore):
                 return None
             self._counters["gets"] += 1
             self._counters["rows_read"] += local.size
+            m.catch_up(local)
             return m.weight[local]
 
     def try_get_range(self, name: str, start: int, stop: int, step: int | None = None) -> np.ndarray | None:
@@ -404,6 +474,7 @@ class InProcessStore(WeightStore):
                 return None
             self._counters["gets"] += 1
             self._counters["rows_read"] += stop - start
+            m.catch_up_range(start - m.row_start, stop - m.row_start)
             return m.weight[start - m.row_start:stop - m.row_start].copy()
 
     def get_rows(self, name: str, rows: np.ndarray, step: int | None = None) -> np.ndarray:
@@ -433,6 +504,7 @@ class InProcessStore(WeightStore):
             m = self._matrix(name)
             local = self._local_rows(m, rows)
             values = self._values(m, values, local.size, "values")
+            m.catch_up(local)  # the momentum moves on from the current step
             m.weight[local] = values
             self._counters["sets"] += 1
             self._dirty = True
@@ -486,14 +558,27 @@ class InProcessStore(WeightStore):
     def _apply(self, m: Matrix, step: int, rows: list[np.ndarray], grads: list[np.ndarray]) -> None:
         all_rows = rows[0] if len(rows) == 1 else np.concatenate(rows)
         all_grads = grads[0] if len(grads) == 1 else np.concatenate(grads)
-        if all_rows.size:
-            unique, summed = sum_duplicate_rows(all_rows, all_grads)
-            sgd_rows(m.weight, m.momentum, unique, summed, m.hparams)
-            self._counters["rows_applied"] += unique.size
+        unique, summed = sum_duplicate_rows(all_rows, all_grads)
+        self._apply_rule(m, unique, summed)
+        self._counters["rows_applied"] += unique.size
         m.last_applied = step
         self._counters["steps_applied"] += 1
         self._dirty = True
         self._maybe_periodic_snapshot()
+
+    @staticmethod
+    def _apply_rule(m: Matrix, unique: np.ndarray, summed: np.ndarray) -> None:
+        """One SGD step with the gradients of ``unique`` rows, under the matrix's update rule."""
+        hp = m.hparams
+        if m.update_rule == "lazy" and unique.size == 0:
+            return
+        if m.update_rule == "dense":
+            sgd_dense(m.weight, m.momentum, unique, summed, hp)
+            return
+        m.catch_up(unique)
+        sgd_rows(m.weight, m.momentum, unique, summed, hp)
+        if m.clock is not None:
+            m.clock.tick(unique, zero_grad_transition(hp.lr, hp.momentum, hp.weight_decay))
 
     def set_hparams(self, name: str, hparams: HParams) -> None:
         if not isinstance(hparams, HParams):
@@ -555,11 +640,10 @@ class InProcessStore(WeightStore):
         with self._cond:
             step = self.step
             name = snaps.check_plain_name(tag) if tag else snaps.auto_name(step)
+            for m in self._matrices.values():
+                m.catch_up_all()  # a snapshot holds every row as dense SGD has it now
             meta = {"step": step, "shard": {"index": self.shard.index, "count": self.shard.count},
-                    "matrices": {m.name: {"rows": m.num_rows, "dim": m.dim, "row_start": m.row_start,
-                                          "row_end": m.row_end, "last_applied": m.last_applied,
-                                          "hparams": None if m.hparams is None else vars(m.hparams)}
-                                 for m in self._matrices.values()}}
+                    "matrices": {m.name: m.info() for m in self._matrices.values()}}
             arrays = {}
             for m in self._matrices.values():
                 arrays[f"{m.name}.weight"] = m.weight
@@ -608,8 +692,10 @@ class InProcessStore(WeightStore):
             if weight.shape != momentum.shape or weight.dtype != np.float32 or weight.ndim != 2:
                 raise StoreError(f"snapshot {folder}: matrix {name!r} has inconsistent arrays")
             hp = info.get("hparams")
+            # snapshots before update rules existed were written by the lazy rule
+            rule = _check_rule(info.get("update_rule", "lazy"))
             loaded[name] = Matrix(name, int(info["rows"]), int(info["row_start"]), weight, momentum,
-                                  HParams(**hp) if hp else None, int(info.get("last_applied", -1)))
+                                  HParams(**hp) if hp else None, int(info.get("last_applied", -1)), rule)
         return loaded
 
     def _maybe_periodic_snapshot(self) -> None:

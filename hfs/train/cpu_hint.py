@@ -60,6 +60,24 @@ def estimate_step_seconds(backbone: nn.Module, image_size: int, images_per_step:
     return 2 * per_image * images_per_step
 
 
+class CpuHintHook:
+    """The training loop's hook (rank 0): :class:`CpuHint` before and after the first step."""
+
+    def on_start(self, trainer) -> None:
+        self.start = trainer.step
+        self.hint = CpuHint(trainer.device, trainer.total_steps - trainer.step) if trainer.env.is_main else None
+        if self.hint is not None:  # the defaults on a CPU take hours: say so before they start
+            t = trainer.cfg.train
+            self.hint.before_first_step(trainer.backbone, trainer.cfg.data.image_size, t.batch_size * t.grad_accum)
+
+    def on_step_end(self, trainer, stats, record) -> None:
+        if self.hint is not None and trainer.step == self.start + 1:
+            self.hint.after_first_step()
+
+    def on_end(self, trainer, record) -> None:
+        pass
+
+
 class CpuHint:
     """Warns once per run: before the first step from the estimate, else after it if it was slow."""
 

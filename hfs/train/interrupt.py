@@ -24,7 +24,7 @@ def _again(signum: int) -> str:
 
 def kept_after_hard_stop(output_dir: str | Path, command: str) -> str:
     """What a stop without a checkpoint leaves: the newest checkpoint on disk, or nothing."""
-    from hfs.train.checkpoint import list_checkpoints
+    from hfs.checkpoint import list_checkpoints
 
     found = list_checkpoints(output_dir)
     if not found:

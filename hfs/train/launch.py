@@ -3,7 +3,7 @@
 ``hfs train-dist`` calls the launcher programmatically (``LaunchConfig`` +
 ``elastic_launch``) instead of re-executing a script, so every worker gets the very same
 resolved config and flags. The launcher sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/
-``MASTER_ADDR``/``MASTER_PORT`` for each worker (see :mod:`hfs.train.distributed`), watches
+``MASTER_ADDR``/``MASTER_PORT`` for each worker (see :mod:`hfs.dist`), watches
 them, and stops the rest as soon as one fails (``max_restarts=0``): a failed worker ends the
 job with one line naming its rank and error, never a hung peer.
 """
@@ -16,7 +16,7 @@ import os
 import signal
 import socket
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from hfs.utils.errors import HfsError
 
@@ -108,6 +108,14 @@ def failure_message(exc: Exception) -> str:
     if not failures:
         return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
     rank, failure = exc.get_first_failure()
+    message = _failure_text(failure)
+    others = sorted(r for r in failures if r != rank)
+    tail = f" (ranks {', '.join(map(str, others))} failed after it)" if others else ""
+    return f"worker rank {rank} failed: {message}{tail}; the other workers were stopped"
+
+
+def _failure_text(failure: Any) -> str:
+    """What one failed worker said, without the error type's prefix; a signal or exit code otherwise."""
     message = failure.message
     if isinstance(message, dict):  # written by torch's @record: {"message": "Type: text", ...}
         message = message.get("message", "")
@@ -115,12 +123,10 @@ def failure_message(exc: Exception) -> str:
     for prefix in USER_ERRORS:
         message = message.removeprefix(prefix)
     if failure.exitcode < 0:
-        message = f"killed by {failure.signal_name()}"
-    elif not message or message.startswith("To enable traceback"):
-        message = f"exited with code {failure.exitcode}"
-    others = sorted(r for r in failures if r != rank)
-    tail = f" (ranks {', '.join(map(str, others))} failed after it)" if others else ""
-    return f"worker rank {rank} failed: {message}{tail}; the other workers were stopped"
+        return f"killed by {failure.signal_name()}"
+    if not message or message.startswith("To enable traceback"):
+        return f"exited with code {failure.exitcode}"
+    return message
 
 
 @contextlib.contextmanager
@@ -187,15 +193,18 @@ def launch(plan: LaunchPlan, entrypoint: Callable[..., Any], *args: Any,
 # --------------------------------------------------------------------------- hfs train-dist
 
 
-def train_worker(cfg_data: dict, resume: str | None, verbose: int, datasets: Any = None) -> Any:
+def train_worker(cfg_data: dict, resume: str | None, verbose: int, datasets: Any = None,
+                 hooks: Callable[[Any], Sequence[Any]] | None = None) -> Any:
     """One worker of `hfs train-dist`: join the group, run the trainer, leave the group.
 
     Rank 0 logs at the user's level and returns its :class:`TrainResult`; the others log
     warnings only and return None. ``datasets`` (picklable) replaces the configured data,
-    for tests and programmatic use, as ``Trainer(datasets=...)`` does.
+    for tests and programmatic use, as ``Trainer(datasets=...)`` does. ``hooks`` (a
+    module-level function, e.g. ``hfs.eval.hooks.verification_hooks``) makes the trainer's
+    extra hooks from the config in each worker.
     """
     from hfs.config import config_from_dict
-    from hfs.train.distributed import destroy_distributed, init_distributed
+    from hfs.dist import destroy_distributed, init_distributed
     from hfs.train.trainer import Trainer
     from hfs.utils.log import setup_logging
 
@@ -205,7 +214,7 @@ def train_worker(cfg_data: dict, resume: str | None, verbose: int, datasets: Any
     if not env.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     try:
-        result = Trainer(cfg, resume=resume, datasets=datasets, env=env).run()
+        result = Trainer(cfg, resume=resume, datasets=datasets, env=env, hooks=hooks(cfg) if hooks else ()).run()
     finally:
         destroy_distributed()
     if result.interrupted:
@@ -230,9 +239,8 @@ def job_param_server(cfg: Any, plan: LaunchPlan) -> Iterator[str]:
     trainer's embedded store would use, so checkpoints resume across both.
     """
     import threading
-    from pathlib import Path
 
-    from hfs.paramserver import resolve_secret
+    from hfs.paramserver import resolve_secret, snapshot_dir_for
     from hfs.paramserver.server import ServeOptions, build_server
 
     ps = cfg.paramserver
@@ -242,8 +250,7 @@ def job_param_server(cfg: Any, plan: LaunchPlan) -> Iterator[str]:
     if plan.node_rank != 0:  # the server runs on node 0; the others only need its address
         yield f"tcp://{host}:{port}"
         return
-    opts = ServeOptions(host=host, port=port,
-                        snapshot_dir=Path(ps.snapshot_dir or Path(cfg.train.output_dir) / "store"),
+    opts = ServeOptions(host=host, port=port, snapshot_dir=snapshot_dir_for(ps, cfg.train.output_dir),
                         keep_snapshots=ps.keep_snapshots, timeout_s=ps.timeout_s,
                         secret=resolve_secret(ps.secret), max_message_bytes=int(ps.max_message_mb * 2**20))
     server = build_server(opts)
@@ -259,22 +266,26 @@ def job_param_server(cfg: Any, plan: LaunchPlan) -> Iterator[str]:
 
 
 def run_train_dist(cfg: Any, resume: str | None = None, verbose: int = 0, datasets: Any = None,
-                   worker: Callable[..., Any] = train_worker) -> Any:
+                   worker: Callable[..., Any] = train_worker,
+                   hooks: Callable[[Any], Sequence[Any]] | None = None) -> Any:
     """`hfs train-dist`: launch the workers (starting a parameter server when sampled mode
     needs one) and return rank 0's TrainResult (None on nodes other than 0).
 
-    ``worker`` must call :func:`train_worker` with the same arguments; a wrapper is the
-    place to register custom backbones, which every spawned worker must import itself.
+    ``worker`` must call :func:`train_worker` with the arguments it is given; a wrapper is
+    the place to register custom backbones, which every spawned worker must import itself.
+    ``hooks`` is passed on to :func:`train_worker`.
     """
     import dataclasses
 
+    from hfs.fc.layer import needs_shared_store
+
     plan = make_plan(cfg.dist)
     with contextlib.ExitStack() as stack:
-        if cfg.fc.mode == "sampled" and not cfg.paramserver.address and plan.world_size > 1:
+        if needs_shared_store(cfg.fc.mode) and not cfg.paramserver.address and plan.world_size > 1:
             address = stack.enter_context(job_param_server(cfg, plan))
             cfg = dataclasses.replace(cfg, paramserver=dataclasses.replace(cfg.paramserver, address=address))
         from hfs.train.run_dir import resume_hint
 
-        results = launch(plan, worker, cfg.to_dict(), resume, verbose, datasets,
+        results = launch(plan, worker, cfg.to_dict(), resume, verbose, datasets, hooks,
                          resume_hint=resume_hint(cfg, launched=True))
     return results.get(0)

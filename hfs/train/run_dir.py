@@ -71,7 +71,7 @@ def completed_step(checkpoint: Path, cfg: HfsConfig, world_size: int | None = 1)
     With train.max_steps the end is known; with epochs it is the run's recorded step count,
     when the epoch settings and the world size (None: not known yet) are the checkpoint's own.
     """
-    from hfs.train.checkpoint import load_checkpoint
+    from hfs.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint, mmap=True)
     step = int(ckpt["step"])
@@ -105,7 +105,7 @@ def resume_hint(cfg: HfsConfig, launched: bool) -> str:
 
 def newest_run(parent: Path) -> Path | None:
     """The run folder under ``parent`` whose newest checkpoint was written last."""
-    from hfs.train.checkpoint import list_checkpoints
+    from hfs.checkpoint import list_checkpoints
 
     newest: tuple[float, Path] | None = None
     for folder in sorted(p for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []:
@@ -118,7 +118,7 @@ def newest_run(parent: Path) -> Path | None:
 def resolve_latest(spec: str, cfg: HfsConfig, config_path: str | Path | None, overrides: Sequence[str]) -> str:
     """``--resume latest`` with neither --config nor train.output_dir given, and no checkpoint
     in the default run folder: the newest run beside it (runs/*), said out loud."""
-    from hfs.train.checkpoint import list_checkpoints
+    from hfs.checkpoint import list_checkpoints
 
     if spec != "latest" or output_dir_given(config_path, overrides) or list_checkpoints(cfg.train.output_dir):
         return spec

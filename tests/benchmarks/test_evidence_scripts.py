@@ -119,17 +119,31 @@ def test_accuracy_script_end_to_end_with_parallel_cells_and_resume(tmp_path):
     assert len(data["context"]["earlier_runs"]) == 1
 
 
-def test_plot_draws_one_median_point_per_cell(tmp_path):
+def test_plot_summarises_each_cell_over_seeds_and_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
     import plot_accuracy_vs_cost
+    from PIL import Image
 
     rows = [{"cell": "full", "sampler": "full", "sample_num": 10, "val_top1": v, "verification": {"b": v},
              "median_step_s": v} for v in (0.1, 0.3, 0.2)]
-    points = plot_accuracy_vs_cost.median_points(rows)
-    assert points == [{"sampler": "full", "sample_num": 10, "val_top1": 0.2, "verify": 0.2, "median_step_s": 0.2}]
+    rows += [{"cell": f"{s}:0.5", "sampler": s, "sample_num": 5, "val_top1": 0.4, "verification": {"b": 0.6},
+              "median_step_s": 0.01} for s in ("annoy", "hnsw")]
+    cells = plot_accuracy_vs_cost.cell_summaries(rows)
+    assert [c["cell"] for c in cells] == ["full", "annoy:0.5", "hnsw:0.5"]
+    assert cells[0]["val_top1"] == {"median": 0.2, "min": 0.1, "max": 0.3} and cells[0]["seeds"] == 3
+    assert cells[0]["step_ms"] == pytest.approx({"median": 200.0, "min": 100.0, "max": 300.0})
     data = {"context": {**run_context(), "args": {"classes": 10, "steps": 3, "batch": 2, "seeds": [0, 1, 2]}},
             "results": rows}
     out = plot_accuracy_vs_cost.plot(data, tmp_path / "p.png")
-    assert out.stat().st_size > 0
+    with Image.open(out) as img:
+        assert img.format == "PNG" and img.width > 1000 and img.height > 400
+    plot_accuracy_vs_cost.main([str(_write_json(tmp_path / "r.json", data)), "--out", str(tmp_path / "q.png")])
+    assert (tmp_path / "q.png").stat().st_size > 0
+
+
+def _write_json(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data))
+    return path
 
 
 def test_accuracy_cells_take_config_overrides(tmp_path):

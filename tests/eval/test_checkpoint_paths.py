@@ -21,7 +21,7 @@ def checkpoint(tmp_path):
     import torch
 
     from hfs.models import build_backbone
-    from hfs.train.checkpoint import save_checkpoint
+    from hfs.checkpoint import save_checkpoint
 
     cfg = load_config(None, ["model.arch=tiny", "model.embedding_size=16", "data.image_size=8"])
     torch.manual_seed(0)

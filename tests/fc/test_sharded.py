@@ -7,7 +7,7 @@ from torch import nn
 from hfs.config import load_config
 from hfs.fc.sharded import (ShardedFC, ShardView, build_shard_selector, dist_cross_entropy, gather_shards,
                             init_shard_rows, select_shard_rows, shard_bounds, shard_sample_num)
-from hfs.train.distributed import DistEnv
+from hfs.dist import DistEnv
 from tests.train.distutil import run_ranks
 
 C, D, B = 11, 8, 3  # classes, dims, samples per rank
@@ -109,7 +109,8 @@ def _selector_case(env: DistEnv, problem, num_classes: int, sample_num: int, k: 
     start, end = shard_bounds(num_classes, env.rank, env.world_size)
     fc = ShardedFC(weight[start:end].clone(), num_classes, CosMarginHead(), sample_num=sample_num,
                    ddp_average=False)
-    fc.attach_selector(build_shard_selector(_exact_cfg(sample_num, k), fc, B))
+    cfg = _exact_cfg(sample_num, k)
+    fc.attach_selector(build_shard_selector(cfg.sampler, fc, B, seed=cfg.sampler.seed, metric=cfg.sampler_metric))
     chosen = []
     select = fc.selector.select
     fc.selector.select = lambda *args: chosen.append(select(*args)) or chosen[-1]
@@ -232,7 +233,7 @@ def test_shard_view_serves_the_live_shard_with_local_ids():
 
 def test_random_sampler_type_attaches_no_selector():
     fc = ShardedFC(torch.randn(6, 2), 6, CosMarginHead(), sample_num=3)
-    assert build_shard_selector(load_config(None, ["sampler.type=random"]), fc, 2) is None
+    assert build_shard_selector(load_config(None, ["sampler.type=random"]).sampler, fc, 2, seed=0, metric="cosine") is None
 
 
 @pytest.mark.dist

@@ -151,3 +151,15 @@ def test_bad_address_and_open_store(tmp_path):
         ParamClient("localhost:5570")
     store = open_store(ParamServerConfig(), tmp_path / "store")
     assert isinstance(store, InProcessStore) and store.snapshot_dir == tmp_path / "store"
+
+
+def test_create_carries_the_update_rule(thread_server):
+    srv = thread_server()
+    with ParamClient(srv.endpoint, timeout_s=10) as client:
+        client.create("fc", 10, 4, update_rule="lazy")
+        assert srv.server.store.matrices()["fc"]["update_rule"] == "lazy"
+        client.create("fc", 10, 4, exist_ok=True)  # no rule given: the matrix keeps its own
+        assert srv.server.store.matrices()["fc"]["update_rule"] == "lazy"
+        with pytest.raises(HfsError, match="update_rule"):
+            client.create("other", 10, 4, update_rule="eventually")
+        assert "other" not in srv.server.store.matrices()

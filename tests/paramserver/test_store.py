@@ -37,15 +37,17 @@ def test_matches_torch_sgd_when_every_row_is_touched():
                                    param.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_untouched_rows_keep_weights_and_momentum():
-    store = _store()
+@pytest.mark.parametrize("rule,row1", [("lazy", -1.0), ("catchup", -1.5), ("dense", -1.5)])
+def test_untouched_rows_under_each_update_rule(rule, row1):
+    store = _store(update_rule=rule)
     store.create("fc", 4, 2, init="zeros")
     store.set_hparams("fc", HParams(1.0, 0.5, 0.0))
     store.push_grads("fc", np.array([0, 1]), np.ones((2, 2), np.float32), 0)
     store.push_grads("fc", np.array([0]), np.ones((1, 2), np.float32), 1)
     w = store.get_rows("fc", np.arange(4))
     np.testing.assert_allclose(w[0], [-2.5, -2.5])  # buf 1 then 1.5
-    np.testing.assert_allclose(w[1], [-1.0, -1.0])  # not touched at step 1: no momentum step
+    # not touched at step 1: lazy keeps it (no momentum step); catchup and dense coast on buf 0.5
+    np.testing.assert_allclose(w[1], [row1, row1])
     np.testing.assert_allclose(w[2:], 0.0)
 
 

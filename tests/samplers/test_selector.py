@@ -6,11 +6,18 @@ import numpy as np
 import pytest
 
 from hfs.config import load_config
-from hfs.samplers import build_selector
+from hfs.samplers import build_selector as _build_selector
 from hfs.samplers.base import normalise_rows
 from hfs.samplers.refresh import DriftTracker, RefreshPolicy
 
 C, D = 2000, 32
+
+
+def build_selector(cfg, store, matrix, num_classes):
+    """The selector sampled training builds from ``cfg`` (one rank, nothing capped)."""
+    return _build_selector(cfg.sampler, store=store, matrix=matrix, num_classes=num_classes,
+                           sample_num=cfg.fc.sample_num, queries_per_step=cfg.train.batch_size,
+                           seed=cfg.sampler.seed, metric=cfg.sampler_metric)
 
 
 def _cfg(**sampler):

@@ -18,7 +18,7 @@ def free_port() -> int:
 def _rank_main(local_rank: int, fn: Callable, world: int, port: int, out_dir: str, args: tuple) -> None:
     import torch
 
-    from hfs.train.distributed import destroy_distributed, init_distributed
+    from hfs.dist import destroy_distributed, init_distributed
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),

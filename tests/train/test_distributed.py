@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hfs.train.distributed import (DistEnv, all_gather_no_grad, all_gather_with_grad, all_reduce_sum,
+from hfs.dist import (DistEnv, all_gather_no_grad, all_gather_with_grad, all_reduce_sum,
                                    broadcast_object, env_from_os, eval_indices, scale_grad)
 from tests.train.distutil import run_ranks
 

@@ -10,7 +10,7 @@ from hfs.utils.errors import HfsError
 def _crashing_worker() -> None:
     import time
 
-    from hfs.train.distributed import barrier, init_distributed
+    from hfs.dist import barrier, init_distributed
 
     env = init_distributed("gloo", timeout_s=120)
     if env.rank == 1:

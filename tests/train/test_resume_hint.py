@@ -13,7 +13,7 @@ from hfs.utils.errors import HfsError
 
 
 def test_interrupted_train_dist_worker_names_the_run_folder(monkeypatch, tmp_path):
-    import hfs.train.distributed as distributed
+    import hfs.dist as distributed
     import hfs.train.trainer as trainer
     from hfs.train.launch import train_worker
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from hfs.config import load_config
-from hfs.train import checkpoint as ckpt_io
+from hfs import checkpoint as ckpt_io
 from hfs.train.launch import run_train_dist, train_worker
 from tests.train.conftest import make_blobs
 
@@ -28,13 +28,13 @@ def _linear_backbone(embedding_size: int, image_size: int, dropout: float = 0.0)
     return nn.Sequential(nn.Flatten(), layer)
 
 
-def _worker(cfg_data: dict, resume: str | None, verbose: int, datasets):
+def _worker(cfg_data: dict, resume: str | None, verbose: int, datasets, hooks=None):
     """train_worker with a BatchNorm-free test backbone registered in the spawned process."""
     from hfs.models.backbones import BACKBONES
 
     if "test-linear" not in BACKBONES:
         BACKBONES.register("test-linear")(_linear_backbone)
-    return train_worker(cfg_data, resume, verbose, datasets)
+    return train_worker(cfg_data, resume, verbose, datasets, hooks)
 
 
 def _cfg(out: Path, nproc: int, global_batch: int, *extra: str):
@@ -155,3 +155,29 @@ def test_sharded_lazy_momentum_moves_only_rows_that_were_active(tmp_path, moment
         assert 0 < moved <= 2 * 6 + 2  # at most 2 steps x (3 rows per shard x 2 shards), rounding per shard
     else:
         assert moved == 40
+
+
+def test_sharded_catchup_equals_dense_sgd_on_two_ranks(tmp_path):
+    """fc.sharded_momentum=catchup (6 of 40 rows active per step) ends where torch's dense SGD on
+    the whole shard ends: the same classifier, momentum and backbone."""
+    data = make_blobs(num_classes=40, per_class=2, size=8), make_blobs(num_classes=40, per_class=1, size=8, seed=1), 40
+    finals = {}
+    for rule in ("dense", "catchup"):
+        cfg = _cfg(tmp_path / rule, 2, 4, "fc.mode=sharded", "fc.sample_num=6", "sampler.type=random",
+                   "train.max_steps=5", "train.checkpoint_every=0", f"fc.sharded_momentum={rule}")
+        run_train_dist(cfg, None, datasets=data, worker=_worker)
+        finals[rule] = _final(tmp_path / rule)
+    _assert_same_weights(finals["dense"], finals["catchup"])
+    torch.testing.assert_close(finals["catchup"]["optimizer"]["state"][2]["momentum_buffer"],
+                               finals["dense"]["optimizer"]["state"][2]["momentum_buffer"], rtol=1e-4, atol=1e-6)
+
+
+def test_sharded_mode_with_adamw_resumes_on_another_world_size(tmp_path):
+    """AdamW's two moments of the sharded classifier are gathered whole and cut again on resume."""
+    sharded = ("fc.mode=sharded", "fc.sample_num=1000", "optim.name=adamw", "optim.lr=0.01", "optim.clip_grad_norm=5")
+    _run(_cfg(tmp_path / "straight", 2, 12, *sharded))
+    halfway = ckpt_io.checkpoint_path(tmp_path / "straight", 4)
+    state = ckpt_io.load_checkpoint(halfway)["optimizer"]["state"][2]
+    assert state["exp_avg"].shape == state["exp_avg_sq"].shape == (10, 8)  # whole, not one shard
+    _run(_cfg(tmp_path / "resumed", 1, 12, *sharded), resume=str(halfway))
+    _assert_same_weights(_final(tmp_path / "straight"), _final(tmp_path / "resumed"))

@@ -5,7 +5,9 @@ import signal
 import pytest
 import torch
 
-from hfs.train.checkpoint import list_checkpoints, load_backbone
+from hfs.checkpoint import list_checkpoints
+from hfs.eval.hooks import verification_hooks
+from hfs.models.loading import load_backbone
 from hfs.train.schedule import lr_at
 from hfs.train.trainer import Trainer, train
 from hfs.config import OptimConfig
@@ -119,8 +121,8 @@ def test_verification_bins_scored_during_and_after_training(tiny_cfg, blobs, tmp
 
     images, issame = synthetic_verification_pairs(20, first_class=100, num_classes=6, image_size=16)
     write_bin(tmp_path / "pairs.bin", images, issame)
-    result = train(tiny_cfg("train.max_steps=4", "eval.every=2", "eval.folds=2",
-                            f"eval.bins=[{tmp_path / 'pairs.bin'}]"), datasets=blobs)
+    cfg = tiny_cfg("train.max_steps=4", "eval.every=2", "eval.folds=2", f"eval.bins=[{tmp_path / 'pairs.bin'}]")
+    result = train(cfg, datasets=blobs, hooks=verification_hooks(cfg))
     assert set(result.verification) == {"pairs"} and 0.0 <= result.verification["pairs"] <= 1.0
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "verify_pairs" in r] == [2, 4]

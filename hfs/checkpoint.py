@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from hfs.config import HfsConfig, config_from_dict
 from hfs.utils.atomic import atomic_write_bytes
 from hfs.utils.errors import HfsError
 
@@ -47,12 +46,15 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve_checkpoint(spec: str, output_dir: str | Path) -> Path:
-    """``latest`` (in output_dir), a run folder (its latest), or a checkpoint file."""
+def resolve_checkpoint(spec: str, output_dir: str | Path, flag: str = "--resume") -> Path:
+    """``latest`` (in output_dir), a run folder (its latest), or a checkpoint file.
+
+    ``flag`` is the option the spec came from, named in the error when ``latest`` finds nothing.
+    """
     if spec == "latest":
         found = list_checkpoints(output_dir)
         if not found:
-            raise HfsError(f"--resume latest: no checkpoint in {checkpoint_dir(output_dir)}")
+            raise HfsError(f"{flag} latest: no checkpoint in {checkpoint_dir(output_dir)}")
         return found[-1]
     path = Path(spec)
     if path.is_dir():
@@ -123,17 +125,3 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise HfsError(f"checkpoint {path} is not an hfs checkpoint (format {FORMAT} expected)")
     return ckpt
-
-
-def load_backbone(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, HfsConfig]:
-    """The trained backbone (eval mode) and the run's config, from a checkpoint or a run folder."""
-    from hfs.models import build_backbone
-
-    path = Path(path)
-    if path.is_dir():
-        path = resolve_checkpoint(str(path), path)
-    ckpt = load_checkpoint(path, map_location)
-    cfg = config_from_dict(ckpt["config"])
-    model = build_backbone(cfg.model, cfg.data.image_size)
-    model.load_state_dict(ckpt["backbone"])
-    return model.to(map_location).eval(), cfg

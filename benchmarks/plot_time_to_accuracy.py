@@ -1,0 +1,78 @@
+"""Plot time_to_accuracy.py's curves: held-out top-1 and TAR against training time (matplotlib).
+
+    PYTHONPATH=. python benchmarks/plot_time_to_accuracy.py docs/results/time_to_accuracy_20k.json \
+        --out docs/results/time_to_accuracy_20k.png [--clock cpu_s|wall_s]
+
+Two panels (held-out top-1 over all classes; TAR at the run's FAR on unseen identities),
+one line per cell: at each evaluation step the median over seeds of the metric against the
+median time, with a band from the seeds' minimum to maximum. Colour is the sampler, line
+style the sample_num. The look is `hfs verify --plot`'s (hfs.utils.plotting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+COLOURS = {"full": "black", "annoy": "tab:blue", "hnsw": "tab:green", "exact": "tab:purple", "random": "tab:red"}
+STYLES = ("-", "--", ":", "-.")
+PANELS = (("val_top1", "held-out top-1 (all classes)"), ("tar", "TAR @ FAR {far:g}, unseen identities"))
+
+
+def cell_curves(rows: list[dict[str, Any]], clock: str) -> list[dict[str, Any]]:
+    """Per cell, in file order: steps, median time, and median/min/max of each metric over seeds."""
+    cells: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        cells.setdefault(r["cell"], []).append(r)
+    out = []
+    for cell, runs in cells.items():
+        steps = sorted(set.intersection(*({p["step"] for p in r["curve"]} for r in runs)))
+        at = [{p["step"]: p for p in r["curve"]} for r in runs]
+        entry = {"cell": cell, "sampler": runs[0]["sampler"], "rate": runs[0]["rate"], "seeds": len(runs),
+                 "steps": steps, "time": [float(np.median([a[s][clock] for a in at])) for s in steps]}
+        for key, _ in PANELS:
+            values = np.array([[a[s][key] for s in steps] for a in at])
+            entry[key] = {"median": np.median(values, 0), "min": values.min(0), "max": values.max(0)}
+        out.append(entry)
+    return out
+
+
+def plot(path: str | Path, out: str | Path, clock: str = "cpu_s") -> Path:
+    from hfs.utils.plotting import figure, save_png
+
+    data = json.loads(Path(path).read_text())
+    far = data["context"]["args"].get("far", 1e-4)
+    curves = cell_curves(data["results"], clock)
+    rates = sorted({c["rate"] for c in curves if c["sampler"] != "full"})
+    with figure(1, 2, figsize=(11.0, 4.6), needed_by="plot_time_to_accuracy.py") as (fig, axes):
+        for ax, (key, title) in zip(axes, PANELS):
+            for c in curves:
+                style = "-" if c["sampler"] == "full" else STYLES[rates.index(c["rate"]) % len(STYLES)]
+                colour = COLOURS.get(c["sampler"], "tab:gray")
+                label = f"{c['cell']} ({c['seeds']} seed{'s' if c['seeds'] > 1 else ''})"
+                ax.plot(c["time"], c[key]["median"], style, color=colour, label=label, lw=1.4)
+                ax.fill_between(c["time"], c[key]["min"], c[key]["max"], color=colour, alpha=0.15, lw=0)
+            ax.set_title(title.format(far=far))
+            ax.set_xlabel("training CPU seconds" if clock == "cpu_s" else "training wall seconds")
+        axes[0].legend(loc="lower right")
+        args = data["context"]["args"]
+        fig.suptitle(f"C = {args['classes']:,}, batch {args['batch']}, {args['steps']} steps "
+                     f"(median over seeds, band: min-max)")
+        return save_png(fig, out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", help="JSON written by time_to_accuracy.py")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--clock", default="cpu_s", choices=("cpu_s", "wall_s"), help="time axis")
+    args = p.parse_args(argv)
+    print(plot(args.results, args.out, args.clock))
+
+
+if __name__ == "__main__":
+    main()

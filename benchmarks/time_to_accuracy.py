@@ -1,0 +1,213 @@
+"""Time to accuracy: full softmax vs random negatives (Partial FC's rule) vs HF-softmax, against time.
+
+    PYTHONPATH=. python benchmarks/time_to_accuracy.py --classes 20000 --steps 6000 \
+        --cells full random:0.01 annoy:0.01 hnsw:0.01 exact:0.01 --seeds 0 1 2 \
+        --out docs/results/time_to_accuracy_20k.json --resume
+
+The embedding-level regime of issue 12 (`data.source: latent`, `model.arch: mlp`): synthetic
+identities as vectors, where a step's cost is the classifier's as at millions of identities
+and where runs converge on a CPU. Every cell trains with `hfs.train.Trainer` (the engine of
+`hfs train`) on the same data, backbone, head and lr schedule, from the same seed, and is
+evaluated every ``--eval-every`` steps (the clocks stop while it is evaluated):
+
+- held-out top-1: unseen views of the training identities, scored against ALL classes;
+- verification TAR at FAR = ``--far`` on identities never trained on: view 0 against view 1
+  of ``--verify-identities`` identities, every cross-identity pair an impostor
+  (``U^2 - U`` impostor pairs and ``U`` genuine ones);
+- training time so far: wall seconds, and CPU seconds: this process's plus the background
+  index builds' (``--threads`` torch threads; with 1 thread CPU time is the work done, far
+  less affected by other load on the box than wall time).
+
+A cell is ``full`` or ``SAMPLER:RATE`` (sample_num = RATE x C). A run is *converged* when
+held-out top-1 moved less than ``--flat`` over its last 20% of steps. ``--resume`` keeps
+the (cell, seed) results already in ``--out``; the file is rewritten after every cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy_vs_cost import parse_cell, previous_run  # noqa: E402
+from evidence_common import run_context, write_results  # noqa: E402
+
+log = logging.getLogger("time_to_accuracy")
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def tar_at_far(emb_a: np.ndarray, emb_b: np.ndarray, far: float) -> float:
+    """TAR at ``far``: row i of ``emb_a`` and ``emb_b`` are one identity, every other pair an impostor."""
+    a = emb_a / np.linalg.norm(emb_a, axis=1, keepdims=True)
+    b = emb_b / np.linalg.norm(emb_b, axis=1, keepdims=True)
+    scores = a @ b.T
+    genuine = np.diag(scores).copy()
+    np.fill_diagonal(scores, -np.inf)
+    impostor = scores[np.isfinite(scores)]
+    k = max(1, int(np.floor(far * impostor.size)))  # at most this many impostors above the threshold
+    threshold = np.partition(impostor, impostor.size - k)[impostor.size - k]
+    return float((genuine > threshold).mean())
+
+
+def background_cpu(trainer) -> float:
+    """CPU seconds of the selector's background index builds (other processes) so far."""
+    selector = getattr(trainer.fc, "selector", None)
+    upkeep = getattr(selector, "upkeep", None)
+    return float(upkeep()["bg_cpu_seconds"]) if upkeep is not None else 0.0
+
+
+class Probe:
+    """Trainer callback: the training clocks, and an evaluation every ``every`` steps (clocks paused)."""
+
+    def __init__(self, args: argparse.Namespace, verify_a: Any, verify_b: Any) -> None:
+        self.args, self.verify_a, self.verify_b = args, verify_a, verify_b
+        self.wall = self.cpu = 0.0
+        self.curve: list[dict[str, float]] = []
+        self._mark()
+
+    def _mark(self) -> None:
+        self._t, self._c = time.perf_counter(), cpu_seconds()
+
+    def __call__(self, trainer, step: int, record: dict) -> None:
+        self.wall += time.perf_counter() - self._t
+        self.cpu += cpu_seconds() - self._c
+        if step % self.args.eval_every == 0 or step == self.args.steps:
+            self.curve.append({"step": step, "wall_s": self.wall, "cpu_s": self.cpu + background_cpu(trainer),
+                               **self.evaluate(trainer)})
+            log.info("step %d: %s", step, self.curve[-1])
+        self._mark()
+
+    def evaluate(self, trainer) -> dict[str, float]:
+        import torch
+
+        top1 = trainer.validate()
+        trainer.backbone.eval()
+        try:
+            with torch.no_grad():
+                emb_a = trainer.backbone(self.verify_a.to(trainer.device)).float().cpu().numpy()
+                emb_b = trainer.backbone(self.verify_b.to(trainer.device)).float().cpu().numpy()
+        finally:
+            trainer.backbone.train()
+        return {"val_top1": float(top1), "tar": tar_at_far(emb_a, emb_b, self.args.far)}
+
+
+def cell_config(args: argparse.Namespace, name: str, sample_num: int, output_dir: Path, seed: int):
+    from hfs.config import _merge, config_from_dict, parse_override
+
+    fc = {"mode": "full"} if name == "full" else {"mode": "sampled", "sample_num": sample_num}
+    data = {
+        "data": {"source": "latent", "image_size": args.input_dim, "num_workers": 0},
+        "model": {"arch": "mlp", "embedding_size": args.dim},
+        "head": {"type": args.head, "scale": args.scale, "margin": args.margin},
+        "fc": fc,
+        "sampler": {"type": name if name != "full" else "random"},
+        "optim": {"lr": args.lr, "schedule": "cosine", "warmup_steps": args.warmup},
+        "train": {"output_dir": str(output_dir), "batch_size": args.batch, "max_steps": args.steps,
+                  "checkpoint_every": 0, "log_every": 100, "seed": seed},
+    }
+    for text in args.set or []:  # the same --set section.key=value as the hfs commands
+        data = _merge(data, parse_override(text))
+    return config_from_dict(data)
+
+
+def converged(curve: list[dict[str, float]], steps: int, flat: float) -> bool:
+    """Held-out top-1 moved less than ``flat`` over the last 20% of the steps."""
+    tail = [p["val_top1"] for p in curve if p["step"] >= 0.8 * steps]
+    return len(tail) >= 2 and max(tail) - min(tail) < flat
+
+
+def run_cell(args: argparse.Namespace, cell: str, seed: int, workdir: Path) -> dict[str, Any]:
+    import torch
+
+    from hfs.data.latent import LatentGenerator, LatentIdentities
+    from hfs.train.trainer import Trainer
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    name, sample_num = parse_cell(cell, args.classes)
+    out_dir = workdir / f"{cell.replace(':', '_')}_seed{seed}"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cfg = cell_config(args, name, sample_num, out_dir, seed)
+    gen = LatentGenerator(args.data_seed, input_dim=args.input_dim)
+    train = LatentIdentities(gen, args.classes, args.views, split="train", val_per_class=1)
+    val = LatentIdentities(gen, args.classes, args.views, split="val", val_per_class=1)
+    unseen = np.arange(args.classes, args.classes + args.verify_identities)
+    verify_a = torch.from_numpy(gen.samples(unseen, np.zeros_like(unseen)))
+    verify_b = torch.from_numpy(gen.samples(unseen, np.ones_like(unseen)))
+    probe = Probe(args, verify_a, verify_b)
+    result = Trainer(cfg, datasets=(train, val, args.classes), callbacks=[probe]).run()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    final = probe.curve[-1]
+    row = {"cell": cell, "seed": seed, "sampler": name, "sample_num": sample_num, "rate": sample_num / args.classes,
+           "val_top1": final["val_top1"], "tar": final["tar"], "train_wall_s": probe.wall, "train_cpu_s": final["cpu_s"],
+           "final_loss": result.loss, "converged": converged(probe.curve, args.steps, args.flat),
+           "curve": probe.curve}
+    log.info("%s seed %d: top1 %.4f TAR %.4f in %.0f s (cpu %.0f s), converged %s", cell, seed, row["val_top1"],
+             row["tar"], probe.wall, probe.cpu, row["converged"])
+    return row
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--classes", type=int, default=20_000, help="training identities C")
+    p.add_argument("--cells", nargs="+", default=["full", "random:0.01", "annoy:0.01", "hnsw:0.01", "exact:0.01"],
+                   help="full or SAMPLER:RATE")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; every cell runs once per seed")
+    p.add_argument("--views", type=int, default=8, help="training samples per identity")
+    p.add_argument("--input-dim", type=int, default=64, help="length of the generated input vectors")
+    p.add_argument("--dim", type=int, default=64, help="embedding size D")
+    p.add_argument("--batch", type=int, default=256, help="batch size")
+    p.add_argument("--steps", type=int, default=6000, help="training steps of every cell")
+    p.add_argument("--lr", type=float, default=0.1, help="base learning rate (cosine schedule)")
+    p.add_argument("--warmup", type=int, default=200, help="warm-up steps")
+    p.add_argument("--head", default="cosface", choices=("softmax", "cosface", "arcface"), help="margin head")
+    p.add_argument("--scale", type=float, default=32.0, help="logit scale s")
+    p.add_argument("--margin", type=float, default=0.2, help="margin m")
+    p.add_argument("--eval-every", type=int, default=500, help="steps between evaluations")
+    p.add_argument("--verify-identities", type=int, default=5000, help="unseen identities of the verification pairs")
+    p.add_argument("--far", type=float, default=1e-4, help="false accept rate of the reported TAR")
+    p.add_argument("--flat", type=float, default=0.005, help="converged: top-1 range over the last 20%% of steps below this")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the generated identities")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="config override for every cell, as `hfs train --set` (repeatable)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch default)")
+    p.add_argument("--resume", action="store_true", help="keep the (cell, seed) results already in --out")
+    p.add_argument("--workdir", default="benchmarks/.cache/time_to_accuracy", help="scratch folder of the runs")
+    p.add_argument("--out", default="docs/results/time_to_accuracy.json", help="JSON results (rewritten after each cell)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = parse_args(argv)
+    context = {**run_context(), "args": vars(args)}
+    rows, earlier = previous_run(Path(args.out)) if args.resume else ([], [])
+    if earlier:
+        context["earlier_runs"] = earlier
+    done = {(r["cell"], r["seed"]) for r in rows}
+    order = {cell: i for i, cell in enumerate(args.cells)}
+    for seed in args.seeds:
+        for cell in args.cells:
+            if (cell, seed) in done:
+                log.info("%s seed %d: kept from %s", cell, seed, args.out)
+                continue
+            rows.append(run_cell(args, cell, seed, Path(args.workdir)))
+            rows.sort(key=lambda r: (order.get(r["cell"], len(order)), r["seed"]))
+            write_results(args.out, context, rows)  # a cut-short run keeps every finished cell
+    log.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main()

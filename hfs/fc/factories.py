@@ -1,0 +1,161 @@
+"""The factories behind ``fc.mode``: full, sampled and sharded, registered in CLASSIFIERS.
+
+Each builds its layer from the config sections it needs plus the :class:`ClassifierContext`,
+restores what a resumed checkpoint holds of it, and registers its cleanup on ``ctx.stack``.
+Values derived from the config (the capped ``sample_num``, each rank's sampler seed, the
+queries per step, the store's snapshot folder) are worked out once, in :func:`plan_classifier`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hfs.dist import barrier
+from hfs.fc.full import FullFC
+from hfs.fc.layer import CLASSIFIERS, ClassifierContext
+from hfs.fc.sampled import SampledFC
+from hfs.fc.sharded import ShardedFC, build_shard_selector, init_shard_rows, shard_bounds
+from hfs.utils.errors import HfsError
+
+log = logging.getLogger(__name__)
+
+MATRIX = "fc"
+
+
+@dataclass(frozen=True)
+class ClassifierPlan:
+    """Values derived from the config for one rank, computed once and never written back."""
+
+    sample_num: int  # fc.sample_num, at most num_classes
+    sampler_seed: int  # sampler.seed + rank: each rank draws its own random fill
+    snapshot_dir: Path  # where the in-process store keeps snapshots
+
+
+def plan_classifier(cfg: Any, num_classes: int, rank: int) -> ClassifierPlan:
+    from hfs.paramserver import snapshot_dir_for
+
+    return ClassifierPlan(sample_num=min(cfg.fc.sample_num, num_classes), sampler_seed=cfg.sampler.seed + rank,
+                          snapshot_dir=snapshot_dir_for(cfg.paramserver, cfg.train.output_dir))
+
+
+def _does_not_fit(ctx: ClassifierContext, cfg: Any, exc: Exception) -> HfsError:
+    return HfsError(f"checkpoint {ctx.checkpoint_path} does not fit model.arch={cfg.model.arch} "
+                    f"embedding_size={cfg.model.embedding_size}: {str(exc).splitlines()[0]}")
+
+
+# --------------------------------------------------------------------------- full
+
+
+@CLASSIFIERS.register("full")
+def build_full(cfg: Any, ctx: ClassifierContext) -> FullFC:
+    """The whole matrix as a parameter of the trainer's optimizer."""
+    fc = FullFC(ctx.num_classes, cfg.model.embedding_size, ctx.head, init=cfg.fc.init, init_std=cfg.fc.init_std,
+                seed=cfg.train.seed, lr_scale=cfg.fc.lr_scale).to(ctx.device)
+    if ctx.checkpoint is not None:
+        try:
+            fc.load_state_dict(ctx.checkpoint["fc"])
+        except (RuntimeError, ValueError) as exc:
+            raise _does_not_fit(ctx, cfg, exc) from None
+    return fc
+
+
+# --------------------------------------------------------------------------- sampled
+
+
+@CLASSIFIERS.register("sampled")
+def build_sampled(cfg: Any, ctx: ClassifierContext) -> SampledFC:
+    """HF-softmax over a weight store (in-process, or `hfs serve-params` shared by every rank)."""
+    from hfs.paramserver import open_store
+    from hfs.samplers import build_selector
+
+    plan = plan_classifier(cfg, ctx.num_classes, ctx.env.rank)
+    if plan.sample_num < cfg.fc.sample_num:
+        log.warning("fc.sample_num=%d is more than the %d classes: every class is active each step",
+                    cfg.fc.sample_num, ctx.num_classes)
+    env, ps = ctx.env, cfg.paramserver
+    if env.distributed and not ps.address:
+        raise HfsError("fc.mode=sampled on several ranks needs one shared store: set paramserver.address "
+                       "(`hfs train-dist` starts a server itself when it is empty)")
+    if ps.keep_snapshots < cfg.train.keep_checkpoints:
+        log.warning("paramserver.keep_snapshots=%d < train.keep_checkpoints=%d: the oldest checkpoints "
+                    "will name store snapshots that no longer exist", ps.keep_snapshots, cfg.train.keep_checkpoints)
+    store = open_store(ps, plan.snapshot_dir)
+    ctx.stack.callback(store.close)
+    if env.is_main:  # one rank creates / restores the shared matrix, the others wait for it
+        _create_or_restore(store, cfg, ctx)
+    if env.distributed:
+        # Every rank is a worker of the store's synchronous step; all must be registered
+        # before anyone pushes, or the first step would be applied with fewer workers.
+        worker = f"rank-{env.rank}"
+        store.register(worker)
+        ctx.stack.callback(store.leave, worker)
+    barrier()
+    selector = build_selector(cfg.sampler, store=store, matrix=MATRIX, num_classes=ctx.num_classes,
+                              sample_num=plan.sample_num, queries_per_step=cfg.train.batch_size,
+                              seed=plan.sampler_seed, metric=cfg.sampler_metric)
+    fc = SampledFC(store, selector, ctx.head, matrix=MATRIX, overlap_push=cfg.fc.overlap_push,
+                   lr_scale=cfg.fc.lr_scale, workers=env.world_size)
+    ctx.stack.callback(fc.close)
+    return fc
+
+
+build_sampled.shared_store = True  # type: ignore[attr-defined]  # every rank reads and pushes one store
+
+
+def _create_or_restore(store: Any, cfg: Any, ctx: ClassifierContext) -> None:
+    """Create the matrix (kept when it exists), then restore the checkpoint's snapshot or
+    refuse a matrix another run already trained."""
+    store.create(MATRIX, ctx.num_classes, cfg.model.embedding_size, init=cfg.fc.init, std=cfg.fc.init_std,
+                 seed=cfg.train.seed, exist_ok=True, update_rule=cfg.paramserver.update_rule)
+    if ctx.checkpoint is not None:
+        _restore_store(store, ctx.checkpoint, ctx.checkpoint_path)
+    elif (trained_to := store.last_applied(MATRIX)) >= 0:
+        raise HfsError(
+            f"the parameter server at {cfg.paramserver.address} already holds a matrix '{MATRIX}' trained "
+            f"to step {trained_to} by another run; a fresh run needs a fresh server "
+            f"(restart `hfs serve-params`), or continue that run with --resume")
+
+
+def _restore_store(store: Any, ckpt: dict, path: Path | None) -> None:
+    tag = ckpt.get("store_snapshot")
+    if not tag:
+        raise HfsError(f"checkpoint {path} has no weight-store snapshot (it was written by a fc.mode=full run)")
+    try:
+        step = store.restore(tag)
+    except HfsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the store names what is missing
+        raise HfsError(f"cannot restore weight-store snapshot '{tag}' of {path}: {exc}") from None
+    if step != ckpt["step"]:
+        raise HfsError(f"weight-store snapshot '{tag}' is at step {step}, checkpoint at {ckpt['step']}")
+
+
+# --------------------------------------------------------------------------- sharded
+
+
+@CLASSIFIERS.register("sharded")
+def build_sharded(cfg: Any, ctx: ClassifierContext) -> ShardedFC:
+    """This rank's shard of the rows (the world-size independent initial matrix, or the
+    checkpoint's), with its own index over its shard when ``sampler.type`` is not random."""
+    start, end = shard_bounds(ctx.num_classes, ctx.env.rank, ctx.env.world_size)
+    rows = init_shard_rows(start, end, cfg.model.embedding_size, cfg.fc.init, cfg.fc.init_std, cfg.train.seed)
+    fc = ShardedFC(rows, ctx.num_classes, ctx.head, sample_num=cfg.fc.sample_num, seed=cfg.sampler.seed,
+                   lr_scale=cfg.fc.lr_scale, momentum_rule=cfg.fc.sharded_momentum).to(ctx.device)
+    if ctx.checkpoint is not None:
+        try:
+            fc.load_full_weight(ctx.checkpoint["fc"]["weight"].to(ctx.device))
+        except (RuntimeError, ValueError) as exc:
+            raise _does_not_fit(ctx, cfg, exc) from None
+    # the index is built from the rows as they are now: after a resume, the loaded ones
+    selector = build_shard_selector(cfg.sampler, fc, cfg.train.batch_size, seed=cfg.sampler.seed + ctx.env.rank,
+                                    metric=cfg.sampler_metric)
+    if selector is not None:
+        fc.attach_selector(selector)
+        ctx.stack.callback(fc.close)
+    return fc
+
+
+build_sharded.launcher_only = True  # type: ignore[attr-defined]  # model-parallel: one shard per rank

@@ -1,0 +1,54 @@
+"""benchmarks/time_to_accuracy.py on a tiny case: curves, TAR, resume, plot."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import plot_time_to_accuracy  # noqa: E402
+import time_to_accuracy  # noqa: E402
+
+
+def test_tar_at_far_counts_genuine_pairs_above_the_impostor_quantile():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((200, 16)).astype(np.float32)
+    assert time_to_accuracy.tar_at_far(a, a + 1e-3 * rng.standard_normal(a.shape), 1e-3) == 1.0
+    assert time_to_accuracy.tar_at_far(a, rng.standard_normal(a.shape), 1e-3) < 0.05
+    half = a.copy()
+    half[100:] = rng.standard_normal((100, 16))  # half the identities unrecognisable
+    assert time_to_accuracy.tar_at_far(a, half, 1e-3) == pytest.approx(0.5, abs=0.03)
+
+
+def test_converged_needs_a_flat_tail():
+    flat = [{"step": s, "val_top1": 0.5 + (0.001 if s == 100 else 0)} for s in (20, 40, 60, 80, 100)]
+    rising = [{"step": s, "val_top1": s / 100} for s in (20, 40, 60, 80, 100)]
+    assert time_to_accuracy.converged(flat, 100, 0.005)
+    assert not time_to_accuracy.converged(rising, 100, 0.005)
+
+
+def test_end_to_end_with_resume_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "tta.json"
+    common = ["--classes", "60", "--steps", "6", "--eval-every", "3", "--batch", "16", "--views", "3",
+              "--verify-identities", "40", "--input-dim", "12", "--dim", "8", "--warmup", "1",
+              "--workdir", str(tmp_path / "work"), "--out", str(out)]
+    time_to_accuracy.main([*common, "--cells", "full", "exact:0.2"])
+    rows = json.loads(out.read_text())["results"]
+    assert [r["cell"] for r in rows] == ["full", "exact:0.2"]
+    for r in rows:
+        assert [p["step"] for p in r["curve"]] == [3, 6]
+        assert 0.0 <= r["val_top1"] <= 1.0 and 0.0 <= r["tar"] <= 1.0
+        assert r["curve"][1]["cpu_s"] >= r["curve"][0]["cpu_s"] > 0
+    time_to_accuracy.main([*common, "--cells", "full", "exact:0.2", "random:0.2", "--resume"])
+    data = json.loads(out.read_text())
+    assert [r["cell"] for r in data["results"]] == ["full", "exact:0.2", "random:0.2"]
+    assert data["results"][0]["curve"] == rows[0]["curve"]  # kept, not rerun
+    assert len(data["context"]["earlier_runs"]) == 1
+    png = plot_time_to_accuracy.plot(out, tmp_path / "tta.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
