@@ -87,8 +87,12 @@ class CpuHint:
 
     def before_first_step(self, backbone: nn.Module, image_size: int, images_per_step: int) -> None:
         if self.device.type == "cpu" and self.steps_left > 0:
-            self._say(slow_cpu_message(self.device, estimate_step_seconds(backbone, image_size, images_per_step),
-                                       self.steps_left, "estimated from a forward pass"))
+            try:
+                seconds = estimate_step_seconds(backbone, image_size, images_per_step)
+            except (RuntimeError, ValueError) as exc:  # a backbone whose input is not an image (e.g. mlp)
+                log.debug("no CPU time estimate before the first step: %s", exc)
+            else:
+                self._say(slow_cpu_message(self.device, seconds, self.steps_left, "estimated from a forward pass"))
         self.t0 = time.perf_counter()
 
     def after_first_step(self) -> None:

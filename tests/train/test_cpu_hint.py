@@ -47,3 +47,12 @@ def test_message_for_the_default_config_on_cpu():
     assert text is not None and "94 s/step" in text and "3 h 55 min" in text
     assert "hfs train --config configs/quickstart_cpu.yaml" in text
     assert cpu_hint.slow_cpu_message(torch.device("cuda"), 94.0, 150) is None
+
+
+def test_a_backbone_that_takes_no_images_gets_the_after_first_step_measure(caplog):
+    """The forward-pass estimate is best effort: a vector backbone (mlp) skips it, nothing fails."""
+    from torch import nn
+
+    hint = cpu_hint.CpuHint(torch.device("cpu"), 10)
+    hint.before_first_step(nn.Linear(4, 2), 16, 8)  # images do not fit a Linear(4, 2)
+    assert not hint.said
