@@ -33,6 +33,15 @@ SetOpt = Annotated[List[str], typer.Option("--set", "-s", help="Override a key: 
 PrintConfigOpt = Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")]
 
 
+def overrides(flags: dict[str, object]) -> list[str]:
+    """``--set`` items for the flags that were given (None: not given); strings are quoted, so a
+    value YAML would read as another type (``yes``, ``2024``) stays the string it was."""
+    import json
+
+    return [f"{key}={json.dumps(value) if isinstance(value, (str, list)) else value}"
+            for key, value in flags.items() if value is not None]
+
+
 def resolve_config(config: Optional[Path], sets: List[str], print_config: bool) -> HfsConfig:
     """Load defaults + file + overrides; with --print-config, show the result and exit 0."""
     cfg = load_config(config, sets or [])
@@ -281,23 +290,14 @@ def serve_params(
     peers: Annotated[str, typer.Option(hidden=True, help="Comma-separated endpoints of all shards (set by --shards).")] = "",
 ) -> None:
     """Serve the classifier matrices over ZeroMQ (sparse SGD, synchronous steps, snapshots)."""
-    from hfs.paramserver import resolve_secret
-    from hfs.paramserver.server import ServeOptions, serve, serve_shards
+    flags = {"paramserver.host": host or None, "paramserver.port": port, "paramserver.shards": shards or None,
+             "paramserver.snapshot_dir": str(snapshot_dir) if snapshot_dir else None}
+    cfg = resolve_config(config, list(set_) + overrides(flags), print_config)
+    from hfs.paramserver.server import serve_params as run_serve_params
     from hfs.paramserver.store import ShardSpec
 
-    cfg = resolve_config(config, set_, print_config)
-    ps = cfg.paramserver
-    opts = ServeOptions(
-        host=host or ps.host, port=ps.port if port is None else port, shard=ShardSpec(shard_index, num_shards),
-        peers=tuple(p for p in peers.split(",") if p),
-        snapshot_dir=snapshot_dir or Path(ps.snapshot_dir or Path(cfg.train.output_dir) / "store"),
-        keep_snapshots=ps.keep_snapshots, timeout_s=ps.timeout_s, snapshot_every_steps=ps.snapshot_every_steps,
-        snapshot_every_s=ps.snapshot_every_s, resume=resume, secret=resolve_secret(ps.secret, secret_file),
-        insecure=insecure, max_message_bytes=int(ps.max_message_mb * 2**20))
-    count = shards or ps.shards
-    if count > 1 and num_shards == 1:
-        raise typer.Exit(serve_shards(opts, count, config, set_))
-    serve(opts)
+    raise typer.Exit(run_serve_params(cfg, resume=resume, secret_file=secret_file, insecure=insecure,
+                                      shard=ShardSpec(shard_index, num_shards), peers=[p for p in peers.split(",") if p]))
 
 
 @app.command("convert")
