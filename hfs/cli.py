@@ -183,33 +183,12 @@ def verify(
     config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
 ) -> None:
     """Verification accuracy (10-fold), VAL@FAR, AUC and EER on InsightFace .bin pair sets."""
-    cfg = resolve_config(config, set_, print_config)
-    from hfs.eval.evaluate import verify_checkpoint, verify_feature_files
-    from hfs.eval.report import plot_roc, require_matplotlib, results_table, write_results_json
-    from hfs.utils.log import make_console
+    flags = {"eval.bins": [str(b) for b in bins] or None, "eval.folds": folds, "eval.batch_size": batch_size,
+             "eval.num_workers": num_workers}
+    cfg = resolve_config(config, list(set_) + overrides(flags), print_config)
+    from hfs.eval.evaluate import run_verify
 
-    if plot:
-        require_matplotlib()  # fail before the work, not after
-    bins = bins or [Path(b) for b in cfg.eval.bins]
-    if not bins:
-        raise HfsError("no verification set: give --bin FILE (or set eval.bins)")
-    if bool(features) == bool(checkpoint):
-        raise HfsError("give either --features FILE.npy (one per --bin) or --checkpoint CKPT")
-    folds = folds or cfg.eval.folds
-    if checkpoint:
-        results, sources = verify_checkpoint(
-            bins, checkpoint, folds=folds, far_target=cfg.eval.far_target, flip=cfg.eval.flip if flip is None else flip,
-            batch_size=batch_size or cfg.eval.batch_size, device=device,
-            num_workers=cfg.eval.num_workers if num_workers is None else num_workers, output_dir=cfg.train.output_dir)
-    else:
-        if flip is not None:
-            log.warning("--flip has no effect with --features: flipping happens at extraction (hfs extract --flip)")
-        results, sources = verify_feature_files(bins, features, folds, cfg.eval.far_target)
-    make_console().print(results_table(results))
-    if json_out:
-        write_results_json(json_out, results, sources)
-    if plot:
-        plot_roc(plot, results)
+    run_verify(cfg, features=features, checkpoint=checkpoint, flip=flip, device=device, plot=plot, json_out=json_out)
 
 
 @app.command("export")
