@@ -33,6 +33,15 @@ SetOpt = Annotated[List[str], typer.Option("--set", "-s", help="Override a key: 
 PrintConfigOpt = Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")]
 
 
+def overrides(flags: dict[str, object]) -> list[str]:
+    """``--set`` items for the flags that were given (None: not given); strings are quoted, so a
+    value YAML would read as another type (``yes``, ``2024``) stays the string it was."""
+    import json
+
+    return [f"{key}={json.dumps(value) if isinstance(value, (str, list)) else value}"
+            for key, value in flags.items() if value is not None]
+
+
 def resolve_config(config: Optional[Path], sets: List[str], print_config: bool) -> HfsConfig:
     """Load defaults + file + overrides; with --print-config, show the result and exit 0."""
     cfg = load_config(config, sets or [])
@@ -174,33 +183,12 @@ def verify(
     config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
 ) -> None:
     """Verification accuracy (10-fold), VAL@FAR, AUC and EER on InsightFace .bin pair sets."""
-    cfg = resolve_config(config, set_, print_config)
-    from hfs.eval.evaluate import verify_checkpoint, verify_feature_files
-    from hfs.eval.report import plot_roc, require_matplotlib, results_table, write_results_json
-    from hfs.utils.log import make_console
+    flags = {"eval.bins": [str(b) for b in bins] or None, "eval.folds": folds, "eval.batch_size": batch_size,
+             "eval.num_workers": num_workers}
+    cfg = resolve_config(config, list(set_) + overrides(flags), print_config)
+    from hfs.eval.evaluate import run_verify
 
-    if plot:
-        require_matplotlib()  # fail before the work, not after
-    bins = bins or [Path(b) for b in cfg.eval.bins]
-    if not bins:
-        raise HfsError("no verification set: give --bin FILE (or set eval.bins)")
-    if bool(features) == bool(checkpoint):
-        raise HfsError("give either --features FILE.npy (one per --bin) or --checkpoint CKPT")
-    folds = folds or cfg.eval.folds
-    if checkpoint:
-        results, sources = verify_checkpoint(
-            bins, checkpoint, folds=folds, far_target=cfg.eval.far_target, flip=cfg.eval.flip if flip is None else flip,
-            batch_size=batch_size or cfg.eval.batch_size, device=device,
-            num_workers=cfg.eval.num_workers if num_workers is None else num_workers, output_dir=cfg.train.output_dir)
-    else:
-        if flip is not None:
-            log.warning("--flip has no effect with --features: flipping happens at extraction (hfs extract --flip)")
-        results, sources = verify_feature_files(bins, features, folds, cfg.eval.far_target)
-    make_console().print(results_table(results))
-    if json_out:
-        write_results_json(json_out, results, sources)
-    if plot:
-        plot_roc(plot, results)
+    run_verify(cfg, features=features, checkpoint=checkpoint, flip=flip, device=device, plot=plot, json_out=json_out)
 
 
 @app.command("export")
@@ -281,23 +269,14 @@ def serve_params(
     peers: Annotated[str, typer.Option(hidden=True, help="Comma-separated endpoints of all shards (set by --shards).")] = "",
 ) -> None:
     """Serve the classifier matrices over ZeroMQ (sparse SGD, synchronous steps, snapshots)."""
-    from hfs.paramserver import resolve_secret
-    from hfs.paramserver.server import ServeOptions, serve, serve_shards
+    flags = {"paramserver.host": host or None, "paramserver.port": port, "paramserver.shards": shards or None,
+             "paramserver.snapshot_dir": str(snapshot_dir) if snapshot_dir else None}
+    cfg = resolve_config(config, list(set_) + overrides(flags), print_config)
+    from hfs.paramserver.server import serve_params as run_serve_params
     from hfs.paramserver.store import ShardSpec
 
-    cfg = resolve_config(config, set_, print_config)
-    ps = cfg.paramserver
-    opts = ServeOptions(
-        host=host or ps.host, port=ps.port if port is None else port, shard=ShardSpec(shard_index, num_shards),
-        peers=tuple(p for p in peers.split(",") if p),
-        snapshot_dir=snapshot_dir or Path(ps.snapshot_dir or Path(cfg.train.output_dir) / "store"),
-        keep_snapshots=ps.keep_snapshots, timeout_s=ps.timeout_s, snapshot_every_steps=ps.snapshot_every_steps,
-        snapshot_every_s=ps.snapshot_every_s, resume=resume, secret=resolve_secret(ps.secret, secret_file),
-        insecure=insecure, max_message_bytes=int(ps.max_message_mb * 2**20))
-    count = shards or ps.shards
-    if count > 1 and num_shards == 1:
-        raise typer.Exit(serve_shards(opts, count, config, set_))
-    serve(opts)
+    raise typer.Exit(run_serve_params(cfg, resume=resume, secret_file=secret_file, insecure=insecure,
+                                      shard=ShardSpec(shard_index, num_shards), peers=[p for p in peers.split(",") if p]))
 
 
 @app.command("convert")
