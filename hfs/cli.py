@@ -33,6 +33,15 @@ SetOpt = Annotated[List[str], typer.Option("--set", "-s", help="Override a key: 
 PrintConfigOpt = Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")]
 
 
+def overrides(flags: dict[str, object]) -> list[str]:
+    """``--set`` items for the flags that were given (None: not given); strings are quoted, so a
+    value YAML would read as another type (``yes``, ``2024``) stays the string it was."""
+    import json
+
+    return [f"{key}={json.dumps(value) if isinstance(value, (str, list)) else value}"
+            for key, value in flags.items() if value is not None]
+
+
 def key_rule(key: str):
     """A Typer callback checking a flag by the rule of the config key it sets (one rule for both)."""
 
@@ -228,38 +237,17 @@ def verify(
 
     Example: hfs verify --bin data/synth/val.bin --features runs/qs/feats.npy --json runs/qs/verify.json
     """
-    cfg = resolve_config(config, set_, print_config)
-    from hfs.eval.evaluate import verify_checkpoint, verify_feature_files
-    from hfs.eval.report import plot_roc, require_matplotlib, results_table, write_results_json
-    from hfs.utils.log import make_console
-
     from hfs.utils.writable import require_writable_file
 
     for path, flag in ((json_out, "--json"), (plot, "--plot")):
         if path is not None:
             require_writable_file(path, flag)
-    if plot:
-        require_matplotlib()  # fail before the work, not after
-    bins = bins or [Path(b) for b in cfg.eval.bins]
-    if not bins:
-        raise HfsError("no verification set: give --bin FILE (or set eval.bins)")
-    if bool(features) == bool(checkpoint):
-        raise HfsError("give either --features FILE.npy (one per --bin) or --checkpoint CKPT")
-    folds = folds or cfg.eval.folds
-    if checkpoint:
-        results, sources = verify_checkpoint(
-            bins, checkpoint, folds=folds, far_target=cfg.eval.far_target, flip=cfg.eval.flip if flip is None else flip,
-            batch_size=batch_size or cfg.eval.batch_size, device=device,
-            num_workers=cfg.eval.num_workers if num_workers is None else num_workers, output_dir=cfg.train.output_dir)
-    else:
-        if flip is not None:
-            log.warning("--flip has no effect with --features: flipping happens at extraction (hfs extract --flip)")
-        results, sources = verify_feature_files(bins, features, folds, cfg.eval.far_target)
-    make_console().print(results_table(results))
-    if json_out:
-        write_results_json(json_out, results, sources)
-    if plot:
-        plot_roc(plot, results)
+    flags = {"eval.bins": [str(b) for b in bins] or None, "eval.folds": folds, "eval.batch_size": batch_size,
+             "eval.num_workers": num_workers}
+    cfg = resolve_config(config, list(set_) + overrides(flags), print_config)
+    from hfs.eval.evaluate import run_verify
+
+    run_verify(cfg, features=features, checkpoint=checkpoint, flip=flip, device=device, plot=plot, json_out=json_out)
 
 
 @app.command("export")
@@ -359,36 +347,21 @@ def serve_params(
 
     Example: hfs serve-params --port 5570 --snapshot-dir runs/ps --resume latest-or-new
     """
-    from hfs.paramserver import resolve_secret
-    from hfs.paramserver.server import ServeOptions, serve, serve_shards
+    flags = {"paramserver.host": host or None, "paramserver.port": port, "paramserver.shards": shards or None,
+             "paramserver.snapshot_dir": str(snapshot_dir) if snapshot_dir else None}
+    cfg = resolve_config(config, list(set_) + overrides(flags), print_config)
+    from hfs.paramserver.server import serve_params as run_serve_params
     from hfs.paramserver.store import ShardSpec
-
     from hfs.utils.writable import require_writable_dir
 
-    if num_shards > 1:  # a shard process of a group: its log lines say which shard wrote them
-        from hfs.utils.log import prefix_log_lines
-
-        prefix_log_lines(f"[shard {shard_index}/{num_shards}] ")
-    cfg = resolve_config(config, set_, print_config)
     ps = cfg.paramserver
-    snapshot_dir, snapshot_name = ((snapshot_dir, "--snapshot-dir") if snapshot_dir else
-                                   (Path(ps.snapshot_dir), "config key 'paramserver.snapshot_dir'") if ps.snapshot_dir else
-                                   (Path(cfg.train.output_dir) / "store", "config key 'train.output_dir'"))
-    require_writable_dir(snapshot_dir, snapshot_name)
-    opts = ServeOptions(
-        host=host or ps.host, port=ps.port if port is None else port, shard=ShardSpec(shard_index, num_shards),
-        peers=tuple(p for p in peers.split(",") if p),
-        snapshot_dir=snapshot_dir,
-        keep_snapshots=ps.keep_snapshots, timeout_s=ps.timeout_s, snapshot_every_steps=ps.snapshot_every_steps,
-        snapshot_every_s=ps.snapshot_every_s, resume=resume, secret=resolve_secret(ps.secret, secret_file),
-        insecure=insecure, max_message_bytes=int(ps.max_message_mb * 2**20))
-    count = shards or ps.shards
-    if opts.port + count - 1 > 65535:
-        raise HfsError(f"--port {opts.port} + --shards {count}: shard {count - 1} would listen on port "
-                       f"{opts.port + count - 1}, above 65535")
-    if count > 1 and num_shards == 1:
-        raise typer.Exit(serve_shards(opts, count, config, set_))
-    serve(opts)
+    require_writable_dir(ps.snapshot_dir or Path(cfg.train.output_dir) / "store", "--snapshot-dir" if snapshot_dir else
+                         "config key 'paramserver.snapshot_dir'" if ps.snapshot_dir else "config key 'train.output_dir'")
+    if ps.port + ps.shards - 1 > 65535:
+        raise HfsError(f"--port {ps.port} + --shards {ps.shards}: shard {ps.shards - 1} would listen on port "
+                       f"{ps.port + ps.shards - 1}, above 65535")
+    raise typer.Exit(run_serve_params(cfg, resume=resume, secret_file=secret_file, insecure=insecure,
+                                      shard=ShardSpec(shard_index, num_shards), peers=[p for p in peers.split(",") if p]))
 
 
 @app.command("convert")

@@ -1,6 +1,6 @@
 """Layers only point down: every ``import hfs.X`` in hfs/ (also inside functions) goes to a lower layer.
 
-The order (docs/architecture.md, "Layers"): utils -> config, registry -> dist, checkpoint,
+The order (docs/architecture.md, "Packages"): utils -> config, registry -> dist, checkpoint,
 default_config -> data, models, paramserver -> samplers -> fc -> train, eval -> bench ->
 cli, demo -> __main__. Packages on the same layer do not import each other either.
 """

@@ -57,35 +57,35 @@ def time_full_steps(cfg: HfsConfig, num_classes: int, batch: int, steps: int, wa
     return times
 
 
-def time_sampled_steps(cfg: HfsConfig, num_classes: int, batch: int, steps: int, warmup: int = 2,
+def time_sampled_steps(cfg: HfsConfig, num_classes: int, batch: int, sample_num: int, steps: int, warmup: int = 2,
                        wait_index: bool = False, on_built: Callable[[], None] | None = None,
                        on_step: Callable[[], None] | None = None) -> dict[str, Any]:
     """Seconds per SampledFC step with the configured store and sampler, plus the index build.
 
+    The store's matrix, the selector and the layer come from the trainer's own factories
+    (``hfs.fc.factories``) with this benchmark's ``batch`` and ``sample_num``.
     ``wait_index`` waits for a background first index before stepping, so that the steps
     run with it (and its drift tracking) — what the memory check needs to see.
     """
-    from hfs.fc import SampledFC
+    from hfs.fc.factories import create_matrix, plan_classifier, sampled_layer, sampled_selector
     from hfs.models import build_head
     from hfs.paramserver import open_store
-    from hfs.samplers import build_selector
 
     dim = cfg.model.embedding_size
     with tempfile.TemporaryDirectory(prefix="hfs-bench-fc-") as tmp:
-        store = open_store(cfg.paramserver, cfg.paramserver.snapshot_dir or tmp)
+        plan = plan_classifier(cfg, num_classes, 0, sample_num=sample_num, batch_size=batch, output_dir=tmp)
+        store = open_store(cfg.paramserver, plan.snapshot_dir)
         try:
-            store.create("fc", num_classes, dim, init=cfg.fc.init, std=cfg.fc.init_std, seed=0, exist_ok=True)
+            create_matrix(store, cfg, num_classes, seed=0)
             t0 = time.perf_counter()
-            selector = build_selector(cfg.sampler, store=store, matrix="fc", num_classes=num_classes,
-                                      sample_num=cfg.fc.sample_num, queries_per_step=cfg.train.batch_size,
-                                      seed=cfg.sampler.seed, metric=cfg.sampler_metric)
+            selector = sampled_selector(cfg, store, num_classes, plan)
             selector.maybe_refresh(0)
             if wait_index:
                 selector.wait_ready()
             build_s = time.perf_counter() - t0
             if on_built is not None:
                 on_built()
-            fc = SampledFC(store, selector, build_head(cfg.head), overlap_push=cfg.fc.overlap_push)
+            fc = sampled_layer(cfg, store, selector, build_head(cfg.head))
             fc.set_hparams(0.1, cfg.optim.momentum, cfg.optim.weight_decay)
             rng = np.random.default_rng(0)
             times = []
@@ -145,9 +145,7 @@ def bench_fc(cfg: HfsConfig, num_classes: int, batch: int, sample_num: int, step
     The index build is charged to the sampled step as build_seconds / amortise_steps
     (default ``sampler.interval``: the most often the refresh policy may rebuild).
     """
-    cfg = dataclasses.replace(cfg, fc=dataclasses.replace(cfg.fc, sample_num=min(sample_num, num_classes)),
-                              train=dataclasses.replace(cfg.train, batch_size=batch))
-    sampled = time_sampled_steps(cfg, num_classes, batch, steps, on_built=_phase(bar, "index build", 1),
+    sampled = time_sampled_steps(cfg, num_classes, batch, sample_num, steps, on_built=_phase(bar, "index build", 1),
                                  on_step=_phase(bar, "sampled steps", steps + 2))
     step_s = statistics.median(sampled["times"])
     interval = amortise_steps or max(cfg.sampler.interval, 1)
@@ -222,11 +220,11 @@ def _serve(port: int) -> None:
     serve(ServeOptions(port=port, snapshot_dir=None))
 
 
-def _trainer_process(cfg: HfsConfig, num_classes: int, batch: int, steps: int, out) -> None:
+def _trainer_process(cfg: HfsConfig, num_classes: int, batch: int, sample_num: int, steps: int, out) -> None:
     """Run SampledFC steps against the server and report this process's peak RSS."""
     try:
         base_mb = peak_rss_mb()
-        result = time_sampled_steps(cfg, num_classes, batch, steps, warmup=1, wait_index=True)
+        result = time_sampled_steps(cfg, num_classes, batch, sample_num, steps, warmup=1, wait_index=True)
         out.put({"num_classes": num_classes, "peak_rss_mb": peak_rss_mb(), "after_imports_mb": base_mb,
                  "step_ms": 1000 * statistics.median(result["times"]), **result["resident_mb"]})
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
@@ -254,12 +252,12 @@ def trainer_memory(cfg: HfsConfig, classes: list[int], batch: int, sample_num: i
         server.start()
         trainer = None
         try:
+            # the trainer's store is this server: paramserver.address is that config key's own use
             run_cfg = dataclasses.replace(
-                cfg, paramserver=dataclasses.replace(cfg.paramserver, address=f"tcp://127.0.0.1:{port}"),
-                fc=dataclasses.replace(cfg.fc, sample_num=min(sample_num, num_classes)),
-                train=dataclasses.replace(cfg.train, batch_size=batch))
+                cfg, paramserver=dataclasses.replace(cfg.paramserver, address=f"tcp://127.0.0.1:{port}"))
             queue = ctx.Queue()
-            trainer = ctx.Process(target=_trainer_process, args=(run_cfg, num_classes, batch, steps, queue))
+            trainer = ctx.Process(target=_trainer_process,
+                                  args=(run_cfg, num_classes, batch, sample_num, steps, queue))
             trainer.start()
             row = _result_or_death(queue, trainer)
             trainer.join()

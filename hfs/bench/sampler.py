@@ -360,6 +360,28 @@ def simulate_training(weights: np.ndarray, selector, steps: int, settings: Sampl
     return {"wall_s": wall, "step_ms": 1000 * step_seconds / steps}
 
 
+class ArrayRows:
+    """A numpy matrix as the read-only store ``build_selector`` reads (the simulation writes it in place)."""
+
+    MATRIX = "fc"
+
+    def __init__(self, weights: np.ndarray) -> None:
+        self.weights = weights
+
+    def shape(self, name: str) -> tuple[int, int]:
+        rows, dim = self.weights.shape
+        return int(rows), int(dim)
+
+    def iter_chunks(self, name: str, chunk_rows: int = CHUNK) -> Iterator[tuple[int, np.ndarray]]:
+        from hfs.samplers.base import array_chunks
+
+        return array_chunks(self.weights, chunk_rows)
+
+    def reader_spec(self) -> None:
+        """Only this process holds the array: builds read it through :meth:`iter_chunks`."""
+        return None
+
+
 def bench_upkeep(name: str, cfg, weights: np.ndarray, settings: SamplerBenchSettings, k: int,
                  on_step: Callable[[], None]) -> dict[str, Any]:
     """Upkeep of one sampler under the configured refresh policy, against the same loop with a frozen index.
@@ -369,23 +391,18 @@ def bench_upkeep(name: str, cfg, weights: np.ndarray, settings: SamplerBenchSett
     of its own. ``added_share`` = (wall with upkeep - wall with a never-refreshed index) / the
     latter, measured directly; on a shared machine it is noisy, so both are reported.
     """
-    from hfs.samplers import ActiveClassSelector, RefreshPolicy, build_sampler
-    from hfs.samplers.base import array_chunks
+    from hfs.samplers import ActiveClassSelector, RefreshPolicy, build_selector, refresh_policy
 
-    scfg = cfg.sampler
-    shape = weights.shape
+    scfg = dataclasses.replace(cfg.sampler, type=name)  # the section of the sampler being compared
 
     def selector_over(matrix: np.ndarray, policy: RefreshPolicy) -> ActiveClassSelector:
-        return ActiveClassSelector(lambda: build_sampler(name, scfg, cfg.sampler_metric),
-                                   lambda: array_chunks(matrix, scfg.snapshot_rows), shape,
-                                   sample_num=settings.sample_num, neighbours=k, policy=policy,
-                                   background=scfg.background, update_threshold=scfg.update_threshold,
-                                   update_budget=scfg.update_budget, seed=scfg.seed, workdir=scfg.workdir,
-                                   drift_rows=scfg.drift_rows)
+        return build_selector(scfg, store=ArrayRows(matrix), num_classes=matrix.shape[0],
+                              sample_num=settings.sample_num, queries_per_step=settings.batch_size,
+                              seed=scfg.seed, metric=cfg.sampler_metric, matrix=ArrayRows.MATRIX, policy=policy)
 
     results: dict[str, Any] = {"sampler": name, "policy": scfg.refresh, "steps": settings.upkeep_steps}
     frozen_policy = RefreshPolicy("interval", interval=settings.upkeep_steps + 1, max_interval=0)
-    live_policy = RefreshPolicy(scfg.refresh, scfg.interval, scfg.max_interval, scfg.drift_threshold)
+    live_policy = refresh_policy(scfg)
     runs = [("frozen", frozen_policy, False)] if settings.upkeep_baseline else []
     for label, policy, with_upkeep in runs + [("live", live_policy, True)]:
         matrix = weights.copy()
@@ -453,7 +470,7 @@ def _in_child(fn: Callable[..., Any], *args) -> Any:
 
 def run_sampler_bench(cfg, settings: SamplerBenchSettings, console=None) -> dict[str, Any]:
     """Everything `hfs bench-sampler` reports, as a JSON-able dict (the CLI renders and writes it)."""
-    from hfs.samplers import SAMPLERS, auto_neighbours
+    from hfs.samplers import SAMPLERS, neighbours_for
     from hfs.utils.log import progress
 
     for name in settings.samplers + (settings.upkeep_samplers if settings.upkeep_steps else []):
@@ -472,7 +489,7 @@ def run_sampler_bench(cfg, settings: SamplerBenchSettings, console=None) -> dict
         source = (f"structured: clusters of {settings.cluster_size}, spread {settings.spread}, "
                   f"query noise {settings.noise}")
     num_classes, dim = weights.shape
-    k = cfg.sampler.k or auto_neighbours(settings.sample_num, settings.batch_size, num_classes)
+    k = neighbours_for(cfg.sampler, settings.sample_num, settings.batch_size, num_classes)
     metric = cfg.sampler_metric
     report: dict[str, Any] = {"settings": {**dataclasses.asdict(settings), "weights": source,
                                            "num_classes": num_classes, "dim": dim, "k": k, "metric": metric,

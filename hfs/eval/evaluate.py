@@ -21,6 +21,8 @@ from hfs.utils.errors import HfsError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from hfs.config import HfsConfig
+
 
 @dataclass
 class VerificationSet:
@@ -243,3 +245,36 @@ def verify_checkpoint(bins: Sequence[str | Path], checkpoint: str | Path, *, fol
     sources = {name: {"bin": str(s.path), "checkpoint": str(em.source), "flip": flip, **onnx}
                for name, s in zip(results, sets)}
     return results, sources
+
+
+def run_verify(cfg: "HfsConfig", *, features: Sequence[str | Path] = (), checkpoint: str | Path | None = None,
+               flip: bool | None = None, device: str = "auto", plot: str | Path | None = None,
+               json_out: str | Path | None = None, console=None) -> dict[str, VerificationResult]:
+    """`hfs verify`: check the request, score every set of ``eval.bins`` from precomputed
+    ``features`` (one per set) or by embedding it with ``checkpoint``, then print the table
+    and write the JSON and the ROC plot. ``flip`` None means ``eval.flip``."""
+    from hfs.eval.report import plot_roc, require_matplotlib, results_table, write_results_json
+    from hfs.utils.log import make_console
+
+    if plot:
+        require_matplotlib()  # fail before the work, not after
+    ecfg = cfg.eval
+    bins = [Path(b) for b in ecfg.bins]
+    if not bins:
+        raise HfsError("no verification set: give --bin FILE (or set eval.bins)")
+    if bool(features) == bool(checkpoint):
+        raise HfsError("give either --features FILE.npy (one per --bin) or --checkpoint CKPT")
+    if checkpoint:
+        results, sources = verify_checkpoint(
+            bins, checkpoint, folds=ecfg.folds, far_target=ecfg.far_target, flip=ecfg.flip if flip is None else flip,
+            batch_size=ecfg.batch_size, device=device, num_workers=ecfg.num_workers, output_dir=cfg.train.output_dir)
+    else:
+        if flip is not None:
+            logging.getLogger(__name__).warning("--flip has no effect with --features: flipping happens at extraction (hfs extract --flip)")
+        results, sources = verify_feature_files(bins, features, ecfg.folds, ecfg.far_target)
+    (console or make_console()).print(results_table(results))
+    if json_out:
+        write_results_json(json_out, results, sources)
+    if plot:
+        plot_roc(plot, results)
+    return results

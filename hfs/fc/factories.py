@@ -4,6 +4,8 @@ Each builds its layer from the config sections it needs plus the :class:`Classif
 restores what a resumed checkpoint holds of it, and registers its cleanup on ``ctx.stack``.
 Values derived from the config (the capped ``sample_num``, each rank's sampler seed, the
 queries per step, the store's snapshot folder) are worked out once, in :func:`plan_classifier`.
+`hfs bench-fc` builds its sampled step from the same pieces (:func:`plan_classifier`,
+:func:`create_matrix`, :func:`sampled_selector`, :func:`sampled_layer`).
 """
 
 from __future__ import annotations
@@ -30,15 +32,43 @@ class ClassifierPlan:
     """Values derived from the config for one rank, computed once and never written back."""
 
     sample_num: int  # fc.sample_num, at most num_classes
+    queries_per_step: int  # features that ask the index each step (train.batch_size)
     sampler_seed: int  # sampler.seed + rank: each rank draws its own random fill
     snapshot_dir: Path  # where the in-process store keeps snapshots
 
 
-def plan_classifier(cfg: Any, num_classes: int, rank: int) -> ClassifierPlan:
+def plan_classifier(cfg: Any, num_classes: int, rank: int, *, sample_num: int | None = None,
+                    batch_size: int | None = None, output_dir: str | Path | None = None) -> ClassifierPlan:
+    """The derived values of one rank; ``sample_num``, ``batch_size`` and ``output_dir`` stand in for
+    ``fc.sample_num``, ``train.batch_size`` and ``train.output_dir`` (a benchmark's own sizes)."""
     from hfs.paramserver import snapshot_dir_for
 
-    return ClassifierPlan(sample_num=min(cfg.fc.sample_num, num_classes), sampler_seed=cfg.sampler.seed + rank,
-                          snapshot_dir=snapshot_dir_for(cfg.paramserver, cfg.train.output_dir))
+    sample_num = cfg.fc.sample_num if sample_num is None else sample_num
+    return ClassifierPlan(sample_num=min(sample_num, num_classes),
+                          queries_per_step=cfg.train.batch_size if batch_size is None else batch_size,
+                          sampler_seed=cfg.sampler.seed + rank,
+                          snapshot_dir=snapshot_dir_for(cfg.paramserver, output_dir or cfg.train.output_dir))
+
+
+def create_matrix(store: Any, cfg: Any, num_classes: int, seed: int) -> None:
+    """The classifier matrix in ``store`` (kept when it exists), initialised as ``fc.init`` says."""
+    store.create(MATRIX, num_classes, cfg.model.embedding_size, init=cfg.fc.init, std=cfg.fc.init_std,
+                 seed=seed, exist_ok=True, update_rule=cfg.paramserver.update_rule)
+
+
+def sampled_selector(cfg: Any, store: Any, num_classes: int, plan: ClassifierPlan) -> Any:
+    """The sampled layer's class selector over ``store``'s matrix (``hfs.samplers.build_selector``)."""
+    from hfs.samplers import build_selector
+
+    return build_selector(cfg.sampler, store=store, matrix=MATRIX, num_classes=num_classes,
+                          sample_num=plan.sample_num, queries_per_step=plan.queries_per_step,
+                          seed=plan.sampler_seed, metric=cfg.sampler_metric)
+
+
+def sampled_layer(cfg: Any, store: Any, selector: Any, head: Any, workers: int = 1) -> SampledFC:
+    """SampledFC over ``store`` with ``selector``; ``workers`` ranks push to the store each step."""
+    return SampledFC(store, selector, head, matrix=MATRIX, overlap_push=cfg.fc.overlap_push,
+                     lr_scale=cfg.fc.lr_scale, workers=workers)
 
 
 def _does_not_fit(ctx: ClassifierContext, cfg: Any, exc: Exception) -> HfsError:
@@ -69,7 +99,6 @@ def build_full(cfg: Any, ctx: ClassifierContext) -> FullFC:
 def build_sampled(cfg: Any, ctx: ClassifierContext) -> SampledFC:
     """HF-softmax over a weight store (in-process, or `hfs serve-params` shared by every rank)."""
     from hfs.paramserver import open_store
-    from hfs.samplers import build_selector
 
     plan = plan_classifier(cfg, ctx.num_classes, ctx.env.rank)
     if plan.sample_num < cfg.fc.sample_num:
@@ -93,11 +122,8 @@ def build_sampled(cfg: Any, ctx: ClassifierContext) -> SampledFC:
         store.register(worker)
         ctx.stack.callback(store.leave, worker)
     barrier()
-    selector = build_selector(cfg.sampler, store=store, matrix=MATRIX, num_classes=ctx.num_classes,
-                              sample_num=plan.sample_num, queries_per_step=cfg.train.batch_size,
-                              seed=plan.sampler_seed, metric=cfg.sampler_metric)
-    fc = SampledFC(store, selector, ctx.head, matrix=MATRIX, overlap_push=cfg.fc.overlap_push,
-                   lr_scale=cfg.fc.lr_scale, workers=env.world_size)
+    selector = sampled_selector(cfg, store, ctx.num_classes, plan)
+    fc = sampled_layer(cfg, store, selector, ctx.head, workers=env.world_size)
     ctx.stack.callback(fc.close)
     return fc
 
@@ -108,8 +134,7 @@ build_sampled.shared_store = True  # type: ignore[attr-defined]  # every rank re
 def _create_or_restore(store: Any, cfg: Any, ctx: ClassifierContext) -> None:
     """Create the matrix (kept when it exists), then restore the checkpoint's snapshot or
     refuse a matrix another run already trained."""
-    store.create(MATRIX, ctx.num_classes, cfg.model.embedding_size, init=cfg.fc.init, std=cfg.fc.init_std,
-                 seed=cfg.train.seed, exist_ok=True, update_rule=cfg.paramserver.update_rule)
+    create_matrix(store, cfg, ctx.num_classes, cfg.train.seed)
     if ctx.checkpoint is not None:
         _restore_store(store, ctx.checkpoint, ctx.checkpoint_path)
     elif (trained_to := store.last_applied(MATRIX)) >= 0:

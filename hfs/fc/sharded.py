@@ -137,7 +137,7 @@ def select_shard_rows(labels: torch.Tensor, start: int, end: int, count: int,
 class ShardView:
     """One rank's shard as a read-only weight-store matrix: what a sampler index is built from.
 
-    ``hfs.samplers.build_selector`` reads a matrix through ``shape``/``iter_chunks`` (and
+    ``hfs.samplers.build_selector`` reads a matrix through ``shape``/``iter_chunks``/``reader_spec`` (and
     benchmarks through ``get_rows``); this view serves the live shard parameter of ``fc``
     with row ids local to the shard (0 .. shard_rows-1). Chunks are float32 copies, since
     a background rebuild copies its snapshot over several steps while SGD updates the
@@ -163,6 +163,10 @@ class ShardView:
         index = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=weight.device)
         self._fc.current(index)
         return weight[index].float().cpu().numpy()
+
+    def reader_spec(self) -> None:
+        """The shard lives in this process only: builds read it through :meth:`iter_chunks`."""
+        return None
 
     def iter_chunks(self, name: str, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
         weight = self._weight(name)

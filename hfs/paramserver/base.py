@@ -7,9 +7,10 @@ values float32 numpy arrays of shape (len(rows), dim).
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -21,6 +22,50 @@ class HParams:
     lr: float
     momentum: float = 0.9
     weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class ReaderSpec:
+    """How another thread or process opens a client of its own to the same store.
+
+    Everything a client needs, taken from the store the trainer holds (one place: never a
+    joined address string or a secret resolved again): every shard's endpoint, the request
+    and connect timeouts (``paramserver.timeout_s``, ``paramserver.connect_timeout_s``) and
+    the shared secret. A child process gets :meth:`public` on its command line and the
+    secret through :meth:`child_env` (``HFS_PS_SECRET``), never argv.
+    """
+
+    endpoints: tuple[str, ...]
+    timeout_s: float = 60.0
+    connect_timeout_s: float = 10.0
+    secret: bytes | None = field(default=None, repr=False)
+
+    def public(self) -> dict[str, Any]:
+        """Everything but the secret, JSON-able."""
+        return {"endpoints": list(self.endpoints), "timeout_s": self.timeout_s,
+                "connect_timeout_s": self.connect_timeout_s}
+
+    def child_env(self) -> dict[str, str]:
+        """Environment entries that carry the secret to a child process."""
+        from hfs.paramserver import SECRET_ENV
+
+        return {SECRET_ENV: self.secret.decode()} if self.secret else {}
+
+    @classmethod
+    def from_child(cls, public: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> "ReaderSpec":
+        """The spec a parent passed as :meth:`public` + :meth:`child_env`."""
+        from hfs.paramserver import SECRET_ENV
+
+        secret = environ.get(SECRET_ENV, "")
+        return cls(tuple(public["endpoints"]), float(public["timeout_s"]), float(public["connect_timeout_s"]),
+                   secret.encode() if secret else None)
+
+    def open(self) -> "WeightStore":
+        """A fresh client of the store (the caller closes it)."""
+        from hfs.paramserver.client import ParamClient
+
+        return ParamClient(self.endpoints, timeout_s=self.timeout_s, connect_timeout_s=self.connect_timeout_s,
+                           secret=self.secret)
 
 
 class WeightStore(ABC):
@@ -80,6 +125,12 @@ class WeightStore(ABC):
     @abstractmethod
     def iter_chunks(self, name: str, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (first_row, rows) chunks of the whole matrix, for index rebuilds and evaluation."""
+
+    def reader_spec(self) -> ReaderSpec | None:
+        """How a build in another thread or process reads these matrices with a client of its
+        own; None when only this object can read them (the in-process store: it is not
+        thread-safe, so its rows reach a build through the training thread)."""
+        return None
 
     # -- persistence -----------------------------------------------------------------
     @abstractmethod

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from hfs.paramserver import protocol as proto
-from hfs.paramserver.base import HParams, WeightStore
+from hfs.paramserver.base import HParams, ReaderSpec, WeightStore
 from hfs.paramserver.store import ShardSpec
 from hfs.utils.errors import HfsError
 
@@ -30,9 +30,10 @@ class ServerError(HfsError):
     """The server answered with an error (bad request, failed step, ...)."""
 
 
-def parse_address(address: str) -> list[str]:
-    """``tcp://h:p[,tcp://h:p...]`` -> endpoints; anything else is an error naming the piece."""
-    endpoints = [a.strip() for a in address.split(",") if a.strip()]
+def parse_address(address: str | Sequence[str]) -> list[str]:
+    """``tcp://h:p[,tcp://h:p...]`` (or a list of them) -> endpoints; anything else is an error naming the piece."""
+    pieces = address.split(",") if isinstance(address, str) else address
+    endpoints = [a.strip() for a in pieces if a.strip()]
     if not endpoints:
         raise HfsError("paramserver.address is empty: give tcp://host:port of `hfs serve-params`")
     for ep in endpoints:
@@ -57,7 +58,7 @@ def _peer_for(peer: str, contacted: str) -> str:
 class ParamClient(WeightStore):
     """Talks to one or more `hfs serve-params` shards; safe to use from several threads."""
 
-    def __init__(self, address: str, *, timeout_s: float = 60.0, connect_timeout_s: float = 10.0,
+    def __init__(self, address: str | Sequence[str], *, timeout_s: float = 60.0, connect_timeout_s: float = 10.0,
                  secret: bytes | None = None) -> None:
         import zmq
 
@@ -382,6 +383,10 @@ class ParamClient(WeightStore):
         self._shapes.clear()
         self._remember_shapes(self.ping()[0].get("matrices", {}))
         return steps[0]
+
+    def reader_spec(self) -> ReaderSpec:
+        """Every shard (as discovered), both timeouts and the secret: another client of these shards."""
+        return ReaderSpec(tuple(self.endpoints), self.timeout_s, self.connect_timeout_s, self.secret)
 
     def ping(self) -> list[dict]:
         """Every shard's ping reply (shard, peers, matrices, step timeout)."""

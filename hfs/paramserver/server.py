@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import ipaddress
+import json
 import logging
 import os
 import signal
@@ -18,9 +19,9 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -29,6 +30,9 @@ from hfs.paramserver.base import HParams
 from hfs.paramserver.catchup import UPDATE_RULES
 from hfs.paramserver.store import INITS, InProcessStore, ShardSpec
 from hfs.utils.errors import HfsError
+
+if TYPE_CHECKING:
+    from hfs.config import HfsConfig
 
 log = logging.getLogger(__name__)
 
@@ -376,9 +380,52 @@ class ServeOptions:
     snapshot_every_steps: int = 0
     snapshot_every_s: float = 0.0
     resume: str | None = None
-    secret: bytes | None = None
+    secret: bytes | None = field(default=None, repr=False)
     insecure: bool = False
     max_message_bytes: int = 1 << 30
+
+    def to_json(self) -> str:
+        """Everything but the secret, for a shard process's command line (:meth:`from_json`)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "secret"}
+        data.update(shard=[self.shard.index, self.shard.count], peers=list(self.peers),
+                    snapshot_dir=str(self.snapshot_dir) if self.snapshot_dir is not None else None)
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str, secret: bytes | None) -> "ServeOptions":
+        data = json.loads(text)
+        data.update(shard=ShardSpec(*data["shard"]), peers=tuple(data["peers"]),
+                    snapshot_dir=Path(data["snapshot_dir"]) if data["snapshot_dir"] is not None else None)
+        return cls(**data, secret=secret)
+
+
+def serve_options(cfg: "HfsConfig", *, host: str | None = None, port: int | None = None, resume: str | None = None,
+                  secret_file: str | Path | None = None, insecure: bool = False, shard: ShardSpec = ShardSpec(),
+                  peers: Sequence[str] = ()) -> ServeOptions:
+    """The one place ``ServeOptions`` come from the config (``paramserver`` section; snapshots in
+    ``snapshot_dir_for``); ``host``/``port`` stand in for ``paramserver.host``/``port``."""
+    from hfs.paramserver import resolve_secret, snapshot_dir_for
+
+    ps = cfg.paramserver
+    return ServeOptions(
+        host=host or ps.host, port=ps.port if port is None else port, shard=shard, peers=tuple(peers),
+        snapshot_dir=snapshot_dir_for(ps, cfg.train.output_dir), keep_snapshots=ps.keep_snapshots,
+        timeout_s=ps.timeout_s, snapshot_every_steps=ps.snapshot_every_steps, snapshot_every_s=ps.snapshot_every_s,
+        resume=resume, secret=resolve_secret(ps.secret, secret_file), insecure=insecure,
+        max_message_bytes=int(ps.max_message_mb * 2**20))
+
+
+def serve_params(cfg: "HfsConfig", *, resume: str | None = None, secret_file: str | Path | None = None,
+                 insecure: bool = False, shard: ShardSpec = ShardSpec(), peers: Sequence[str] = ()) -> int:
+    """`hfs serve-params`: with ``paramserver.shards`` > 1 start and watch that many shard
+    processes, else serve here (``shard``/``peers``: one shard of a group started by hand,
+    e.g. one per host). Returns the exit code."""
+    opts = serve_options(cfg, resume=resume, secret_file=secret_file, insecure=insecure, shard=shard, peers=peers)
+    count = cfg.paramserver.shards
+    if count > 1 and shard.count == 1:
+        return serve_shards(opts, count)
+    serve(opts)
+    return 0
 
 
 def shard_snapshot_dir(base: Path | None, shard: ShardSpec) -> Path | None:
@@ -437,39 +484,37 @@ def _final_snapshot(store: InProcessStore) -> None:
         log.error("final snapshot failed: %s", exc)
 
 
-def _shard_args(opts: ServeOptions, config: Path | None, sets: Sequence[str]) -> list[str]:
-    """Flags every shard process gets: the same config and overrides, snapshot folder, resume."""
-    args = ["--config", str(config)] if config else []
-    for item in sets:
-        args += ["--set", item]
-    if opts.snapshot_dir is not None:
-        args += ["--snapshot-dir", str(opts.snapshot_dir)]
-    if opts.resume:
-        args += ["--resume", opts.resume]
-    if opts.insecure:
-        args.append("--insecure")
-    return args
+def _package_root() -> str:
+    import hfs
+
+    return str(Path(hfs.__file__).resolve().parent.parent)
 
 
-def serve_shards(opts: ServeOptions, count: int, config: Path | None = None, sets: Sequence[str] = ()) -> int:
+def start_shard(opts: ServeOptions, index: int, count: int, peers: Sequence[str]) -> subprocess.Popen:
+    """Shard ``index`` of ``count`` as a child process running :mod:`hfs.paramserver.shard_worker`
+    with these options serialised (the secret in its environment, never its command line)."""
+    from hfs.paramserver import SECRET_ENV
+
+    shard_opts = replace(opts, port=opts.port + index, shard=ShardSpec(index, count), peers=tuple(peers))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([_package_root(), os.environ.get("PYTHONPATH", "")]))
+    if opts.secret:
+        env[SECRET_ENV] = opts.secret.decode()
+    verbose = str(int(logging.getLogger().isEnabledFor(logging.DEBUG)))
+    return subprocess.Popen([sys.executable, "-m", "hfs.paramserver.shard_worker", shard_opts.to_json(), verbose],
+                            env=env)
+
+
+def serve_shards(opts: ServeOptions, count: int) -> int:
     """Start ``count`` shard processes on ports port..port+count-1 and wait for them.
 
-    Each shard re-reads the same config and overrides; the secret travels in HFS_PS_SECRET.
-    SIGTERM/SIGINT are passed on to every shard (each takes its final snapshot); if one
-    shard dies, the others are stopped too. Returns the worst exit code.
+    Each shard gets these options serialised (:func:`start_shard`); the secret travels in
+    HFS_PS_SECRET. SIGTERM/SIGINT are passed on to every shard (each takes its final
+    snapshot); if one shard dies, the others are stopped too. Returns the worst exit code.
     """
-    extra_args = _shard_args(opts, config, sets)
     check_bind_allowed(opts.host, opts.secret, opts.insecure)
     host = f"[{opts.host}]" if ":" in opts.host else opts.host
     peers = [f"tcp://{host}:{opts.port + i}" for i in range(count)]
-    env = dict(os.environ)
-    if opts.secret:
-        env["HFS_PS_SECRET"] = opts.secret.decode()
-    children = []
-    for i in range(count):
-        cmd = [sys.executable, "-m", "hfs", "serve-params", "--host", opts.host, "--port", str(opts.port + i),
-               "--shard-index", str(i), "--num-shards", str(count), "--peers", ",".join(peers), *extra_args]
-        children.append(subprocess.Popen(cmd, env=env))
+    children = [start_shard(opts, i, count, peers) for i in range(count)]
     log.info("started %d shards: %s", count, ", ".join(peers))
     stopping = threading.Event()
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ActiveClassSelector", "AnnoySampler", "ClassSampler", "ExactSampler", "HnswSampler", "RandomSampler",
            "RefreshPolicy", "RemoteMatrix", "SAMPLERS", "auto_neighbours", "build_sampler", "build_selector",
-           "select_active_classes", "sampler_kwargs"]
+           "neighbours_for", "refresh_policy", "select_active_classes", "sampler_kwargs"]
 
 
 def sampler_kwargs(name: str, scfg: "SamplerConfig", metric: str, seed: int | None = None) -> dict:
@@ -50,34 +50,41 @@ def build_sampler(name: str, scfg: "SamplerConfig", metric: str, seed: int | Non
     return SAMPLERS.build(name, **sampler_kwargs(name, scfg, metric, seed))
 
 
+def neighbours_for(sampler_cfg: "SamplerConfig", sample_num: int, queries_per_step: int, num_classes: int) -> int:
+    """Candidates asked per query: ``sampler.k``, or when 0 enough for ``sample_num`` over the step's queries."""
+    return sampler_cfg.k or auto_neighbours(sample_num, queries_per_step, num_classes)
+
+
+def refresh_policy(sampler_cfg: "SamplerConfig") -> RefreshPolicy:
+    """The configured rebuild schedule (``sampler.refresh``, ``interval``, ``max_interval``, ``drift_threshold``)."""
+    return RefreshPolicy(sampler_cfg.refresh, sampler_cfg.interval, sampler_cfg.max_interval,
+                         sampler_cfg.drift_threshold)
+
+
 def build_selector(sampler_cfg: "SamplerConfig", *, store: "WeightStore", num_classes: int, sample_num: int,
-                   queries_per_step: int, seed: int, metric: str, matrix: str = "fc") -> ActiveClassSelector:
+                   queries_per_step: int, seed: int, metric: str, matrix: str = "fc",
+                   policy: RefreshPolicy | None = None) -> ActiveClassSelector:
     """A selector of ``sample_num`` active classes per step over ``store``'s matrix ``matrix``.
 
     ``queries_per_step`` is how many features ask the index each step (sizes ``k = 0``),
     ``seed`` seeds its random fill, ``metric`` is the resolved ``sampler.metric``; the
-    caller works these out (once) for its rank and layout.
+    caller works these out (once) for its rank and layout. ``policy`` replaces the
+    configured refresh schedule (a benchmark's frozen index). ``store`` is anything with
+    ``shape``, ``iter_chunks`` and ``reader_spec`` (a WeightStore, a shard or array view):
+    when ``reader_spec()`` names a server, index builds read the rows themselves.
     """
     scfg = sampler_cfg
     rows, dim = store.shape(matrix)
     if rows != num_classes:
         raise ValueError(f"store matrix '{matrix}' has {rows} rows but num_classes={num_classes}")
-    policy = RefreshPolicy(scfg.refresh, scfg.interval, scfg.max_interval, scfg.drift_threshold)
-    neighbours = scfg.k or auto_neighbours(sample_num, queries_per_step, num_classes)
     chunk_rows = max(1, min(scfg.snapshot_rows, num_classes))
+    reader = store.reader_spec()
     return ActiveClassSelector(lambda: build_sampler(scfg.type, scfg, metric, seed=seed),
                                lambda: store.iter_chunks(matrix, chunk_rows), (num_classes, dim),
-                               sample_num=sample_num, neighbours=neighbours, policy=policy,
+                               sample_num=sample_num,
+                               neighbours=neighbours_for(scfg, sample_num, queries_per_step, num_classes),
+                               policy=policy or refresh_policy(scfg),
                                background=scfg.background, update_threshold=scfg.update_threshold,
                                update_budget=scfg.update_budget, seed=seed, workdir=scfg.workdir,
-                               remote=remote_matrix(store, matrix, chunk_rows), drift_rows=scfg.drift_rows,
-                               hard_after=scfg.hard_after)
-
-
-def remote_matrix(store: "WeightStore", matrix: str, chunk_rows: int) -> RemoteMatrix | None:
-    """Where index builds can read ``matrix`` themselves: a `hfs serve-params` client's shards, else None."""
-    from hfs.paramserver.client import ParamClient
-
-    if not isinstance(store, ParamClient):
-        return None
-    return RemoteMatrix(",".join(store.endpoints), matrix, chunk_rows, store.timeout_s, store.secret)
+                               remote=RemoteMatrix(reader, matrix, chunk_rows) if reader is not None else None,
+                               drift_rows=scfg.drift_rows, hard_after=scfg.hard_after)

@@ -5,8 +5,8 @@ Run as ``python -m hfs.samplers.build_worker SPEC_JSON SOURCE_JSON OUT`` by
 GIL (annoy's per-item loop) never slow the training thread. ``SOURCE_JSON`` is
 ``{"shape": [C, D], "snapshot": PATH}`` (a float32 .npy the trainer wrote chunk by chunk) or
 ``{"shape": [C, D], "remote": {...}}`` (a ``RemoteMatrix`` spec: this process opens its own client to
-`hfs serve-params`, the secret coming from ``HFS_PS_SECRET``), so the matrix never has to
-be in the trainer's memory.
+`hfs serve-params` with the trainer's endpoints and timeouts, the secret coming from
+``HFS_PS_SECRET``), so the matrix never has to be in the trainer's memory.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from pathlib import Path
 def build_index_file(spec_json: str, source_json: str, out_path: str) -> None:
     """Build the sampler described by ``spec_json`` over the source's rows and save it atomically."""
     import hfs.samplers  # noqa: F401  (registers the samplers)
-    from hfs.paramserver import resolve_secret
     from hfs.samplers.refresh import RemoteMatrix, read_npy_chunks
     from hfs.samplers.registry import SAMPLERS
 
@@ -27,7 +26,7 @@ def build_index_file(spec_json: str, source_json: str, out_path: str) -> None:
     sampler = SAMPLERS.build(spec["name"], **spec["kwargs"])
     num_rows, dim = source["shape"]
     if "remote" in source:
-        chunks = RemoteMatrix(**source["remote"], secret=resolve_secret()).chunks()
+        chunks = RemoteMatrix.from_spec(source["remote"]).chunks()
     else:
         chunks = read_npy_chunks(source["snapshot"])
     sampler.rebuild(chunks, num_rows, dim)

@@ -33,12 +33,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, Mapping
 
 import numpy as np
 
 from hfs.samplers.base import ClassSampler, normalise_rows
 from hfs.utils.errors import HfsError
+
+if TYPE_CHECKING:
+    from hfs.paramserver.base import ReaderSpec
 
 log = logging.getLogger(__name__)
 
@@ -120,27 +123,31 @@ class DriftTracker:
 class RemoteMatrix:
     """A matrix in `hfs serve-params` that a build reads through its own client.
 
-    ``secret`` reaches a child process through its environment (``HFS_PS_SECRET``), never
-    its command line. The rows are those at the time the build read them — what an index
-    built in the background sees anyway.
+    ``reader`` is the store's own :class:`~hfs.paramserver.base.ReaderSpec` (endpoints,
+    timeouts, secret), so the build's client is the trainer's client again. The secret
+    reaches a child process through its environment (``HFS_PS_SECRET``), never its command
+    line. The rows are those at the time the build read them — what an index built in the
+    background sees anyway.
     """
 
-    address: str  # every shard's endpoint, comma-separated
+    reader: "ReaderSpec"
     matrix: str
     chunk_rows: int
-    timeout_s: float = 60.0
-    secret: bytes | None = None
 
     def spec(self) -> dict:
-        """Everything but the secret, for a child's command line."""
-        return {"address": self.address, "matrix": self.matrix, "chunk_rows": self.chunk_rows,
-                "timeout_s": self.timeout_s}
+        """Everything but the secret, for a child's command line (:meth:`from_spec` reads it back)."""
+        return {"reader": self.reader.public(), "matrix": self.matrix, "chunk_rows": self.chunk_rows}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "RemoteMatrix":
+        """In the child: the parent's :meth:`spec`, the secret from the environment."""
+        from hfs.paramserver.base import ReaderSpec
+
+        return cls(ReaderSpec.from_child(spec["reader"]), spec["matrix"], int(spec["chunk_rows"]))
 
     def chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         """Stream the matrix with a fresh client (closed at the end)."""
-        from hfs.paramserver.client import ParamClient
-
-        client = ParamClient(self.address, timeout_s=self.timeout_s, secret=self.secret)
+        client = self.reader.open()
         try:
             yield from client.iter_chunks(self.matrix, self.chunk_rows)
         finally:
@@ -200,21 +207,19 @@ def _package_root() -> str:
 
 def build_in_child(sampler: ClassSampler, source: dict, shape: tuple[int, int], workdir: Path,
                    on_start: Callable[[subprocess.Popen], None] = lambda proc: None,
-                   secret: bytes | None = None) -> float:
+                   child_env: Mapping[str, str] | None = None) -> float:
     """Build ``sampler``'s index in a child process, then load it here (``mmap``).
 
     ``source`` is ``{"snapshot": path}`` or ``{"remote": RemoteMatrix.spec()}``. The caller
     removes ``workdir`` once the index is loaded. Returns the child's CPU seconds.
-    ``on_start`` receives the child so that it can be cancelled.
+    ``on_start`` receives the child so that it can be cancelled; ``child_env`` adds to its
+    environment (a remote source's secret: :meth:`ReaderSpec.child_env`).
     """
     index_path, err_path = workdir / "index.bin", workdir / "stderr.txt"
     spec = json.dumps({"name": sampler.name, "kwargs": sampler.spec()})
     source = dict(source, shape=list(shape))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([_package_root(), os.environ.get("PYTHONPATH", "")]))
-    if secret:
-        from hfs.paramserver import SECRET_ENV
-
-        env[SECRET_ENV] = secret.decode()
+    env.update(child_env or {})
     with open(err_path, "wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "hfs.samplers.build_worker", spec, json.dumps(source),
                                  str(index_path)], env=env, stdout=subprocess.DEVNULL, stderr=err)
@@ -354,8 +359,9 @@ class IndexBuild:
                     self._make_workdir()  # remote rows: the folder holds only the index file
                 source = ({"remote": self.remote.spec()} if self.remote is not None
                           else {"snapshot": str(self._workdir / "snapshot.npy")})
-                self.bg_cpu_seconds += build_in_child(sampler, source, self.shape, self._workdir, self._set_child,
-                                                      secret=self.remote.secret if self.remote else None)
+                self.bg_cpu_seconds += build_in_child(
+                    sampler, source, self.shape, self._workdir, self._set_child,
+                    child_env=self.remote.reader.child_env() if self.remote is not None else None)
             else:
                 sampler.rebuild(self._source_chunks(), *self.shape)
             if self._cancelled:

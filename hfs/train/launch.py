@@ -240,8 +240,7 @@ def job_param_server(cfg: Any, plan: LaunchPlan) -> Iterator[str]:
     """
     import threading
 
-    from hfs.paramserver import resolve_secret, snapshot_dir_for
-    from hfs.paramserver.server import ServeOptions, build_server
+    from hfs.paramserver.server import build_server, serve_options
 
     ps = cfg.paramserver
     multi = plan.nnodes > 1
@@ -250,10 +249,7 @@ def job_param_server(cfg: Any, plan: LaunchPlan) -> Iterator[str]:
     if plan.node_rank != 0:  # the server runs on node 0; the others only need its address
         yield f"tcp://{host}:{port}"
         return
-    opts = ServeOptions(host=host, port=port, snapshot_dir=snapshot_dir_for(ps, cfg.train.output_dir),
-                        keep_snapshots=ps.keep_snapshots, timeout_s=ps.timeout_s,
-                        secret=resolve_secret(ps.secret), max_message_bytes=int(ps.max_message_mb * 2**20))
-    server = build_server(opts)
+    server = build_server(serve_options(cfg, host=host, port=port))
     thread = threading.Thread(target=server.serve_forever, name="hfs-job-param-server", daemon=True)
     thread.start()
     log.info("parameter server for this job on %s", server.endpoint)
