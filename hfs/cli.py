@@ -14,7 +14,7 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
-from hfs.config import ConfigError, HfsConfig, load_config
+from hfs.config import ConfigError, HfsConfig, check_flag, load_config
 from hfs.utils.errors import HfsError
 
 app = typer.Typer(
@@ -42,6 +42,28 @@ def overrides(flags: dict[str, object]) -> list[str]:
             for key, value in flags.items() if value is not None]
 
 
+def key_rule(key: str):
+    """A Typer callback checking a flag by the rule of the config key it sets (one rule for both)."""
+
+    def callback(param: typer.CallbackParam, value: Optional[float]):
+        if value is not None:
+            check_flag(param.opts[0], key, value)
+        return value
+
+    return callback
+
+
+def renamed(value, old_value, flag: str, old_flag: str, default=None):
+    """The value of a flag given by its spelling or by its old one (a hidden alias kept so
+    existing scripts still run); ``default`` when neither, a usage error when required."""
+    if value is not None and old_value is not None:
+        raise HfsError(f"{flag} given twice (also as {old_flag})")
+    value = old_value if value is None else value
+    if value is None and default is None:
+        raise HfsError(f"missing option '{flag}'")
+    return default if value is None else value
+
+
 def resolve_config(config: Optional[Path], sets: List[str], print_config: bool) -> HfsConfig:
     """Load defaults + file + overrides; with --print-config, show the result and exit 0."""
     cfg = load_config(config, sets or [])
@@ -52,17 +74,21 @@ def resolve_config(config: Optional[Path], sets: List[str], print_config: bool) 
 
 
 @app.callback()
-def _root(verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output.")] = 0) -> None:
+def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More log output (debug level).")] = False
+          ) -> None:
     """hfs: train classifiers over 100K-10M classes without paying for the whole softmax."""
     from hfs.utils.log import setup_logging
 
-    setup_logging(verbose)
+    setup_logging(int(verbose))
 
 
 @app.command("show-config")
 def show_config(config: ConfigOpt = None, set_: SetOpt = [], keys: Annotated[bool, typer.Option(
         "--keys", help="List every key with its type, default and meaning instead.")] = False) -> None:
-    """Print the resolved config (defaults, then --config, then --set) as YAML."""
+    """Print the resolved config (defaults, then --config, then --set) as YAML.
+
+    Example: hfs show-config --config configs/quickstart_cpu.yaml --set train.max_steps=50
+    """
     from hfs.config import describe_keys
 
     if keys:
@@ -77,21 +103,30 @@ def train_cmd(
     config: ConfigOpt = None,
     sampled: Annotated[bool, typer.Option("--sampled", help="HF-softmax: same as --set fc.mode=sampled.")] = False,
     sample_num: Annotated[Optional[int], typer.Option(
-        "--sample-num", min=1, help="Active classes per step (sets fc.sample_num).")] = None,
+        "--sample-num", callback=key_rule("fc.sample_num"), help="Active classes per step (sets fc.sample_num).")] = None,
     resume: Annotated[Optional[str], typer.Option(
         "--resume", help="Continue from 'latest' (in train.output_dir), a run folder or a checkpoint file.")] = None,
     set_: SetOpt = [],
     print_config: PrintConfigOpt = False,
 ) -> None:
-    """Train a backbone with the full softmax (baseline) or HF-softmax over active classes (--sampled)."""
+    """Train a backbone with the full softmax (baseline) or HF-softmax over active classes (--sampled).
+
+    Example: hfs train --config configs/quickstart_cpu.yaml --sampled --set train.output_dir=runs/qs
+    """
     sugar = (["fc.mode=sampled"] if sampled else []) + ([f"fc.sample_num={sample_num}"] if sample_num else [])
     cfg = resolve_config(config, sugar + list(set_), print_config)
     from hfs.eval.hooks import verification_hooks
+    from hfs.train.run_dir import check_train_outputs, place_resumed_run, report_if_complete, resolve_latest
     from hfs.train.trainer import resume_config, summarize, train
 
     checkpoint = None
     if resume:
+        resume = resolve_latest(resume, cfg, config, sugar + list(set_))
         checkpoint, cfg = resume_config(resume, config is not None, cfg, sugar + list(set_))
+        cfg = place_resumed_run(cfg, checkpoint, config, sugar + list(set_))
+        if report_if_complete(checkpoint, cfg):
+            return
+    check_train_outputs(cfg)
     result = train(cfg, resume=checkpoint, hooks=verification_hooks(cfg))
     summarize(result)
     if result.interrupted:
@@ -101,27 +136,30 @@ def train_cmd(
 def train_dist_cmd(
     config: ConfigOpt = None,
     nproc: Annotated[Optional[int], typer.Option(
-        "--nproc", min=1, help="Workers on this node (dist.nproc; default: visible GPUs, 1 on CPU).")] = None,
+        "--nproc", callback=key_rule("dist.nproc"), help="Workers on this node (dist.nproc; default: visible GPUs, 1 on CPU).")] = None,
     backend: Annotated[Optional[str], typer.Option(
         "--backend", help="nccl (GPUs) or gloo (CPU) (dist.backend).")] = None,
-    nnodes: Annotated[Optional[int], typer.Option("--nnodes", min=1, help="Number of nodes (dist.nnodes).")] = None,
+    nnodes: Annotated[Optional[int], typer.Option("--nnodes", callback=key_rule("dist.nnodes"), help="Number of nodes (dist.nnodes).")] = None,
     node_rank: Annotated[Optional[int], typer.Option(
-        "--node-rank", min=0, help="This node's rank; node 0 hosts the rendezvous (dist.node_rank).")] = None,
+        "--node-rank", callback=key_rule("dist.node_rank"), help="This node's rank; node 0 hosts the rendezvous (dist.node_rank).")] = None,
     master_addr: Annotated[Optional[str], typer.Option(
         "--master-addr", help="Node 0's address, reachable from every node (dist.master_addr).")] = None,
     master_port: Annotated[Optional[int], typer.Option(
-        "--master-port", min=0, max=65535, help="Rendezvous port; 0 = a free one, single node only (dist.master_port).")] = None,
+        "--master-port", callback=key_rule("dist.master_port"), help="Rendezvous port; 0 = a free one, single node only (dist.master_port).")] = None,
     sampled: Annotated[bool, typer.Option("--sampled", help="HF-softmax on a shared parameter server: fc.mode=sampled.")] = False,
     sharded: Annotated[bool, typer.Option("--sharded", help="Model-parallel classifier across ranks: fc.mode=sharded.")] = False,
     sample_num: Annotated[Optional[int], typer.Option(
-        "--sample-num", min=1, help="Active classes per step (sets fc.sample_num).")] = None,
+        "--sample-num", callback=key_rule("fc.sample_num"), help="Active classes per step (sets fc.sample_num).")] = None,
     resume: Annotated[Optional[str], typer.Option(
         "--resume", help="Continue from 'latest' (in train.output_dir), a run folder or a checkpoint file; "
                          "any world size.")] = None,
     set_: SetOpt = [],
     print_config: PrintConfigOpt = False,
 ) -> None:
-    """Train on several devices/nodes: one worker per device via torch's elastic launcher (DDP)."""
+    """Train on several devices/nodes: one worker per device via torch's elastic launcher (DDP).
+
+    Example: hfs train-dist --nproc 2 --backend gloo --config configs/quickstart_cpu.yaml --sharded
+    """
     if sampled and sharded:
         raise HfsError("--sampled and --sharded are two different classifier modes; pick one")
     flags = {"dist.nproc": nproc, "dist.backend": backend, "dist.nnodes": nnodes, "dist.node_rank": node_rank,
@@ -133,9 +171,16 @@ def train_dist_cmd(
     from hfs.train.launch import run_train_dist
     from hfs.train.trainer import resume_config, summarize
 
+    from hfs.train.run_dir import check_train_outputs, place_resumed_run, report_if_complete, resolve_latest
+
     checkpoint = None
     if resume:
+        resume = resolve_latest(resume, cfg, config, list(set_) + sugar)
         checkpoint, cfg = resume_config(resume, config is not None, cfg, list(set_) + sugar)
+        cfg = place_resumed_run(cfg, checkpoint, config, list(set_) + sugar)
+        if report_if_complete(checkpoint, cfg, world_size=None):
+            return
+    check_train_outputs(cfg)
     result = run_train_dist(cfg, resume=str(checkpoint) if checkpoint else None,
                             verbose=int(logging.getLogger().isEnabledFor(logging.DEBUG)), hooks=verification_hooks)
     if result is not None:  # nodes other than 0 leave the report to rank 0
@@ -145,9 +190,9 @@ def train_dist_cmd(
 CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help=(
     "Checkpoint file, run folder (its latest checkpoint), 'latest' (in train.output_dir) or an .onnx from `hfs export`."))]
 FlipOpt = Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Add the embedding of the mirrored image (default: eval.flip).")]
-BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per batch (default: eval.batch_size).")]
+BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", callback=key_rule("eval.batch_size"), help="Images per batch (default: eval.batch_size).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-WorkersOpt = Annotated[Optional[int], typer.Option("--num-workers", min=0, help="Image-decoding workers (default: eval.num_workers).")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--num-workers", callback=key_rule("eval.num_workers"), help="Image-decoding workers (default: eval.num_workers).")]
 
 
 @app.command("extract")
@@ -161,9 +206,15 @@ def extract(
     flip: FlipOpt = None, batch_size: BatchSizeOpt = None, device: DeviceOpt = "auto", num_workers: WorkersOpt = None,
     config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
 ) -> None:
-    """Embed a .bin or an image list with a trained backbone; write features.npy + features.json."""
+    """Embed a .bin or an image list with a trained backbone; write features.npy + features.json.
+
+    Example: hfs extract --checkpoint runs/qs --bin data/synth/val.bin --out runs/qs/feats.npy
+    """
     cfg = resolve_config(config, set_, print_config)
     from hfs.eval.evaluate import extract_checkpoint
+    from hfs.utils.writable import require_writable_file
+
+    require_writable_file(out, "--out")
 
     extract_checkpoint(checkpoint, out, bin_path=bin_, list_path=list_, prefix=prefix,
                        flip=cfg.eval.flip if flip is None else flip, batch_size=batch_size or cfg.eval.batch_size,
@@ -176,13 +227,21 @@ def verify(
     bins: Annotated[List[Path], typer.Option("--bin", help="Verification .bin file (repeatable; default: eval.bins).")] = [],
     features: Annotated[List[Path], typer.Option("--features", help="Features .npy from `hfs extract`, one per --bin, same order.")] = [],
     checkpoint: CheckpointOpt = None,
-    folds: Annotated[Optional[int], typer.Option("--folds", min=2, help="Cross-validation folds (default: eval.folds).")] = None,
+    folds: Annotated[Optional[int], typer.Option("--folds", callback=key_rule("eval.folds"), help="Cross-validation folds (default: eval.folds).")] = None,
     flip: FlipOpt = None, batch_size: BatchSizeOpt = None, device: DeviceOpt = "auto", num_workers: WorkersOpt = None,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the ROC curves to this PNG (needs the plot extra: pip install 'hfs\\[plot]').")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the ROC curves to this PNG (needs matplotlib: pip install matplotlib).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write all metrics to this JSON file.")] = None,
     config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
 ) -> None:
-    """Verification accuracy (10-fold), VAL@FAR, AUC and EER on InsightFace .bin pair sets."""
+    """Verification accuracy (10-fold), VAL@FAR, AUC and EER on InsightFace .bin pair sets.
+
+    Example: hfs verify --bin data/synth/val.bin --features runs/qs/feats.npy --json runs/qs/verify.json
+    """
+    from hfs.utils.writable import require_writable_file
+
+    for path, flag in ((json_out, "--json"), (plot, "--plot")):
+        if path is not None:
+            require_writable_file(path, flag)
     flags = {"eval.bins": [str(b) for b in bins] or None, "eval.folds": folds, "eval.batch_size": batch_size,
              "eval.num_workers": num_workers}
     cfg = resolve_config(config, list(set_) + overrides(flags), print_config)
@@ -197,17 +256,25 @@ def export_cmd(
         "Checkpoint file, run folder (its latest checkpoint) or 'latest' (in train.output_dir)."))],
     onnx: Annotated[Optional[Path], typer.Option("--onnx", help=(
         "Write the backbone as ONNX here (.onnx): opset 18, input 'input' float32 (batch, 3, S, S) in [-1, 1], "
-        "output 'embedding' float32 (batch, D), dynamic batch. Needs pip install 'hfs\\[onnx]'."))] = None,
+        "output 'embedding' float32 (batch, D), dynamic batch. Needs pip install onnx onnxruntime onnxscript."))] = None,
     torchscript: Annotated[Optional[Path], typer.Option("--torchscript", help=(
         "Also (or instead) write the traced backbone as TorchScript here (.pt), for libtorch."))] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help=(
         "float16 weights and arithmetic; the input and output stay float32."))] = False,
     config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
 ) -> None:
-    """Export a trained backbone (not the classifier) to ONNX and/or TorchScript, checked against torch."""
+    """Export a trained backbone (not the classifier) to ONNX and/or TorchScript, checked against torch.
+
+    Example: hfs export --checkpoint runs/qs --onnx runs/qs/backbone.onnx
+    """
     cfg = resolve_config(config, set_, print_config)
     from hfs.eval.export import export_checkpoint, render_export
     from hfs.utils.log import make_console
+    from hfs.utils.writable import require_writable_file
+
+    for path, flag in ((onnx, "--onnx"), (torchscript, "--torchscript")):
+        if path is not None:
+            require_writable_file(path, flag)
 
     result = export_checkpoint(checkpoint, onnx=onnx, torchscript=torchscript, fp16=fp16,
                                output_dir=cfg.train.output_dir)
@@ -225,15 +292,23 @@ def eval_ijb(
     save_features: Annotated[Optional[Path], typer.Option("--save-features", help="With --checkpoint: also write the faces' embeddings here (.npy + .json), for later --features runs.")] = None,
     pair_chunk: Annotated[int, typer.Option("--pair-chunk", min=1, help="Pair-file lines read and scored at a time (bounds memory).")] = 200_000,
     flip: FlipOpt = None, batch_size: BatchSizeOpt = None, device: DeviceOpt = "auto", num_workers: WorkersOpt = None,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the ROC curve to this PNG (needs the plot extra: pip install 'hfs\\[plot]').")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the ROC curve to this PNG (needs matplotlib: pip install matplotlib).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every number to this JSON file.")] = None,
     config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
 ) -> None:
-    """IJB-B / IJB-C 1:1 template verification: TAR at FAR 1e-6 .. 1e-1, AUC, EER."""
+    """IJB-B / IJB-C 1:1 template verification: TAR at FAR 1e-6 .. 1e-1, AUC, EER.
+
+    Example: hfs eval-ijb --root IJB_release/IJBC --target IJBC --checkpoint runs/x --json ijbc.json
+    """
     cfg = resolve_config(config, set_, print_config)
     from hfs.eval.ijb import IjbSettings, evaluate_ijb, results_table, write_result_json
     from hfs.eval.report import plot_roc, require_matplotlib
     from hfs.utils.log import make_console
+    from hfs.utils.writable import require_writable_file
+
+    for path, flag in ((json_out, "--json"), (plot, "--plot"), (save_features, "--save-features")):
+        if path is not None:
+            require_writable_file(path, flag)
 
     if plot:
         require_matplotlib()  # fail before the work, not after
@@ -258,23 +333,33 @@ def serve_params(
     set_: SetOpt = [],
     print_config: PrintConfigOpt = False,
     host: Annotated[Optional[str], typer.Option(help="Address to listen on (default paramserver.host, 127.0.0.1).")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port of shard 0; shard i listens on port + i (default paramserver.port).")] = None,
-    shards: Annotated[Optional[int], typer.Option(help="Start N shard processes, each owning a contiguous row range.")] = None,
+    port: Annotated[Optional[int], typer.Option(callback=key_rule("paramserver.port"), help="Port of shard 0; shard i listens on port + i (default paramserver.port).")] = None,
+    shards: Annotated[Optional[int], typer.Option(callback=key_rule("paramserver.shards"), help="Start N shard processes, each owning a contiguous row range.")] = None,
     snapshot_dir: Annotated[Optional[Path], typer.Option(help="Snapshot folder (default paramserver.snapshot_dir, else <train.output_dir>/store).")] = None,
-    resume: Annotated[Optional[str], typer.Option(help="Restore this snapshot at start: 'latest' or a snapshot name.")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Restore this snapshot at start: 'latest' (an error when there is none), 'latest-or-new' or a snapshot name.")] = None,
     secret_file: Annotated[Optional[Path], typer.Option(help="File holding the shared secret that HMAC-signs every message.")] = None,
     insecure: Annotated[bool, typer.Option(help="Allow a non-loopback --host without a secret (anyone who can connect can write).")] = False,
     shard_index: Annotated[int, typer.Option(hidden=True, help="This process's shard (set by --shards).")] = 0,
     num_shards: Annotated[int, typer.Option(hidden=True, help="Shards in the group (set by --shards).")] = 1,
     peers: Annotated[str, typer.Option(hidden=True, help="Comma-separated endpoints of all shards (set by --shards).")] = "",
 ) -> None:
-    """Serve the classifier matrices over ZeroMQ (sparse SGD, synchronous steps, snapshots)."""
+    """Serve the classifier matrices over ZeroMQ (sparse SGD, synchronous steps, snapshots).
+
+    Example: hfs serve-params --port 5570 --snapshot-dir runs/ps --resume latest-or-new
+    """
     flags = {"paramserver.host": host or None, "paramserver.port": port, "paramserver.shards": shards or None,
              "paramserver.snapshot_dir": str(snapshot_dir) if snapshot_dir else None}
     cfg = resolve_config(config, list(set_) + overrides(flags), print_config)
     from hfs.paramserver.server import serve_params as run_serve_params
     from hfs.paramserver.store import ShardSpec
+    from hfs.utils.writable import require_writable_dir
 
+    ps = cfg.paramserver
+    require_writable_dir(ps.snapshot_dir or Path(cfg.train.output_dir) / "store", "--snapshot-dir" if snapshot_dir else
+                         "config key 'paramserver.snapshot_dir'" if ps.snapshot_dir else "config key 'train.output_dir'")
+    if ps.port + ps.shards - 1 > 65535:
+        raise HfsError(f"--port {ps.port} + --shards {ps.shards}: shard {ps.shards - 1} would listen on port "
+                       f"{ps.port + ps.shards - 1}, above 65535")
     raise typer.Exit(run_serve_params(cfg, resume=resume, secret_file=secret_file, insecure=insecure,
                                       shard=ShardSpec(shard_index, num_shards), peers=[p for p in peers.split(",") if p]))
 
@@ -286,16 +371,24 @@ def convert(
         "or class folders of images (--to rec)."))],
     out_folder: Annotated[Path, typer.Option("--out-folder", help="Where the converted dataset goes.")],
     to: Annotated[str, typer.Option("--to", help="images: unpack a .rec; rec: pack images into a .rec.")] = "images",
-    val_ratio: Annotated[float, typer.Option("--val-ratio", min=0.0, max=0.9, help=(
+    val_ratio: Annotated[float, typer.Option("--val-ratio", callback=key_rule("data.rec_val_ratio"), help=(
         "Share of each identity's images listed in val_list.txt (--to images)."))] = 0.05,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the validation split (--to images).")] = 0,
-    workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Parallel worker processes (reader threads for --to rec).")] = 4,
+    workers: Annotated[Optional[int], typer.Option("--num-workers", "-j", min=1, help="Parallel worker processes (reader threads for --to rec; default 4).")] = None,
+    workers_old: Annotated[Optional[int], typer.Option("--workers", min=1, hidden=True)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Skip images already written by an interrupted run (--to images).")] = False,
     rec_name: Annotated[str, typer.Option("--rec-name", help="Base name of the .rec/.idx files.")] = "train",
 ) -> None:
-    """Convert InsightFace train.rec <-> images + lists, losslessly (stored bytes, never re-encoded)."""
+    """Convert InsightFace train.rec <-> images + lists, losslessly (stored bytes, never re-encoded).
+
+    Example: hfs convert --in-folder data/synth --out-folder data/synth_images
+    """
     from hfs.data.convert import images_to_rec, rec_to_images
     from hfs.utils.log import make_console
+    from hfs.utils.writable import require_writable_dir
+
+    workers = renamed(workers, workers_old, "--num-workers", "--workers", default=4)
+    require_writable_dir(out_folder, "--out-folder")
 
     if to == "images":
         summary = rec_to_images(in_folder, out_folder, val_ratio, seed, workers, resume, rec_name)
@@ -309,7 +402,8 @@ def convert(
 @app.command("make-synthetic")
 def make_synthetic(
     out: Annotated[Path, typer.Option("--out", help="Folder for train.rec, train.idx and property.")],
-    classes: Annotated[int, typer.Option("--classes", min=1, help="Number of identities (labels 0..N-1).")],
+    classes: Annotated[Optional[int], typer.Option("--num-classes", min=1, help="Number of identities (labels 0..N-1). (required)")] = None,
+    classes_old: Annotated[Optional[int], typer.Option("--classes", min=1, hidden=True)] = None,
     images_per_class: Annotated[int, typer.Option("--images-per-class", min=1, help="Images per identity.")] = 20,
     image_size: Annotated[int, typer.Option("--image-size", min=8, help="Square image size in pixels.")] = 112,
     seed: Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same images.")] = 0,
@@ -323,14 +417,21 @@ def make_synthetic(
     val_first_class: Annotated[Optional[int], typer.Option("--val-first-class", min=0, help=(
         "First held-out identity of val.bin (default: right after the training identities)."))] = None,
     val_classes: Annotated[Optional[int], typer.Option("--val-classes", min=2, help=(
-        "Held-out identities in val.bin (default: --classes)."))] = None,
+        "Held-out identities in val.bin (default: --num-classes)."))] = None,
 ) -> None:
-    """Write a synthetic face-like dataset as an InsightFace-layout .rec (no downloads needed)."""
-    from hfs.data.synthetic import make_synthetic_rec, write_synthetic_bin
-    from hfs.utils.log import make_console
+    """Write a synthetic face-like dataset as an InsightFace-layout .rec (no downloads needed).
 
-    val_first = first_class + classes if val_first_class is None else val_first_class
-    val_count = classes if val_classes is None else val_classes
+    Example: hfs make-synthetic --out data/synth --num-classes 1000 --images-per-class 20 --val-pairs 3000
+    """
+    from hfs.data.synthetic import held_out_identities, make_synthetic_bin, make_synthetic_rec
+
+    classes = renamed(classes, classes_old, "--num-classes", "--classes")
+    from hfs.utils.log import make_console
+    from hfs.utils.writable import require_writable_dir
+
+    require_writable_dir(out, "--out")
+
+    val_first, val_count = held_out_identities(classes, first_class, val_first_class, val_classes)
     if val_pairs and val_first < first_class + classes and first_class < val_first + val_count:
         raise HfsError(f"--val-first-class {val_first}: held-out identities [{val_first}, {val_first + val_count}) "
                        f"overlap the training identities [{first_class}, {first_class + classes})")
@@ -339,8 +440,11 @@ def make_synthetic(
     console = make_console()
     console.print(f"wrote {stats['images']} images of {stats['identities']} identities "
                   f"({stats['bytes'] / 1e6:.1f} MB) to {out} in {stats['seconds']:.1f} s", soft_wrap=True)
+    if not val_pairs and (out / "val.bin").exists():  # an earlier run's pairs do not fit these identities
+        (out / "val.bin").unlink()
+        console.print(f"removed {out / 'val.bin'} of an earlier run (not written without --val-pairs)", soft_wrap=True)
     if val_pairs:
-        write_synthetic_bin(out / "val.bin", val_pairs, val_first, val_count, image_size, seed, image_format,
+        make_synthetic_bin(out / "val.bin", val_pairs, val_first, val_count, image_size, seed, image_format,
                             cluster_size)
         console.print(f"wrote {out / 'val.bin'}: {val_pairs} pairs of identities {val_first}..{val_first + val_count - 1}",
                       soft_wrap=True)
@@ -356,15 +460,23 @@ def bench_paramserver(
     sync_steps: Annotated[int, typer.Option(help="Synchronous steps per measurement.")] = 100,
     memory_rows: Annotated[int, typer.Option(help="Rows of the memory check (10000000 needs ~5 GB free).")] = 2_000_000,
     memory_dim: Annotated[int, typer.Option(help="Columns of the memory check.")] = 128,
-    out: Annotated[Optional[Path], typer.Option(help="Also write the results as JSON here.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    out_old: Annotated[Optional[Path], typer.Option("--out", hidden=True)] = None,
 ) -> None:
-    """Measure the store in process vs over loopback, sync-step cost with N workers, and memory."""
+    """Measure the store in process vs over loopback, sync-step cost with N workers, and memory.
+
+    Example: hfs bench-paramserver --num-classes 100000 --rows 1000 --json runs/bench-ps.json
+    """
     import json
 
     from hfs.bench.paramserver import BenchConfig, render, run_benchmark
     from hfs.utils.atomic import atomic_write_text
     from hfs.utils.log import make_console, progress
+    from hfs.utils.writable import require_writable_file
 
+    out = renamed(out, out_old, "--json", "--out", default=False) or None
+    if out:
+        require_writable_file(out, "--json")
     cfg = BenchConfig(rows=rows, dim=dim, num_classes=num_classes, seconds=seconds, workers=workers,
                       sync_steps=sync_steps, memory_rows=memory_rows, memory_dim=memory_dim)
     with progress(transient=True) as bar:
@@ -402,6 +514,8 @@ def bench_sampler(
 
     Speed/quality trade-offs are cheapest to explore with --query-sweep: e.g.
     `--samplers hnsw --query-sweep hnsw_ef=16,24,48` builds one index and times it at four efs.
+
+    Example: hfs bench-sampler --num-classes 100000 --samplers annoy,hnsw,random --json runs/bench-sampler.json
     """
     import json
 
@@ -410,6 +524,10 @@ def bench_sampler(
     from hfs.utils.log import make_console
 
     cfg = resolve_config(config, set_, print_config)
+    if json_out is not None:
+        from hfs.utils.writable import require_writable_file
+
+        require_writable_file(json_out, "--json")
     settings = SamplerBenchSettings(
         num_classes=num_classes, dim=dim, batch_size=batch_size, sample_num=sample_num,
         samplers=[s.strip() for s in samplers.split(",") if s.strip()], weights=weights, scale=scale,
@@ -425,9 +543,11 @@ def bench_sampler(
 @app.command("bench-fc")
 def bench_fc_cmd(
     config: ConfigOpt = None,
-    classes: Annotated[int, typer.Option("--classes", min=2, help="Number of classes C.")] = 1_000_000,
-    dim: Annotated[int, typer.Option("--dim", min=1, help="Feature dimension D (sets model.embedding_size).")] = 256,
-    batch: Annotated[int, typer.Option("--batch", min=1, help="Batch size B.")] = 256,
+    classes: Annotated[Optional[int], typer.Option("--num-classes", min=2, help="Number of classes C (default 1000000).")] = None,
+    classes_old: Annotated[Optional[int], typer.Option("--classes", min=2, hidden=True)] = None,
+    dim: Annotated[int, typer.Option("--dim", callback=key_rule("model.embedding_size"), help="Feature dimension D (sets model.embedding_size).")] = 256,
+    batch: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Batch size B (default 256).")] = None,
+    batch_old: Annotated[Optional[int], typer.Option("--batch", min=1, hidden=True)] = None,
     sample_num: Annotated[int, typer.Option("--sample-num", min=1, help="Active classes S of the sampled step.")] = 1000,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Measured sampled steps.")] = 20,
     full_steps: Annotated[int, typer.Option("--full-steps", min=1, help="Measured full-softmax steps.")] = 3,
@@ -443,7 +563,12 @@ def bench_fc_cmd(
     set_: SetOpt = [],
     print_config: PrintConfigOpt = False,
 ) -> None:
-    """Time the classifier-layer step: HF-softmax (sampler + store + head) vs the full softmax."""
+    """Time the classifier-layer step: HF-softmax (sampler + store + head) vs the full softmax.
+
+    Example: hfs bench-fc --num-classes 100000 --batch-size 256 --sample-num 1000 --json runs/bench-fc.json
+    """
+    classes = renamed(classes, classes_old, "--num-classes", "--classes", default=1_000_000)
+    batch = renamed(batch, batch_old, "--batch-size", "--batch", default=256)
     cfg = resolve_config(config, [f"model.embedding_size={dim}"] + list(set_), print_config)
     import json
 
@@ -451,12 +576,18 @@ def bench_fc_cmd(
 
     from hfs.bench.fc import bench_fc, render, render_memory, trainer_memory
     from hfs.utils.atomic import atomic_write_text
+    from hfs.utils.writable import require_writable_file
 
+    if json_out is not None:
+        require_writable_file(json_out, "--json")
     if threads:
         torch.set_num_threads(threads)
 
-    result = bench_fc(cfg, classes, batch, sample_num, steps=steps, full_steps=full_steps, skip_full=skip_full,
-                      amortise_steps=amortise)
+    from hfs.utils.log import progress
+
+    with progress(transient=True) as bar:
+        result = bench_fc(cfg, classes, batch, sample_num, steps=steps, full_steps=full_steps, skip_full=skip_full,
+                          amortise_steps=amortise, bar=bar)
     render(result)
     if memory_at:
         result["trainer_memory"] = trainer_memory(cfg, memory_at, batch, sample_num)
@@ -474,7 +605,8 @@ def bench_loader_cmd(
     image_size: Annotated[int, typer.Option("--image-size", min=8, help="Square image size (generated and loaded).")] = 112,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 128,
     batches: Annotated[int, typer.Option("--batches", min=1, help="Measured batches per setting, after the first.")] = 20,
-    workers: Annotated[List[int], typer.Option("--workers", min=0, help="DataLoader workers to measure (repeatable).")] = [0, 1, 2],
+    workers: Annotated[List[int], typer.Option("--num-workers", min=0, help="DataLoader workers to measure (repeatable; default 0, 1, 2).")] = [],
+    workers_old: Annotated[List[int], typer.Option("--workers", min=0, hidden=True)] = [],
     decoders: Annotated[str, typer.Option("--decoders", help="Comma-separated decoders (pil, simplejpeg); missing ones are skipped.")] = "pil,simplejpeg",
     decode_images: Annotated[int, typer.Option("--decode-images", min=1, help="Images of the bare decode loop.")] = 2000,
     threads: Annotated[int, typer.Option("--threads", min=0, help=(
@@ -482,8 +614,17 @@ def bench_loader_cmd(
         "`hfs train` uses; workers always use 1)."))] = 0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this file.")] = None,
 ) -> None:
-    """Measure the training loader's images/s (decode + augment + collate) per decoder and worker count, next to a bare decode loop."""
+    """Measure the training loader's images/s (decode + augment + collate) per decoder and worker count, next to a bare decode loop.
+
+    Example: hfs bench-loader --num-workers 0 --num-workers 2 --json runs/bench-loader.json
+    """
     import json
+
+    from hfs.utils.writable import require_writable_file
+
+    workers = renamed(workers or None, workers_old or None, "--num-workers", "--workers", default=[0, 1, 2])
+    if json_out is not None:
+        require_writable_file(json_out, "--json")
 
     from hfs.bench.loader import LoaderBenchSettings, render, run_loader_bench
     from hfs.utils.atomic import atomic_write_text
@@ -516,11 +657,31 @@ def one_line(exc: BaseException) -> str:
     return text
 
 
+def usage_line(exc: Exception) -> str:
+    """Typer's usage error (a five-line box) as one line that names the command's --help."""
+    text = " ".join(str(exc.format_message()).split())  # type: ignore[attr-defined]
+    if not text:
+        return ""
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path if ctx is not None and ctx.command_path else "hfs"
+    return f"{text[0].lower()}{text[1:]} (see `{command} --help`)"
+
+
 def main() -> None:
-    """Console entry: user errors (bad config, bad input, unwritable paths) become one line on
-    stderr and exit code 2."""
+    """Console entry: user errors (bad config, bad input, unwritable paths) and usage errors
+    become one line on stderr and exit code 2."""
+    from typer.exceptions import TyperException
+
     try:
-        app()
+        code = app(prog_name="hfs", standalone_mode=False)
     except (ConfigError, HfsError, OSError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # a second Ctrl-C: the trainer already said what was kept
+        sys.exit(130)
+    except TyperException as exc:
+        line = usage_line(exc)
+        if line:
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)

@@ -271,9 +271,14 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         (item_tp,) = typing.get_args(tp)
         if value is None:
             return []
+        if isinstance(value, str) and "," in value:  # the comma form other flags take: 100,200
+            value = [yaml.safe_load(part) for part in value.split(",") if part.strip()]
         if not isinstance(value, (list, tuple)):
             value = [value]
-        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+        try:
+            return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} ('{key}' is a list: [100,200] or 100,200)") from None
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -297,13 +302,29 @@ def _check_rules(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
         for i, item in enumerate(value):
             _check_rules(f"{key}[{i}]", item, meta)
         return
-    if choices is not None and value not in choices:
-        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}")
-    for rule, ok, text in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-                           ("le", lambda v, b: v <= b, "<=")):
-        bound = meta.get(rule)
-        if bound is not None and not ok(value, bound):
-            raise ConfigError(f"config key '{key}' must be {text} {bound}; got {value!r}")
+    from hfs.utils.ranges import range_problem
+
+    problem = range_problem(value, choices=choices, ge=meta.get("ge"), gt=meta.get("gt"), le=meta.get("le"))
+    if problem:
+        raise ConfigError(f"config key '{key}' {problem}")
+
+
+def key_rules(key: str) -> typing.Mapping[str, Any]:
+    """The validation metadata of ``section.key``."""
+    section, name = key.split(".", 1)
+    cls = typing.get_type_hints(HfsConfig)[section]
+    return {f.name: f for f in dataclasses.fields(cls)}[name].metadata
+
+
+def check_flag(flag: str, key: str, value: Any) -> None:
+    """A command-line flag that sets what config key ``key`` sets obeys the key's rule."""
+    from hfs.utils.ranges import range_problem
+
+    meta = key_rules(key)
+    problem = range_problem(value, choices=meta.get("choices"), ge=meta.get("ge"), gt=meta.get("gt"),
+                            le=meta.get("le"))
+    if problem:
+        raise ConfigError(f"{flag} {problem}")
 
 
 def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:

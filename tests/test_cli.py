@@ -54,7 +54,7 @@ def test_unwritable_output_is_one_line_not_a_traceback(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and errors[0].endswith("synth/x: Not a directory"), proc.stderr
+    assert len(errors) == 1 and errors[0].endswith("synth is a file, not a folder"), proc.stderr
 
 
 def test_print_config_on_a_real_command_shows_overrides_and_does_no_work(tmp_path):

@@ -130,3 +130,23 @@ def test_float_keys_take_exponents_without_a_dot(tmp_path):
     assert cfg.optim.weight_decay == 5e-4 and cfg.optim.lr == 1e-3
     with pytest.raises(ConfigError, match="'optim.lr' expects float"):
         load_config(None, ["optim.lr=fast"])
+
+        "regenerate the README's config table: python -m hfs.utils.default_config --markdown"
+
+
+def test_list_key_accepts_the_comma_form():
+    """Issue 15 item 15: --set optim.milestones=100,200 works like [100,200]."""
+    from hfs.config import load_config
+
+    assert load_config(None, ["optim.milestones=100,200"]).optim.milestones == [100, 200]
+    assert load_config(None, ["optim.milestones=[100, 200]"]).optim.milestones == [100, 200]
+    assert load_config(None, ["eval.bins=a.bin,b.bin"]).eval.bins == ["a.bin", "b.bin"]
+
+
+def test_list_key_error_shows_both_forms():
+    import pytest
+
+    from hfs.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"optim.milestones.*\[100,200\].*100,200"):
+        load_config(None, ["optim.milestones=100,x"])

@@ -17,7 +17,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -31,7 +31,8 @@ def _labels(rng: np.random.Generator, num_classes: int, batch: int) -> torch.Ten
     return torch.from_numpy(rng.integers(0, num_classes, size=batch).astype(np.int64))
 
 
-def time_full_steps(cfg: HfsConfig, num_classes: int, batch: int, steps: int, warmup: int = 1) -> list[float]:
+def time_full_steps(cfg: HfsConfig, num_classes: int, batch: int, steps: int, warmup: int = 1,
+                    on_step: Callable[[], None] | None = None) -> list[float]:
     """Seconds per full-softmax step (head fwd/bwd over all C rows + SGD on the matrix)."""
     from hfs.fc import FullFC
     from hfs.models import build_head
@@ -51,11 +52,14 @@ def time_full_steps(cfg: HfsConfig, num_classes: int, batch: int, steps: int, wa
         opt.zero_grad(set_to_none=True)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+        if on_step is not None:
+            on_step()
     return times
 
 
 def time_sampled_steps(cfg: HfsConfig, num_classes: int, batch: int, sample_num: int, steps: int, warmup: int = 2,
-                       wait_index: bool = False) -> dict[str, Any]:
+                       wait_index: bool = False, on_built: Callable[[], None] | None = None,
+                       on_step: Callable[[], None] | None = None) -> dict[str, Any]:
     """Seconds per SampledFC step with the configured store and sampler, plus the index build.
 
     The store's matrix, the selector and the layer come from the trainer's own factories
@@ -79,6 +83,8 @@ def time_sampled_steps(cfg: HfsConfig, num_classes: int, batch: int, sample_num:
             if wait_index:
                 selector.wait_ready()
             build_s = time.perf_counter() - t0
+            if on_built is not None:
+                on_built()
             fc = sampled_layer(cfg, store, selector, build_head(cfg.head))
             fc.set_hparams(0.1, cfg.optim.momentum, cfg.optim.weight_decay)
             rng = np.random.default_rng(0)
@@ -94,6 +100,8 @@ def time_sampled_steps(cfg: HfsConfig, num_classes: int, batch: int, sample_num:
                     fc.end_step(step)
                     if step >= warmup:
                         times.append(time.perf_counter() - t0)
+                    if on_step is not None:
+                        on_step()
                 upkeep = dict(selector.upkeep()) if hasattr(selector, "upkeep") else {}
                 resident = resident_split_mb()  # while the index is still mapped
             finally:
@@ -122,14 +130,23 @@ def resident_split_mb() -> dict[str, float]:
     return {key.lower() + "_mb": int(value.split()[0]) / 1024.0 for key, value in fields.items()}
 
 
+def _phase(bar: Any, name: str, total: int) -> Callable[[], None] | None:
+    """A task on ``bar`` (a rich Progress, or None) and the function that advances it."""
+    if bar is None:
+        return None
+    task = bar.add_task(name, total=total, info="")
+    return lambda: bar.advance(task)
+
+
 def bench_fc(cfg: HfsConfig, num_classes: int, batch: int, sample_num: int, steps: int = 20,
-             full_steps: int = 3, skip_full: bool = False, amortise_steps: int = 0) -> dict[str, Any]:
+             full_steps: int = 3, skip_full: bool = False, amortise_steps: int = 0, bar: Any = None) -> dict[str, Any]:
     """Both steps at the same (C, D, B); the sampled one with ``sample_num`` active classes.
 
     The index build is charged to the sampled step as build_seconds / amortise_steps
     (default ``sampler.interval``: the most often the refresh policy may rebuild).
     """
-    sampled = time_sampled_steps(cfg, num_classes, batch, sample_num, steps)
+    sampled = time_sampled_steps(cfg, num_classes, batch, sample_num, steps, on_built=_phase(bar, "index build", 1),
+                                 on_step=_phase(bar, "sampled steps", steps + 2))
     step_s = statistics.median(sampled["times"])
     interval = amortise_steps or max(cfg.sampler.interval, 1)
     amortised = step_s + sampled["build_s"] / interval
@@ -153,7 +170,7 @@ def bench_fc(cfg: HfsConfig, num_classes: int, batch: int, sample_num: int, step
     result.update({"drift_per_step": drift_per_step, "adaptive_interval_estimate": adaptive,
                    "sampled_adaptive_ms": 1000 * (step_s + sampled["build_s"] / adaptive)})
     if not skip_full:
-        full = time_full_steps(cfg, num_classes, batch, full_steps)
+        full = time_full_steps(cfg, num_classes, batch, full_steps, on_step=_phase(bar, "full steps", full_steps + 1))
         full_s = statistics.median(full)
         result.update({"full_step_ms": 1000 * full_s, "speedup": full_s / amortised,
                        "speedup_without_index_build": full_s / step_s,

@@ -197,4 +197,4 @@ def render(report: dict[str, Any], console) -> None:
     console.print(table)
     if report["skipped_decoders"]:
         console.print(f"not installed, skipped: {', '.join(report['skipped_decoders'])} "
-                      "(pip install 'hfs[jpeg]')")
+                      "(pip install simplejpeg)")

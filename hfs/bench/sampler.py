@@ -65,7 +65,7 @@ class SamplerBenchSettings:
 
 
 def structured_weights(num_classes: int, dim: int, cluster_size: int = 32, spread: float = 1.0,
-                       seed: int = 0) -> np.ndarray:
+                       seed: int = 0, on_rows: Callable[[int], None] | None = None) -> np.ndarray:
     """Unit class vectors in clusters: ``normalise(centre + spread * g / sqrt(dim))``.
 
     Two classes of one cluster have cosine about ``1 / (1 + spread^2)``, classes of
@@ -82,6 +82,8 @@ def structured_weights(num_classes: int, dim: int, cluster_size: int = 32, sprea
         stop = min(start + CHUNK, num_classes)
         noise = rng.standard_normal((stop - start, dim), dtype=np.float32) * (spread / math.sqrt(dim))
         out[start:stop] = normalise_rows(centres[assign[start:stop]] + noise)
+        if on_rows is not None:
+            on_rows(stop - start)
     return out
 
 
@@ -480,8 +482,10 @@ def run_sampler_bench(cfg, settings: SamplerBenchSettings, console=None) -> dict
         weights = load_weights(settings.weights)
         source = str(settings.weights)
     else:
-        weights = structured_weights(settings.num_classes, settings.dim, settings.cluster_size, settings.spread,
-                                     settings.seed)
+        with progress(console) as bar:  # 1M x 256 takes a while: not a silent start
+            task = bar.add_task("generating weights", total=settings.num_classes, info="")
+            weights = structured_weights(settings.num_classes, settings.dim, settings.cluster_size, settings.spread,
+                                         settings.seed, on_rows=lambda n: bar.advance(task, n))
         source = (f"structured: clusters of {settings.cluster_size}, spread {settings.spread}, "
                   f"query noise {settings.noise}")
     num_classes, dim = weights.shape
@@ -495,7 +499,9 @@ def run_sampler_bench(cfg, settings: SamplerBenchSettings, console=None) -> dict
         batches = make_batches(weights, settings, k, metric, lambda: bar.advance(task))
         rows = []
         task = bar.add_task("samplers", total=len(settings.samplers), info="")
+        writing = bar.add_task("writing weights for the sampler processes", total=1, info="")
         with _weights_file(weights, settings.weights) as weights_path:
+            bar.advance(writing)
             for name in settings.samplers:
                 bar.update(task, info=name)
                 rows.extend(_in_child(bench_one_sampler, name, cfg, weights_path, batches, settings, k))

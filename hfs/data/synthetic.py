@@ -326,12 +326,20 @@ def make_synthetic_rec(out_folder: str | Path, num_classes: int, images_per_clas
     return {**stats, "seconds": time.perf_counter() - start}
 
 
+def held_out_identities(classes: int, first_class: int = 0, val_first_class: int | None = None,
+                        val_classes: int | None = None) -> tuple[int, int]:
+    """(first generator identity, count) of ``make-synthetic --val-pairs``: by default the
+    ``classes`` identities right after the training ones."""
+    first = first_class + classes if val_first_class is None else val_first_class
+    return first, classes if val_classes is None else val_classes
+
+
 VERIFICATION_VIEW_OFFSET = 1_000_000  # verification views never coincide with training views
 
 
 def synthetic_verification_pairs(num_pairs: int, first_class: int, num_classes: int, image_size: int = 112,
-                                 seed: int = 0, fmt: str = "jpeg", cluster_size: int = 8
-                                 ) -> tuple[list[bytes], np.ndarray]:
+                                 seed: int = 0, fmt: str = "jpeg", cluster_size: int = 8,
+                                 on_pair: Callable[[int], None] | None = None) -> tuple[list[bytes], np.ndarray]:
     """``2 * num_pairs`` encoded images and ``num_pairs`` issame flags over classes
     ``[first_class, first_class + num_classes)`` (keep them out of training).
 
@@ -356,6 +364,8 @@ def synthetic_verification_pairs(num_pairs: int, first_class: int, num_classes: 
         views = VERIFICATION_VIEW_OFFSET + 2 * i
         images.append(encode(faces.image(a, views)))
         images.append(encode(faces.image(b, views + 1)))
+        if on_pair is not None:
+            on_pair(1)
     return images, issame.astype(bool)
 
 
@@ -367,6 +377,22 @@ def write_synthetic_bin(path: str | Path, num_pairs: int, first_class: int, num_
     images, issame = synthetic_verification_pairs(num_pairs, first_class, num_classes, image_size, seed, fmt,
                                                   cluster_size)
     write_bin(path, images, issame)
+
+
+def make_synthetic_bin(path: str | Path, num_pairs: int, first_class: int, num_classes: int,
+                       image_size: int = 112, seed: int = 0, fmt: str = "jpeg", cluster_size: int = 8) -> None:
+    """:func:`write_synthetic_bin` with a bar per phase (100K pairs take minutes), for ``hfs make-synthetic``."""
+    from hfs.data.bins import write_bin
+    from hfs.utils.log import progress
+
+    get_encoder(fmt)
+    with progress() as bar:
+        task = bar.add_task("val pairs", total=num_pairs, info="")
+        images, issame = synthetic_verification_pairs(num_pairs, first_class, num_classes, image_size, seed, fmt,
+                                                      cluster_size, on_pair=lambda n: bar.advance(task, n))
+        task = bar.add_task(f"writing {Path(path).name}", total=1, info=f"{sum(map(len, images)) / 1e6:.1f} MB")
+        write_bin(path, images, issame)
+        bar.advance(task)
 
 
 def _negative_partner(a: int, first: int, count: int, cluster_size: int, rng: np.random.Generator,

@@ -36,7 +36,7 @@ def resolve_decoder(name: str) -> str:
         from hfs.utils.errors import HfsError
 
         raise HfsError("config key 'data.decoder' is simplejpeg, which is not installed: "
-                       "pip install 'hfs[jpeg]' (or data.decoder=pil)") from None
+                       "pip install simplejpeg (or data.decoder=pil)") from None
     return "simplejpeg"
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from hfs.utils.optional import require
+from hfs.utils.optional import install_hint, require
 
 ALIGNED_SIZE = 112
 
@@ -30,7 +30,7 @@ REFERENCE_LANDMARKS_112 = np.array([
 
 def require_skimage() -> Any:
     """``skimage.transform``, or a one-line error saying how to install the ``ijb`` extra."""
-    require("skimage", "face alignment (hfs eval-ijb --checkpoint)", "pip install 'hfs[ijb]'",
+    require("skimage", "face alignment (hfs eval-ijb --checkpoint)", install_hint("scikit-image", "ijb"),
             "or pass precomputed --features")
     import skimage.transform
 

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from hfs.utils.errors import HfsError
-from hfs.utils.optional import require
+from hfs.utils.optional import install_hint, require
 
 log = logging.getLogger(__name__)
 
-ONNX_INSTALL_HINT = "pip install 'hfs[onnx]'"
+ONNX_INSTALL_HINT = install_hint("onnx onnxruntime onnxscript", "onnx")
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 

@@ -80,6 +80,9 @@ class ParamClient(WeightStore):
         self._bytes = {"sent": 0, "received": 0}
         self._latency: dict[str, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=4096))
         self.step_timeout_s = timeout_s
+        self.warn_after_s = 3.0  # a request unanswered this long is reported while it waits
+        self.resume_hint = ""  # the command that continues the run, named when the server is lost
+        self._serve_hint = {"snapshot_dir": ""}
         try:
             self._discover()
         except BaseException:
@@ -108,6 +111,7 @@ class ParamClient(WeightStore):
                 raise HfsError(f"{self.endpoints[i]} reports shard {h.get('shard')} of {h.get('num_shards')}, "
                                f"expected shard {i} of {len(self.endpoints)} (order paramserver.address by shard)")
         self.step_timeout_s = max(float(h.get("step_timeout_s", 0.0)) for h in headers)
+        self._serve_hint = {"snapshot_dir": headers[0].get("snapshot_dir", "")}
         self._remember_shapes(headers[0].get("matrices", {}))
         log.info("connected to parameter server %s", ",".join(self.endpoints))
 
@@ -179,9 +183,15 @@ class ParamClient(WeightStore):
         poller = zmq.Poller()
         for shard in waiting:
             poller.register(socks[shard], zmq.POLLIN)
+        warn_at = self.warn_after_s
         while len(replies) < len(waiting):
             remaining = deadline - time.monotonic()
-            ready = dict(poller.poll(max(0, int(remaining * 1e3)))) if remaining > 0 else {}
+            waited = time.perf_counter() - started
+            slice_s = min(remaining, max(warn_at - waited, 0.01))
+            ready = dict(poller.poll(max(0, int(slice_s * 1e3)))) if remaining > 0 else {}
+            if not ready and remaining > slice_s:
+                warn_at = self._warn_waiting(next(s for s in waiting if s not in replies), warn_at)
+                continue
             if not ready:
                 missing = next(s for s in waiting if s not in replies)
                 self._replace_socket(missing)
@@ -222,11 +232,27 @@ class ParamClient(WeightStore):
                 text += "; the server may require a shared secret (paramserver.secret or HFS_PS_SECRET)"
             raise HfsError(f"bad reply from parameter server {self.endpoints[shard]}: {text}") from None
 
+    def _warn_waiting(self, shard: int, warn_at: float) -> float:
+        """Say which server a request is waiting for, at warn_after_s and every 10 s after."""
+        log.warning("waiting for the parameter server at %s (%d s)", self.endpoints[shard], round(warn_at))
+        return warn_at + 10.0
+
     def _unreachable(self, shard: int, op: str, timeout_s: float, connected: bool) -> str:
         endpoint = self.endpoints[shard]
         if not connected:
             return f"no parameter server at {endpoint} — start one with `hfs serve-params`"
-        return f"parameter server at {endpoint} did not answer '{op}' within {timeout_s:g} s"
+        return (f"parameter server at {endpoint} did not answer '{op}' within {timeout_s:g} s; "
+                f"if it stopped, {self._recovery(endpoint)}")
+
+    def _recovery(self, endpoint: str) -> str:
+        """The commands that bring a lost server and the run back, with this run's real values."""
+        serve = f"hfs serve-params --port {self.endpoints[0].rsplit(':', 1)[1]}"
+        if len(self.endpoints) > 1:
+            serve += f" --shards {len(self.endpoints)}"
+        if self._serve_hint.get("snapshot_dir"):
+            serve += f" --snapshot-dir {self._serve_hint['snapshot_dir']}"
+        text = f"restart it with `{serve} --resume latest`"
+        return text + (f", then continue with `{self.resume_hint}`" if self.resume_hint else "")
 
     def _all(self, header: dict, timeout_s: float | None = None) -> list[proto.Message]:
         return self._call([(i, header, []) for i in range(len(self.endpoints))], timeout_s)

@@ -266,7 +266,15 @@ class ParamServer:
     def _op_ping(self, msg, envelope):
         return {"shard": self.store.shard.index, "num_shards": self.store.shard.count, "peers": self.peers,
                 "protocol": proto.PROTOCOL_VERSION, "step_timeout_s": self.store.timeout_s,
-                "auth": bool(self.secret), "matrices": self.store.matrices()}, []
+                "auth": bool(self.secret), "matrices": self.store.matrices(),
+                "snapshot_dir": self._served_snapshot_dir()}, []
+
+    def _served_snapshot_dir(self) -> str:
+        """The --snapshot-dir this server was started with (shards keep sub-folders of it)."""
+        folder = self.store.snapshot_dir
+        if folder is None:
+            return ""
+        return str(folder.parent if self.store.shard.count > 1 else folder)
 
     def _op_register(self, msg, envelope):
         self.store.register(_name(msg.header, "worker"))
@@ -443,9 +451,13 @@ def build_server(opts: ServeOptions) -> ParamServer:
 def _resume(store: InProcessStore, tag: str) -> None:
     from hfs.paramserver.snapshots import list_snapshots
 
-    if tag == "latest" and (store.snapshot_dir is None or not list_snapshots(store.snapshot_dir)):
-        log.warning("--resume latest: no snapshot in %s yet; starting empty", store.snapshot_dir)
+    if tag in ("latest", "latest-or-new") and (store.snapshot_dir is None or not list_snapshots(store.snapshot_dir)):
+        if tag == "latest":  # a mistyped folder must not silently start a fresh matrix
+            raise HfsError(f"--resume latest: no snapshot in {store.snapshot_dir}; "
+                           "use --resume latest-or-new to start empty when there is none")
+        log.info("--resume latest-or-new: no snapshot in %s yet; starting empty", store.snapshot_dir)
         return
+    tag = "latest" if tag == "latest-or-new" else tag
     step = store.restore(tag)
     log.info("resumed from snapshot %s at step %d", tag, step)
 

@@ -18,13 +18,15 @@ def main(argv: list[str]) -> int:
     from hfs.paramserver import SECRET_ENV
     from hfs.paramserver.server import ServeOptions, serve
     from hfs.utils.errors import HfsError
-    from hfs.utils.log import setup_logging
+    from hfs.utils.log import prefix_log_lines, setup_logging
 
     options_json, verbose = argv[0], int(argv[1]) if len(argv) > 1 else 0
     setup_logging(verbose)
     secret = os.environ.get(SECRET_ENV, "")
     try:
-        serve(ServeOptions.from_json(options_json, secret.encode() if secret else None))
+        opts = ServeOptions.from_json(options_json, secret.encode() if secret else None)
+        prefix_log_lines(f"[shard {opts.shard.index}/{opts.shard.count}] ")  # which shard wrote each line
+        serve(opts)
     except (HfsError, OSError) as exc:
         where = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else str(exc)
         print(f"error: {where}", file=sys.stderr)

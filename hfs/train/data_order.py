@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from hfs.train.interrupt import leave_stop_to_the_trainer
+
 
 class _EpochOrder(Sampler[int]):
     """This rank's items of epoch ``epoch`` from global batch ``start_batch`` on."""
@@ -74,7 +76,7 @@ class BatchStream:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + pos.epoch)
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=order, drop_last=True,
                           num_workers=self.num_workers, generator=gen, pin_memory=self.pin_memory,
-                          persistent_workers=False)
+                          persistent_workers=False, worker_init_fn=leave_stop_to_the_trainer)
 
     def next(self):
         """The next (images, labels) batch; rolls over to the next epoch's permutation."""

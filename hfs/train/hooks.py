@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from hfs import checkpoint as ckpt_io
 from hfs.dist import all_reduce_sum
+from hfs.train.cpu_hint import CpuHintHook
 from hfs.train.metrics import MetricsWriter, open_metrics
+from hfs.train.plain_log import PlainLog
 
 if TYPE_CHECKING:
     from hfs.config import HfsConfig
@@ -74,6 +76,11 @@ class LogHook(BaseHook):
         record.update(trainer.fc.upkeep())
         trainer.result.loss, trainer.result.train_acc = record["loss"], record["acc"]
         self.progress.show(record)
+
+    def on_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+        if self.window.steps:  # stopped between log lines: report the steps since the last one
+            done = self.window.flush(trainer.fc.sampler_seconds())
+            trainer.result.loss, trainer.result.train_acc = done["loss"], done["acc"]
 
 
 class ValidationHook(BaseHook):
@@ -147,9 +154,12 @@ class ProgressHook(BaseHook):
         self.bar = self.stack.enter_context(progress(self.console if trainer.env.is_main else _quiet_console()))
         self.task = self.bar.add_task(f"train ({trainer.cfg.fc.mode})", total=trainer.total_steps,
                                       completed=trainer.step, info="")
+        self.plain = PlainLog(trainer.total_steps, trainer.step) if trainer.env.is_main else None
 
     def show(self, record: dict[str, Any]) -> None:
         self.bar.update(self.task, info=_progress_info(record))
+        if self.plain is not None:  # stdout not a terminal (nohup, sbatch, | tee): one plain line
+            self.plain.line(record)
 
     def on_step_end(self, trainer: "Trainer", stats: dict[str, float], record: dict[str, Any]) -> None:
         self.bar.update(self.task, completed=trainer.step)
@@ -181,7 +191,7 @@ def default_hooks(trainer: "Trainer", stack: ExitStack, extra: list[Any], callba
     writer = build_metrics_writer(trainer.cfg, trainer.step if trainer.ckpt else None,
                                   trainer.env.is_main, stack)
     progress = ProgressHook(stack, trainer.console)
-    return [progress, LogHook(progress), ValidationHook(), *extra, MetricsHook(writer), CheckpointHook(),
+    return [progress, CpuHintHook(), LogHook(progress), ValidationHook(), *extra, MetricsHook(writer), CheckpointHook(),
             CallbackHook(callbacks)]
 
 

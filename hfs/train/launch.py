@@ -158,7 +158,8 @@ def _log_root_cause(exc: Exception) -> None:
         log.error("worker rank %d traceback:\n%s", rank, stack.rstrip())
 
 
-def launch(plan: LaunchPlan, entrypoint: Callable[..., Any], *args: Any) -> dict[int, Any]:
+def launch(plan: LaunchPlan, entrypoint: Callable[..., Any], *args: Any,
+           resume_hint: str = "hfs train-dist --resume RUN_FOLDER") -> dict[int, Any]:
     """Run ``entrypoint(*args)`` in ``plan.nproc`` local workers; return {global rank: result}.
 
     ``entrypoint`` must be a module-level function (workers are spawned and import it). A
@@ -181,7 +182,7 @@ def launch(plan: LaunchPlan, entrypoint: Callable[..., Any], *args: Any) -> dict
         # The agent passed the signal on and waited (up to its shutdown timeout) for the
         # workers, which stop at the same step and checkpoint (see Trainer._agreed_stop).
         log.warning("interrupted by %s: the workers stopped at the same step and rank 0 wrote a checkpoint; "
-                    "continue with `hfs train-dist --resume latest`", signal.Signals(exc.sigval).name)
+                    "continue with `%s`", signal.Signals(exc.sigval).name, resume_hint)
         raise KeyboardInterrupt from None
     except Exception as exc:  # rendezvous errors: a node that never came, a port in use
         if type(exc).__module__.startswith("torch.distributed"):
@@ -220,8 +221,10 @@ def train_worker(cfg_data: dict, resume: str | None, verbose: int, datasets: Any
         # Stopped by a signal, with a checkpoint written. Returning would block this process
         # until the launcher reads the return value, which a launcher shutting down on the
         # same signal never does; an error ends the worker now and says what happened.
+        from hfs.train.run_dir import resume_hint
+
         raise HfsError(f"interrupted at step {result.steps}; checkpoint {result.checkpoint} written, "
-                       "continue with `hfs train-dist --resume latest`")
+                       f"continue with `{resume_hint(cfg, launched=True)}`")
     return result if env.is_main else None
 
 
@@ -277,5 +280,8 @@ def run_train_dist(cfg: Any, resume: str | None = None, verbose: int = 0, datase
         if needs_shared_store(cfg.fc.mode) and not cfg.paramserver.address and plan.world_size > 1:
             address = stack.enter_context(job_param_server(cfg, plan))
             cfg = dataclasses.replace(cfg, paramserver=dataclasses.replace(cfg.paramserver, address=address))
-        results = launch(plan, worker, cfg.to_dict(), resume, verbose, datasets, hooks)
+        from hfs.train.run_dir import resume_hint
+
+        results = launch(plan, worker, cfg.to_dict(), resume, verbose, datasets, hooks,
+                         resume_hint=resume_hint(cfg, launched=True))
     return results.get(0)

@@ -81,7 +81,7 @@ class TensorBoardSink:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            log.info("train.loggers has tensorboard but it is not installed (pip install 'hfs[tensorboard]'); "
+            log.info("train.loggers has tensorboard but it is not installed (pip install tensorboard); "
                      "skipping it")
             return None
         return cls(SummaryWriter(str(Path(output_dir) / "tensorboard")))
@@ -112,9 +112,9 @@ class WandbSink:
 
     @classmethod
     def open(cls, cfg: "HfsConfig", resume: bool) -> "WandbSink":
-        from hfs.utils.optional import require
+        from hfs.utils.optional import install_hint, require
 
-        wandb = require("wandb", "train.loggers=wandb", "pip install 'hfs[wandb]'")
+        wandb = require("wandb", "train.loggers=wandb", install_hint("wandb", "wandb"))
         out = Path(cfg.train.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         id_file = out / WANDB_RUN_ID_FILE

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import signal
 import threading
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -40,6 +39,7 @@ from hfs.models import build_backbone, build_head
 from hfs.train.data_order import BatchStream, DataPosition
 from hfs.train.hooks import StepCallback, default_hooks
 from hfs.train.optim import build_optimizer, clip_backbone_grads, store_sgd_hparams
+from hfs.train.run_dir import resume_hint, warn_ignored_keys
 from hfs.train.schedule import lr_at
 from hfs.train.setup import (build_datasets_for, check_batch_fits, check_resume,
                              rescale_position, resolve_num_classes, seed_everything, total_steps)
@@ -107,6 +107,7 @@ class Trainer:
         self.console = console
         self._stop = threading.Event()
         self._stop_reason = ""
+        self._running_step = 0
 
     # ------------------------------------------------------------------ control
     def request_stop(self, reason: str = "stop requested") -> None:
@@ -116,30 +117,20 @@ class Trainer:
 
     @contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
+        """First Ctrl-C: stop after this step with a checkpoint; second: at once (hfs.train.interrupt)."""
+        from hfs.train.interrupt import two_stage_stop
 
-        def handler(signum, _frame):
-            if self._stop.is_set():
-                if self.launched:
-                    # Ctrl-C reaches a worker twice: from the terminal and forwarded by the
-                    # launcher, whose shutdown timeout is the hard stop; keep checkpointing.
-                    return
-                raise KeyboardInterrupt  # a second signal: give up at once
-            self.request_stop(signal.Signals(signum).name)
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        with two_stage_stop(self.request_stop, self._stop.is_set, lambda: max(self.step, self._running_step),
+                            self.cfg.train.output_dir, command="hfs train-dist" if self.launched else "hfs train",
+                            announce=self.env.is_main, hard_stop=not self.launched):
             yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
 
     # ------------------------------------------------------------------ building
     def _setup(self, stack: ExitStack) -> None:
         cfg = self.cfg
         check_mode_runs_here(cfg.fc.mode, self.launched)
+        if self.env.is_main:
+            warn_ignored_keys(cfg)
         self.device = self.env.device() if self.launched else resolve_device(cfg.train.device, "config key 'train.device'")
         self.amp_dtype = self._resolve_amp()
         seed_everything(cfg.train.seed)
@@ -157,6 +148,9 @@ class Trainer:
         params = [{"params": list(self.backbone.parameters()), "lr_scale": 1.0}, *self.fc.param_groups()]
         self.optimizer = build_optimizer(cfg, params)
         self.fc.attach_optimizer(self.optimizer)
+        store = getattr(self.fc, "store", None)
+        if hasattr(store, "resume_hint"):  # a server that stops answering names the way back
+            store.resume_hint = resume_hint(cfg, self.launched)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
         self.total_steps = total_steps(cfg.train, len(self.train_ds), self.env.world_size)
@@ -223,6 +217,7 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns loss/accuracy/images."""
         accum = self.cfg.train.grad_accum
+        self._running_step = step + 1  # what a Ctrl-C now stops after
         loss_sum, correct, seen = torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0
         push_scale = self.fc.grad_scale(float(self.scaler.get_scale()) if self.scaler is not None else 1.0)
         for micro in range(accum):
@@ -323,6 +318,7 @@ class Trainer:
             "rng": ckpt_io.capture_rng(),
             "data": dataclasses.asdict(self.stream.position),
             "store_snapshot": fc_entries["store_snapshot"],
+            "total_steps": self.total_steps,  # lets a resume of a finished run say so without building anything
         }
         path = ckpt_io.save_checkpoint(self.cfg.train.output_dir, self.step, payload, self.cfg.train.keep_checkpoints)
         log.debug("checkpoint %s", path)
@@ -380,7 +376,8 @@ def summarize(result: TrainResult, console=None) -> None:
     table = Table(title="training" + (" (interrupted)" if result.interrupted else ""), show_header=False)
     table.add_row("mode", f"{result.mode}: {result.active_classes} of {result.num_classes} classes per step")
     table.add_row("steps", f"{result.start_step} -> {result.steps} in {result.seconds:.1f} s")
-    table.add_row("last loss / train acc", f"{result.loss:.4f} / {result.train_acc:.1%}")
+    table.add_row("last loss / train acc", "no step completed" if math.isnan(result.loss)
+                  else f"{result.loss:.4f} / {result.train_acc:.1%}")
     if result.val_top1 is not None:
         table.add_row("val top-1 (all classes)", f"{result.val_top1:.2%}")
     for name, acc in result.verification.items():

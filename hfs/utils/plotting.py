@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from hfs.utils.atomic import atomic_write
-from hfs.utils.optional import require
+from hfs.utils.optional import install_hint, require
 
-INSTALL_HINT = "pip install 'hfs[plot]'"
+INSTALL_HINT = install_hint("matplotlib", "plot")  # not 'hfs[plot]': hfs on PyPI is another package
 
 #: matplotlib rc settings of every hfs chart
 STYLE: dict[str, Any] = {

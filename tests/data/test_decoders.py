@@ -67,7 +67,7 @@ def test_resolve_decoder_falls_back_to_pil_or_names_the_key(monkeypatch):
     assert resolve_decoder("pil") == "pil"
     monkeypatch.setitem(sys.modules, "simplejpeg", None)  # import fails as if not installed
     assert resolve_decoder("auto") == "pil"
-    with pytest.raises(HfsError, match=r"'data.decoder' is simplejpeg.*pip install 'hfs\[jpeg\]'"):
+    with pytest.raises(HfsError, match=r"'data.decoder' is simplejpeg.*pip install simplejpeg"):
         resolve_decoder("simplejpeg")
 
 

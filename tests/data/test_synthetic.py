@@ -124,3 +124,42 @@ def test_make_synthetic_format_and_cluster_size(tmp_path):
     assert images("c1")[1:] != images("c4")[1:]
     result = CliRunner().invoke(app, ["make-synthetic", "--out", str(tmp_path / "bad"), *common, "--format", "gif"])
     assert result.exit_code != 0 and not (tmp_path / "bad").exists()
+
+
+def test_make_synthetic_into_an_existing_folder_leaves_no_stale_val_bin(tmp_path):
+    """Issue 15 item 16: a second run without --val-pairs removes the first run's val.bin."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "synth"
+    base = [sys.executable, "-m", "hfs", "make-synthetic", "--out", str(out), "--num-classes", "2",
+            "--images-per-class", "1", "--image-size", "8"]
+    first = subprocess.run([*base, "--val-pairs", "4"], capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert (out / "val.bin").is_file()
+    again = subprocess.run([*base, "--seed", "1"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert not (out / "val.bin").exists()
+    assert "val.bin" in again.stdout + again.stderr  # it says what it removed
+
+
+def test_readme_make_synthetic_comments_name_the_identities_held_out():
+    """Issue 15 item 16: every README comment about a val.bin's identities matches the command below it."""
+    import re
+    from pathlib import Path
+
+    from hfs.data.synthetic import held_out_identities
+
+    lines = (Path(__file__).resolve().parents[2] / "README.md").read_text().splitlines()
+    checked = 0
+    for i, line in enumerate(lines):
+        if not line.startswith("hfs make-synthetic") or "--val-pairs" not in line:
+            continue
+        flags = dict(re.findall(r"--([a-z-]+) (\S+)", line))
+        first, count = held_out_identities(int(flags["num-classes"]), int(flags.get("first-class", 0)),
+                                           int(flags["val-first-class"]) if "val-first-class" in flags else None,
+                                           int(flags["val-classes"]) if "val-classes" in flags else None)
+        comment = " ".join(c for c in lines[max(0, i - 3):i] if c.startswith("#"))
+        assert f"identities {first}..{first + count - 1}" in comment, (line, comment)
+        checked += 1
+    assert checked >= 2

@@ -240,9 +240,9 @@ def test_a_failed_check_writes_nothing(tmp_path, exported, monkeypatch):
 
 def test_missing_onnx_packages_say_how_to_install(tmp_path, exported, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
-    with pytest.raises(HfsError, match=r"--onnx needs the onnxruntime package: pip install 'hfs\[onnx\]'"):
+    with pytest.raises(HfsError, match=r"--onnx needs the onnxruntime package: pip install onnx onnxruntime onnxscript \(or, in the hfs checkout, pip install -e '\.\[onnx\]'\)"):
         export_checkpoint(exported["checkpoint"], onnx=tmp_path / "m.onnx")
-    with pytest.raises(HfsError, match=r"needs the onnxruntime package: pip install 'hfs\[onnx\]'"):
+    with pytest.raises(HfsError, match=r"needs the onnxruntime package: pip install onnx onnxruntime onnxscript \(or, in the hfs checkout, pip install -e '\.\[onnx\]'\)"):
         from hfs.eval.evaluate import load_embedding_model
 
         load_embedding_model(exported["folder"] / "m.onnx")

@@ -389,5 +389,5 @@ def test_a_model_that_returns_nan_stops_cleanly(tmp_path, checkpoint):
 def test_alignment_without_scikit_image_says_how_to_install(tmp_path, checkpoint, monkeypatch):
     toy = make_ijb(tmp_path / "IJBC", subjects=2, templates_per_subject=2)
     monkeypatch.setitem(sys.modules, "skimage", None)
-    with pytest.raises(HfsError, match=r"pip install 'hfs\[ijb\]'"):
+    with pytest.raises(HfsError, match=r"pip install scikit-image \(or, in the hfs checkout, pip install -e '\.\[ijb\]'\)"):
         evaluate_ijb(IjbSettings(root=toy.root, checkpoint=checkpoint, num_workers=0, show_progress=False))

@@ -70,3 +70,23 @@ def test_two_shard_group_from_the_cli(processes, helpers, tmp_path):
     assert group.returncode == 0, output
     for i in range(2):
         assert [n for _, _, n in list_snapshots(tmp_path / f"shard-{i}-of-2")] == ["step-000000001"]
+    # issue 15 item 16: every line a shard logs says which shard wrote it
+    serving = [line for line in output.splitlines() if "serving on" in line]
+    assert len(serving) == 2 and all(any(f"[shard {i}/2] " in line for i in range(2)) for line in serving), output
+    assert {line.split("[shard ")[1][:3] for line in serving} == {"0/2", "1/2"}
+
+
+def test_resume_latest_without_a_snapshot_is_an_error(processes, helpers, tmp_path):
+    """Issue 15 item 16: `--resume latest` with nothing to resume does not start empty; latest-or-new does."""
+    port = helpers.free_ports(1)
+    server = processes("serve-params", "--port", str(port), "--snapshot-dir", str(tmp_path), "--resume", "latest")
+    output = server.communicate(timeout=60)[0]
+    assert server.returncode == 2, output
+    assert output.strip().splitlines()[-1] == (f"error: --resume latest: no snapshot in {tmp_path}; "
+                                               "use --resume latest-or-new to start empty when there is none")
+    server = processes("serve-params", "--port", str(port), "--snapshot-dir", str(tmp_path),
+                       "--resume", "latest-or-new")
+    with _client(port) as client:
+        assert client.ping()[0]["matrices"] == {}
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(30) == 0

@@ -34,7 +34,7 @@ def test_wandb_missing_says_how_to_install(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # import fails as if not installed
     cfg = load_config(None, [f"train.output_dir={tmp_path}", "train.loggers=[wandb]"])
-    with pytest.raises(HfsError, match=r"train.loggers=wandb needs the wandb package: pip install 'hfs\[wandb\]'"):
+    with pytest.raises(HfsError, match=r"train.loggers=wandb needs the wandb package: pip install wandb \(or, in the hfs checkout, pip install -e '\.\[wandb\]'\)"):
         open_metrics(cfg)
 
 

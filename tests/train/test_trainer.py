@@ -126,3 +126,13 @@ def test_verification_bins_scored_during_and_after_training(tiny_cfg, blobs, tmp
     assert set(result.verification) == {"pairs"} and 0.0 <= result.verification["pairs"] <= 1.0
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "verify_pairs" in r] == [2, 4]
+
+
+def test_paramserver_address_outside_sampled_mode_is_named(tiny_cfg, blobs, caplog):
+    """Issue 15 item 16: a server address that full softmax does not use is not ignored silently."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        result = train(tiny_cfg("train.max_steps=1", "paramserver.address=tcp://127.0.0.1:9"), datasets=blobs)
+    assert result.steps == 1
+    assert any("paramserver.address" in r.getMessage() and "fc.mode=full" in r.getMessage() for r in caplog.records)

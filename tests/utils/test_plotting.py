@@ -26,6 +26,6 @@ def test_missing_matplotlib_names_who_needs_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     from hfs.utils.plotting import figure
 
-    with pytest.raises(HfsError, match=r"my-script needs the matplotlib package: pip install 'hfs\[plot\]'"):
+    with pytest.raises(HfsError, match=r"my-script needs the matplotlib package: pip install matplotlib \(or, in the hfs checkout, pip install -e '\.\[plot\]'\)"):
         with figure(needed_by="my-script"):
             pass
