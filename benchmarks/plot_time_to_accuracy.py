@@ -1,7 +1,10 @@
 """Plot time_to_accuracy.py's curves: held-out top-1 and TAR against training time (matplotlib).
 
-    PYTHONPATH=. python benchmarks/plot_time_to_accuracy.py docs/results/time_to_accuracy_20k.json \
-        --out docs/results/time_to_accuracy_20k.png [--clock cpu_s|wall_s]
+    PYTHONPATH=. python benchmarks/plot_time_to_accuracy.py docs/results/time_to_accuracy_20k*.json \
+        --out docs/results/time_to_accuracy_20k.png [--clock cpu_s|wall_s] [--table]
+
+Several result files of one regime (e.g. runs of other seeds or cells) are read as one.
+``--table`` also prints the final numbers as a markdown table (medians over seeds, min-max).
 
 Two panels (held-out top-1 over all classes; TAR at the run's FAR on unseen identities),
 one line per cell: at each evaluation step the median over seeds of the metric against the
@@ -41,10 +44,46 @@ def cell_curves(rows: list[dict[str, Any]], clock: str) -> list[dict[str, Any]]:
     return out
 
 
-def plot(path: str | Path, out: str | Path, clock: str = "cpu_s") -> Path:
+def load(paths: list[str | Path]) -> dict[str, Any]:
+    """The results of several files as one (the first file's context; a (cell, seed) seen twice is an error)."""
+    files = [json.loads(Path(p).read_text()) for p in paths]
+    rows, seen = [], set()
+    for path, data in zip(paths, files):
+        for r in data["results"]:
+            key = (r["cell"], r["seed"])
+            if key in seen:
+                raise SystemExit(f"{path}: cell {r['cell']} seed {r['seed']} is in an earlier file too")
+            seen.add(key)
+            rows.append(r)
+    return {"context": files[0]["context"], "results": rows}
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(float(np.median(values)), fmt)} [{format(min(values), fmt)}-{format(max(values), fmt)}]"
+
+
+def table(data: dict[str, Any]) -> str:
+    """Final numbers per cell, in first-seen order: medians over seeds with [min-max]."""
+    cells: dict[str, list[dict[str, Any]]] = {}
+    for r in data["results"]:
+        cells.setdefault(r["cell"], []).append(r)
+    far = data["context"]["args"].get("far", 1e-4)
+    lines = [f"| cell | seeds | held-out top-1 % | TAR @ FAR {far:g} % | training CPU s | converged |",
+             "|---|---|---|---|---|---|"]
+    for cell, runs in cells.items():
+        lines.append(f"| {cell} | {len(runs)} | {_spread([100 * r['val_top1'] for r in runs], '.2f')} | "
+                     f"{_spread([100 * r['tar'] for r in runs], '.2f')} | "
+                     f"{_spread([r['train_cpu_s'] for r in runs], '.0f')} | "
+                     f"{sum(bool(r['converged']) for r in runs)}/{len(runs)} |")
+    return "\n".join(lines)
+
+
+def plot(paths: str | Path | list[str | Path], out: str | Path, clock: str = "cpu_s") -> Path:
     from hfs.utils.plotting import figure, save_png
 
-    data = json.loads(Path(path).read_text())
+    data = load(paths if isinstance(paths, list) else [paths])
     far = data["context"]["args"].get("far", 1e-4)
     curves = cell_curves(data["results"], clock)
     rates = sorted({c["rate"] for c in curves if c["sampler"] != "full"})
@@ -67,11 +106,14 @@ def plot(path: str | Path, out: str | Path, clock: str = "cpu_s") -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("results", help="JSON written by time_to_accuracy.py")
+    p.add_argument("results", nargs="+", help="JSON files written by time_to_accuracy.py (one regime)")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--clock", default="cpu_s", choices=("cpu_s", "wall_s"), help="time axis")
+    p.add_argument("--table", action="store_true", help="also print the final numbers as a markdown table")
     args = p.parse_args(argv)
     print(plot(args.results, args.out, args.clock))
+    if args.table:
+        print(table(load(args.results)))
 
 
 if __name__ == "__main__":

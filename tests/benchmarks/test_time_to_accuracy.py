@@ -52,3 +52,19 @@ def test_end_to_end_with_resume_and_plot(tmp_path):
     assert len(data["context"]["earlier_runs"]) == 1
     png = plot_time_to_accuracy.plot(out, tmp_path / "tta.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_and_files_read_as_one(tmp_path):
+    def result(cell, seed, top1):
+        return {"cell": cell, "seed": seed, "val_top1": top1, "tar": 0.5, "train_cpu_s": 10.0 * (seed + 1),
+                "converged": True}
+
+    context = {"args": {"far": 1e-4}}
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"context": context, "results": [result("full", 0, 0.9), result("random:0.1", 0, 0.8)]}))
+    b.write_text(json.dumps({"context": context, "results": [result("full", 1, 0.7), result("full", 2, 0.8)]}))
+    text = plot_time_to_accuracy.table(plot_time_to_accuracy.load([a, b]))
+    assert "| full | 3 | 80.00 [70.00-90.00] | 50.00 [50.00-50.00] | 20 [10-30] | 3/3 |" in text
+    assert "| random:0.1 | 1 | 80.00 |" in text
+    with pytest.raises(SystemExit, match="earlier file"):
+        plot_time_to_accuracy.load([a, a])
