@@ -7,10 +7,8 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from hfs.cli import app
-from hfs.config import load_config
+from tests.eval.helpers import invoke_ok, save_untrained_checkpoint
 from hfs.data.bins import load_bin
 from hfs.eval.extract import read_features
 
@@ -18,21 +16,10 @@ from hfs.eval.extract import read_features
 @pytest.fixture
 def checkpoint(tmp_path):
     """A checkpoint of an untrained `tiny` backbone taking 8x8 inputs (the .bin stores 12x12)."""
-    import torch
-
-    from hfs.models import build_backbone
-    from hfs.checkpoint import save_checkpoint
-
-    cfg = load_config(None, ["model.arch=tiny", "model.embedding_size=16", "data.image_size=8"])
-    torch.manual_seed(0)
-    model = build_backbone(cfg.model, cfg.data.image_size)
-    return save_checkpoint(tmp_path / "run", 5, {"config": cfg.to_dict(), "backbone": model.state_dict()}, keep=1)
+    return save_untrained_checkpoint(tmp_path / "run", 8, 5)
 
 
-def _invoke(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
-    assert result.exit_code == 0, (result.output, result.exception)
-    return result
+_invoke = invoke_ok
 
 
 @pytest.mark.parametrize("flip", [False, True])

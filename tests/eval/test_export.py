@@ -7,9 +7,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from hfs.cli import app
+from tests.eval.helpers import invoke_ok
 from hfs.config import load_config
 from hfs.eval.extract import read_features
 from hfs.utils.errors import HfsError
@@ -131,10 +130,7 @@ def test_torchscript_matches_torch_embeddings(exported, batch):
     assert json.loads(extra["hfs.json"])["hfs.arch"] == "tiny"
 
 
-def _invoke(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
-    assert result.exit_code == 0, (result.output, result.exception)
-    return result
+_invoke = invoke_ok
 
 
 @pytest.mark.parametrize("flip", [False, True])

@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hfs.cli import app
+from tests.eval.helpers import save_untrained_checkpoint
 from hfs.eval.ijb import FAR_TARGETS, IjbSettings, evaluate_ijb, far_label, score_roc, tar_at_far, roc_auc
 from hfs.utils.errors import HfsError
 from tests.eval.ijb_data import make_ijb
@@ -287,16 +288,7 @@ def test_alignment_recovers_the_aligned_face(tmp_path):
 
 @pytest.fixture
 def checkpoint(tmp_path):
-    import torch
-
-    from hfs.config import load_config
-    from hfs.models import build_backbone
-    from hfs.checkpoint import save_checkpoint
-
-    cfg = load_config(None, ["model.arch=tiny", "model.embedding_size=16", "data.image_size=32"])
-    torch.manual_seed(0)
-    model = build_backbone(cfg.model, cfg.data.image_size)
-    return save_checkpoint(tmp_path / "run", 3, {"config": cfg.to_dict(), "backbone": model.state_dict()}, keep=1)
+    return save_untrained_checkpoint(tmp_path / "run", 32, 3)
 
 
 def test_checkpoint_aligns_embeds_and_pools(tmp_path, checkpoint):
