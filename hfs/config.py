@@ -54,7 +54,7 @@ class DataConfig:
     rec_val_ratio: float = _f(0.0, ge=0.0, le=0.9, help="source=rec: share of each identity's images held out "
                                                        "for validation (the rule `hfs convert` uses)")
     split_seed: int = _f(0, help="source=rec: seed of the validation split (as `hfs convert --seed`)")
-    decoder: str = _f("pil", choices=("pil", "simplejpeg", "auto"),
+    decoder: str = _f("auto", choices=("pil", "simplejpeg", "auto"),
                       help="JPEG decoder of the list/rec sources: pil, simplejpeg (the jpeg extra; other "
                            "formats still go through PIL) or auto (simplejpeg when installed)")
 
