@@ -462,6 +462,9 @@ def bench_paramserver(
     memory_dim: Annotated[int, typer.Option(help="Columns of the memory check.")] = 128,
     out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
     out_old: Annotated[Optional[Path], typer.Option("--out", hidden=True)] = None,
+    update_rule: Annotated[str, typer.Option("--update-rule", callback=key_rule("paramserver.update_rule"), help=(
+        "Update rule of the benchmark matrix (paramserver.update_rule); the in-process rate of catchup and "
+        "lazy is measured in every run either way."))] = "catchup",
 ) -> None:
     """Measure the store in process vs over loopback, sync-step cost with N workers, and memory.
 
@@ -478,7 +481,7 @@ def bench_paramserver(
     if out:
         require_writable_file(out, "--json")
     cfg = BenchConfig(rows=rows, dim=dim, num_classes=num_classes, seconds=seconds, workers=workers,
-                      sync_steps=sync_steps, memory_rows=memory_rows, memory_dim=memory_dim)
+                      sync_steps=sync_steps, memory_rows=memory_rows, memory_dim=memory_dim, update_rule=update_rule)
     with progress(transient=True) as bar:
         results = run_benchmark(cfg, bar)
     render(results, make_console())

@@ -29,6 +29,9 @@ from hfs.utils.errors import HfsError
 
 log = logging.getLogger(__name__)
 
+#: update rules whose in-process rate every run measures (dense is O(C x D) per step: not timed)
+UPDATE_RULES_TIMED = ("catchup", "lazy")
+
 
 @dataclass
 class BenchConfig:
@@ -40,6 +43,7 @@ class BenchConfig:
     sync_steps: int = 100
     memory_rows: int = 2_000_000
     memory_dim: int = 128
+    update_rule: str = "catchup"
 
 
 def _row_sets(cfg: BenchConfig, count: int, seed: int) -> list[np.ndarray]:
@@ -48,7 +52,8 @@ def _row_sets(cfg: BenchConfig, count: int, seed: int) -> list[np.ndarray]:
 
 
 def _prepare(store: WeightStore, cfg: BenchConfig) -> None:
-    store.create("fc", cfg.num_classes, cfg.dim, init="gaussian", std=0.01, seed=0, exist_ok=True)
+    store.create("fc", cfg.num_classes, cfg.dim, init="gaussian", std=0.01, seed=0, exist_ok=True,
+                 update_rule=cfg.update_rule)
     store.set_hparams("fc", HParams(0.01, 0.9, 5e-4))
 
 
@@ -173,10 +178,14 @@ def run_benchmark(cfg: BenchConfig, progress=None) -> dict:
             progress.update(task, advance=1, info=info)
 
     results: dict = {"config": asdict(cfg)}
-    local = InProcessStore()
-    _prepare(local, cfg)
-    results["inprocess_rt_per_s"], _ = round_trips_per_second(local, cfg)
-    del local
+    # every update rule in-process, in this run (the cost of catchup over lazy, same box, same minute)
+    results["inprocess_rt_per_s_by_rule"] = {}
+    for rule in dict.fromkeys((cfg.update_rule, *UPDATE_RULES_TIMED)):
+        local = InProcessStore()
+        _prepare(local, replace(cfg, update_rule=rule))
+        results["inprocess_rt_per_s_by_rule"][rule], _ = round_trips_per_second(local, cfg)
+        del local
+    results["inprocess_rt_per_s"] = results["inprocess_rt_per_s_by_rule"][cfg.update_rule]
     advance("loopback server")
     with tempfile.TemporaryDirectory(prefix="hfs-bench-ps-") as tmp:
         server, address = _start_server(Path(tmp))
@@ -223,7 +232,12 @@ def render(results: dict, console) -> None:
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_column("target")
-    table.add_row("in-process get+push round trips/s", f"{results['inprocess_rt_per_s']:.0f}", "the limit")
+    table.add_row(f"in-process get+push round trips/s ({cfg['update_rule']})", f"{results['inprocess_rt_per_s']:.0f}",
+                  "the limit")
+    by_rule = results["inprocess_rt_per_s_by_rule"]
+    if "catchup" in by_rule and "lazy" in by_rule:
+        table.add_row("in-process: catchup / lazy rule", f"{by_rule['catchup'] / by_rule['lazy']:.2f}",
+                      "cost of dense SGD's numbers")
     table.add_row("loopback get+push round trips/s", f"{results['loopback_rt_per_s']:.0f}", "")
     table.add_row("loopback / in-process", f"{results['loopback_over_inprocess']:.2f}", ">= 0.25")
     workers = cfg["workers"]

@@ -1,0 +1,23 @@
+"""`hfs bench-paramserver` on a tiny case: every measurement present, both update rules timed."""
+
+import subprocess
+import sys
+
+from hfs.bench.paramserver import BenchConfig, run_benchmark
+
+
+def test_run_benchmark_times_both_update_rules_in_process():
+    cfg = BenchConfig(rows=20, dim=8, num_classes=500, seconds=0.2, workers=2, sync_steps=3,
+                      memory_rows=1000, memory_dim=8, update_rule="lazy")
+    results = run_benchmark(cfg)
+    by_rule = results["inprocess_rt_per_s_by_rule"]
+    assert set(by_rule) == {"lazy", "catchup"} and all(rate > 0 for rate in by_rule.values())
+    assert results["inprocess_rt_per_s"] == by_rule["lazy"]  # the configured rule's rate is the headline
+    assert results["loopback_rt_per_s"] > 0 and results["sync_2_workers_ms"] > 0
+
+
+def test_bad_update_rule_is_one_error_line():
+    proc = subprocess.run([sys.executable, "-m", "hfs", "bench-paramserver", "--update-rule", "sometimes"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--update-rule" in proc.stderr and "catchup" in proc.stderr
