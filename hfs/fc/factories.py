@@ -137,6 +137,8 @@ def _create_or_restore(store: Any, cfg: Any, ctx: ClassifierContext) -> None:
     create_matrix(store, cfg, ctx.num_classes, cfg.train.seed)
     if ctx.checkpoint is not None:
         _restore_store(store, ctx.checkpoint, ctx.checkpoint_path)
+        # the snapshot brings the rule it was trained with; the run's config decides from here
+        create_matrix(store, cfg, ctx.num_classes, cfg.train.seed)
     elif (trained_to := store.last_applied(MATRIX)) >= 0:
         raise HfsError(
             f"the parameter server at {cfg.paramserver.address} already holds a matrix '{MATRIX}' trained "

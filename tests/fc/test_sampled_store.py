@@ -84,3 +84,23 @@ def test_selector_observes_rows_after_their_update(overlap):
     assert not np.allclose(values, selector.seen[0][1])  # not the values from before the update
     sampled.close()
     store.close()
+
+
+def test_the_runs_update_rule_reaches_the_store_also_after_a_restore(tmp_path):
+    """paramserver.update_rule is sent with create; a snapshot restored under another rule
+    (an old run's lazy one) switches to the config's rule."""
+    from hfs.fc.factories import create_matrix
+    from hfs.paramserver.base import HParams
+
+    lazy_cfg = load_config(None, ["paramserver.update_rule=lazy"])
+    store = InProcessStore(tmp_path)
+    create_matrix(store, lazy_cfg, 6, seed=0)
+    assert store.matrices()["fc"]["update_rule"] == "lazy"
+    store.set_hparams("fc", HParams(0.1, 0.9, 0.0))
+    store.push_grads("fc", np.array([0]), np.ones((1, lazy_cfg.model.embedding_size), np.float32), 0)
+    store.snapshot("t")
+    restored = InProcessStore(tmp_path)
+    restored.restore("t")
+    assert restored.matrices()["fc"]["update_rule"] == "lazy"
+    create_matrix(restored, load_config(), 6, seed=0)  # what the sampled factory does after a restore
+    assert restored.matrices()["fc"]["update_rule"] == "catchup"
