@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from hfs.samplers.base import ClassSampler
+from hfs.samplers.base import ClassSampler, empty_answer
 from hfs.samplers.registry import SAMPLERS
 from hfs.utils.optional import require
 
@@ -66,30 +66,35 @@ class AnnoySampler(ClassSampler):
         self.close()
         self._index = index
 
-    def candidates(self, features: np.ndarray, k: int) -> np.ndarray:
-        out = np.full((len(features), k), -1, dtype=np.int64)
+    def search(self, features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """annoy answers angular distances d = sqrt(2 - 2 cos) (cosine = 1 - d^2 / 2) or, for
+        ``dot``, the dot products themselves."""
+        out, sims = empty_answer(len(features), k)
         if self._index is None or k == 0:
-            return out
+            return out, sims
         search_k = self.search_k if self.search_k > 0 else -1
         query = self._index.get_nns_by_vector
         vectors = np.asarray(features, dtype=np.float32).tolist()
+        cosine = self.metric == "cosine"
 
         def answer(first: int, last: int) -> None:
             for i in range(first, last):
-                ids = query(vectors[i], k, search_k)
+                ids, dist = query(vectors[i], k, search_k, include_distances=True)
                 out[i, :len(ids)] = ids
+                dist = np.asarray(dist, dtype=np.float32)
+                sims[i, :len(ids)] = 1.0 - 0.5 * dist * dist if cosine else dist
 
         threads = min(self._threads(), len(vectors))
         if threads <= 1:
             answer(0, len(vectors))
-            return out
+            return out, sims
         if self._pool is None or self._pool_size != threads:
             self._shutdown_pool()
             self._pool, self._pool_size = ThreadPoolExecutor(threads, thread_name_prefix="hfs-annoy-query"), threads
         bounds = np.linspace(0, len(vectors), threads + 1).astype(int)
         for done in [self._pool.submit(answer, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]:
             done.result()
-        return out
+        return out, sims
 
     def indexed_rows(self, rows: np.ndarray) -> np.ndarray | None:
         """Annoy keeps the raw vectors (angular normalises at query time)."""

@@ -21,6 +21,11 @@ def array_chunks(matrix: np.ndarray, chunk_rows: int = 65536) -> Iterator[tuple[
         yield start, matrix[start:start + chunk_rows]
 
 
+def empty_answer(queries: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The answer of an index that found nothing: ids -1, similarities -inf."""
+    return np.full((queries, k), -1, dtype=np.int64), np.full((queries, k), -np.inf, dtype=np.float32)
+
+
 def normalise_rows(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (zero rows stay zero): cosine similarity as a dot product."""
     norms = np.linalg.norm(x, axis=1, keepdims=True)
@@ -56,8 +61,18 @@ class ClassSampler(ABC):
         """(Re)build the index from the whole matrix, given as (first_row, rows) chunks."""
 
     @abstractmethod
+    def search(self, features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(B, k) int64 class ids, most similar first (-1 pads where fewer were found), and
+        (B, k) float32 similarities (-inf on the pads).
+
+        Similarities are comparable across samplers and across indexes of disjoint row sets
+        (shards): the cosine of query and row for the cosine metric, their dot product for
+        ``dot``. Shards merge their answers by it and selection rules may weigh by it.
+        """
+
     def candidates(self, features: np.ndarray, k: int) -> np.ndarray:
         """(B, k) int64 class ids, most similar first; -1 pads where fewer were found."""
+        return self.search(features, k)[0]
 
     @abstractmethod
     def spec(self) -> dict[str, Any]:

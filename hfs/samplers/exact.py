@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from hfs.samplers.base import ClassSampler, normalise_rows
+from hfs.samplers.base import ClassSampler, empty_answer, normalise_rows
 from hfs.samplers.registry import SAMPLERS
 from hfs.utils.device import resolve_device
 
@@ -65,10 +65,11 @@ class ExactSampler(ClassSampler):
         vals[:, :best_v.shape[1]] = best_v.cpu().numpy()
         return vals, ids
 
-    def candidates(self, features: np.ndarray, k: int) -> np.ndarray:
+    def search(self, features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self._matrix is None or k == 0:
-            return np.full((len(features), k), -1, dtype=np.int64)
-        return self.scores_topk(features, k)[1]
+            return empty_answer(len(features), k)
+        scores, ids = self.scores_topk(features, k)
+        return ids, scores
 
     def indexed_rows(self, rows: np.ndarray) -> np.ndarray | None:
         """Rows of its own copy (normalised for cosine)."""

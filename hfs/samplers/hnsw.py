@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from hfs.samplers.base import ClassSampler
+from hfs.samplers.base import ClassSampler, empty_answer
 from hfs.samplers.registry import SAMPLERS
 from hfs.utils.optional import require
 
@@ -55,16 +55,18 @@ class HnswSampler(ClassSampler):
         self._label_of = np.arange(num_rows, dtype=np.int64)
         self._next_label = num_rows
 
-    def candidates(self, features: np.ndarray, k: int) -> np.ndarray:
-        out = np.full((len(features), k), -1, dtype=np.int64)
+    def search(self, features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """hnswlib answers distances 1 - cos (cosine space) or 1 - dot (ip space): similarity = 1 - d."""
+        ids, sims = empty_answer(len(features), k)
         if self._index is None or k == 0 or len(features) == 0:
-            return out
+            return ids, sims
         kk = min(k, self._count)
         self._index.set_ef(max(self.ef, kk))
-        ids, _ = self._index.knn_query(np.ascontiguousarray(features, dtype=np.float32), k=kk,
-                                       num_threads=self.query_threads)
-        out[:, :kk] = self._class_of[ids.astype(np.int64)]
-        return out
+        labels, dist = self._index.knn_query(np.ascontiguousarray(features, dtype=np.float32), k=kk,
+                                             num_threads=self.query_threads)
+        ids[:, :kk] = self._class_of[labels.astype(np.int64)]
+        sims[:, :kk] = 1.0 - dist
+        return ids, sims
 
     def indexed_rows(self, rows: np.ndarray) -> np.ndarray | None:
         """The live element of each class; hnswlib's cosine space stores them normalised."""

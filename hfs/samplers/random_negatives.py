@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from hfs.samplers.base import ClassSampler
+from hfs.samplers.base import ClassSampler, empty_answer
 from hfs.samplers.registry import SAMPLERS
 
 
@@ -31,5 +31,5 @@ class RandomSampler(ClassSampler):
     def rebuild(self, chunks: Iterable[tuple[int, np.ndarray]], num_rows: int, dim: int) -> None:
         """Nothing to index."""
 
-    def candidates(self, features: np.ndarray, k: int) -> np.ndarray:
-        return np.empty((len(features), 0), dtype=np.int64)
+    def search(self, features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return empty_answer(len(features), 0)

@@ -102,3 +102,25 @@ def test_annoy_threaded_queries_answer_exactly_as_one_thread(threads, small_worl
     many.close()
     many.close()  # idempotent, pool included
     one.close()
+
+
+@pytest.mark.parametrize("name", ["annoy", "hnsw", "exact"])
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_search_similarities_are_the_true_ones_best_first(name, metric, small_world):
+    """Shards merge answers by similarity, so every index must report the same quantity."""
+    weights, _, queries = small_world
+    weights = weights * np.random.default_rng(3).uniform(0.5, 1.5, (len(weights), 1)).astype(np.float32)
+    ids, sims = _built(name, weights, metric, annoy_trees=20).search(queries, K)
+    assert ids.shape == sims.shape == (len(queries), K) and sims.dtype == np.float32
+    w = normalise_rows(weights) if metric == "cosine" else weights
+    q = normalise_rows(queries) if metric == "cosine" else queries
+    found = ids >= 0
+    truth = np.take_along_axis(q @ w.T, np.where(found, ids, 0), axis=1)
+    np.testing.assert_allclose(sims[found], truth[found], atol=2e-3, rtol=2e-3)
+    assert np.all(np.diff(np.where(found, sims, -np.inf), axis=1)[found[:, 1:]] <= 1e-4)
+    assert np.all(np.isneginf(sims[~found]))
+
+
+def test_random_sampler_searches_nothing():
+    ids, sims = build_sampler("random", load_config(None, []).sampler, "cosine").search(np.ones((3, 4), np.float32), 5)
+    assert ids.shape == sims.shape == (3, 0)
