@@ -15,6 +15,7 @@ negatives before any query contributes its easier ones. Everything is vectorised
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -99,3 +100,48 @@ def select_active_classes(labels: np.ndarray, candidates: np.ndarray | None, sam
     taken = np.concatenate([positives, negatives])
     fill = _uniform_fill(np.sort(taken), need - negatives.size, num_classes, rng)
     return np.concatenate([taken, fill]), local_labels
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a selection rule answers for one batch.
+
+    ``active`` (S,) int64 class ids (positives first, sorted), ``local`` (B,) int64 the labels'
+    positions in ``active`` (-1: no positive here), and ``logit_adjust``: None, or (S,) float32
+    added to the active classes' logits before the loss (a sampled-softmax correction).
+    """
+
+    active: np.ndarray
+    local: np.ndarray
+    logit_adjust: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """The one rule from (labels, index answer) to a batch's active classes, as plain fields.
+
+    It is a value (JSON-able with ``dataclasses.asdict``) so that whoever holds the index, the
+    trainer or a shard of the parameter server, applies exactly the same rule. ``seed`` and
+    the step seed the uniform fill (``rng_for``): the same request gives the same active set
+    wherever it is answered. ``hard_after``: steps of uniform negatives before the index's
+    answers are used.
+    """
+
+    sample_num: int
+    seed: int = 0
+    hard_after: int = 0
+
+    def wants_candidates(self, step: int) -> bool:
+        """Whether this step's selection uses the index at all."""
+        return step >= self.hard_after
+
+    def rng_for(self, step: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, max(int(step), 0)])
+
+    def select(self, labels: np.ndarray, ids: np.ndarray | None, scores: np.ndarray | None, num_classes: int,
+               step: int) -> Selection:
+        """Active classes of one batch from its labels and the index's (B, k) ids and similarities."""
+        if not self.wants_candidates(step):
+            ids = scores = None
+        active, local = select_active_classes(labels, ids, self.sample_num, num_classes, self.rng_for(step))
+        return Selection(active, local)

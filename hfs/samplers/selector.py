@@ -16,7 +16,7 @@ import numpy as np
 
 from hfs.samplers.base import ClassSampler
 from hfs.samplers.refresh import DriftTracker, IndexBuild, RefreshPolicy, RemoteMatrix
-from hfs.samplers.selection import select_active_classes
+from hfs.samplers.selection import SelectionRule
 from hfs.utils.errors import HfsError
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class ActiveClassSelector:
         self.drift_rows, self.hard_after = drift_rows, hard_after
         self._drift_rng = np.random.default_rng([seed, 1])  # apart from the fill's stream: selection stays as it was
         self._make_sampler, self._read_chunks, self._workdir, self._remote = make_sampler, read_chunks, workdir, remote
-        self._rng = np.random.default_rng(seed)
+        self.rule = SelectionRule(sample_num, seed=seed, hard_after=hard_after)
         self._warned_overflow = False
         self._sampler: ClassSampler | None = None
         self._tracker: DriftTracker | None = None
@@ -74,10 +74,11 @@ class ActiveClassSelector:
 
         ``features`` may be None when ``uses_index`` is False (no index queries them)."""
         sampler = self._sampler
-        candidates = None
-        if self.uses_index and sampler is not None and step >= self.hard_after:
-            candidates = sampler.candidates(np.asarray(features, dtype=np.float32), self.neighbours)
-        active, local = select_active_classes(labels, candidates, self.sample_num, self.num_classes, self._rng)
+        ids = scores = None
+        if self.uses_index and sampler is not None and self.rule.wants_candidates(step):
+            ids, scores = sampler.search(np.asarray(features, dtype=np.float32), self.neighbours)
+        chosen = self.rule.select(labels, ids, scores, self.num_classes, step)
+        active, local = chosen.active, chosen.local
         if len(active) > self.sample_num and not self._warned_overflow:
             self._warned_overflow = True
             log.warning("batch at step %d has %d distinct labels, more than sampler sample_num=%d: keeping all "

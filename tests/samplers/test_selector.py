@@ -349,8 +349,8 @@ def test_hard_after_gives_uniform_negatives_first_then_the_index(small_world, ma
     selector = build_selector(_cfg(type="exact", background=False, hard_after=3), make_store(weights), "fc", C)
     assert selector.index_ready  # built at once; only its use waits
     early, local = selector.select(queries, labels, 2)
-    expected, _ = select_active_classes(labels, None, 200, C, np.random.default_rng(0))
-    np.testing.assert_array_equal(early, expected)  # the random rule, same fill stream
+    expected, _ = select_active_classes(labels, None, 200, C, selector.rule.rng_for(2))
+    np.testing.assert_array_equal(early, expected)  # the random rule, the step's fill stream
     _valid(early, local, labels)
     late, local = selector.select(queries, labels, 3)
     _valid(late, local, labels)
