@@ -45,17 +45,29 @@ def init_rows(num_rows: int, dim: int, init: str, std: float, seed: int) -> torc
     return torch.zeros(num_rows, dim)
 
 
+#: score-matrix entries one block of :func:`predict_all_classes` may hold (256 MB of float32).
+MAX_SCORE_ENTRIES = 1 << 26
+
+
 @torch.no_grad()
 def predict_all_classes(head: MarginHead, features: torch.Tensor,
-                        chunks: Iterable[tuple[int, np.ndarray | torch.Tensor]]) -> torch.Tensor:
-    """Top-1 class over every class, scanning the matrix chunk by chunk (never whole in memory)."""
+                        chunks: Iterable[tuple[int, np.ndarray | torch.Tensor]],
+                        max_scores: int = MAX_SCORE_ENTRIES) -> torch.Tensor:
+    """Top-1 class over every class, scanning the matrix chunk by chunk (never whole in memory).
+
+    Features are scored in blocks of at most ``max_scores`` / chunk rows, so 100K held-out
+    samples against a 65,536-row chunk do not ask for a 26 GB score matrix.
+    """
     best_score = torch.full((features.shape[0],), -float("inf"), device=features.device)
     best_id = torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
     features = features.float()
     for first, rows in chunks:
         rows_t = torch.as_tensor(rows, device=features.device).float()
-        score, idx = head.similarity(features, rows_t).max(dim=1)
-        better = score > best_score
-        best_score = torch.where(better, score, best_score)
-        best_id = torch.where(better, idx + first, best_id)
+        block = max(1, max_scores // max(len(rows_t), 1))
+        for start in range(0, features.shape[0], block):
+            stop = start + block
+            score, idx = head.similarity(features[start:stop], rows_t).max(dim=1)
+            better = score > best_score[start:stop]
+            best_score[start:stop] = torch.where(better, score, best_score[start:stop])
+            best_id[start:stop] = torch.where(better, idx + first, best_id[start:stop])
     return best_id

@@ -132,6 +132,8 @@ def test_predict_all_classes_chunked_matches_dense():
     chunks = [(i, weight[i:i + 5]) for i in range(0, 37, 5)]
     dense = head.similarity(feats, weight).argmax(1)
     assert torch.equal(predict_all_classes(head, feats, chunks), dense)
+    # Features in blocks too (3 x 5 scores at a time): the same answer with bounded memory.
+    assert torch.equal(predict_all_classes(head, feats, chunks, max_scores=15), dense)
 
 
 def test_next_steps_lr_never_reaches_a_push_in_flight():
