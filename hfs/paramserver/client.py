@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from hfs.paramserver import protocol as proto
-from hfs.paramserver.base import HParams, ReaderSpec, WeightStore
+from hfs.paramserver.base import HParams, WeightStore
 from hfs.paramserver.store import ShardSpec
 from hfs.utils.errors import HfsError
 
@@ -383,10 +383,6 @@ class ParamClient(WeightStore):
         self._shapes.clear()
         self._remember_shapes(self.ping()[0].get("matrices", {}))
         return steps[0]
-
-    def reader_spec(self) -> ReaderSpec:
-        """Every shard (as discovered), both timeouts and the secret: another client of these shards."""
-        return ReaderSpec(tuple(self.endpoints), self.timeout_s, self.connect_timeout_s, self.secret)
 
     def ping(self) -> list[dict]:
         """Every shard's ping reply (shard, peers, matrices, step timeout)."""
