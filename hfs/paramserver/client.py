@@ -414,7 +414,8 @@ class ParamClient(WeightStore):
                 "rebuilds": sum(int(s.get("builds", 0)) for s in shards),
                 "drift": float(np.mean([s.get("drift", 0.0) for s in shards])),
                 "index_ready": all(s.get("index_ready", False) for s in shards),
-                "bg_share": float(sum(s.get("bg_share", 0.0) for s in shards))}
+                "bg_share": float(sum(s.get("bg_share", 0.0) for s in shards)),
+                "bg_cpu_seconds": float(sum(s.get("bg_cpu_seconds", 0.0) for s in shards))}
 
     def snapshot(self, tag: str | None = None) -> str:
         header = {"op": "snapshot"}
