@@ -777,7 +777,10 @@ class InProcessStore(WeightStore):
 
     def _new_index(self, name: str, spec: IndexSpec) -> OwnedIndex:
         m = self._matrix(name)
-        index = OwnedIndex(spec, m.weight.shape, lambda: self._local_chunks(name, spec.chunk_rows))
+        # the first snapshot chunk by chunk too (per applied step, per tick): a server answering
+        # `index` must not stall its loop for a C x D x 4-byte write
+        index = OwnedIndex(spec, m.weight.shape, lambda: self._local_chunks(name, spec.chunk_rows),
+                           snapshot_at_once=False)
         if index.uses_index:
             log.info("matrix %s: building a %s index over rows %d..%d%s", name, spec.sampler, m.row_start, m.row_end,
                      " in the background; uniform negatives until it is ready" if not index.ready else "")

@@ -153,11 +153,14 @@ class OwnedIndex:
     It is consumed from the holder's thread only (``maybe_refresh``/``advance``): one chunk
     per call is appended to a snapshot file that the build reads back (annoy builds in a
     child process from that file, hnsw and exact in a thread). The first snapshot is written
-    at once, since nothing can be queried before it.
+    at once when ``snapshot_at_once`` (nothing can be queried before it), else chunk by chunk
+    like every later one (a server's loop must keep answering meanwhile); a foreground build
+    (``spec.background`` false) is always complete when the constructor returns.
     """
 
     def __init__(self, spec: IndexSpec, shape: tuple[int, int],
-                 read_chunks: Callable[[], Iterator[tuple[int, np.ndarray]]]) -> None:
+                 read_chunks: Callable[[], Iterator[tuple[int, np.ndarray]]], *,
+                 snapshot_at_once: bool = True) -> None:
         self.spec, self.num_rows, self.dim = spec, int(shape[0]), int(shape[1])
         self.policy = spec.policy
         self._read_chunks = read_chunks
@@ -177,7 +180,7 @@ class OwnedIndex:
             return
         t0 = time.perf_counter()
         self._launch(step=0)
-        self._build.advance(max_chunks=1 << 30)  # the first snapshot at once: nothing to query yet
+        self._build.advance(max_chunks=1 << 30 if snapshot_at_once or not spec.background else 1)
         if not spec.background:
             self._swap_in()
         self._fg_seconds += time.perf_counter() - t0
