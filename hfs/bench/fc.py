@@ -252,8 +252,9 @@ def trainer_memory(cfg: HfsConfig, classes: list[int], batch: int, sample_num: i
                    ) -> list[dict[str, Any]]:
     """Peak RSS of a sampled-mode trainer process at each C, the matrix living in `hfs serve-params`.
 
-    The trainer builds the configured sampler's first index (``sampler.type``; a build in a
-    child process is not counted: it is not the trainer) and waits for it before stepping.
+    The server builds the configured sampler's first index (``sampler.type``) over its own rows
+    and the trainer waits for it before stepping, so its steps select from it; the index is
+    the server's memory, not the trainer's.
     Each C gets a fresh server process and a fresh trainer process (spawned, so nothing is
     inherited); only the trainer's memory is reported.
     """
