@@ -144,7 +144,10 @@ class StepClock:
         now = time.perf_counter()
         self.step_s.append(now - self.last)
         self.last = now
-        if step == self.total and hasattr(trainer.fc, "selector"):
+        if step == self.total and hasattr(trainer.fc, "index_stats"):  # the store's own index
+            self.upkeep = trainer.fc.index_stats()
+            self.timers = dict(trainer.fc.timers)
+        elif step == self.total and getattr(trainer.fc, "selector", None) is not None:
             self.upkeep = trainer.fc.selector.upkeep()
             self.timers = dict(trainer.fc.timers)
 
@@ -200,10 +203,11 @@ def run_cell(args: argparse.Namespace, cell: str, images: np.ndarray, bin_path: 
         "train_seconds": train_s, "run_seconds": wall,
     }
     if clock.upkeep is not None:
-        fg = clock.timers.get("select", 0.0) + clock.timers.get("refresh", 0.0)
+        # the index's own time in this process: queries and upkeep (the in-process store's, or the shard's)
+        fg = float(clock.upkeep.get("fg_seconds", 0.0))
         row["upkeep"] = clock.upkeep
         row["upkeep_fg_share"] = fg / train_s
-        row["upkeep_bg_cpu_share"] = clock.upkeep["bg_cpu_seconds"] / train_s
+        row["upkeep_bg_cpu_share"] = float(clock.upkeep.get("bg_cpu_seconds", 0.0)) / train_s
         row["timers"] = clock.timers
     metrics = out_dir / "metrics.jsonl"
     if metrics.exists():

@@ -62,7 +62,11 @@ def tar_at_far(emb_a: np.ndarray, emb_b: np.ndarray, far: float) -> float:
 
 
 def background_cpu(trainer) -> float:
-    """CPU seconds of the selector's background index builds (other processes) so far."""
+    """CPU seconds of the background index builds (other processes, threads) so far: the store's
+    own index in sampled mode, the shard's selector in sharded mode."""
+    index_stats = getattr(trainer.fc, "index_stats", None)
+    if index_stats is not None:
+        return float(index_stats().get("bg_cpu_seconds", 0.0))
     selector = getattr(trainer.fc, "selector", None)
     upkeep = getattr(selector, "upkeep", None)
     return float(upkeep()["bg_cpu_seconds"]) if upkeep is not None else 0.0

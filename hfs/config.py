@@ -108,7 +108,7 @@ class SamplerConfig:
                                 help="adaptive: mean relative row change (over all classes) vs the indexed copy that triggers a rebuild")
     background: bool = _f(True, help="build indexes in the background while training queries the old one "
                                      "(false: rebuild in the training thread, stalling it)")
-    snapshot_rows: int = _f(32768, gt=0, help="rows per step the training thread appends to a rebuild's snapshot file (in-process store); with paramserver.address set the build reads the server itself, this many rows per request")
+    snapshot_rows: int = _f(32768, gt=0, help="rows per step the store (in process, or each shard of hfs serve-params) appends to a rebuild's snapshot file of its own rows")
     update_threshold: float = _f(0.1, gt=0.0, help="hnsw: relative change of a row that earns an in-place update")
     update_budget: int = _f(16, ge=0, help="hnsw: most rows updated in place per step (0 = none)")
     hard_after: int = _f(0, ge=0, help="steps of uniform negatives (Partial FC's rule) before the index's hard negatives are used; the index is built meanwhile")
@@ -122,7 +122,7 @@ class SamplerConfig:
     hnsw_ef: int = _f(16, gt=0, help="hnsw: ef at query time (raised to k when smaller; more: better negatives, slower queries)")
     exact_chunk: int = _f(65536, gt=0, help="exact: rows per matmul chunk")
     exact_device: str = _f("auto", help="exact: torch device of the matrix copy (auto = cuda when available)")
-    workdir: str = _f("", help="folder for rebuild snapshot files (C x D x 4 bytes, in-process store) and annoy index files; empty = system temp")
+    workdir: str = _f("", help="folder for rebuild snapshot files (C x D x 4 bytes) and annoy index files of the in-process store and the sharded classifier; empty = system temp (hfs serve-params always uses its system temp)")
     seed: int = _f(0, help="seed of the uniform fill and of the index builds")
 
 

@@ -1,7 +1,7 @@
 """Layers only point down: every ``import hfs.X`` in hfs/ (also inside functions) goes to a lower layer.
 
 The order (docs/architecture.md, "Packages"): utils -> config, registry -> dist, checkpoint,
-default_config -> data, models, paramserver -> samplers -> fc -> train, eval -> bench ->
+default_config -> data, models, samplers -> paramserver -> fc -> train, eval -> bench ->
 cli, demo -> __main__. Packages on the same layer do not import each other either.
 """
 
@@ -19,8 +19,8 @@ LAYERS: list[set[str]] = [
     {"utils"},
     {"config", "registry"},
     {"dist", "checkpoint", "default_config"},
-    {"data", "models", "paramserver"},
-    {"samplers"},
+    {"data", "models", "samplers"},
+    {"paramserver"},
     {"fc"},
     {"train", "eval"},
     {"bench"},

@@ -1,8 +1,9 @@
 """`hfs bench-fc`: the classifier-layer step, HF-softmax vs full softmax, in one run.
 
-The sampled step is what `SampledFC` does per optimizer step: the selector's query, the
-store's get, the head's forward and backward, the gradient push (and its wait), and the
-selector's refresh bookkeeping; the initial index build is timed separately and amortised
+The sampled step is what `SampledFC` does per optimizer step: the store's select (its own
+index's query and the active rows, one round trip), the head's forward and backward, the
+gradient push (and its wait, which includes the store's index upkeep where it applies the
+step); the initial index build (in the store) is timed separately and amortised
 over the refresh interval. The full step is the head over the whole C x D matrix plus the
 dense SGD update of the matrix and its momentum. Features stand in for a backbone's output
 (random, fixed seed), so only the classifier layer is measured.
@@ -67,7 +68,7 @@ def time_sampled_steps(cfg: HfsConfig, num_classes: int, batch: int, sample_num:
     ``wait_index`` waits for a background first index before stepping, so that the steps
     run with it (and its drift tracking) — what the memory check needs to see.
     """
-    from hfs.fc.factories import create_matrix, plan_classifier, sampled_layer, sampled_selector
+    from hfs.fc.factories import attach_sampled_index, create_matrix, plan_classifier, sampled_layer
     from hfs.models import build_head
     from hfs.paramserver import open_store
 
@@ -78,14 +79,13 @@ def time_sampled_steps(cfg: HfsConfig, num_classes: int, batch: int, sample_num:
         try:
             create_matrix(store, cfg, num_classes, seed=0)
             t0 = time.perf_counter()
-            selector = sampled_selector(cfg, store, num_classes, plan)
-            selector.maybe_refresh(0)
+            attach_sampled_index(cfg, store, num_classes, plan)  # the store builds it from its own rows
             if wait_index:
-                selector.wait_ready()
+                wait_index_ready(store, "fc")
             build_s = time.perf_counter() - t0
             if on_built is not None:
                 on_built()
-            fc = sampled_layer(cfg, store, selector, build_head(cfg.head))
+            fc = sampled_layer(cfg, store, build_head(cfg.head), num_classes, plan)
             fc.set_hparams(0.1, cfg.optim.momentum, cfg.optim.weight_decay)
             rng = np.random.default_rng(0)
             times = []
@@ -102,13 +102,30 @@ def time_sampled_steps(cfg: HfsConfig, num_classes: int, batch: int, sample_num:
                         times.append(time.perf_counter() - t0)
                     if on_step is not None:
                         on_step()
-                upkeep = dict(selector.upkeep()) if hasattr(selector, "upkeep") else {}
+                upkeep = dict(fc.index_stats())
                 resident = resident_split_mb()  # while the index is still mapped
             finally:
                 fc.close()
         finally:
             store.close()
     return {"times": times, "build_s": build_s, "timers": dict(fc.timers), "upkeep": upkeep, "resident_mb": resident}
+
+
+def wait_index_ready(store: Any, matrix: str, timeout_s: float = 3600.0) -> bool:
+    """Poll the store until its index over ``matrix`` is ready (False: none attached, or timed out).
+
+    An idle in-process store advances a background build only when ticked; a server ticks itself.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        stats = store.index_stats(matrix)
+        if not stats or stats.get("index_ready"):
+            return bool(stats)
+        tick = getattr(store, "tick", None)
+        if tick is not None:
+            tick()
+        time.sleep(0.05)
+    return False
 
 
 def peak_rss_mb() -> float:
@@ -235,8 +252,9 @@ def trainer_memory(cfg: HfsConfig, classes: list[int], batch: int, sample_num: i
                    ) -> list[dict[str, Any]]:
     """Peak RSS of a sampled-mode trainer process at each C, the matrix living in `hfs serve-params`.
 
-    The trainer builds the configured sampler's first index (``sampler.type``; a build in a
-    child process is not counted: it is not the trainer) and waits for it before stepping.
+    The server builds the configured sampler's first index (``sampler.type``) over its own rows
+    and the trainer waits for it before stepping, so its steps select from it; the index is
+    the server's memory, not the trainer's.
     Each C gets a fresh server process and a fresh trainer process (spawned, so nothing is
     inherited); only the trainer's memory is reported.
     """

@@ -377,10 +377,6 @@ class ArrayRows:
 
         return array_chunks(self.weights, chunk_rows)
 
-    def reader_spec(self) -> None:
-        """Only this process holds the array: builds read it through :meth:`iter_chunks`."""
-        return None
-
 
 def bench_upkeep(name: str, cfg, weights: np.ndarray, settings: SamplerBenchSettings, k: int,
                  on_step: Callable[[], None]) -> dict[str, Any]:

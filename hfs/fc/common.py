@@ -26,10 +26,17 @@ class FCOutput:
 
 
 def loss_and_correct(head: MarginHead, features: torch.Tensor, rows: torch.Tensor,
-                     local_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy over the head's logits in float32, and the top-1 hit count."""
+                     local_labels: torch.Tensor, logit_adjust: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy over the head's logits in float32, and the top-1 hit count.
+
+    ``logit_adjust`` (S,) float32, when given, is added to the logits of the active classes
+    after the head's scale and margin (a sampled-softmax correction from the selection rule).
+    """
     with torch.autocast(device_type=features.device.type, enabled=False):
         logits, sim = head.logits_and_similarity(features.float(), rows.float(), local_labels)
+        if logit_adjust is not None:
+            logits = logits + logit_adjust.to(logits.device, torch.float32)[None, :]
         loss = F.cross_entropy(logits, local_labels, ignore_index=-1)
         correct = (sim.detach().argmax(dim=1) == local_labels).sum()
     return loss, correct

@@ -5,7 +5,7 @@ restores what a resumed checkpoint holds of it, and registers its cleanup on ``c
 Values derived from the config (the capped ``sample_num``, each rank's sampler seed, the
 queries per step, the store's snapshot folder) are worked out once, in :func:`plan_classifier`.
 `hfs bench-fc` builds its sampled step from the same pieces (:func:`plan_classifier`,
-:func:`create_matrix`, :func:`sampled_selector`, :func:`sampled_layer`).
+:func:`create_matrix`, :func:`attach_sampled_index`, :func:`sampled_layer`).
 """
 
 from __future__ import annotations
@@ -56,18 +56,35 @@ def create_matrix(store: Any, cfg: Any, num_classes: int, seed: int) -> None:
                  seed=seed, exist_ok=True, update_rule=cfg.paramserver.update_rule)
 
 
-def sampled_selector(cfg: Any, store: Any, num_classes: int, plan: ClassifierPlan) -> Any:
-    """The sampled layer's class selector over ``store``'s matrix (``hfs.samplers.build_selector``)."""
-    from hfs.samplers import build_selector
+def sampled_index(cfg: Any, num_classes: int, plan: ClassifierPlan) -> Any:
+    """The IndexSpec the store keeps over the matrix (``hfs.samplers.index_spec``), or None when no
+    index is needed (every class active, or ``sampler.type: random``). Seeded by ``sampler.seed``,
+    not the rank's seed: every rank sends the same spec, so a shared store builds one index."""
+    from hfs.samplers import SAMPLERS, index_spec
 
-    return build_selector(cfg.sampler, store=store, matrix=MATRIX, num_classes=num_classes,
-                          sample_num=plan.sample_num, queries_per_step=plan.queries_per_step,
-                          seed=plan.sampler_seed, metric=cfg.sampler_metric)
+    if plan.sample_num >= num_classes or not SAMPLERS.get(cfg.sampler.type).needs_index:
+        return None
+    return index_spec(cfg.sampler, cfg.sampler_metric, seed=cfg.sampler.seed)
 
 
-def sampled_layer(cfg: Any, store: Any, selector: Any, head: Any, workers: int = 1) -> SampledFC:
-    """SampledFC over ``store`` with ``selector``; ``workers`` ranks push to the store each step."""
-    return SampledFC(store, selector, head, matrix=MATRIX, overlap_push=cfg.fc.overlap_push,
+def attach_sampled_index(cfg: Any, store: Any, num_classes: int, plan: ClassifierPlan) -> bool:
+    """Ask ``store`` to keep the index of :func:`sampled_index` over the matrix; False when none is needed."""
+    spec = sampled_index(cfg, num_classes, plan)
+    if spec is None:
+        return False
+    store.attach_index(MATRIX, spec)
+    return True
+
+
+def sampled_layer(cfg: Any, store: Any, head: Any, num_classes: int, plan: ClassifierPlan,
+                  workers: int = 1) -> SampledFC:
+    """SampledFC over ``store`` with the rank's selection rule; ``workers`` ranks push to the store each step."""
+    from hfs.samplers import SelectionRule, neighbours_for
+
+    rule = SelectionRule(plan.sample_num, seed=plan.sampler_seed, hard_after=cfg.sampler.hard_after)
+    indexed = sampled_index(cfg, num_classes, plan) is not None
+    neighbours = neighbours_for(cfg.sampler, plan.sample_num, plan.queries_per_step, num_classes) if indexed else 0
+    return SampledFC(store, head, rule=rule, neighbours=neighbours, matrix=MATRIX, overlap_push=cfg.fc.overlap_push,
                      lr_scale=cfg.fc.lr_scale, workers=workers)
 
 
@@ -122,8 +139,9 @@ def build_sampled(cfg: Any, ctx: ClassifierContext) -> SampledFC:
         store.register(worker)
         ctx.stack.callback(store.leave, worker)
     barrier()
-    selector = sampled_selector(cfg, store, ctx.num_classes, plan)
-    fc = sampled_layer(cfg, store, selector, ctx.head, workers=env.world_size)
+    # every rank sends the same spec: the store builds one index over its rows (no-op when attached)
+    attach_sampled_index(cfg, store, ctx.num_classes, plan)
+    fc = sampled_layer(cfg, store, ctx.head, ctx.num_classes, plan, workers=env.world_size)
     ctx.stack.callback(fc.close)
     return fc
 

@@ -117,8 +117,12 @@ def needs_shared_store(mode: str) -> bool:
 def selector_upkeep(selector: Any) -> dict[str, float]:
     """A selector's background build share, rebuilds so far and drift, as the log line names them."""
     upkeep = getattr(selector, "upkeep", None)
-    if upkeep is None:
+    return {} if upkeep is None else index_upkeep(upkeep())
+
+
+def index_upkeep(u: dict) -> dict[str, float]:
+    """An index's upkeep (``OwnedIndex.upkeep``, or a store's ``index_stats``) as the log line names it."""
+    if not u:
         return {}
-    u = upkeep()
-    return {"index_bg_share": float(u.get("bg_share", 0.0)), "index_rebuilds": int(u.get("rebuilds", 0)),
+    return {"index_bg_share": float(u.get("bg_share", 0.0)), "index_rebuilds": int(u.get("builds", u.get("rebuilds", 0))),
             "index_drift": float(u.get("drift", 0.0))}

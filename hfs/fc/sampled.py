@@ -1,28 +1,25 @@
-"""SampledFC: HF-softmax over the active classes, with the full matrix in a weight store.
+"""SampledFC: HF-softmax over the active classes, with the full matrix and its index in a weight store.
 
-Per optimizer step: the selector picks the active classes (positives, nearest negatives,
-random fill), their rows are fetched from the store, the head runs on them, and a gradient
-hook on the fetched rows sends the rows' gradients back to the store, which applies the
-SGD update. The trainer process holds only ``sample_num`` rows at a time.
+Per optimizer step, one round trip: ``store.select`` sends the batch's features and labels,
+the store answers the active classes (positives, nearest negatives from the index it keeps
+over its own rows, uniform fill, by the one ``SelectionRule``) together with their rows; the
+head runs on them, and a gradient hook on the fetched rows sends the rows' gradients back
+with ``push_grads``, which the store applies with SGD — and where it measures the index's
+drift and refreshes it. The trainer holds only ``sample_num`` rows at a time and no index:
+nothing of its state grows with the number of classes, and N trainers share one index.
 
-Gradient accumulation: every micro-batch of a cycle fetches its rows at the same store step
-(no update lands inside a cycle, as for the backbone), and the row gradients of all
-micro-batches are concatenated into ONE push when the last micro-batch's backward runs;
-rows active in several micro-batches add up in the store, exactly as their gradients would
-in one big batch. The push runs on a background thread so it overlaps the backbone's
-backward pass, its optimizer step, the next batch's loading and the next backbone forward.
-It is waited for before the next selection, a snapshot or a validation pass, and the
-selector's refresh for a step runs only after its push has landed (at the start of the next
-forward), so results do not depend on thread timing.
-
-The selector observes rows twice: the active rows when they are fetched for a step, and the
-rows a step updated once that update has landed (re-read from the store before the next
-selection), so an index updated in place never answers with a row's value from before its
-last update.
+Gradient accumulation: every micro-batch of a cycle selects at the same store step (no
+update lands inside a cycle, as for the backbone), and the row gradients of all micro-batches
+are concatenated into ONE push when the last micro-batch's backward runs; rows active in
+several micro-batches add up in the store, exactly as their gradients would in one big batch.
+The push runs on a background thread so it overlaps the backbone's backward pass, its
+optimizer step, the next batch's loading and the next backbone forward. It is waited for
+before the next selection, a snapshot or a validation pass.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator
@@ -32,17 +29,26 @@ import torch
 
 from hfs.dist import barrier, is_main
 from hfs.fc.common import FCOutput, loss_and_correct, predict_all_classes
-from hfs.fc.layer import selector_upkeep
+from hfs.fc.layer import index_upkeep
 from hfs.models.heads import MarginHead
 from hfs.paramserver.base import HParams, WeightStore
+from hfs.samplers.selection import SelectionRule
+
+log = logging.getLogger(__name__)
 
 
 class SampledFC:
-    """The classifier layer of sampled (HF-softmax) training; see the module docstring."""
+    """The classifier layer of sampled (HF-softmax) training; see the module docstring.
 
-    def __init__(self, store: WeightStore, selector, head: MarginHead, *, matrix: str = "fc",
-                 overlap_push: bool = True, lr_scale: float = 1.0, workers: int = 1) -> None:
-        self.store, self.selector, self.head, self.matrix = store, selector, head, matrix
+    ``rule`` turns each batch's labels and the store's candidates into the active classes;
+    ``neighbours`` is how many candidates each feature asks the store's index for (0: none,
+    uniform negatives only — the ``random`` sampler, or every class active).
+    """
+
+    def __init__(self, store: WeightStore, head: MarginHead, *, rule: SelectionRule, neighbours: int = 0,
+                 matrix: str = "fc", overlap_push: bool = True, lr_scale: float = 1.0, workers: int = 1) -> None:
+        self.store, self.head, self.matrix = store, head, matrix
+        self.rule, self.neighbours = rule, int(neighbours)
         self.lr_scale = lr_scale  # the classifier's lr = the schedule's x fc.lr_scale
         self.workers = workers  # ranks pushing to one shared store: it sums their row gradients
         self.num_classes, self.dim = store.shape(matrix)
@@ -50,16 +56,15 @@ class SampledFC:
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self._cycle: list[tuple[np.ndarray, np.ndarray]] = []
-        self._refresh_step: int | None = None
-        self._updated: tuple[int, np.ndarray] | None = None  # (step, rows) to observe once applied
         self._hparams: HParams | None = None
-        self.timers = {"select": 0.0, "observe": 0.0, "refresh": 0.0, "get": 0.0, "push_wait": 0.0}
+        self._warned_overflow = False
+        self.timers = {"select": 0.0, "push_wait": 0.0}
 
     # -- per step ----------------------------------------------------------------------
     def set_hparams(self, lr: float, momentum: float, weight_decay: float) -> None:
         """The classifier's lr for the coming step (the trainer's schedule x fc.lr_scale).
 
-        Sent to the store by the next `forward`, right after its `get_rows(step=t)` returned:
+        Sent to the store by the next `forward`, right after its `select(step=t)` returned:
         by then every earlier step is applied (by every worker of a shared store), so no step
         in flight is ever applied with the next step's learning rate.
         """
@@ -70,25 +75,28 @@ class SampledFC:
         """Loss over the active classes of this micro-batch; backward pushes the row gradients."""
         self.settle()
         t0 = time.perf_counter()
-        # Only an index needs the features on the host; skip the device-to-host copy otherwise.
-        queries = features.detach().float().cpu().numpy() if self.selector.uses_index else None
-        active, local = self.selector.select(queries, labels.detach().cpu().numpy().astype(np.int64), step)
-        t1 = time.perf_counter()
-        values = self.store.get_rows(self.matrix, active, step=step)
+        queries = features.detach().float().cpu().numpy()
+        chosen, values = self.store.select(self.matrix, queries, labels.detach().cpu().numpy().astype(np.int64),
+                                           step, self.rule, self.neighbours)
         if self._hparams is not None:
             hparams, self._hparams = self._hparams, None
             self.store.set_hparams(self.matrix, hparams)
-        t2 = time.perf_counter()
-        self.selector.observe(active, values)
-        self.timers["select"] += t1 - t0
-        self.timers["get"] += t2 - t1
-        self.timers["observe"] += time.perf_counter() - t2
+        self.timers["select"] += time.perf_counter() - t0
+        active, local = chosen.active, chosen.local
+        if len(active) > self.rule.sample_num and not self._warned_overflow:
+            self._warned_overflow = True
+            log.warning(
+                "batch at step %d has %d distinct labels, more than sample_num=%d: keeping all positives (said once)",
+                step, len(active), self.rule.sample_num)
 
         rows = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(features.device)
         rows.requires_grad_(True)
         rows.register_hook(self._grad_hook(np.asarray(active, dtype=np.int64), step, last_micro, grad_scale))
         local_t = torch.as_tensor(np.asarray(local, dtype=np.int64), device=features.device)
-        loss, correct = loss_and_correct(self.head, features, rows, local_t)
+        adjust = None
+        if chosen.logit_adjust is not None:
+            adjust = torch.as_tensor(np.asarray(chosen.logit_adjust, dtype=np.float32), device=features.device)
+        loss, correct = loss_and_correct(self.head, features, rows, local_t, logit_adjust=adjust)
         return FCOutput(loss, correct, int(len(active)))
 
     __call__ = forward
@@ -106,8 +114,6 @@ class SampledFC:
         ids = np.concatenate([a for a, _ in self._cycle])
         grads = np.concatenate([g for _, g in self._cycle])
         self._cycle = []
-        if self.selector.uses_index:
-            self._updated = (step, np.unique(ids))
         if grad_scale != 1.0:
             grads /= grad_scale
         if not np.isfinite(grads).all():
@@ -130,30 +136,11 @@ class SampledFC:
             self.timers["push_wait"] += time.perf_counter() - t0
 
     def end_step(self, step: int) -> None:
-        """After an optimizer step: its index refresh runs once its push has landed (see settle)."""
-        self._refresh_step = step
+        """After an optimizer step: nothing to do here — the store refreshes its index where it applies the step."""
 
     def settle(self) -> None:
-        """Wait for the pending push, let the selector see the rows it updated, then its refresh."""
+        """Wait for the pending push (before a selection, a snapshot or a validation pass)."""
         self.wait()
-        self._observe_updated()
-        if self._refresh_step is not None:
-            step, self._refresh_step = self._refresh_step, None
-            t0 = time.perf_counter()
-            self.selector.maybe_refresh(step)
-            self.timers["refresh"] += time.perf_counter() - t0
-
-    def _observe_updated(self) -> None:
-        """The selector sees the values the last step's update gave its rows (no one-update lag)."""
-        if self._updated is None:
-            return
-        (step, rows), self._updated = self._updated, None
-        t0 = time.perf_counter()
-        values = self.store.get_rows(self.matrix, rows, step=step + 1)
-        t1 = time.perf_counter()
-        self.selector.observe(rows, values)
-        self.timers["get"] += t1 - t0
-        self.timers["observe"] += time.perf_counter() - t1
 
     # -- whole matrix ------------------------------------------------------------------
     def iter_chunks(self, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
@@ -162,13 +149,19 @@ class SampledFC:
         yield from self.store.iter_chunks(self.matrix, chunk_rows)
 
     def sampler_seconds(self) -> float:
-        """Time spent choosing classes and keeping the index fresh (the 'upkeep' share)."""
-        return self.timers["select"] + self.timers["observe"] + self.timers["refresh"]
+        """Seconds this process spent keeping an index fresh (the 'upkeep' share): the in-process
+        store's index upkeep; none with `hfs serve-params`, whose shards keep the index."""
+        return float(self.index_stats().get("fg_seconds", 0.0))
+
+    def index_stats(self) -> dict:
+        """The store's index of this matrix: builds, drift, readiness, background seconds ({} without one)."""
+        self.wait()
+        return self.store.index_stats(self.matrix)
 
     # -- ClassifierLayer ---------------------------------------------------------------
     @property
     def active_classes(self) -> int:
-        return self.selector.sample_num
+        return self.rule.sample_num
 
     def param_groups(self) -> list[dict[str, Any]]:
         return []  # the rows live in the store, which applies SGD itself
@@ -201,16 +194,14 @@ class SampledFC:
         return predict_all_classes(self.head, features, self.iter_chunks())
 
     def upkeep(self) -> dict[str, float]:
-        return selector_upkeep(self.selector)
+        """The store's index as the log line names it (empty without an index)."""
+        return index_upkeep(self.index_stats()) if self.neighbours else {}
 
     def close(self) -> None:
-        """Finish the pending push and stop the push thread and the selector. Idempotent."""
+        """Finish the pending push and stop the push thread. Idempotent."""
         try:
             self.wait()
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
-            close = getattr(self.selector, "close", None)
-            if close is not None:
-                close()

@@ -18,8 +18,9 @@ The layout Partial FC uses to reach tens of millions of classes on many GPUs:
   or exact, attached by the trainer) they are the shard's rows nearest to the global
   batch's features, found by this rank's own index over its own shard
   (:class:`ShardView` makes the shard look like a weight-store matrix of ``shard_rows``
-  rows with shard-local ids, so ``hfs.samplers.build_selector`` and the one shared
-  selection rule serve it unchanged). The all-gathered features are the same on every
+  rows with shard-local ids, so ``hfs.samplers.build_selector`` — the same
+  :class:`~hfs.samplers.OwnedIndex` a weight store keeps over its rows, plus the one shared
+  selection rule — serves it unchanged). The all-gathered features are the same on every
   rank, so each shard's active set depends only on that shard and its index;
 * the margin head runs on those rows with ``local_labels == -1`` where a sample's positive
   lives on another rank, and the softmax normaliser is reduced across ranks
@@ -137,7 +138,7 @@ def select_shard_rows(labels: torch.Tensor, start: int, end: int, count: int,
 class ShardView:
     """One rank's shard as a read-only weight-store matrix: what a sampler index is built from.
 
-    ``hfs.samplers.build_selector`` reads a matrix through ``shape``/``iter_chunks``/``reader_spec`` (and
+    ``hfs.samplers.build_selector`` reads a matrix through ``shape``/``iter_chunks`` (and
     benchmarks through ``get_rows``); this view serves the live shard parameter of ``fc``
     with row ids local to the shard (0 .. shard_rows-1). Chunks are float32 copies, since
     a background rebuild copies its snapshot over several steps while SGD updates the
@@ -163,10 +164,6 @@ class ShardView:
         index = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=weight.device)
         self._fc.current(index)
         return weight[index].float().cpu().numpy()
-
-    def reader_spec(self) -> None:
-        """The shard lives in this process only: builds read it through :meth:`iter_chunks`."""
-        return None
 
     def iter_chunks(self, name: str, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
         weight = self._weight(name)

@@ -7,10 +7,9 @@ values float32 numpy arrays of shape (len(rows), dim).
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -22,50 +21,6 @@ class HParams:
     lr: float
     momentum: float = 0.9
     weight_decay: float = 0.0
-
-
-@dataclass(frozen=True)
-class ReaderSpec:
-    """How another thread or process opens a client of its own to the same store.
-
-    Everything a client needs, taken from the store the trainer holds (one place: never a
-    joined address string or a secret resolved again): every shard's endpoint, the request
-    and connect timeouts (``paramserver.timeout_s``, ``paramserver.connect_timeout_s``) and
-    the shared secret. A child process gets :meth:`public` on its command line and the
-    secret through :meth:`child_env` (``HFS_PS_SECRET``), never argv.
-    """
-
-    endpoints: tuple[str, ...]
-    timeout_s: float = 60.0
-    connect_timeout_s: float = 10.0
-    secret: bytes | None = field(default=None, repr=False)
-
-    def public(self) -> dict[str, Any]:
-        """Everything but the secret, JSON-able."""
-        return {"endpoints": list(self.endpoints), "timeout_s": self.timeout_s,
-                "connect_timeout_s": self.connect_timeout_s}
-
-    def child_env(self) -> dict[str, str]:
-        """Environment entries that carry the secret to a child process."""
-        from hfs.paramserver import SECRET_ENV
-
-        return {SECRET_ENV: self.secret.decode()} if self.secret else {}
-
-    @classmethod
-    def from_child(cls, public: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> "ReaderSpec":
-        """The spec a parent passed as :meth:`public` + :meth:`child_env`."""
-        from hfs.paramserver import SECRET_ENV
-
-        secret = environ.get(SECRET_ENV, "")
-        return cls(tuple(public["endpoints"]), float(public["timeout_s"]), float(public["connect_timeout_s"]),
-                   secret.encode() if secret else None)
-
-    def open(self) -> "WeightStore":
-        """A fresh client of the store (the caller closes it)."""
-        from hfs.paramserver.client import ParamClient
-
-        return ParamClient(self.endpoints, timeout_s=self.timeout_s, connect_timeout_s=self.connect_timeout_s,
-                           secret=self.secret)
 
 
 class WeightStore(ABC):
@@ -126,11 +81,29 @@ class WeightStore(ABC):
     def iter_chunks(self, name: str, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (first_row, rows) chunks of the whole matrix, for index rebuilds and evaluation."""
 
-    def reader_spec(self) -> ReaderSpec | None:
-        """How a build in another thread or process reads these matrices with a client of its
-        own; None when only this object can read them (the in-process store: it is not
-        thread-safe, so its rows reach a build through the training thread)."""
-        return None
+    # -- the index over a matrix's rows (owned by the store) ----------------------------
+    def attach_index(self, name: str, spec: Any) -> bool:
+        """Keep an index (a ``hfs.samplers.IndexSpec``) over matrix ``name``'s rows, built and
+        refreshed by the store itself. Idempotent for an equal spec (N trainers send the same:
+        one index), replaced for a different one; True when a build was started. A store
+        that keeps no index answers False, and ``select`` fills with uniform negatives."""
+        return False
+
+    def select(self, name: str, features: np.ndarray, labels: np.ndarray, step: int, rule: Any, k: int,
+               *, with_rows: bool = True) -> tuple[Any, np.ndarray | None]:
+        """The batch's active classes and, with ``with_rows``, their rows' values, for step ``step``.
+
+        ``features`` (B, dim) float32 ask the matrix's index for ``k`` candidates each;
+        ``rule`` (a ``hfs.samplers.SelectionRule``) turns labels + candidates into a
+        ``Selection`` (``active``, ``local``, ``logit_adjust``). Waits like
+        ``get_rows(step=step)``. This default keeps no index: uniform negatives.
+        """
+        chosen = rule.select(np.asarray(labels, dtype=np.int64), None, None, self.shape(name)[0], step)
+        return chosen, (self.get_rows(name, chosen.active, step=step) if with_rows else None)
+
+    def index_stats(self, name: str) -> dict:
+        """The index of matrix ``name``: builds, drift, readiness, upkeep seconds ({} without one)."""
+        return {}
 
     # -- persistence -----------------------------------------------------------------
     @abstractmethod

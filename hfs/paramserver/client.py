@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from hfs.paramserver import protocol as proto
-from hfs.paramserver.base import HParams, ReaderSpec, WeightStore
+from hfs.paramserver.base import HParams, WeightStore
 from hfs.paramserver.store import ShardSpec
 from hfs.utils.errors import HfsError
 
@@ -366,6 +366,57 @@ class ParamClient(WeightStore):
             yield first, (_owned(replies[0].arrays[0]) if len(replies) == 1
                           else np.concatenate([m.arrays[0] for m in replies]))
 
+    # -- the index, owned by the shards ------------------------------------------------
+    def attach_index(self, name: str, spec: Any) -> bool:
+        """Every shard keeps an index over its own rows (``spec``: an IndexSpec); True if any started a build."""
+        replies = self._all({"op": "index", "matrix": name, "spec": spec.to_json()})
+        return any(bool(m.header.get("attached")) for m in replies)
+
+    def select(self, name: str, features: np.ndarray, labels: np.ndarray, step: int, rule: Any, k: int,
+               *, with_rows: bool = True) -> tuple[Any, np.ndarray | None]:
+        """One round trip to a single shard (selection and rows together); with several shards,
+        every shard's candidates in parallel, merged by similarity, the rule applied here, then
+        one parallel ``get`` of the active rows."""
+        from hfs.samplers.shards import merge_topk, rule_to_fields
+        from hfs.samplers.selection import Selection
+
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        labels = self._rows(labels)
+        num_rows = self.shape(name)[0]
+        k = int(max(0, min(int(k), num_rows)))
+        header = {"op": "select", "matrix": name, "step": int(step), "k": k}
+        timeout = max(self.timeout_s, self.step_timeout_s + 5.0)
+        if len(self.endpoints) == 1 and with_rows:
+            reply = self._call([(0, dict(header, rows=True, rule=rule_to_fields(rule)), [features, labels])],
+                               timeout)[0]
+            arrays = reply.arrays
+            adjust = _owned(arrays[3]) if reply.header.get("logit_adjust") and len(arrays) > 3 else None
+            return Selection(_owned(arrays[0]), _owned(arrays[1]), adjust), _owned(arrays[2])
+        if not rule.wants_candidates(step):
+            header["k"] = 0
+        replies = self._all_with(dict(header, rows=False), [features, labels], timeout)
+        ids, sims = merge_topk([(m.arrays[0], m.arrays[1]) for m in replies], k)
+        found = ids.shape[1] > 0
+        chosen = rule.select(labels, ids if found else None, sims if found else None, num_rows, int(step))
+        return chosen, (self.get_rows(name, chosen.active) if with_rows else None)
+
+    def _all_with(self, header: dict, arrays: Sequence[np.ndarray], timeout_s: float | None = None
+                  ) -> list[proto.Message]:
+        return self._call([(i, header, arrays) for i in range(len(self.endpoints))], timeout_s)
+
+    def index_stats(self, name: str) -> dict:
+        """Every shard's index of ``name`` (``shards``), and over all shards: builds (summed),
+        drift (mean), index_ready (all), bg_share (summed)."""
+        shards = [stats["store"].get("indexes", {}).get(name, {}) for stats in self.server_stats()]
+        if not any(shards):
+            return {}
+        return {"shards": shards, "builds": sum(int(s.get("builds", 0)) for s in shards),
+                "rebuilds": sum(int(s.get("builds", 0)) for s in shards),
+                "drift": float(np.mean([s.get("drift", 0.0) for s in shards])),
+                "index_ready": all(s.get("index_ready", False) for s in shards),
+                "bg_share": float(sum(s.get("bg_share", 0.0) for s in shards)),
+                "bg_cpu_seconds": float(sum(s.get("bg_cpu_seconds", 0.0) for s in shards))}
+
     def snapshot(self, tag: str | None = None) -> str:
         header = {"op": "snapshot"}
         if tag:
@@ -383,10 +434,6 @@ class ParamClient(WeightStore):
         self._shapes.clear()
         self._remember_shapes(self.ping()[0].get("matrices", {}))
         return steps[0]
-
-    def reader_spec(self) -> ReaderSpec:
-        """Every shard (as discovered), both timeouts and the secret: another client of these shards."""
-        return ReaderSpec(tuple(self.endpoints), self.timeout_s, self.connect_timeout_s, self.secret)
 
     def ping(self) -> list[dict]:
         """Every shard's ping reply (shard, peers, matrices, step timeout)."""

@@ -46,7 +46,13 @@ OPS = {
     "hparams": "set lr, momentum, weight_decay of a matrix",
     "snapshot": "write a snapshot (optional tag) -> name, step",
     "restore": "load a snapshot (tag, 'latest' by default) -> step",
-    "stats": "request counts, bytes, latency percentiles, store counters",
+    "stats": "request counts, bytes, latency percentiles, store counters, each index's builds and drift",
+    "index": "keep an index over the matrix's rows here (matrix, spec: an IndexSpec object); the same spec again "
+             "is a no-op -> attached",
+    "select": "active classes from this shard's index (matrix, step, k, rows, rule: a SelectionRule object; frames "
+              "features float32[B, dim], labels int64[B]; waits like get) -> rows true: active int64[S], local "
+              "int64[B], values float32[S, dim][, logit_adjust float32[S]]; rows false: ids int64[B, k'], "
+              "sims float32[B, k'] (k' = 0 while no index is ready)",
     "shutdown": "final snapshot, then stop",
 }
 

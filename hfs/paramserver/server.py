@@ -90,15 +90,13 @@ class OpStats:
 
 @dataclass
 class _Waiting:
-    """A `get` that waits for a step to be applied."""
+    """A `get` or `select` that waits for a step to be applied: ``attempt()`` answers it, or None."""
 
     envelope: list
     request_id: Any
     started: float
-    matrix: str
-    rows: np.ndarray | None
-    span: tuple[int, int] | None
-    step: int
+    op: str
+    attempt: Callable[[], tuple[dict, list] | None]
 
 
 def _arrays(msg: proto.Message, spec: Sequence[tuple[str, str, int]]) -> list[np.ndarray]:
@@ -115,6 +113,21 @@ def _arrays(msg: proto.Message, spec: Sequence[tuple[str, str, int]]) -> list[np
         raise proto.ProtocolError(f"arrays '{spec[0][0]}' and '{spec[1][0]}' have {msg.arrays[0].shape[0]} and "
                                   f"{msg.arrays[1].shape[0]} rows")
     return msg.arrays
+
+
+def _select_arrays(msg: proto.Message) -> tuple[np.ndarray, np.ndarray]:
+    """A select's features float32[B, dim] and labels int64[B]."""
+    if len(msg.arrays) != 2:
+        raise proto.ProtocolError(f"op 'select' takes 2 array frames (features float32[B, dim], labels int64[B]), "
+                                  f"got {len(msg.arrays)}")
+    features, labels = msg.arrays
+    if features.dtype != proto.DTYPES["float32"] or features.ndim != 2:
+        raise proto.ProtocolError(f"array 'features' must be float32 with 2 dimensions, got "
+                                  f"{features.dtype.name}{list(features.shape)}")
+    if labels.dtype != proto.DTYPES["int64"] or labels.ndim != 1 or labels.shape[0] != features.shape[0]:
+        raise proto.ProtocolError(f"array 'labels' must be int64[{features.shape[0]}] (one per feature row), got "
+                                  f"{labels.dtype.name}{list(labels.shape)}")
+    return features, labels
 
 
 def _name(header: dict, key: str = "matrix") -> str:
@@ -249,18 +262,25 @@ class ParamServer:
         still = []
         for w in self._waiting:
             try:
-                values = (self.store.try_get_rows(w.matrix, w.rows, w.step) if w.rows is not None
-                          else self.store.try_get_range(w.matrix, *w.span, step=w.step))
+                answer = w.attempt()
             except HfsError as exc:
                 self._send(w.envelope, proto.error_reply(w.request_id, str(exc)), ())
-                self.stats.record("get", time.perf_counter() - w.started, False)
+                self.stats.record(w.op, time.perf_counter() - w.started, False)
                 continue
-            if values is None:
+            if answer is None:
                 still.append(w)
                 continue
-            self._send(w.envelope, {"id": w.request_id, "ok": True}, [values])
-            self.stats.record("get", time.perf_counter() - w.started, True)
+            header, arrays = answer
+            self._send(w.envelope, {"id": w.request_id, "ok": True, **header}, arrays)
+            self.stats.record(w.op, time.perf_counter() - w.started, True)
         self._waiting = still
+
+    def _answer_or_wait(self, msg, envelope, op: str, attempt: Callable[[], tuple[dict, list] | None]):
+        """Answer now, or keep the request until its step is applied (``attempt`` must own its arrays then)."""
+        answer = attempt()
+        if answer is None:
+            self._waiting.append(_Waiting(envelope, msg.header["id"], time.perf_counter(), op, attempt))
+        return answer
 
     # -- ops --------------------------------------------------------------------------
     def _op_ping(self, msg, envelope):
@@ -312,17 +332,55 @@ class ParamServer:
         name, step = _name(h), _step(h, required=False)
         if msg.arrays:
             (rows,) = _arrays(msg, [("rows", "int64", 1)])
-            span = None
             values = self.store.try_get_rows(name, rows, step)
+            if values is not None:
+                return {}, [values]
+            rows = np.array(rows)  # the frame's buffer is not ours to keep
+
+            def attempt():
+                found = self.store.try_get_rows(name, rows, step)
+                return None if found is None else ({}, [found])
         else:
-            rows = None
             span = (proto.field_of(h, "start", int), proto.field_of(h, "stop", int))
-            values = self.store.try_get_range(name, *span, step=step)
-        if values is None:
-            keep = None if rows is None else np.array(rows)  # the frame's buffer is not ours to keep
-            self._waiting.append(_Waiting(envelope, h["id"], time.perf_counter(), name, keep, span, step))
-            return None
-        return {}, [values]
+
+            def attempt():
+                found = self.store.try_get_range(name, *span, step=step)
+                return None if found is None else ({}, [found])
+        return self._answer_or_wait(msg, envelope, "get", attempt)
+
+    def _op_index(self, msg, envelope):
+        from hfs.samplers.owned import IndexSpec
+
+        _arrays(msg, [])
+        spec = IndexSpec.from_json(msg.header.get("spec"))
+        attached = self.store.attach_index(_name(msg.header), spec)
+        return {"attached": attached}, []
+
+    def _op_select(self, msg, envelope):
+        h = msg.header
+        features, labels = _select_arrays(msg)
+        name, step = _name(h), _step(h, required=True)
+        k = proto.field_of(h, "k", int)
+        with_rows = proto.field_of(h, "rows", bool, True)
+        if with_rows:
+            from hfs.samplers.shards import rule_from_fields
+
+            rule = rule_from_fields(h.get("rule"))
+        features, labels = np.array(features), np.array(labels)  # kept while the request may wait
+
+        def attempt():
+            if not with_rows:
+                found = self.store.try_search(name, features, k, step)
+                return None if found is None else ({}, list(found))
+            found = self.store.try_select(name, features, labels, step, rule, k, with_rows=True)
+            if found is None:
+                return None
+            chosen, values = found
+            arrays = [chosen.active.astype(np.int64), chosen.local.astype(np.int64), values]
+            if chosen.logit_adjust is not None:
+                arrays.append(np.asarray(chosen.logit_adjust, dtype=np.float32))
+            return {"logit_adjust": chosen.logit_adjust is not None}, arrays
+        return self._answer_or_wait(msg, envelope, "select", attempt)
 
     def _op_set(self, msg, envelope):
         rows, values = _arrays(msg, [("rows", "int64", 1), ("values", "float32", 2)])
@@ -438,9 +496,10 @@ def shard_snapshot_dir(base: Path | None, shard: ShardSpec) -> Path | None:
 def build_server(opts: ServeOptions) -> ParamServer:
     """Check the bind is allowed, open the store (resuming if asked), bind the socket."""
     check_bind_allowed(opts.host, opts.secret, opts.insecure)
+    # index builds write to the system temp folder, never to a path a client names
     store = InProcessStore(shard_snapshot_dir(opts.snapshot_dir, opts.shard), keep_snapshots=opts.keep_snapshots,
                            timeout_s=opts.timeout_s, snapshot_every_steps=opts.snapshot_every_steps,
-                           snapshot_every_s=opts.snapshot_every_s, shard=opts.shard)
+                           snapshot_every_s=opts.snapshot_every_s, shard=opts.shard, index_workdir="")
     if opts.resume:
         _resume(store, opts.resume)
     host = f"[{opts.host}]" if ":" in opts.host else opts.host
@@ -473,6 +532,7 @@ def serve(opts: ServeOptions) -> None:
             signal.signal(sig, handler)
         server.close()
         _final_snapshot(server.store)
+        server.store.close()
 
 
 def _final_snapshot(store: InProcessStore) -> None:

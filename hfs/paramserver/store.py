@@ -40,6 +40,7 @@ a restarted job is not blocked by a dead one).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -52,11 +53,18 @@ import numpy as np
 from hfs.paramserver.base import HParams, WeightStore
 from hfs.paramserver.catchup import UPDATE_RULES, RowClock, zero_grad_transition
 from hfs.paramserver import snapshots as snaps
+from hfs.samplers.owned import IndexSpec, OwnedIndex
+from hfs.samplers.selection import Selection
 from hfs.utils.errors import HfsError
 
 log = logging.getLogger(__name__)
 
 INITS = ("gaussian", "uniform", "zeros")
+#: Most candidates a select may ask per query, and most (queries x candidates) per request.
+MAX_SELECT_K = 1 << 16
+MAX_SELECT_CANDIDATES = 1 << 24
+#: Shortest spacing of the snapshot chunks ``tick`` appends between steps (a server's idle loop).
+INDEX_TICK_S = 0.05
 #: Rows per seeded block of the initialisation: block b draws from rng(seed, b), so the
 #: values do not depend on how the matrix is split across shards.
 INIT_BLOCK_ROWS = 16384
@@ -316,8 +324,13 @@ class InProcessStore(WeightStore):
 
     def __init__(self, snapshot_dir: str | Path | None = None, *, keep_snapshots: int = 3,
                  timeout_s: float = 60.0, snapshot_every_steps: int = 0, snapshot_every_s: float = 0.0,
-                 shard: ShardSpec = ShardSpec(), update_rule: str = "catchup") -> None:
+                 shard: ShardSpec = ShardSpec(), update_rule: str = "catchup",
+                 index_workdir: str | Path | None = None) -> None:
         self.update_rule = _check_rule(update_rule)
+        # where index builds put their files; set (a server), it replaces every spec's workdir
+        self.index_workdir = str(index_workdir) if index_workdir is not None else None
+        self._indexes: dict[str, OwnedIndex] = {}
+        self._last_index_tick = 0.0
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
         self.keep_snapshots = keep_snapshots
         self.timeout_s = timeout_s
@@ -328,7 +341,8 @@ class InProcessStore(WeightStore):
         self._workers: set[str] = set()
         self._cond = threading.Condition(threading.RLock())
         self._counters = {"pushes": 0, "rows_pushed": 0, "steps_applied": 0, "rows_applied": 0,
-                          "gets": 0, "rows_read": 0, "sets": 0, "snapshots": 0, "failed_steps": 0}
+                          "gets": 0, "rows_read": 0, "sets": 0, "snapshots": 0, "failed_steps": 0,
+                          "selects": 0, "index_attaches": 0, "index_failures": 0}
         self._last_snapshot_step = 0
         self._last_snapshot_time = time.monotonic()
         self._dirty = False
@@ -560,6 +574,7 @@ class InProcessStore(WeightStore):
         all_grads = grads[0] if len(grads) == 1 else np.concatenate(grads)
         unique, summed = sum_duplicate_rows(all_rows, all_grads)
         self._apply_rule(m, unique, summed)
+        self._index_after_step(m, unique, step)
         self._counters["rows_applied"] += unique.size
         m.last_applied = step
         self._counters["steps_applied"] += 1
@@ -678,6 +693,7 @@ class InProcessStore(WeightStore):
             self._last_snapshot_step = step
             self._last_snapshot_time = time.monotonic()
             self._dirty = False
+            self._rebuild_indexes()
             self._cond.notify_all()
         log.info("restored snapshot %s (step %d, %d matrices)", folder.name, step, len(loaded))
         return step
@@ -713,14 +729,185 @@ class InProcessStore(WeightStore):
                 self._last_snapshot_step, self._last_snapshot_time = self.step, time.monotonic()
 
     def tick(self) -> None:
-        """Housekeeping a server calls between messages: fail overdue steps, timed snapshots."""
+        """Housekeeping a server calls between messages: fail overdue steps, timed snapshots, and
+        index builds in flight (one snapshot chunk per ``INDEX_TICK_S``, a finished build swapped in)."""
         self.expire()
         with self._cond:
             self._maybe_periodic_snapshot()
+            now = time.monotonic()
+            if self._indexes and now - self._last_index_tick >= INDEX_TICK_S:
+                self._last_index_tick = now
+                for name in list(self._indexes):
+                    self._index_upkeep(name, lambda index: index.advance())
 
     def stats(self) -> dict:
         with self._cond:
             return {"step": self.step, "workers": sorted(self._workers), "matrices": self.matrices(),
+                    "indexes": {name: index.upkeep() for name, index in self._indexes.items()},
                     "bytes_held": int(sum(m.weight.nbytes + m.momentum.nbytes for m in self._matrices.values())),
                     "pending_steps": sum(len(m.pending) for m in self._matrices.values()),
                     **self._counters}
+
+    def close(self) -> None:
+        """Stop index builds in flight and release the indexes. Idempotent."""
+        with self._cond:
+            indexes, self._indexes = self._indexes, {}
+        for index in indexes.values():
+            index.close()
+
+    # -- the index over each matrix's rows ----------------------------------------------
+    def attach_index(self, name: str, spec: IndexSpec) -> bool:
+        """See WeightStore.attach_index: this store indexes its own rows (ids local to the shard,
+        answered as global ids). A server replaces the spec's ``workdir`` with its own."""
+        if not isinstance(spec, IndexSpec):
+            raise StoreError(f"index spec must be an IndexSpec, got {type(spec).__name__}")
+        if self.index_workdir is not None:
+            spec = dataclasses.replace(spec, workdir=self.index_workdir)
+        with self._cond:
+            self._matrix(name)
+            have = self._indexes.get(name)
+            if have is not None and have.spec == spec:
+                return False
+            if have is not None:
+                log.info("matrix %s: index spec changed; replacing its %s index", name, have.spec.sampler)
+                have.close()
+            self._counters["index_attaches"] += 1
+            self._indexes[name] = self._new_index(name, spec)
+            return True
+
+    def _new_index(self, name: str, spec: IndexSpec) -> OwnedIndex:
+        m = self._matrix(name)
+        # the first snapshot chunk by chunk too (per applied step, per tick): a server answering
+        # `index` must not stall its loop for a C x D x 4-byte write
+        index = OwnedIndex(spec, m.weight.shape, lambda: self._local_chunks(name, spec.chunk_rows),
+                           snapshot_at_once=False)
+        if index.uses_index:
+            log.info("matrix %s: building a %s index over rows %d..%d%s", name, spec.sampler, m.row_start, m.row_end,
+                     " in the background; uniform negatives until it is ready" if not index.ready else "")
+        return index
+
+    def _rebuild_indexes(self) -> None:
+        """After a restore: the index is not saved, so each is built again from the restored rows."""
+        for name, index in list(self._indexes.items()):
+            index.close()
+            del self._indexes[name]
+            if name in self._matrices:
+                log.info("matrix %s: indexes are not saved; rebuilding it from the restored rows", name)
+                self._indexes[name] = self._new_index(name, index.spec)
+
+    def _local_chunks(self, name: str, chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(first local row, rows) copies of this store's rows of ``name``, each caught up to the last step."""
+        chunk_rows = max(1, int(chunk_rows))
+        first = 0
+        while True:
+            with self._cond:
+                m = self._matrix(name)
+                if first >= m.weight.shape[0]:
+                    return
+                stop = min(first + chunk_rows, m.weight.shape[0])
+                m.catch_up_range(first, stop)
+                chunk = m.weight[first:stop].copy()
+            yield first, chunk
+            first = stop
+
+    def _index_after_step(self, m: Matrix, unique: np.ndarray, step: int) -> None:
+        """Drift where the update is applied: the index sees the rows it just changed, then its refresh."""
+        if m.name not in self._indexes:
+            return
+
+        def upkeep(index: OwnedIndex) -> None:
+            if index.ready and unique.size:
+                index.rows_changed(unique, m.weight[unique])
+            index.maybe_refresh(step)
+
+        self._index_upkeep(m.name, upkeep)
+
+    def _index_upkeep(self, name: str, work) -> None:
+        """Run ``work(index)``; an index that fails is dropped (selection falls back to uniform
+        negatives) instead of failing the step that was just applied."""
+        index = self._indexes.get(name)
+        if index is None:
+            return
+        try:
+            work(index)
+        except Exception as exc:  # noqa: BLE001 - the store must go on serving rows
+            self._counters["index_failures"] += 1
+            log.error("matrix %s: dropping its %s index (%s); uniform negatives from now on", name,
+                      index.spec.sampler, exc)
+            index.close()
+            self._indexes.pop(name, None)
+
+    def index_stats(self, name: str) -> dict:
+        with self._cond:
+            self._matrix(name)
+            index = self._indexes.get(name)
+            return index.upkeep() if index is not None else {}
+
+    def _select_inputs(self, m: Matrix, features: object, k: object) -> tuple[np.ndarray, int]:
+        arr = np.asarray(features)
+        if arr.dtype != np.float32 or arr.ndim != 2 or arr.shape[1] != m.dim:
+            raise StoreError(f"features for matrix {m.name!r} must be float32 of shape (B, {m.dim}), "
+                             f"got {arr.dtype}{list(arr.shape)}")
+        if not np.isfinite(arr).all():
+            raise StoreError(f"features for matrix {m.name!r} contain NaN or infinity")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= min(m.num_rows, MAX_SELECT_K):
+            raise StoreError(f"k must be an integer in 0..{min(m.num_rows, MAX_SELECT_K)} (the matrix's rows), got {k!r}")
+        if arr.shape[0] * int(k) > MAX_SELECT_CANDIDATES:
+            raise StoreError(f"{arr.shape[0]} queries x k={k} exceeds {MAX_SELECT_CANDIDATES} candidates per request")
+        return arr, int(k)
+
+    def try_search(self, name: str, features: np.ndarray, k: int, step: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray] | None:
+        """(B, k') global ids and similarities of this store's best rows per query (k' = 0 while no
+        index is ready), or None while a step before ``step`` is pending."""
+        with self._cond:
+            m = self._matrix(name)
+            features, k = self._select_inputs(m, features, k)
+            if step is not None and not self._ready(m, int(step)):
+                return None
+            self._counters["selects"] += 1
+            index = self._indexes.get(name)
+            if index is None or not index.ready:
+                return np.empty((len(features), 0), dtype=np.int64), np.empty((len(features), 0), dtype=np.float32)
+            ids, sims = index.search(features, k)
+            return np.where(ids >= 0, ids + m.row_start, -1), sims
+
+    def try_select(self, name: str, features: np.ndarray, labels: np.ndarray, step: int, rule, k: int, *,
+                   with_rows: bool = True) -> tuple[Selection, np.ndarray | None] | None:
+        """``select`` without blocking: None while a step before ``step`` is pending."""
+        with self._cond:
+            m = self._matrix(name)
+            labels = _as_rows(labels, "labels")
+            if labels.shape[0] != np.shape(features)[0]:
+                raise StoreError(f"{labels.shape[0]} labels for {np.shape(features)[0]} feature rows")
+            if labels.size and (labels.min() < -1 or labels.max() >= m.num_rows):
+                raise StoreError(f"labels must be in [0, {m.num_rows}) (or -1: no positive), got "
+                                 f"{labels.min()}..{labels.max()}")
+            if with_rows and (m.row_start, m.row_end) != (0, m.num_rows):
+                raise StoreError(f"select with rows needs the whole matrix {m.name!r}; this shard holds rows "
+                                 f"{m.row_start}..{m.row_end}: ask every shard for candidates and merge them")
+            found = self.try_search(name, features, k if rule.wants_candidates(step) else 0, step)
+            if found is None:
+                return None
+            ids, sims = found
+            try:
+                chosen = rule.select(labels, ids if ids.shape[1] else None, sims if ids.shape[1] else None,
+                                     m.num_rows, int(step))
+            except ValueError as exc:
+                raise StoreError(f"select on matrix {m.name!r}: {exc}") from None
+            if not with_rows:
+                return chosen, None
+            local = chosen.active - m.row_start if m.row_start else chosen.active
+            m.catch_up(local)
+            self._counters["rows_read"] += local.size
+            return chosen, m.weight[local]
+
+    def select(self, name: str, features: np.ndarray, labels: np.ndarray, step: int, rule, k: int, *,
+               with_rows: bool = True) -> tuple[Selection, np.ndarray | None]:
+        """See WeightStore.select: the store's own index, no copies of the features."""
+        with self._cond:
+            while True:
+                out = self.try_select(name, features, labels, step, rule, k, with_rows=with_rows)
+                if out is not None:
+                    return out
+                self._wait_for_steps()

@@ -1,32 +1,34 @@
 """Class samplers: which classes are active in a mini-batch.
 
-``build_selector(sampler_cfg, store=..., num_classes=..., ...)`` is what the classifier
-factories (``hfs.fc.factories``) and the benchmarks call; it wraps the
-configured sampler (``annoy``, ``hnsw``, ``exact``, ``random``, see ``SAMPLERS``) with the
-shared selection rule and the refresh policy.
+``index_spec(sampler_cfg, metric, seed)`` is the :class:`IndexSpec` a classifier factory
+(``hfs.fc.factories``) sends to the weight store, which owns the index over its rows
+(:class:`OwnedIndex`) and answers ``select``; ``build_selector(...)`` wraps the same index
+with the selection rule for a holder that asks its own index (the sharded classifier, the
+benchmarks). Samplers: ``annoy``, ``hnsw``, ``exact``, ``random`` (see ``SAMPLERS``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hfs.samplers.annoy_forest import AnnoySampler
 from hfs.samplers.base import ClassSampler
 from hfs.samplers.exact import ExactSampler
 from hfs.samplers.hnsw import HnswSampler
+from hfs.samplers.owned import IndexSpec, OwnedIndex
 from hfs.samplers.random_negatives import RandomSampler
-from hfs.samplers.refresh import RefreshPolicy, RemoteMatrix
+from hfs.samplers.refresh import RefreshPolicy
 from hfs.samplers.registry import SAMPLERS
-from hfs.samplers.selection import auto_neighbours, select_active_classes
+from hfs.samplers.selection import SelectionRule, auto_neighbours, select_active_classes
 from hfs.samplers.selector import ActiveClassSelector
 
 if TYPE_CHECKING:
     from hfs.config import SamplerConfig
-    from hfs.paramserver.base import WeightStore
 
-__all__ = ["ActiveClassSelector", "AnnoySampler", "ClassSampler", "ExactSampler", "HnswSampler", "RandomSampler",
-           "RefreshPolicy", "RemoteMatrix", "SAMPLERS", "auto_neighbours", "build_sampler", "build_selector",
-           "neighbours_for", "refresh_policy", "select_active_classes", "sampler_kwargs"]
+__all__ = ["ActiveClassSelector", "AnnoySampler", "ClassSampler", "ExactSampler", "HnswSampler", "IndexSpec",
+           "OwnedIndex", "RandomSampler", "RefreshPolicy", "SAMPLERS", "SelectionRule", "auto_neighbours",
+           "build_sampler", "build_selector", "index_spec", "neighbours_for", "refresh_policy",
+           "select_active_classes", "sampler_kwargs"]
 
 
 def sampler_kwargs(name: str, scfg: "SamplerConfig", metric: str, seed: int | None = None) -> dict:
@@ -61,30 +63,41 @@ def refresh_policy(sampler_cfg: "SamplerConfig") -> RefreshPolicy:
                          sampler_cfg.drift_threshold)
 
 
-def build_selector(sampler_cfg: "SamplerConfig", *, store: "WeightStore", num_classes: int, sample_num: int,
+def index_spec(sampler_cfg: "SamplerConfig", metric: str, seed: int | None = None,
+               policy: RefreshPolicy | None = None) -> IndexSpec:
+    """The ``sampler`` section as the :class:`IndexSpec` an index holder builds from.
+
+    ``seed`` seeds the index builds (``sampler.seed`` when None; the ranks of one job send
+    the same spec to a shared store, so it builds one index for all of them); ``policy``
+    replaces the configured refresh schedule (a benchmark's frozen index).
+    """
+    scfg = sampler_cfg
+    policy = policy or refresh_policy(scfg)
+    return IndexSpec(sampler=scfg.type, kwargs=sampler_kwargs(scfg.type, scfg, metric, seed),
+                     refresh=policy.mode, interval=policy.interval, max_interval=policy.max_interval,
+                     drift_threshold=policy.drift_threshold, background=scfg.background,
+                     update_threshold=scfg.update_threshold, update_budget=scfg.update_budget,
+                     drift_rows=scfg.drift_rows, chunk_rows=scfg.snapshot_rows, workdir=scfg.workdir,
+                     seed=scfg.seed if seed is None else seed)
+
+
+def build_selector(sampler_cfg: "SamplerConfig", *, store: Any, num_classes: int, sample_num: int,
                    queries_per_step: int, seed: int, metric: str, matrix: str = "fc",
                    policy: RefreshPolicy | None = None) -> ActiveClassSelector:
-    """A selector of ``sample_num`` active classes per step over ``store``'s matrix ``matrix``.
+    """A selector of ``sample_num`` active classes per step over a matrix its caller holds.
 
-    ``queries_per_step`` is how many features ask the index each step (sizes ``k = 0``),
-    ``seed`` seeds its random fill, ``metric`` is the resolved ``sampler.metric``; the
-    caller works these out (once) for its rank and layout. ``policy`` replaces the
-    configured refresh schedule (a benchmark's frozen index). ``store`` is anything with
-    ``shape``, ``iter_chunks`` and ``reader_spec`` (a WeightStore, a shard or array view):
-    when ``reader_spec()`` names a server, index builds read the rows themselves.
+    ``store`` is anything with ``shape(matrix)`` and ``iter_chunks(matrix, chunk_rows)``
+    read in the caller's thread (a shard view, an array view): the index is built from
+    those rows. ``queries_per_step`` is how many features ask the index each step (sizes
+    ``k = 0``), ``seed`` seeds the random fill and the builds, ``metric`` is the resolved
+    ``sampler.metric``; ``policy`` replaces the configured refresh schedule.
     """
     scfg = sampler_cfg
     rows, dim = store.shape(matrix)
     if rows != num_classes:
         raise ValueError(f"store matrix '{matrix}' has {rows} rows but num_classes={num_classes}")
+    spec = index_spec(scfg, metric, seed, policy)
     chunk_rows = max(1, min(scfg.snapshot_rows, num_classes))
-    reader = store.reader_spec()
-    return ActiveClassSelector(lambda: build_sampler(scfg.type, scfg, metric, seed=seed),
-                               lambda: store.iter_chunks(matrix, chunk_rows), (num_classes, dim),
-                               sample_num=sample_num,
-                               neighbours=neighbours_for(scfg, sample_num, queries_per_step, num_classes),
-                               policy=policy or refresh_policy(scfg),
-                               background=scfg.background, update_threshold=scfg.update_threshold,
-                               update_budget=scfg.update_budget, seed=seed, workdir=scfg.workdir,
-                               remote=RemoteMatrix(reader, matrix, chunk_rows) if reader is not None else None,
-                               drift_rows=scfg.drift_rows, hard_after=scfg.hard_after)
+    return ActiveClassSelector(spec, lambda: store.iter_chunks(matrix, chunk_rows), (num_classes, dim),
+                               rule=SelectionRule(sample_num, seed=seed, hard_after=scfg.hard_after),
+                               neighbours=neighbours_for(scfg, sample_num, queries_per_step, num_classes))

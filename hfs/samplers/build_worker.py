@@ -2,11 +2,9 @@
 
 Run as ``python -m hfs.samplers.build_worker SPEC_JSON SOURCE_JSON OUT`` by
 ``hfs.samplers.refresh.build_in_child``; it exists so that indexes whose build holds the
-GIL (annoy's per-item loop) never slow the training thread. ``SOURCE_JSON`` is
-``{"shape": [C, D], "snapshot": PATH}`` (a float32 .npy the trainer wrote chunk by chunk) or
-``{"shape": [C, D], "remote": {...}}`` (a ``RemoteMatrix`` spec: this process opens its own client to
-`hfs serve-params` with the trainer's endpoints and timeouts, the secret coming from
-``HFS_PS_SECRET``), so the matrix never has to be in the trainer's memory.
+GIL (annoy's per-item loop) never slow the thread that holds the rows (a store's, a
+server's loop). ``SOURCE_JSON`` is ``{"shape": [C, D], "snapshot": PATH}``: a float32 .npy
+the holder wrote chunk by chunk.
 """
 
 from __future__ import annotations
@@ -19,16 +17,13 @@ from pathlib import Path
 def build_index_file(spec_json: str, source_json: str, out_path: str) -> None:
     """Build the sampler described by ``spec_json`` over the source's rows and save it atomically."""
     import hfs.samplers  # noqa: F401  (registers the samplers)
-    from hfs.samplers.refresh import RemoteMatrix, read_npy_chunks
+    from hfs.samplers.refresh import read_npy_chunks
     from hfs.samplers.registry import SAMPLERS
 
     spec, source = json.loads(spec_json), json.loads(source_json)
     sampler = SAMPLERS.build(spec["name"], **spec["kwargs"])
     num_rows, dim = source["shape"]
-    if "remote" in source:
-        chunks = RemoteMatrix.from_spec(source["remote"]).chunks()
-    else:
-        chunks = read_npy_chunks(source["snapshot"])
+    chunks = read_npy_chunks(source["snapshot"])
     sampler.rebuild(chunks, num_rows, dim)
     tmp = Path(out_path).with_suffix(".partial")
     sampler.save(tmp)

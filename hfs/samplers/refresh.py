@@ -11,13 +11,13 @@ Three pieces:
   for it (``ClassSampler.indexed_rows``), keeping a float32 change and a seen flag per
   class. Drift estimates the mean change over all classes (rows never observed since the
   build count as unchanged — in sampled training only active rows move).
-- :class:`IndexBuild` does one rebuild while queries keep using the previous index; the
-  selector swaps the new one in between two steps. Where the rows come from decides where
-  memory goes: a build against `hfs serve-params` (:class:`RemoteMatrix`) opens its own
-  client and streams the rows itself, so the matrix never passes through the trainer; with
-  the in-process store the training thread (stores need not be thread-safe) appends a chunk
-  per step to a snapshot *file*, which the build reads back chunk by chunk. Indexes whose
-  build holds the GIL (annoy) are built by a child process and loaded with ``mmap``.
+- :class:`IndexBuild` does one rebuild while queries keep using the previous index; its
+  holder (:class:`~hfs.samplers.owned.OwnedIndex`, kept by whoever owns the rows: the weight
+  store, a server shard, a sharded classifier) swaps the new one in between two steps. The
+  holder's thread appends one chunk of its own rows per step to a snapshot *file*, which the
+  build reads back chunk by chunk, so a build never needs a second copy of the matrix in
+  memory. Indexes whose build holds the GIL (annoy) are built by a child process and loaded
+  with ``mmap``.
 """
 
 from __future__ import annotations
@@ -33,15 +33,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, Mapping
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 
 from hfs.samplers.base import ClassSampler, normalise_rows
 from hfs.utils.errors import HfsError
-
-if TYPE_CHECKING:
-    from hfs.paramserver.base import ReaderSpec
 
 log = logging.getLogger(__name__)
 
@@ -119,41 +116,6 @@ class DriftTracker:
         self.change[rows] = moved
 
 
-@dataclass(frozen=True)
-class RemoteMatrix:
-    """A matrix in `hfs serve-params` that a build reads through its own client.
-
-    ``reader`` is the store's own :class:`~hfs.paramserver.base.ReaderSpec` (endpoints,
-    timeouts, secret), so the build's client is the trainer's client again. The secret
-    reaches a child process through its environment (``HFS_PS_SECRET``), never its command
-    line. The rows are those at the time the build read them — what an index built in the
-    background sees anyway.
-    """
-
-    reader: "ReaderSpec"
-    matrix: str
-    chunk_rows: int
-
-    def spec(self) -> dict:
-        """Everything but the secret, for a child's command line (:meth:`from_spec` reads it back)."""
-        return {"reader": self.reader.public(), "matrix": self.matrix, "chunk_rows": self.chunk_rows}
-
-    @classmethod
-    def from_spec(cls, spec: dict) -> "RemoteMatrix":
-        """In the child: the parent's :meth:`spec`, the secret from the environment."""
-        from hfs.paramserver.base import ReaderSpec
-
-        return cls(ReaderSpec.from_child(spec["reader"]), spec["matrix"], int(spec["chunk_rows"]))
-
-    def chunks(self) -> Iterator[tuple[int, np.ndarray]]:
-        """Stream the matrix with a fresh client (closed at the end)."""
-        client = self.reader.open()
-        try:
-            yield from client.iter_chunks(self.matrix, self.chunk_rows)
-        finally:
-            client.close()
-
-
 def write_npy_header(out: BinaryIO, shape: tuple[int, int]) -> None:
     """A float32 C-order .npy header; the rows follow as raw bytes."""
     np.lib.format.write_array_header_1_0(out, {"descr": "<f4", "fortran_order": False, "shape": tuple(shape)})
@@ -206,20 +168,17 @@ def _package_root() -> str:
 
 
 def build_in_child(sampler: ClassSampler, source: dict, shape: tuple[int, int], workdir: Path,
-                   on_start: Callable[[subprocess.Popen], None] = lambda proc: None,
-                   child_env: Mapping[str, str] | None = None) -> float:
+                   on_start: Callable[[subprocess.Popen], None] = lambda proc: None) -> float:
     """Build ``sampler``'s index in a child process, then load it here (``mmap``).
 
-    ``source`` is ``{"snapshot": path}`` or ``{"remote": RemoteMatrix.spec()}``. The caller
-    removes ``workdir`` once the index is loaded. Returns the child's CPU seconds.
-    ``on_start`` receives the child so that it can be cancelled; ``child_env`` adds to its
-    environment (a remote source's secret: :meth:`ReaderSpec.child_env`).
+    ``source`` is ``{"snapshot": path}`` (a float32 .npy of the rows). The caller removes
+    ``workdir`` once the index is loaded. Returns the child's CPU seconds. ``on_start``
+    receives the child so that it can be cancelled.
     """
     index_path, err_path = workdir / "index.bin", workdir / "stderr.txt"
     spec = json.dumps({"name": sampler.name, "kwargs": sampler.spec()})
     source = dict(source, shape=list(shape))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([_package_root(), os.environ.get("PYTHONPATH", "")]))
-    env.update(child_env or {})
     with open(err_path, "wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "hfs.samplers.build_worker", spec, json.dumps(source),
                                  str(index_path)], env=env, stdout=subprocess.DEVNULL, stderr=err)
@@ -236,8 +195,7 @@ def build_in_child(sampler: ClassSampler, source: dict, shape: tuple[int, int], 
 class IndexBuild:
     """One rebuild of a sampler's index, without a copy of the matrix in the trainer's memory.
 
-    Rows come from ``remote`` (read by the build itself), else from ``chunks`` (the store's
-    iterator, training thread only): streamed straight into the index for a foreground
+    Rows come from ``chunks`` (the holder's iterator, its own thread only): streamed straight into the index for a foreground
     thread build, otherwise appended to a snapshot file one chunk per ``advance()``.
     Once the rows are in hand the build starts in the background (or right there when
     ``background`` is False); ``ready`` turns true when ``take()`` can hand the new sampler over.
@@ -245,8 +203,8 @@ class IndexBuild:
 
     def __init__(self, make_sampler: Callable[[], ClassSampler], chunks: Iterator[tuple[int, np.ndarray]],
                  shape: tuple[int, int], started_step: int, *, background: bool = True,
-                 workdir: str = "", remote: RemoteMatrix | None = None) -> None:
-        self.started_step, self.background, self.remote = started_step, background, remote
+                 workdir: str = "") -> None:
+        self.started_step, self.background = started_step, background
         self.shape = shape
         self.sampler = make_sampler()
         self._chunks, self._rows_read = chunks, 0
@@ -260,7 +218,7 @@ class IndexBuild:
         self._cancelled = False
         self.bg_cpu_seconds = 0.0
         self.bg_wall_seconds = 0.0
-        if self.remote is None and (background or self.sampler.build_in_subprocess):
+        if background or self.sampler.build_in_subprocess:
             self._open_snapshot()
 
     def _make_workdir(self) -> Path:
@@ -278,7 +236,7 @@ class IndexBuild:
     # -- training thread ----------------------------------------------------------------
     @property
     def snapshot_complete(self) -> bool:
-        """True once the training thread has nothing more to read (always, for a remote source)."""
+        """True once the holder's thread has nothing more to read."""
         return self._snapshot is None or self._rows_read >= self.shape[0]
 
     @property
@@ -344,8 +302,6 @@ class IndexBuild:
             self._workdir = None
 
     def _source_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
-        if self.remote is not None:
-            return self.remote.chunks()
         if self._workdir is not None:
             return read_npy_chunks(self._workdir / "snapshot.npy")
         return self._chunks  # a foreground build in the training thread: straight from the store
@@ -355,13 +311,8 @@ class IndexBuild:
         sampler = self.sampler
         try:
             if sampler.build_in_subprocess:
-                if self._workdir is None:
-                    self._make_workdir()  # remote rows: the folder holds only the index file
-                source = ({"remote": self.remote.spec()} if self.remote is not None
-                          else {"snapshot": str(self._workdir / "snapshot.npy")})
-                self.bg_cpu_seconds += build_in_child(
-                    sampler, source, self.shape, self._workdir, self._set_child,
-                    child_env=self.remote.reader.child_env() if self.remote is not None else None)
+                source = {"snapshot": str(self._workdir / "snapshot.npy")}
+                self.bg_cpu_seconds += build_in_child(sampler, source, self.shape, self._workdir, self._set_child)
             else:
                 sampler.rebuild(self._source_chunks(), *self.shape)
             if self._cancelled:

@@ -1,28 +1,24 @@
-"""ActiveClassSelector: what the trainer holds — a sampler, its refresh policy and upkeep clock.
+"""ActiveClassSelector: an :class:`OwnedIndex` plus the selection rule, for a holder that is also the asker.
 
-Per step the trainer calls ``select`` (active classes for the batch), fetches those rows,
-trains, calls ``observe`` with the rows' fresh values, and ``maybe_refresh(step)``.
-Everything the selector does besides answering ``select`` is *upkeep*; its cost in the
-training thread and in the background is what ``upkeep()`` reports.
+The weight store answers ``select`` from its own index (``WeightStore.select``); a holder
+that keeps its rows itself and asks its own index — the sharded classifier (each rank's
+shard is a torch parameter), the sampler benchmark (a numpy matrix) — uses this: per step
+``select`` (active classes for the batch), ``observe`` with the rows' fresh values (they
+changed in the holder: drift, in-place updates), and ``maybe_refresh(step)``. Everything
+besides ``select`` is *upkeep*, reported by ``upkeep()``.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Callable, Iterator
 
 import numpy as np
 
-from hfs.samplers.base import ClassSampler
-from hfs.samplers.refresh import DriftTracker, IndexBuild, RefreshPolicy, RemoteMatrix
+from hfs.samplers.owned import IndexSpec, OwnedIndex
 from hfs.samplers.selection import SelectionRule
-from hfs.utils.errors import HfsError
 
 log = logging.getLogger(__name__)
-
-#: consecutive failed index builds after which the selector gives up (raises).
-MAX_FAILED_BUILDS = 3
 
 
 class ActiveClassSelector:
@@ -30,178 +26,66 @@ class ActiveClassSelector:
 
     With ``sample_num >= num_classes`` every class is active and no index is ever built;
     the ``random`` sampler has no index either. Otherwise the first index is built at
-    construction — in the background when ``background`` is set, so the first steps run
+    construction — in the background when ``spec.background`` is set, so the first steps run
     with uniform negatives only, exactly like the ``random`` sampler, until it is ready.
     """
 
-    def __init__(self, make_sampler: Callable[[], ClassSampler], read_chunks: Callable[[], Iterator[tuple[int, np.ndarray]]],
-                 shape: tuple[int, int], *, sample_num: int, neighbours: int, policy: RefreshPolicy,
-                 background: bool = True, update_threshold: float = 0.1, update_budget: int = 16,
-                 seed: int = 0, workdir: str = "", remote: RemoteMatrix | None = None, drift_rows: int = 0,
-                 hard_after: int = 0) -> None:
+    def __init__(self, spec: IndexSpec, read_chunks: Callable[[], Iterator[tuple[int, np.ndarray]]],
+                 shape: tuple[int, int], *, rule: SelectionRule, neighbours: int) -> None:
         self.num_classes, self.dim = shape
-        self.sample_num, self.neighbours, self.policy = sample_num, neighbours, policy
-        self.background, self.update_threshold, self.update_budget = background, update_threshold, update_budget
-        self.drift_rows, self.hard_after = drift_rows, hard_after
-        self._drift_rng = np.random.default_rng([seed, 1])  # apart from the fill's stream: selection stays as it was
-        self._make_sampler, self._read_chunks, self._workdir, self._remote = make_sampler, read_chunks, workdir, remote
-        self.rule = SelectionRule(sample_num, seed=seed, hard_after=hard_after)
+        self.rule, self.neighbours = rule, neighbours
+        self.sample_num = rule.sample_num
         self._warned_overflow = False
-        self._sampler: ClassSampler | None = None
-        self._tracker: DriftTracker | None = None
-        self._build: IndexBuild | None = None
-        self._last_build_step = 0
-        self._created = time.perf_counter()
-        self._fg_seconds = self._bg_cpu_seconds = self._bg_wall_seconds = 0.0
-        self._rebuilds = self._rows_updated = self._failed_builds = 0
-        probe = make_sampler()
-        self.update_cost = probe.update_cost
-        self.uses_index = probe.needs_index and sample_num < self.num_classes
-        if not self.uses_index:
-            self._sampler = probe
-            return
-        probe.close()
-        t0 = time.perf_counter()
-        self._launch(step=0)
-        self._build.advance(max_chunks=1 << 30)  # the first snapshot at once: nothing to query yet
-        if not background:
-            self._swap_in()
-        self._fg_seconds += time.perf_counter() - t0
+        self.index = OwnedIndex(spec if rule.sample_num < self.num_classes else _no_index(spec), shape, read_chunks)
+        self.update_cost = self.index.update_cost
+        self.uses_index = self.index.uses_index
 
-    # -- per step --------------------------------------------------------------------------
     def select(self, features: np.ndarray | None, labels: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
         """Active class ids (S,) int64 and the labels' positions in them (B,) int64.
 
         ``features`` may be None when ``uses_index`` is False (no index queries them)."""
-        sampler = self._sampler
         ids = scores = None
-        if self.uses_index and sampler is not None and self.rule.wants_candidates(step):
-            ids, scores = sampler.search(np.asarray(features, dtype=np.float32), self.neighbours)
+        if self.uses_index and self.index.ready and self.rule.wants_candidates(step):
+            ids, scores = self.index.search(np.asarray(features, dtype=np.float32), self.neighbours)
         chosen = self.rule.select(labels, ids, scores, self.num_classes, step)
-        active, local = chosen.active, chosen.local
-        if len(active) > self.sample_num and not self._warned_overflow:
+        if len(chosen.active) > self.sample_num and not self._warned_overflow:
             self._warned_overflow = True
             log.warning("batch at step %d has %d distinct labels, more than sampler sample_num=%d: keeping all "
-                        "positives (said once)", step, len(active), self.sample_num)
-        return active, local
+                        "positives (said once)", step, len(chosen.active), self.sample_num)
+        return chosen.active, chosen.local
 
     def observe(self, rows: np.ndarray, values: np.ndarray) -> None:
-        """Fresh values of rows the trainer fetched: update drift, and the index in place where cheap enough."""
-        if self._tracker is None or not len(rows):
-            return
-        t0 = time.perf_counter()
-        rows = np.asarray(rows, dtype=np.int64)
-        values = np.asarray(values, dtype=np.float32)
-        rows, first = np.unique(rows, return_index=True)
-        values = values[first]
-        if self.update_cost == "cheap":
-            self._update_in_place(rows, values)  # every row fresh again: nothing to measure
-        else:
-            self._tracker.see(rows)
-            if 0 < self.drift_rows < len(rows):
-                pick = np.sort(self._drift_rng.choice(len(rows), self.drift_rows, replace=False))
-                rows, values = rows[pick], values[pick]
-            moved = self._tracker.observe(rows, values, self._sampler.indexed_rows(rows))
-            if self.update_cost == "costly" and self.update_budget > 0:
-                big = np.flatnonzero(moved >= self.update_threshold)
-                if big.size:
-                    big = big[np.argsort(-moved[big], kind="stable")[:self.update_budget]]
-                    self._update_in_place(rows[big], values[big])
-        self._fg_seconds += time.perf_counter() - t0
+        """Fresh values of rows that changed in the holder (see ``OwnedIndex.rows_changed``)."""
+        self.index.rows_changed(rows, values)
 
     def maybe_refresh(self, step: int) -> None:
-        """Advance a rebuild in flight (one snapshot-file chunk per step), swap a finished one in, or start one."""
-        if not self.uses_index:
-            return
-        t0 = time.perf_counter()
-        if self._build is not None:
-            if not self._build.snapshot_complete:
-                self._build.advance()
-            elif self._build.ready:
-                self._swap_in()
-        elif self.policy.due(step - self._last_build_step, self.drift):
-            self._launch(step)
-            self._build.advance(max_chunks=1 if self.background else 1 << 30)
-            if not self.background:
-                self._swap_in()
-        self._fg_seconds += time.perf_counter() - t0
+        self.index.maybe_refresh(step)
 
-    # -- reporting ---------------------------------------------------------------------------
     @property
     def drift(self) -> float:
-        return self._tracker.drift if self._tracker is not None else 0.0
+        return self.index.drift
 
     @property
     def index_ready(self) -> bool:
-        return self._sampler is not None
+        return self.index.ready
 
     @property
-    def sampler(self) -> ClassSampler | None:
+    def sampler(self):
         """The live sampler (None while the first index is still being built)."""
-        return self._sampler
+        return self.index.sampler
 
     def upkeep(self) -> dict:
-        """Upkeep seconds (training thread, background CPU and wall), rebuilds, shares of wall time."""
-        bg_cpu, bg_wall = self._bg_cpu_seconds, self._bg_wall_seconds
-        if self._build is not None:
-            bg_cpu += self._build.bg_cpu_seconds
-            bg_wall += self._build.bg_wall_seconds
-        wall = max(time.perf_counter() - self._created, 1e-9)
-        return {"fg_seconds": self._fg_seconds, "bg_cpu_seconds": bg_cpu, "bg_wall_seconds": bg_wall,
-                "wall_seconds": wall, "fg_share": self._fg_seconds / wall, "bg_share": bg_cpu / wall,
-                "rebuilds": self._rebuilds, "failed_builds": self._failed_builds,
-                "rows_updated": self._rows_updated, "drift": self.drift,
-                "index_ready": self.index_ready, "building": self._build is not None}
+        return self.index.upkeep()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
-        """Block until a build in flight finishes and is swapped in (benchmarks and tests)."""
-        if self._build is not None:
-            t0 = time.perf_counter()
-            self._build.advance(max_chunks=1 << 30)
-            self._build.wait(timeout)
-            if self._build.ready:
-                self._swap_in()
-            self._fg_seconds += time.perf_counter() - t0
-        return self.index_ready
+        return self.index.wait_ready(timeout)
 
     def close(self) -> None:
-        """Stop a build in flight and release the live index. Idempotent."""
-        if self._build is not None:
-            self._build.cancel()
-            self._build = None
-        if self._sampler is not None:
-            self._sampler.close()
-        self._sampler, self._tracker = None, None
+        self.index.close()
 
-    # -- internals ---------------------------------------------------------------------------
-    def _launch(self, step: int) -> None:
-        self._build = IndexBuild(self._make_sampler, self._read_chunks(), (self.num_classes, self.dim), step,
-                                 background=self.background, workdir=self._workdir, remote=self._remote)
-        self._last_build_step = step
 
-    def _swap_in(self) -> None:
-        build, self._build = self._build, None
-        if self.background:
-            self._bg_cpu_seconds += build.bg_cpu_seconds
-            self._bg_wall_seconds += build.bg_wall_seconds
-        try:
-            sampler = build.take()
-        except Exception as exc:
-            self._failed_builds += 1
-            if self._failed_builds >= MAX_FAILED_BUILDS:
-                raise HfsError(f"{self._failed_builds} index builds in a row failed; last: {exc}") from exc
-            log.warning("index build from the step-%d snapshot failed (%s); keeping the %s", build.started_step, exc,
-                        "previous index" if self._sampler is not None else "uniform negatives")
-            return
-        self._failed_builds = 0
-        old, self._sampler = self._sampler, sampler
-        self._tracker = DriftTracker(self.num_classes, sampler.metric)
-        self._rebuilds += 1
-        if old is not None:
-            old.close()
-        log.debug("swapped in a new %s index built from the step-%d snapshot", sampler.name, build.started_step)
+def _no_index(spec: IndexSpec) -> IndexSpec:
+    """Every class is active: the same spec over the index-free ``random`` sampler."""
+    from dataclasses import replace
 
-    def _update_in_place(self, rows: np.ndarray, values: np.ndarray) -> None:
-        if self._sampler is not None and self._sampler.update_rows(rows, values):
-            self._tracker.accept(rows)
-            self._rows_updated += len(rows)
+    return replace(spec, sampler="random", kwargs={"metric": spec.kwargs.get("metric", "cosine")})

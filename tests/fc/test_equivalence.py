@@ -7,6 +7,7 @@ import torch
 from hfs.fc import FullFC, SampledFC, predict_all_classes
 from hfs.models.heads import ArcFaceHead, CosFaceHead, SoftmaxHead
 from hfs.paramserver.base import WeightStore
+from hfs.samplers.selection import Selection, SelectionRule
 
 
 class RecordingStore(WeightStore):
@@ -31,23 +32,16 @@ class RecordingStore(WeightStore):
     def restore(self, tag="latest"): raise AssertionError("not used")
     def stats(self): return {}
 
+    def select(self, name, features, labels, step, rule, k, *, with_rows=True):
+        """Every class, in a shuffled order (the layer must not depend on the order of the active set)."""
+        order = np.random.default_rng(0).permutation(len(self.weight))
+        pos = {int(c): i for i, c in enumerate(order)}
+        chosen = Selection(order, np.array([pos[int(l)] for l in labels], dtype=np.int64))
+        return chosen, (self.get_rows(name, order) if with_rows else None)
 
-class AllClassesSelector:
-    """Test double of the exact selector at sample_num = C: every class, shuffled order."""
 
-    uses_index = False  # every class is active: nothing queries the features
-
-    def __init__(self, num_classes: int, seed: int = 0) -> None:
-        self.order = np.random.default_rng(seed).permutation(num_classes)
-        self.refreshed: list[int] = []
-
-    def select(self, features, labels, step):
-        pos = {c: i for i, c in enumerate(self.order)}
-        return self.order.copy(), np.array([pos[int(l)] for l in labels], dtype=np.int64)
-
-    def observe(self, rows, values): pass
-    def maybe_refresh(self, step): self.refreshed.append(step)
-    def close(self): pass
+def _every_class(num_classes: int) -> SelectionRule:
+    return SelectionRule(num_classes)
 
 
 @pytest.mark.parametrize("head", [SoftmaxHead(), CosFaceHead(16.0, 0.3), ArcFaceHead(16.0, 0.4)],
@@ -66,19 +60,17 @@ def test_sampled_all_classes_equals_full(head, overlap):
     backbone.zero_grad()
 
     store = RecordingStore(full.weight.detach().numpy())
-    selector = AllClassesSelector(C)
-    sampled = SampledFC(store, selector, head, overlap_push=overlap)
+    sampled = SampledFC(store, head, rule=_every_class(C), overlap_push=overlap)
     out = sampled(backbone(x), labels, step=7)
     out.loss.backward()
     sampled.end_step(7)
-    assert selector.refreshed == []  # deferred until the push has landed
     sampled.settle()
 
     assert out.loss.item() == pytest.approx(out_full.loss.item(), rel=1e-6)
     assert out.correct.item() == out_full.correct.item()
     assert torch.allclose(backbone.weight.grad, backbone_grad_full, atol=1e-6)
     (rows, grads, step), = store.pushes
-    assert step == 7 and selector.refreshed == [7]
+    assert step == 7
     pushed = np.zeros((C, D), np.float32)
     np.add.at(pushed, rows, grads)
     np.testing.assert_allclose(pushed, full.weight.grad.numpy(), atol=1e-6)
@@ -91,7 +83,7 @@ def test_accumulation_pushes_once_per_cycle_with_summed_grads():
     head = CosFaceHead(8.0, 0.2)
     weight = torch.randn(C, D)
     store = RecordingStore(weight.numpy())
-    sampled = SampledFC(store, AllClassesSelector(C), head)
+    sampled = SampledFC(store, head, rule=_every_class(C))
     feats, labels = torch.randn(8, D), torch.randint(0, C, (8,))
     for i, last in ((0, False), (1, True)):
         out = sampled(feats[i * 4:(i + 1) * 4], labels[i * 4:(i + 1) * 4], step=0, last_micro=last)
@@ -111,7 +103,7 @@ def test_accumulation_pushes_once_per_cycle_with_summed_grads():
 def test_grad_scale_is_undone_and_overflow_pushes_nothing():
     C, D = 5, 3
     store = RecordingStore(np.eye(C, D, dtype=np.float32))
-    sampled = SampledFC(store, AllClassesSelector(C), SoftmaxHead(), overlap_push=False)
+    sampled = SampledFC(store, SoftmaxHead(), rule=_every_class(C), overlap_push=False)
     feats = torch.randn(2, D)
     labels = torch.tensor([0, 1])
     (sampled(feats, labels, 0, grad_scale=4.0).loss * 4.0).backward()
@@ -146,7 +138,7 @@ def test_next_steps_lr_never_reaches_a_push_in_flight():
 
     C, D = 4, 3
     store = SlowStore(np.eye(C, D, dtype=np.float32))
-    sampled = SampledFC(store, AllClassesSelector(C), SoftmaxHead())
+    sampled = SampledFC(store, SoftmaxHead(), rule=_every_class(C))
     feats, labels = torch.randn(2, D), torch.tensor([0, 1])
     for step, lr in enumerate((0.1, 0.2, 0.3)):
         sampled.set_hparams(lr, 0.9, 0.0)

@@ -8,14 +8,7 @@ from hfs.config import load_config
 from hfs.fc import FullFC, SampledFC
 from hfs.models.heads import ArcFaceHead
 from hfs.paramserver.store import InProcessStore
-from hfs.samplers import build_selector as _build_selector
-
-
-def build_selector(cfg, store, matrix, num_classes):
-    """The selector sampled training builds from ``cfg`` (one rank, nothing capped)."""
-    return _build_selector(cfg.sampler, store=store, matrix=matrix, num_classes=num_classes,
-                           sample_num=cfg.fc.sample_num, queries_per_step=cfg.train.batch_size,
-                           seed=cfg.sampler.seed, metric=cfg.sampler_metric)
+from hfs.samplers import SelectionRule
 
 
 @pytest.mark.parametrize("accum", [1, 2])
@@ -30,7 +23,7 @@ def test_store_sgd_matches_full_fc_over_steps(accum):
     store = InProcessStore(None)
     store.create("fc", C, D, init="zeros")
     store.set_rows("fc", np.arange(C), full.weight.detach().numpy().copy())
-    sampled = SampledFC(store, build_selector(cfg, store, "fc", C), head)
+    sampled = SampledFC(store, head, rule=SelectionRule(cfg.fc.sample_num, seed=cfg.sampler.seed))
     for step in range(3):
         feats, labels = torch.randn(accum, B, D), torch.randint(0, C, (accum, B))
         for i in range(accum):
@@ -47,41 +40,28 @@ def test_store_sgd_matches_full_fc_over_steps(accum):
     store.close()
 
 
-class _RecordingSelector:
-    """Selects every class; records what it observes (as an index updated in place would)."""
-
-    uses_index = True
-
-    def __init__(self, num_classes: int) -> None:
-        self.num_classes, self.seen = num_classes, []
-
-    def select(self, queries, labels, step):
-        return np.arange(self.num_classes), labels
-
-    def observe(self, rows, values):
-        self.seen.append((np.asarray(rows).copy(), np.asarray(values).copy()))
-
-    def maybe_refresh(self, step):
-        pass
-
-
 @pytest.mark.parametrize("overlap", [True, False])
-def test_selector_observes_rows_after_their_update(overlap):
-    """The rows a step updated are observed with their updated values before the next selection."""
+def test_the_store_index_holds_the_rows_a_step_updated(overlap):
+    """The store's own index sees every row a step updated (exact: written in place), with no trainer read."""
+    from hfs.samplers import IndexSpec
+    from hfs.samplers.base import normalise_rows
+
     torch.manual_seed(0)
     C, D = 6, 4
     store = InProcessStore(None)
     store.create("fc", C, D, init="gaussian", std=0.3, seed=1)
-    selector = _RecordingSelector(C)
-    sampled = SampledFC(store, selector, ArcFaceHead(8.0, 0.3), overlap_push=overlap)
+    store.attach_index("fc", IndexSpec("exact", {"metric": "cosine", "device": "cpu"}, background=False))
+    sampled = SampledFC(store, ArcFaceHead(8.0, 0.3), rule=SelectionRule(C), neighbours=2, overlap_push=overlap)
     sampled.set_hparams(0.5, 0.9, 0.01)
+    before = store.get_rows("fc", np.arange(C))
     sampled(torch.randn(5, D), torch.randint(0, C, (5,)), 0).loss.backward()
     sampled.end_step(0)
     sampled.settle()
-    rows, values = selector.seen[-1]
-    np.testing.assert_array_equal(rows, np.arange(C))
-    np.testing.assert_array_equal(values, store.get_rows("fc", np.arange(C)))
-    assert not np.allclose(values, selector.seen[0][1])  # not the values from before the update
+    after = store.get_rows("fc", np.arange(C))
+    assert not np.allclose(after, before)
+    indexed = store._indexes["fc"].sampler.indexed_rows(np.arange(C))
+    np.testing.assert_allclose(indexed, normalise_rows(after), atol=1e-6)
+    assert sampled.index_stats()["builds"] == 1
     sampled.close()
     store.close()
 

@@ -90,7 +90,7 @@ def test_first_index_in_background_means_uniform_negatives_until_ready(small_wor
 def test_close_during_a_background_build_stops_it(small_world, make_store):
     weights, labels, queries = small_world
     selector = build_selector(_cfg(type="annoy", annoy_trees=5), make_store(weights), "fc", C)
-    build = selector._build
+    build = selector.index._build
     selector.close()
     build.wait(timeout=60)
     assert not selector.index_ready
@@ -148,7 +148,7 @@ def test_drift_rows_measures_a_subset_and_scales_to_the_rows_seen(small_world, m
                               "fc", C)
     rows = np.arange(0, C, 2)
     selector.observe(rows, _turned(weights[rows], 0.2))  # every row turned alike: 10 measured stand for all 1000
-    assert np.count_nonzero(~np.isnan(selector._tracker.change)) == 10
+    assert np.count_nonzero(~np.isnan(selector.index._tracker.change)) == 10
     assert selector.drift == pytest.approx(len(rows) * 2 * np.sin(0.1) / C, rel=1e-3)
 
 
@@ -224,40 +224,6 @@ def test_a_build_removes_folders_left_by_builds_whose_process_died(small_world, 
     assert sorted(p.name for p in workdir.iterdir()) == ["hfs-index-alive", "hfs-index-unowned", "other"]
 
 
-@pytest.mark.parametrize("name", ["annoy", "hnsw"])
-def test_build_against_a_server_reads_rows_through_its_own_client(name, small_world, monkeypatch):
-    from hfs.paramserver.client import ParamClient
-    from hfs.paramserver.server import ParamServer
-    from hfs.paramserver.store import InProcessStore
-    import threading
-
-    weights, labels, queries = small_world
-    secret = b"s3cret"
-    server = ParamServer(InProcessStore(timeout_s=10), "tcp://127.0.0.1:0", secret=secret)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    client = ParamClient(server.endpoint, secret=secret)
-    try:
-        client.create("fc", C, D)
-        client.set_rows("fc", np.arange(C), weights)
-
-        def no_trainer_reads(*args, **kw):
-            raise AssertionError("the trainer's client must not stream the matrix")
-            yield  # a generator, like the real one: only reading from it is an error
-
-        monkeypatch.setattr(client, "iter_chunks", no_trainer_reads)
-        monkeypatch.delenv("HFS_PS_SECRET", raising=False)
-        selector = build_selector(_cfg(type=name, snapshot_rows=700), client, "fc", C)
-        assert selector.wait_ready(60)
-        assert _exact_recall(selector, weights, queries) > 0.5
-        selector.close()
-    finally:
-        client.close()
-        server.stop()
-        thread.join(10)
-        server.close()
-
-
 def test_exact_updates_every_observed_row_and_never_drifts(small_world, make_store):
     weights, labels, queries = small_world
     selector = build_selector(_cfg(type="exact", background=False), make_store(weights), "fc", C)
@@ -319,7 +285,7 @@ def test_store_shape_must_match_num_classes(small_world, make_store):
 
 
 def test_failed_builds_keep_the_old_index_then_give_up(small_world, make_store, monkeypatch):
-    from hfs.samplers import selector as selector_mod
+    from hfs.samplers import owned as selector_mod
     from hfs.utils.errors import HfsError
 
     weights, labels, queries = small_world

@@ -181,3 +181,36 @@ def test_sharded_mode_with_adamw_resumes_on_another_world_size(tmp_path):
     assert state["exp_avg"].shape == state["exp_avg_sq"].shape == (10, 8)  # whole, not one shard
     _run(_cfg(tmp_path / "resumed", 1, 12, *sharded), resume=str(halfway))
     _assert_same_weights(_final(tmp_path / "straight"), _final(tmp_path / "resumed"))
+
+
+
+class _ServerIndexStats:
+    """Hook: at the end of the run, each rank writes what the store reports about its index."""
+
+    def on_start(self, trainer): pass
+    def on_step_end(self, trainer, stats, record): pass
+
+    def on_end(self, trainer, record):
+        out = Path(trainer.cfg.train.output_dir) / f"index-rank{trainer.env.rank}.json"
+        store = trainer.fc.store
+        shards = store.server_stats() if hasattr(store, "server_stats") else [{"store": store.stats()}]
+        out.write_text(json.dumps([s["store"]["indexes"]["fc"] | {"attaches": s["store"]["index_attaches"]}
+                                   for s in shards]))
+
+
+def _index_stats_hooks(cfg):
+    return [_ServerIndexStats()]
+
+
+def test_sampled_ranks_share_the_servers_index_one_build_per_refresh(tmp_path):
+    """The server `train-dist` starts keeps the index: 2 ranks send the same spec, it builds once per refresh."""
+    sampled = ("fc.mode=sampled", "fc.sample_num=4", "sampler.type=exact", "sampler.background=false",
+               "sampler.refresh=interval", "sampler.interval=3", "sampler.exact_device=cpu")
+    run_train_dist(_cfg(tmp_path / "two", 2, 12, *sampled), datasets=_data(), worker=_worker, hooks=_index_stats_hooks)
+    seen = [json.loads((tmp_path / "two" / f"index-rank{r}.json").read_text()) for r in range(2)]
+    assert seen[0][0]["builds"] == seen[1][0]["builds"]  # one index, seen by both ranks
+    (server,) = seen[0]
+    # attached once (the second rank's equal spec is a no-op), built at the start and at steps 3 and 6 of 8
+    assert server["attaches"] == 1 and server["builds"] == 3
+    lines = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert [r["index_rebuilds"] for r in lines if "index_rebuilds" in r][-1] == 3  # the log line reports the server's
