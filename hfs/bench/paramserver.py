@@ -57,13 +57,13 @@ def _row_sets(cfg: BenchConfig, count: int, seed: int) -> list[np.ndarray]:
 BENCH_HPARAMS = HParams(0.01, 0.9, 5e-4)
 
 
-def _prepare(store: WeightStore, cfg: BenchConfig, name: str = "fc") -> None:
+def prepare_matrix(store: WeightStore, cfg: BenchConfig, name: str = "fc") -> None:
     store.create(name, cfg.num_classes, cfg.dim, init="gaussian", std=0.01, seed=0, exist_ok=True,
                  update_rule=cfg.update_rule)
     store.set_hparams(name, BENCH_HPARAMS)
 
 
-def _step_data(cfg: BenchConfig) -> tuple[list[np.ndarray], np.ndarray]:
+def step_data(cfg: BenchConfig) -> tuple[list[np.ndarray], np.ndarray]:
     """16 row sets (cycled) and one gradient block: the same traffic for every server."""
     grads = np.random.default_rng(2).standard_normal((cfg.rows, cfg.dim)).astype(np.float32) * 1e-3
     return _row_sets(cfg, 16, seed=1), grads
@@ -72,7 +72,7 @@ def _step_data(cfg: BenchConfig) -> tuple[list[np.ndarray], np.ndarray]:
 def round_trips_per_second(store: WeightStore, cfg: BenchConfig, first_step: int = 0,
                            name: str = "fc") -> tuple[float, int]:
     """get(step) + push of cfg.rows rows, repeated for cfg.seconds; returns (rate, next step)."""
-    row_sets, grads = _step_data(cfg)
+    row_sets, grads = step_data(cfg)
     for i, rows in enumerate(row_sets):  # warm-up: first touches of momentum pages are not the steady state
         store.get_rows(name, rows, step=first_step + i)
         store.push_grads(name, rows, grads, first_step + i)
@@ -94,15 +94,13 @@ def seed_round_trips_per_second(cfg: BenchConfig) -> float:
     fire-and-forget, so one last read after the clock's end waits for the queued ones."""
     from hfs.bench.seed_paramserver import SeedStyleClient
 
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "hfs.bench.seed_paramserver", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
-    client = SeedStyleClient(f"tcp://127.0.0.1:{port}")
+    proc, address = start_seed_server()
+    client = SeedStyleClient(address)
     try:
         client.add_matrix("fc", (cfg.num_classes, cfg.dim))
         client.update_params(lr=BENCH_HPARAMS.lr, momentum=BENCH_HPARAMS.momentum,
                              weight_decay=BENCH_HPARAMS.weight_decay)
-        row_sets, grads = _step_data(cfg)
+        row_sets, grads = step_data(cfg)
         for rows in row_sets:
             client.get_value_by_rows("fc", rows)
             client.update_by_rows("fc", rows, grads)
@@ -201,17 +199,25 @@ def store_memory(rows: int, dim: int) -> dict[str, float]:
             "peak_gib": (got["peak_rss"] - got["baseline_rss"]) / 2**30}
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _start_server(snapshot_dir: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+def start_server(snapshot_dir: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "hfs", "serve-params", "--port", str(port),
                              "--snapshot-dir", str(snapshot_dir)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=dict(os.environ))
+    return proc, f"tcp://127.0.0.1:{port}"
+
+
+def start_seed_server() -> tuple[subprocess.Popen, str]:
+    """A seed-style server process (:mod:`hfs.bench.seed_paramserver`) on a free loopback port."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "hfs.bench.seed_paramserver", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     return proc, f"tcp://127.0.0.1:{port}"
 
 
@@ -226,24 +232,24 @@ def run_benchmark(cfg: BenchConfig, progress=None) -> dict:
         if progress:
             progress.update(task, advance=1, info=info)
 
-    results: dict = {"config": asdict(cfg), "loopback_rt_per_s_by_rule": {}}
+    results: dict = {"config": asdict(cfg), "loadavg_start": list(os.getloadavg()), "loopback_rt_per_s_by_rule": {}}
     # every update rule in-process, in this run (the cost of catchup over lazy, same box, same minute)
     results["inprocess_rt_per_s_by_rule"] = {}
     for rule in dict.fromkeys((cfg.update_rule, *UPDATE_RULES_TIMED)):
         local = InProcessStore()
-        _prepare(local, replace(cfg, update_rule=rule))
+        prepare_matrix(local, replace(cfg, update_rule=rule))
         results["inprocess_rt_per_s_by_rule"][rule], _ = round_trips_per_second(local, cfg)
         del local
     results["inprocess_rt_per_s"] = results["inprocess_rt_per_s_by_rule"][cfg.update_rule]
     advance("loopback server")
     with tempfile.TemporaryDirectory(prefix="hfs-bench-ps-") as tmp:
-        server, address = _start_server(Path(tmp))
+        server, address = start_server(Path(tmp))
         try:
             with ParamClient(address, timeout_s=60, connect_timeout_s=60) as client:
                 by_rule, next_steps = results["loopback_rt_per_s_by_rule"], {}
                 for rule in dict.fromkeys((cfg.update_rule, *UPDATE_RULES_TIMED)):
                     name = "fc" if rule == cfg.update_rule else f"fc_{rule}"  # "fc" goes on to the sync steps
-                    _prepare(client, replace(cfg, update_rule=rule), name)
+                    prepare_matrix(client, replace(cfg, update_rule=rule), name)
                     by_rule[rule], next_steps[name] = round_trips_per_second(client, cfg, name=name)
                 results["loopback_rt_per_s"], step = by_rule[cfg.update_rule], next_steps["fc"]
                 advance("1-worker sync steps")
@@ -275,6 +281,7 @@ def run_benchmark(cfg: BenchConfig, progress=None) -> dict:
         rule: rate / results["inprocess_rt_per_s_by_rule"][rule]
         for rule, rate in results["loopback_rt_per_s_by_rule"].items()}
     results["loopback_over_seed"] = results["loopback_rt_per_s"] / results["seed_rt_per_s"]
+    results["loadavg_end"] = list(os.getloadavg())  # a loaded machine moves the rates: read them with this
     results["sync_ratio"] = results[f"sync_{cfg.workers}_workers_ms"] / results["sync_1_worker_ms"]
     results["sync_ratio_same_rows"] = results[f"sync_{cfg.workers}_workers_ms"] / results["sync_1_worker_all_rows_ms"]
     return results
