@@ -154,7 +154,8 @@ class RowClock:
 
     def _advance(self, weight: np.ndarray, momentum: np.ndarray, rows: np.ndarray, scratch: Scratch,
                  new_w: np.ndarray) -> None:
-        """The catch-up of ``rows`` (all behind), the new weights also left in ``new_w``."""
+        """The catch-up of ``rows`` (a current row's product is the identity), the new weights also
+        left in ``new_w``; work arrays in slots 0, 1 and 3 of ``scratch``."""
         starts, which = np.unique(self.row_tick[rows], return_inverse=True)
         # products in float64, applied in float32 (the rows' own precision)
         coef = self.history.suffix_products(starts).astype(np.float32)[which]
