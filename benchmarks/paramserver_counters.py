@@ -130,10 +130,11 @@ def seed(cfg, steps: int, warmup: int) -> dict[str, float]:
     return result
 
 
-def run(steps: int, warmup: int, rules: list[str]) -> dict[str, Any]:
+def run(steps: int, warmup: int, rules: list[str], cfg=None) -> dict[str, Any]:
+    """Every path's counters; ``cfg`` (a BenchConfig) sets rows, dim and C (default: the bench's)."""
     from hfs.bench.paramserver import BenchConfig
 
-    cfg = BenchConfig()
+    cfg = BenchConfig() if cfg is None else cfg
     results: dict[str, Any] = {"rows": cfg.rows, "dim": cfg.dim, "num_classes": cfg.num_classes, "paths": {}}
     for rule in rules:
         ruled = replace(cfg, update_rule=rule)
