@@ -281,6 +281,8 @@ def run_benchmark(cfg: BenchConfig, progress=None) -> dict:
         rule: rate / results["inprocess_rt_per_s_by_rule"][rule]
         for rule, rate in results["loopback_rt_per_s_by_rule"].items()}
     results["loopback_over_seed"] = results["loopback_rt_per_s"] / results["seed_rt_per_s"]
+    results["loopback_over_seed_by_rule"] = {rule: rate / results["seed_rt_per_s"]
+                                             for rule, rate in results["loopback_rt_per_s_by_rule"].items()}
     results["loadavg_end"] = list(os.getloadavg())  # a loaded machine moves the rates: read them with this
     results["sync_ratio"] = results[f"sync_{cfg.workers}_workers_ms"] / results["sync_1_worker_ms"]
     results["sync_ratio_same_rows"] = results[f"sync_{cfg.workers}_workers_ms"] / results["sync_1_worker_all_rows_ms"]
@@ -313,6 +315,9 @@ def render(results: dict, console) -> None:
     table.add_row("seed's server (reimplemented) get+push round trips/s", f"{results['seed_rt_per_s']:.0f}",
                   "lazy rule, no replies to pushes")
     table.add_row(f"loopback ({cfg['update_rule']}) / seed's server", f"{results['loopback_over_seed']:.2f}", ">= 4")
+    for rule, ratio in results["loopback_over_seed_by_rule"].items():
+        if rule != cfg["update_rule"]:
+            table.add_row(f"loopback ({rule}) / seed's server", f"{ratio:.2f}", "the seed's own maths" if rule == "lazy" else "")
     workers = cfg["workers"]
     table.add_row("sync step, 1 worker (ms)", f"{results['sync_1_worker_ms']:.2f}", "")
     table.add_row(f"sync step, {workers} workers (ms)", f"{results[f'sync_{workers}_workers_ms']:.2f}", "")

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from hfs.bench.paramserver import BenchConfig, run_benchmark
+from hfs.bench.paramserver import BenchConfig, render, run_benchmark
 
 
 def test_run_benchmark_times_both_update_rules_in_process():
@@ -18,6 +18,13 @@ def test_run_benchmark_times_both_update_rules_in_process():
     assert results["loopback_rt_per_s"] == results["loopback_rt_per_s_by_rule"]["lazy"]
     assert results["seed_rt_per_s"] > 0  # the seed's server logic, side by side in the same run
     assert results["loopback_over_seed"] == results["loopback_rt_per_s"] / results["seed_rt_per_s"]
+    assert set(results["loopback_over_seed_by_rule"]) == {"lazy", "catchup"}
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    render(results, console)
+    text = console.export_text()
+    assert "loopback (lazy) / seed's server" in text and "loopback (catchup) / seed's server" in text
 
 
 def test_bad_update_rule_is_one_error_line():
