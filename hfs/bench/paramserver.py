@@ -1,9 +1,11 @@
-"""`hfs bench-paramserver`: the store in process vs over loopback, sync-step cost, memory.
+"""`hfs bench-paramserver`: the store in process vs over loopback vs the seed's server, sync-step cost, memory.
 
 Every number is measured in the same run so the ratios hold on a noisy shared machine:
 
 * round trips/s of one sampled step (get rows for step t, push their gradients) through the
-  in-process store (the limit) and through a `hfs serve-params` process on 127.0.0.1;
+  in-process store (the limit), through a `hfs serve-params` process on 127.0.0.1 (both under
+  the catchup and the lazy rule), and through the seed project's server logic, reimplemented
+  for comparison in `hfs.bench.seed_paramserver` (fire-and-forget pushes, per-row merge);
 * mean latency of a synchronous step (push, then get for the next step) with 1 worker and
   with N workers (processes, one client each) on the same server;
 * resident memory of a fresh process after creating a C x D matrix.
@@ -51,29 +53,74 @@ def _row_sets(cfg: BenchConfig, count: int, seed: int) -> list[np.ndarray]:
     return [rng.choice(cfg.num_classes, cfg.rows, replace=False).astype(np.int64) for _ in range(count)]
 
 
-def _prepare(store: WeightStore, cfg: BenchConfig) -> None:
-    store.create("fc", cfg.num_classes, cfg.dim, init="gaussian", std=0.01, seed=0, exist_ok=True,
+#: the benchmark's optimiser settings (lr, momentum, weight decay), the same for every server
+BENCH_HPARAMS = HParams(0.01, 0.9, 5e-4)
+
+
+def prepare_matrix(store: WeightStore, cfg: BenchConfig, name: str = "fc") -> None:
+    store.create(name, cfg.num_classes, cfg.dim, init="gaussian", std=0.01, seed=0, exist_ok=True,
                  update_rule=cfg.update_rule)
-    store.set_hparams("fc", HParams(0.01, 0.9, 5e-4))
+    store.set_hparams(name, BENCH_HPARAMS)
 
 
-def round_trips_per_second(store: WeightStore, cfg: BenchConfig, first_step: int = 0) -> tuple[float, int]:
-    """get(step) + push of cfg.rows rows, repeated for cfg.seconds; returns (rate, next step)."""
-    row_sets = _row_sets(cfg, 16, seed=1)
+def step_data(cfg: BenchConfig) -> tuple[list[np.ndarray], np.ndarray]:
+    """16 row sets (cycled) and one gradient block: the same traffic for every server."""
     grads = np.random.default_rng(2).standard_normal((cfg.rows, cfg.dim)).astype(np.float32) * 1e-3
+    return _row_sets(cfg, 16, seed=1), grads
+
+
+def round_trips_per_second(store: WeightStore, cfg: BenchConfig, first_step: int = 0,
+                           name: str = "fc") -> tuple[float, int]:
+    """get(step) + push of cfg.rows rows, repeated for cfg.seconds; returns (rate, next step)."""
+    row_sets, grads = step_data(cfg)
     for i, rows in enumerate(row_sets):  # warm-up: first touches of momentum pages are not the steady state
-        store.get_rows("fc", rows, step=first_step + i)
-        store.push_grads("fc", rows, grads, first_step + i)
+        store.get_rows(name, rows, step=first_step + i)
+        store.push_grads(name, rows, grads, first_step + i)
     step = first_step + len(row_sets)
     done = 0
     start = time.perf_counter()
     while time.perf_counter() - start < cfg.seconds:
         rows = row_sets[done % len(row_sets)]
-        store.get_rows("fc", rows, step=step)
-        store.push_grads("fc", rows, grads, step)
+        store.get_rows(name, rows, step=step)
+        store.push_grads(name, rows, grads, step)
         step += 1
         done += 1
     return done / (time.perf_counter() - start), step
+
+
+def seed_round_trips_per_second(cfg: BenchConfig) -> float:
+    """The same get + push traffic against the seed project's server logic (reimplemented in
+    :mod:`hfs.bench.seed_paramserver`), in its own process on 127.0.0.1. Its pushes are
+    fire-and-forget, so one last read after the clock's end waits for the queued ones."""
+    from hfs.bench.seed_paramserver import SeedStyleClient
+
+    proc, address = start_seed_server()
+    client = SeedStyleClient(address)
+    try:
+        client.add_matrix("fc", (cfg.num_classes, cfg.dim))
+        client.update_params(lr=BENCH_HPARAMS.lr, momentum=BENCH_HPARAMS.momentum,
+                             weight_decay=BENCH_HPARAMS.weight_decay)
+        row_sets, grads = step_data(cfg)
+        for rows in row_sets:
+            client.get_value_by_rows("fc", rows)
+            client.update_by_rows("fc", rows, grads)
+        done = 0
+        start = time.perf_counter()
+        while time.perf_counter() - start < cfg.seconds:
+            rows = row_sets[done % len(row_sets)]
+            client.get_value_by_rows("fc", rows)
+            client.update_by_rows("fc", rows, grads)
+            done += 1
+        client.get_value_by_rows("fc", row_sets[0][:1])  # every queued push is applied
+        rate = done / (time.perf_counter() - start)
+        client.stop_server()
+        proc.wait(60)
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return rate
 
 
 def _sync_worker(address: str, cfg: BenchConfig, index: int, name: str, first_step: int, barrier, results) -> None:
@@ -152,17 +199,25 @@ def store_memory(rows: int, dim: int) -> dict[str, float]:
             "peak_gib": (got["peak_rss"] - got["baseline_rss"]) / 2**30}
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _start_server(snapshot_dir: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+def start_server(snapshot_dir: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "hfs", "serve-params", "--port", str(port),
                              "--snapshot-dir", str(snapshot_dir)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=dict(os.environ))
+    return proc, f"tcp://127.0.0.1:{port}"
+
+
+def start_seed_server() -> tuple[subprocess.Popen, str]:
+    """A seed-style server process (:mod:`hfs.bench.seed_paramserver`) on a free loopback port."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "hfs.bench.seed_paramserver", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     return proc, f"tcp://127.0.0.1:{port}"
 
 
@@ -171,28 +226,32 @@ def run_benchmark(cfg: BenchConfig, progress=None) -> dict:
     from hfs.paramserver.client import ParamClient
     from hfs.paramserver.store import InProcessStore
 
-    task = progress.add_task("bench-paramserver", total=5, info="in-process") if progress else None
+    task = progress.add_task("bench-paramserver", total=6, info="in-process") if progress else None
 
     def advance(info: str) -> None:
         if progress:
             progress.update(task, advance=1, info=info)
 
-    results: dict = {"config": asdict(cfg)}
+    results: dict = {"config": asdict(cfg), "loadavg_start": list(os.getloadavg()), "loopback_rt_per_s_by_rule": {}}
     # every update rule in-process, in this run (the cost of catchup over lazy, same box, same minute)
     results["inprocess_rt_per_s_by_rule"] = {}
     for rule in dict.fromkeys((cfg.update_rule, *UPDATE_RULES_TIMED)):
         local = InProcessStore()
-        _prepare(local, replace(cfg, update_rule=rule))
+        prepare_matrix(local, replace(cfg, update_rule=rule))
         results["inprocess_rt_per_s_by_rule"][rule], _ = round_trips_per_second(local, cfg)
         del local
     results["inprocess_rt_per_s"] = results["inprocess_rt_per_s_by_rule"][cfg.update_rule]
     advance("loopback server")
     with tempfile.TemporaryDirectory(prefix="hfs-bench-ps-") as tmp:
-        server, address = _start_server(Path(tmp))
+        server, address = start_server(Path(tmp))
         try:
             with ParamClient(address, timeout_s=60, connect_timeout_s=60) as client:
-                _prepare(client, cfg)
-                results["loopback_rt_per_s"], step = round_trips_per_second(client, cfg)
+                by_rule, next_steps = results["loopback_rt_per_s_by_rule"], {}
+                for rule in dict.fromkeys((cfg.update_rule, *UPDATE_RULES_TIMED)):
+                    name = "fc" if rule == cfg.update_rule else f"fc_{rule}"  # "fc" goes on to the sync steps
+                    prepare_matrix(client, replace(cfg, update_rule=rule), name)
+                    by_rule[rule], next_steps[name] = round_trips_per_second(client, cfg, name=name)
+                results["loopback_rt_per_s"], step = by_rule[cfg.update_rule], next_steps["fc"]
                 advance("1-worker sync steps")
                 results["sync_1_worker_ms"] = 1e3 * sync_step_latency(address, cfg, 1, step, "one")
                 step += cfg.sync_steps
@@ -212,10 +271,19 @@ def run_benchmark(cfg: BenchConfig, progress=None) -> dict:
                 server.wait()
     if server.returncode not in (0, None, -9):
         raise HfsError(f"the benchmark's server exited with code {server.returncode}")
+    advance("seed-style server")
+    results["seed_rt_per_s"] = seed_round_trips_per_second(cfg)
     advance(f"memory {cfg.memory_rows} x {cfg.memory_dim}")
     results["memory"] = store_memory(cfg.memory_rows, cfg.memory_dim)
     advance("done")
     results["loopback_over_inprocess"] = results["loopback_rt_per_s"] / results["inprocess_rt_per_s"]
+    results["loopback_over_inprocess_by_rule"] = {
+        rule: rate / results["inprocess_rt_per_s_by_rule"][rule]
+        for rule, rate in results["loopback_rt_per_s_by_rule"].items()}
+    results["loopback_over_seed"] = results["loopback_rt_per_s"] / results["seed_rt_per_s"]
+    results["loopback_over_seed_by_rule"] = {rule: rate / results["seed_rt_per_s"]
+                                             for rule, rate in results["loopback_rt_per_s_by_rule"].items()}
+    results["loadavg_end"] = list(os.getloadavg())  # a loaded machine moves the rates: read them with this
     results["sync_ratio"] = results[f"sync_{cfg.workers}_workers_ms"] / results["sync_1_worker_ms"]
     results["sync_ratio_same_rows"] = results[f"sync_{cfg.workers}_workers_ms"] / results["sync_1_worker_all_rows_ms"]
     return results
@@ -238,8 +306,18 @@ def render(results: dict, console) -> None:
     if "catchup" in by_rule and "lazy" in by_rule:
         table.add_row("in-process: catchup / lazy rule", f"{by_rule['catchup'] / by_rule['lazy']:.2f}",
                       "cost of dense SGD's numbers")
-    table.add_row("loopback get+push round trips/s", f"{results['loopback_rt_per_s']:.0f}", "")
-    table.add_row("loopback / in-process", f"{results['loopback_over_inprocess']:.2f}", ">= 0.25")
+    table.add_row(f"loopback get+push round trips/s ({cfg['update_rule']})", f"{results['loopback_rt_per_s']:.0f}", "")
+    table.add_row(f"loopback / in-process ({cfg['update_rule']})", f"{results['loopback_over_inprocess']:.2f}", ">= 0.6")
+    for rule, ratio in results["loopback_over_inprocess_by_rule"].items():
+        if rule != cfg["update_rule"]:
+            table.add_row(f"loopback / in-process ({rule}: {results['loopback_rt_per_s_by_rule'][rule]:.0f} / "
+                          f"{results['inprocess_rt_per_s_by_rule'][rule]:.0f})", f"{ratio:.2f}", "")
+    table.add_row("seed's server (reimplemented) get+push round trips/s", f"{results['seed_rt_per_s']:.0f}",
+                  "lazy rule, no replies to pushes")
+    table.add_row(f"loopback ({cfg['update_rule']}) / seed's server", f"{results['loopback_over_seed']:.2f}", ">= 4")
+    for rule, ratio in results["loopback_over_seed_by_rule"].items():
+        if rule != cfg["update_rule"]:
+            table.add_row(f"loopback ({rule}) / seed's server", f"{ratio:.2f}", "the seed's own maths" if rule == "lazy" else "")
     workers = cfg["workers"]
     table.add_row("sync step, 1 worker (ms)", f"{results['sync_1_worker_ms']:.2f}", "")
     table.add_row(f"sync step, {workers} workers (ms)", f"{results[f'sync_{workers}_workers_ms']:.2f}", "")

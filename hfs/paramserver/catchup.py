@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from hfs.paramserver.scratch import Scratch, take_rows
+
 #: The update rules of a weight-store matrix (``paramserver.update_rule``).
 UPDATE_RULES = ("catchup", "lazy", "dense")
 
@@ -40,6 +42,11 @@ def zero_grad_transition(lr: float, momentum: float, weight_decay: float) -> np.
                      [weight_decay, momentum]], dtype=np.float64)
 
 
+#: Suffix products of this many most recent start ticks are kept ready (rows touched lately are the
+#: common case: they skip the block-tree walk).
+RECENT_TICKS = 64
+
+
 class StepHistory:
     """Zero-gradient transitions of the applied ticks, with batched suffix products."""
 
@@ -47,6 +54,8 @@ class StepHistory:
         self.num_ticks = 0
         # levels[k][j] = M over ticks [j * 2^k, (j + 1) * 2^k), the later ticks on the left
         self._levels: list[np.ndarray] = []
+        # recent[i] = M_{n-1} ... M_{n-1-i}: the suffix product from start n-1-i (first min(n, RECENT_TICKS) valid)
+        self._recent = np.empty((RECENT_TICKS, 2, 2), dtype=np.float64)
 
     def _slot(self, level: int, index: int) -> np.ndarray:
         while len(self._levels) <= level:
@@ -67,6 +76,8 @@ class StepHistory:
             below = self._levels[level]
             level, index = level + 1, index // 2
             self._slot(level, index)[index] = below[2 * index + 1] @ below[2 * index]
+        self._recent[1:] = transition @ self._recent[:-1]  # every recent suffix gains this tick on the left
+        self._recent[0] = transition
         self.num_ticks = tick + 1
 
     def suffix_products(self, starts: np.ndarray) -> np.ndarray:
@@ -76,7 +87,10 @@ class StepHistory:
         if pos.size and (pos.min() < 0 or pos.max() > n):
             raise ValueError(f"catch-up start ticks must lie in [0, {n}]")
         out = np.broadcast_to(np.eye(2), (pos.size, 2, 2)).copy()
-        active = np.flatnonzero(pos < n)
+        back = n - pos  # ticks to catch up on
+        recent = (back > 0) & (back <= min(n, RECENT_TICKS))
+        out[recent] = self._recent[back[recent] - 1]
+        active = np.flatnonzero(back > RECENT_TICKS)
         while active.size:
             x = pos[active]
             remaining = n - x
@@ -109,33 +123,61 @@ class RowClock:
         """The subset of ``rows`` (local indices) that missed ticks."""
         return rows[self.row_tick[rows] < self.now]
 
-    def catch_up(self, weight: np.ndarray, momentum: np.ndarray, rows: np.ndarray) -> int:
-        """Bring ``rows`` (local indices; repeats are harmless) of ``weight``/``momentum`` to the current
-        tick, in place. Returns how many rows moved. Rows already current cost one comparison each.
+    def catch_up(self, weight: np.ndarray, momentum: np.ndarray, rows: np.ndarray,
+                 scratch: Scratch | None = None) -> int:
+        """Bring ``rows`` (local indices in range; repeats are harmless) of ``weight``/``momentum`` to
+        the current tick, in place. Returns how many rows moved. Rows already current cost one
+        comparison each. ``scratch`` holds the four work arrays between calls (else fresh ones).
         """
         rows = self.stale(np.asarray(rows, dtype=np.int64))
-        if rows.size == 0:
-            return 0
+        if rows.size:
+            scratch = Scratch() if scratch is None else scratch
+            self._advance(weight, momentum, rows, scratch, scratch.get(2, rows.size, weight.shape[1]))
+        return int(rows.size)
+
+    def read(self, weight: np.ndarray, momentum: np.ndarray, rows: np.ndarray,
+             scratch: Scratch | None = None) -> np.ndarray:
+        """``weight[rows]`` as dense SGD has them now (a new array), caught up in place first.
+
+        When most rows are behind (the usual sampled read) all of them go through the
+        catch-up, the current ones with the identity (exact: ``w * 1 + buf * 0``), and the
+        caught-up weights are written straight into the answer: one gather fewer.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        behind = int(np.count_nonzero(self.row_tick[rows] < self.now))
+        if 2 * behind < rows.size or behind == 0:
+            self.catch_up(weight, momentum, rows, scratch)
+            return np.take(weight, rows, axis=0)
+        out = np.empty((rows.size, weight.shape[1]), dtype=weight.dtype)
+        self._advance(weight, momentum, rows, Scratch() if scratch is None else scratch, out)
+        return out
+
+    def _advance(self, weight: np.ndarray, momentum: np.ndarray, rows: np.ndarray, scratch: Scratch,
+                 new_w: np.ndarray) -> None:
+        """The catch-up of ``rows`` (a current row's product is the identity), the new weights also
+        left in ``new_w``; work arrays in slots 0, 1 and 3 of ``scratch``."""
         starts, which = np.unique(self.row_tick[rows], return_inverse=True)
-        # products in float64, applied in float32 (the rows' own precision), with 3 temporaries
+        # products in float64, applied in float32 (the rows' own precision)
         coef = self.history.suffix_products(starts).astype(np.float32)[which]
-        w, buf = weight[rows], momentum[rows]
-        new_w = w * coef[:, 0, 0, None]
-        new_w += buf * coef[:, 0, 1, None]
+        n, dim = rows.size, weight.shape[1]
+        w = take_rows(weight, rows, scratch.get(0, n, dim))
+        buf = take_rows(momentum, rows, scratch.get(1, n, dim))
+        np.multiply(w, coef[:, 0, 0, None], out=new_w)
+        new_w += np.multiply(buf, coef[:, 0, 1, None], out=scratch.get(3, n, dim))
         buf *= coef[:, 1, 1, None]
         w *= coef[:, 1, 0, None]
         buf += w
         weight[rows] = new_w
         momentum[rows] = buf
         self.row_tick[rows] = self.now
-        return int(rows.size)
 
     def catch_up_range(self, weight: np.ndarray, momentum: np.ndarray, start: int, stop: int,
-                       chunk_rows: int = 65536) -> int:
+                       scratch: Scratch | None = None, chunk_rows: int = 8192) -> int:
         """Catch up the contiguous local rows ``start..stop-1``, a bounded chunk at a time."""
         moved = 0
         for first in range(start, stop, chunk_rows):
-            moved += self.catch_up(weight, momentum, np.arange(first, min(first + chunk_rows, stop), dtype=np.int64))
+            moved += self.catch_up(weight, momentum, np.arange(first, min(first + chunk_rows, stop), dtype=np.int64),
+                                   scratch)
         return moved
 
     def tick(self, rows: np.ndarray, transition: np.ndarray) -> None:

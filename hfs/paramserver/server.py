@@ -523,6 +523,9 @@ def _resume(store: InProcessStore, tag: str) -> None:
 
 def serve(opts: ServeOptions) -> None:
     """Run one shard until SIGTERM/SIGINT or a `shutdown` op, then take a final snapshot."""
+    from hfs.utils.memory import keep_freed_memory
+
+    keep_freed_memory()  # this process is the shard: reuse request buffers instead of faulting in new pages
     server = build_server(opts)
     previous = {sig: signal.signal(sig, lambda *_: server.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -53,6 +53,7 @@ import numpy as np
 from hfs.paramserver.base import HParams, WeightStore
 from hfs.paramserver.catchup import UPDATE_RULES, RowClock, zero_grad_transition
 from hfs.paramserver import snapshots as snaps
+from hfs.paramserver.scratch import Scratch, take_rows
 from hfs.samplers.owned import IndexSpec, OwnedIndex
 from hfs.samplers.selection import Selection
 from hfs.utils.errors import HfsError
@@ -133,20 +134,27 @@ def sum_duplicate_rows(rows: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray,
     return sorted_rows[starts], summed
 
 
-def sgd_rows(weight: np.ndarray, momentum: np.ndarray, rows: np.ndarray, grads: np.ndarray,
-             hp: HParams) -> None:
+def sgd_rows(weight: np.ndarray, momentum: np.ndarray, rows: np.ndarray | slice, grads: np.ndarray,
+             hp: HParams, work: Scratch | None = None) -> None:
     """Apply torch.optim.SGD's rule to unique ``rows`` of ``weight``/``momentum`` in place.
 
-    One scratch array is reused for ``g`` and ``lr * buf`` (this is memory-bound).
+    One work array is reused for ``g`` and ``lr * buf`` (this is memory-bound); with ``work``
+    (index rows only) the gathered rows and that array live in reused buffers.
     """
-    w = weight[rows]
-    buf = momentum[rows]
+    if work is None or isinstance(rows, slice):
+        w, buf = weight[rows], momentum[rows]
+        scratch = np.empty_like(w)
+    else:
+        n, dim = grads.shape
+        w = take_rows(weight, rows, work.get(0, n, dim))
+        buf = take_rows(momentum, rows, work.get(1, n, dim))
+        scratch = work.get(2, n, dim)
     if hp.weight_decay:
-        scratch = np.multiply(w, np.float32(hp.weight_decay))
+        np.multiply(w, np.float32(hp.weight_decay), out=scratch)
         scratch += grads  # g = grad + wd * w (addition commutes exactly)
         g = scratch
     else:
-        scratch, g = np.empty_like(w), grads
+        g = grads
     buf *= np.float32(hp.momentum)
     buf += g
     np.multiply(buf, np.float32(hp.lr), out=scratch)
@@ -228,6 +236,7 @@ class Matrix:
     pending: dict[int, PendingStep] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
     clock: RowClock | None = None
+    work: Scratch = field(default_factory=Scratch, repr=False)
 
     def __post_init__(self) -> None:
         if self.update_rule == "catchup" and self.clock is None:
@@ -236,11 +245,17 @@ class Matrix:
     def catch_up(self, local_rows: np.ndarray) -> None:
         """Bring unique local rows to the last applied step (catchup rule; no-op otherwise)."""
         if self.clock is not None:
-            self.clock.catch_up(self.weight, self.momentum, local_rows)
+            self.clock.catch_up(self.weight, self.momentum, local_rows, self.work)
+
+    def read(self, local_rows: np.ndarray) -> np.ndarray:
+        """The current values of local rows (a new array), caught up first under the catchup rule."""
+        if self.clock is not None:
+            return self.clock.read(self.weight, self.momentum, local_rows, self.work)
+        return np.take(self.weight, local_rows, axis=0)
 
     def catch_up_range(self, start: int, stop: int) -> None:
         if self.clock is not None:
-            self.clock.catch_up_range(self.weight, self.momentum, start, stop)
+            self.clock.catch_up_range(self.weight, self.momentum, start, stop, self.work)
 
     def catch_up_all(self) -> None:
         """Every row current, and the step history forgotten (before a snapshot or a rule change)."""
@@ -474,8 +489,7 @@ class InProcessStore(WeightStore):
                 return None
             self._counters["gets"] += 1
             self._counters["rows_read"] += local.size
-            m.catch_up(local)
-            return m.weight[local]
+            return m.read(local)
 
     def try_get_range(self, name: str, start: int, stop: int, step: int | None = None) -> np.ndarray | None:
         """Rows start..stop-1 (a copy), or None while a step before ``step`` is pending."""
@@ -591,7 +605,7 @@ class InProcessStore(WeightStore):
             sgd_dense(m.weight, m.momentum, unique, summed, hp)
             return
         m.catch_up(unique)
-        sgd_rows(m.weight, m.momentum, unique, summed, hp)
+        sgd_rows(m.weight, m.momentum, unique, summed, hp, m.work)
         if m.clock is not None:
             m.clock.tick(unique, zero_grad_transition(hp.lr, hp.momentum, hp.weight_decay))
 
@@ -898,9 +912,8 @@ class InProcessStore(WeightStore):
             if not with_rows:
                 return chosen, None
             local = chosen.active - m.row_start if m.row_start else chosen.active
-            m.catch_up(local)
             self._counters["rows_read"] += local.size
-            return chosen, m.weight[local]
+            return chosen, m.read(local)
 
     def select(self, name: str, features: np.ndarray, labels: np.ndarray, step: int, rule, k: int, *,
                with_rows: bool = True) -> tuple[Selection, np.ndarray | None]:

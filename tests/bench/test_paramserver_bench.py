@@ -1,9 +1,9 @@
-"""`hfs bench-paramserver` on a tiny case: every measurement present, both update rules timed."""
+"""`hfs bench-paramserver` on a tiny case: every measurement present, both update rules timed, the seed beside."""
 
 import subprocess
 import sys
 
-from hfs.bench.paramserver import BenchConfig, run_benchmark
+from hfs.bench.paramserver import BenchConfig, render, run_benchmark
 
 
 def test_run_benchmark_times_both_update_rules_in_process():
@@ -14,6 +14,17 @@ def test_run_benchmark_times_both_update_rules_in_process():
     assert set(by_rule) == {"lazy", "catchup"} and all(rate > 0 for rate in by_rule.values())
     assert results["inprocess_rt_per_s"] == by_rule["lazy"]  # the configured rule's rate is the headline
     assert results["loopback_rt_per_s"] > 0 and results["sync_2_workers_ms"] > 0
+    assert set(results["loopback_rt_per_s_by_rule"]) == {"lazy", "catchup"}
+    assert results["loopback_rt_per_s"] == results["loopback_rt_per_s_by_rule"]["lazy"]
+    assert results["seed_rt_per_s"] > 0  # the seed's server logic, side by side in the same run
+    assert results["loopback_over_seed"] == results["loopback_rt_per_s"] / results["seed_rt_per_s"]
+    assert set(results["loopback_over_seed_by_rule"]) == {"lazy", "catchup"}
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    render(results, console)
+    text = console.export_text()
+    assert "loopback (lazy) / seed's server" in text and "loopback (catchup) / seed's server" in text
 
 
 def test_bad_update_rule_is_one_error_line():

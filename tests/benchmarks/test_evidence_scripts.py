@@ -151,3 +151,19 @@ def test_accuracy_cells_take_config_overrides(tmp_path):
     cfg = accuracy_vs_cost.cell_config(args, "annoy", 100, tmp_path, tmp_path / "v.bin", seed=3)
     assert (cfg.sampler.hard_after, cfg.optim.momentum, cfg.train.seed, cfg.fc.sample_num) == (7, 0.0, 3, 100)
     assert cfg.sampler.type == "annoy" and cfg.fc.mode == "sampled"
+
+
+def test_paramserver_counters_cover_every_path_on_a_tiny_matrix():
+    import paramserver_counters
+
+    from hfs.bench.paramserver import BenchConfig
+
+    results = paramserver_counters.run(3, 2, ["lazy"], BenchConfig(rows=20, dim=8, num_classes=200))
+    paths = results["paths"]
+    assert set(paths) == {"inprocess_lazy", "served_lazy", "seed_lazy"}
+    assert "server_cpu_ms" not in paths["inprocess_lazy"] and paths["served_lazy"]["server_minflt"] >= 0
+    assert all(p["steps"] == 3 and p["rate_per_s"] > 0 and p["client_cpu_ms"] >= 0 for p in paths.values())
+    table = paramserver_counters.markdown(results)
+    assert table.count("\n") == 1 + len(paths) and "| seed_lazy |" in table
+    cpu, faults = paramserver_counters.proc_counters()
+    assert cpu > 0 and faults > 0

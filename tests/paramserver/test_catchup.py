@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from hfs.paramserver.base import HParams
-from hfs.paramserver.catchup import RowClock, StepHistory, zero_grad_transition
+from hfs.paramserver.catchup import RECENT_TICKS, RowClock, StepHistory, zero_grad_transition
+from hfs.paramserver.scratch import Scratch
 from hfs.paramserver.store import InProcessStore, ShardSpec, StoreError
 
 LR_SCHEDULE = (0.3, 0.05, 0.2, 0.01)  # a changing lr: one value per quarter of the run
@@ -207,3 +208,60 @@ def test_row_clock_repeated_rows_are_harmless():
     assert clock.catch_up(w, b, np.array([1, 1, 2])) == 3
     np.testing.assert_array_equal(w[1], w[2])
     assert clock.catch_up(w, b, np.array([1, 2])) == 0  # now current
+
+
+def _clock_with_history(rows: int, ticks: int, seed: int) -> tuple[RowClock, np.ndarray, np.ndarray]:
+    """A clock whose rows stopped at random ticks of a changing-lr history, and random state."""
+    rng = np.random.default_rng(seed)
+    clock = RowClock(rows)
+    stop_at = rng.integers(0, ticks + 1, rows)
+    for t in range(ticks):
+        clock.tick(np.flatnonzero(stop_at > t), zero_grad_transition(0.05 * (1 + t % 3), 0.9, 5e-4))
+    w = rng.standard_normal((rows, 6)).astype(np.float32)
+    return clock, w, rng.standard_normal((rows, 6)).astype(np.float32)
+
+
+@pytest.mark.parametrize("current", [0, 3, 8, 10])
+def test_read_equals_catch_up_then_gather(current):
+    """Both paths of RowClock.read (most rows behind: identity for the current ones, written straight
+    into the answer; few behind: catch up, then gather) give catch-up-then-gather's values, state and ticks."""
+    clock, w, b = _clock_with_history(40, 100, seed=current)
+    clock.row_tick[:current] = clock.now  # some rows already current
+    ref_clock, ref_w, ref_b = _clock_with_history(40, 100, seed=current)
+    ref_clock.row_tick[:current] = ref_clock.now
+    rows = np.array([0, 1, 2, 5, 5, 7, 9, 3, 8, 6], dtype=np.int64)
+    got = clock.read(w, b, rows, Scratch())
+    ref_clock.catch_up(ref_w, ref_b, rows)
+    np.testing.assert_array_equal(got, ref_w[rows])
+    np.testing.assert_array_equal(w, ref_w)
+    np.testing.assert_array_equal(b, ref_b)
+    np.testing.assert_array_equal(clock.row_tick, ref_clock.row_tick)
+
+
+def test_recent_suffix_products_match_the_block_tree():
+    """Starts within RECENT_TICKS come from the running products, older ones from the tree: both
+    equal stepping, across the boundary."""
+    history = StepHistory()
+    rng = np.random.default_rng(3)
+    mats = [zero_grad_transition(float(rng.uniform(0.01, 0.3)), 0.9, 5e-4) for _ in range(RECENT_TICKS + 40)]
+    for m in mats:
+        history.append(m)
+    n = len(mats)
+    starts = np.array([0, 1, n - RECENT_TICKS - 1, n - RECENT_TICKS, n - 5, n - 1, n], dtype=np.int64)
+    for start, got in zip(starts, history.suffix_products(starts)):
+        want = np.eye(2)
+        for m in mats[start:]:
+            want = m @ want
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+
+
+def test_scratch_reuse_changes_nothing():
+    """The same catch-ups with one reused Scratch and with fresh arrays are bit-identical."""
+    clock_a, w_a, b_a = _clock_with_history(64, 50, seed=7)
+    clock_b, w_b, b_b = _clock_with_history(64, 50, seed=7)
+    scratch = Scratch()
+    for rows in (np.arange(0, 30), np.arange(20, 64), np.array([63, 1, 2])):
+        clock_a.catch_up(w_a, b_a, rows, scratch)
+        clock_b.catch_up(w_b, b_b, rows)
+    np.testing.assert_array_equal(w_a, w_b)
+    np.testing.assert_array_equal(b_a, b_b)
