@@ -167,3 +167,15 @@ def test_paramserver_counters_cover_every_path_on_a_tiny_matrix():
     assert table.count("\n") == 1 + len(paths) and "| seed_lazy |" in table
     cpu, faults = paramserver_counters.proc_counters()
     assert cpu > 0 and faults > 0
+
+
+def test_sampled_step_served_times_steps_with_the_servers_index(tmp_path):
+    import sampled_step_served
+
+    args = sampled_step_served.parse_args(["--classes", "3000", "--dim", "16", "--batch", "8", "--sample-num", "50",
+                                           "--sampler", "exact", "--steps", "3", "--warmup", "1", "--label", "t"])
+    result = sampled_step_served.run(args, tmp_path)
+    assert result["label"] == "t" and result["median_step_ms"] > 0
+    assert result["p10_p90_step_ms"][0] <= result["median_step_ms"] <= result["p10_p90_step_ms"][1]
+    assert result["upkeep"]["index_ready"] is True and result["upkeep"]["builds"] >= 1  # the server built it
+    assert result["server_rss_mb_max"] > 0 and result["trainer_peak_rss_mb"] > 0
