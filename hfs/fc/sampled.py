@@ -72,7 +72,9 @@ class SampledFC:
         t0 = time.perf_counter()
         # Only an index needs the features on the host; skip the device-to-host copy otherwise.
         queries = features.detach().float().cpu().numpy() if self.selector.uses_index else None
-        active, local = self.selector.select(queries, labels.detach().cpu().numpy().astype(np.int64), step)
+        chosen = self.selector.select(queries, labels.detach().cpu().numpy().astype(np.int64), step)
+        active, local = chosen
+        adjust = getattr(chosen, "logit_adjust", None)  # a plain (active, local) pair has none
         t1 = time.perf_counter()
         values = self.store.get_rows(self.matrix, active, step=step)
         if self._hparams is not None:
@@ -88,7 +90,7 @@ class SampledFC:
         rows.requires_grad_(True)
         rows.register_hook(self._grad_hook(np.asarray(active, dtype=np.int64), step, last_micro, grad_scale))
         local_t = torch.as_tensor(np.asarray(local, dtype=np.int64), device=features.device)
-        loss, correct = loss_and_correct(self.head, features, rows, local_t)
+        loss, correct = loss_and_correct(self.head, features, rows, local_t, logit_adjust=adjust)
         return FCOutput(loss, correct, int(len(active)))
 
     __call__ = forward

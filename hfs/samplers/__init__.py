@@ -17,7 +17,7 @@ from hfs.samplers.hnsw import HnswSampler
 from hfs.samplers.random_negatives import RandomSampler
 from hfs.samplers.refresh import RefreshPolicy, RemoteMatrix
 from hfs.samplers.registry import SAMPLERS
-from hfs.samplers.selection import auto_neighbours, select_active_classes
+from hfs.samplers.selection import Selection, SelectionRule, auto_neighbours, select_active_classes
 from hfs.samplers.selector import ActiveClassSelector
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from hfs.paramserver.base import WeightStore
 
 __all__ = ["ActiveClassSelector", "AnnoySampler", "ClassSampler", "ExactSampler", "HnswSampler", "RandomSampler",
-           "RefreshPolicy", "RemoteMatrix", "SAMPLERS", "auto_neighbours", "build_sampler", "build_selector",
+           "RefreshPolicy", "RemoteMatrix", "SAMPLERS", "Selection", "SelectionRule", "auto_neighbours", "build_sampler", "build_selector",
            "neighbours_for", "refresh_policy", "select_active_classes", "sampler_kwargs"]
 
 
@@ -87,4 +87,5 @@ def build_selector(sampler_cfg: "SamplerConfig", *, store: "WeightStore", num_cl
                                background=scfg.background, update_threshold=scfg.update_threshold,
                                update_budget=scfg.update_budget, seed=seed, workdir=scfg.workdir,
                                remote=RemoteMatrix(reader, matrix, chunk_rows) if reader is not None else None,
-                               drift_rows=scfg.drift_rows, hard_after=scfg.hard_after)
+                               drift_rows=scfg.drift_rows, hard_after=scfg.hard_after,
+                               rule=SelectionRule.from_config(scfg, sample_num, seed))

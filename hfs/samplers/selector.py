@@ -16,7 +16,7 @@ import numpy as np
 
 from hfs.samplers.base import ClassSampler
 from hfs.samplers.refresh import DriftTracker, IndexBuild, RefreshPolicy, RemoteMatrix
-from hfs.samplers.selection import SelectionRule
+from hfs.samplers.selection import Selection, SelectionRule
 from hfs.utils.errors import HfsError
 
 log = logging.getLogger(__name__)
@@ -38,14 +38,14 @@ class ActiveClassSelector:
                  shape: tuple[int, int], *, sample_num: int, neighbours: int, policy: RefreshPolicy,
                  background: bool = True, update_threshold: float = 0.1, update_budget: int = 16,
                  seed: int = 0, workdir: str = "", remote: RemoteMatrix | None = None, drift_rows: int = 0,
-                 hard_after: int = 0) -> None:
+                 hard_after: int = 0, rule: SelectionRule | None = None) -> None:
         self.num_classes, self.dim = shape
         self.sample_num, self.neighbours, self.policy = sample_num, neighbours, policy
         self.background, self.update_threshold, self.update_budget = background, update_threshold, update_budget
         self.drift_rows, self.hard_after = drift_rows, hard_after
         self._drift_rng = np.random.default_rng([seed, 1])  # apart from the fill's stream: selection stays as it was
         self._make_sampler, self._read_chunks, self._workdir, self._remote = make_sampler, read_chunks, workdir, remote
-        self.rule = SelectionRule(sample_num, seed=seed, hard_after=hard_after)
+        self.rule = rule or SelectionRule(sample_num, seed=seed, hard_after=hard_after)
         self._warned_overflow = False
         self._sampler: ClassSampler | None = None
         self._tracker: DriftTracker | None = None
@@ -69,8 +69,9 @@ class ActiveClassSelector:
         self._fg_seconds += time.perf_counter() - t0
 
     # -- per step --------------------------------------------------------------------------
-    def select(self, features: np.ndarray | None, labels: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """Active class ids (S,) int64 and the labels' positions in them (B,) int64.
+    def select(self, features: np.ndarray | None, labels: np.ndarray, step: int) -> Selection:
+        """Active class ids (S,) int64, the labels' positions in them (B,) int64 and the rule's
+        logit adjustment (unpacks as ``active, local``).
 
         ``features`` may be None when ``uses_index`` is False (no index queries them)."""
         sampler = self._sampler
@@ -78,12 +79,11 @@ class ActiveClassSelector:
         if self.uses_index and sampler is not None and self.rule.wants_candidates(step):
             ids, scores = sampler.search(np.asarray(features, dtype=np.float32), self.neighbours)
         chosen = self.rule.select(labels, ids, scores, self.num_classes, step)
-        active, local = chosen.active, chosen.local
-        if len(active) > self.sample_num and not self._warned_overflow:
+        if len(chosen.active) > self.sample_num and not self._warned_overflow:
             self._warned_overflow = True
             log.warning("batch at step %d has %d distinct labels, more than sampler sample_num=%d: keeping all "
-                        "positives (said once)", step, len(active), self.sample_num)
-        return active, local
+                        "positives (said once)", step, len(chosen.active), self.sample_num)
+        return chosen
 
     def observe(self, rows: np.ndarray, values: np.ndarray) -> None:
         """Fresh values of rows the trainer fetched: update drift, and the index in place where cheap enough."""
