@@ -68,6 +68,12 @@ def background_cpu(trainer) -> float:
     return float(upkeep()["bg_cpu_seconds"]) if upkeep is not None else 0.0
 
 
+def allocation(trainer) -> dict[str, float]:
+    """The adaptive allocation's smoothed coverage estimate (sampler.coverage_target), when one runs."""
+    coverage = getattr(getattr(trainer.fc, "allocation", None), "coverage", None)
+    return {} if coverage is None else {"coverage": float(coverage)}
+
+
 class Probe:
     """Trainer callback: the training clocks, and an evaluation every ``every`` steps (clocks paused)."""
 
@@ -85,6 +91,7 @@ class Probe:
         self.cpu += cpu_seconds() - self._c
         if step % self.args.eval_every == 0 or step == self.args.steps:
             self.curve.append({"step": step, "wall_s": self.wall, "cpu_s": self.cpu + background_cpu(trainer),
+                               "active_classes": int(trainer.fc.active_classes), **allocation(trainer),
                                **self.evaluate(trainer)})
             log.info("step %d: %s", step, self.curve[-1])
         self._mark()

@@ -33,12 +33,41 @@ def loss_and_correct(head: MarginHead, features: torch.Tensor, rows: torch.Tenso
     and margin (the selection rule's sampled-softmax correction, ``sampler.logq``); it
     changes the loss only, never the hit count (a margin-free score, like validation's).
     """
+    loss, correct, _ = loss_correct_and_logits(head, features, rows, local_labels, logit_adjust)
+    return loss, correct
+
+
+def loss_correct_and_logits(head: MarginHead, features: torch.Tensor, rows: torch.Tensor, local_labels: torch.Tensor,
+                            logit_adjust: torch.Tensor | np.ndarray | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`loss_and_correct`, and the head's logits before the adjustment (detached), for a
+    coverage measurement."""
     with torch.autocast(device_type=features.device.type, enabled=False):
         logits, sim = head.logits_and_similarity(features.float(), rows.float(), local_labels)
-        logits = adjusted(logits, logit_adjust)
-        loss = F.cross_entropy(logits, local_labels, ignore_index=-1)
+        loss = F.cross_entropy(adjusted(logits, logit_adjust), local_labels, ignore_index=-1)
         correct = (sim.detach().argmax(dim=1) == local_labels).sum()
-    return loss, correct
+    return loss, correct, logits.detach()
+
+
+@torch.no_grad()
+def negative_mass_coverage(logits: torch.Tensor, local_labels: torch.Tensor, log_q: torch.Tensor | np.ndarray) -> float:
+    """Estimated share of the full softmax's negative mass that the active negatives hold, batch mean.
+
+    Per sample: sum of exp(logit) over the active classes except its own positive, over the
+    Horvitz-Thompson estimate of the same sum over ALL classes, sum of exp(logit) / q
+    (``log_q``: each active class's log probability of being active). Only classes that can
+    be missed (q < 1: the uniform fill, score picks) tell anything about the classes that
+    were; with every negative certain the estimate is 1.
+    """
+    log_q = torch.as_tensor(log_q, dtype=logits.dtype, device=logits.device)
+    logits = logits.float().clone()
+    has = torch.nonzero(local_labels >= 0, as_tuple=True)[0]
+    logits[has, local_labels[has]] = -float("inf")
+    held = torch.logsumexp(logits, dim=1)
+    estimated = torch.logsumexp(logits - log_q[None, :], dim=1)
+    share = torch.exp(held - estimated)
+    share = share[torch.isfinite(share)]
+    return float(share.mean()) if share.numel() else float("nan")
 
 
 def adjusted(logits: torch.Tensor, logit_adjust: torch.Tensor | np.ndarray | None) -> torch.Tensor:

@@ -68,7 +68,28 @@ def sampled_selector(cfg: Any, store: Any, num_classes: int, plan: ClassifierPla
 def sampled_layer(cfg: Any, store: Any, selector: Any, head: Any, workers: int = 1) -> SampledFC:
     """SampledFC over ``store`` with ``selector``; ``workers`` ranks push to the store each step."""
     return SampledFC(store, selector, head, matrix=MATRIX, overlap_push=cfg.fc.overlap_push,
-                     lr_scale=cfg.fc.lr_scale, workers=workers)
+                     lr_scale=cfg.fc.lr_scale, workers=workers,
+                     allocation=coverage_allocation(cfg.sampler, selector.sample_num, selector.num_classes))
+
+
+def coverage_allocation(sampler_cfg: Any, sample_num: int, num_classes: int) -> Any:
+    """The adaptive allocation ``sampler.coverage_target`` asks for (None when it is 0), starting at
+    ``sample_num`` within ``sampler.sample_num_min``/``max`` (0: a quarter / four times it, at most C)."""
+    from hfs.config import ConfigError
+    from hfs.samplers.selection import CoverageAllocation
+
+    scfg = sampler_cfg
+    if scfg.coverage_target <= 0.0:
+        return None
+    if scfg.hard_fraction >= 1.0 and scfg.type != "random":
+        raise ConfigError("config key 'sampler.coverage_target' needs uniform negatives to measure the coverage: "
+                          "set sampler.hard_fraction below 1 (or sampler.type=random)")
+    low = scfg.sample_num_min or max(1, sample_num // 4)
+    high = min(scfg.sample_num_max or 4 * sample_num, num_classes)
+    if low > high:
+        raise ConfigError(f"config keys 'sampler.sample_num_min' ({low}) and 'sampler.sample_num_max' ({high}): "
+                          "the minimum is above the maximum")
+    return CoverageAllocation(scfg.coverage_target, low, high, sample_num)
 
 
 def _does_not_fit(ctx: ClassifierContext, cfg: Any, exc: Exception) -> HfsError:
@@ -101,6 +122,7 @@ def build_sampled(cfg: Any, ctx: ClassifierContext) -> SampledFC:
     from hfs.paramserver import open_store
 
     plan = plan_classifier(cfg, ctx.num_classes, ctx.env.rank)
+    coverage_allocation(cfg.sampler, plan.sample_num, ctx.num_classes)  # a bad setting fails before the store opens
     if plan.sample_num < cfg.fc.sample_num:
         log.warning("fc.sample_num=%d is more than the %d classes: every class is active each step",
                     cfg.fc.sample_num, ctx.num_classes)
@@ -167,6 +189,11 @@ def _restore_store(store: Any, ckpt: dict, path: Path | None) -> None:
 def build_sharded(cfg: Any, ctx: ClassifierContext) -> ShardedFC:
     """This rank's shard of the rows (the world-size independent initial matrix, or the
     checkpoint's), with its own index over its shard when ``sampler.type`` is not random."""
+    if cfg.sampler.coverage_target > 0.0:
+        from hfs.config import ConfigError
+
+        raise ConfigError("config key 'sampler.coverage_target' is for fc.mode=sampled; the sharded classifier "
+                          "keeps fc.sample_num fixed")
     start, end = shard_bounds(ctx.num_classes, ctx.env.rank, ctx.env.world_size)
     rows = init_shard_rows(start, end, cfg.model.embedding_size, cfg.fc.init, cfg.fc.init_std, cfg.train.seed)
     fc = ShardedFC(rows, ctx.num_classes, ctx.head, sample_num=cfg.fc.sample_num, seed=cfg.sampler.seed,

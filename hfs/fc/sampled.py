@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from hfs.dist import barrier, is_main
-from hfs.fc.common import FCOutput, loss_and_correct, predict_all_classes
+from hfs.fc.common import FCOutput, loss_correct_and_logits, negative_mass_coverage, predict_all_classes
 from hfs.fc.layer import selector_upkeep
 from hfs.models.heads import MarginHead
 from hfs.paramserver.base import HParams, WeightStore
@@ -41,8 +41,9 @@ class SampledFC:
     """The classifier layer of sampled (HF-softmax) training; see the module docstring."""
 
     def __init__(self, store: WeightStore, selector, head: MarginHead, *, matrix: str = "fc",
-                 overlap_push: bool = True, lr_scale: float = 1.0, workers: int = 1) -> None:
+                 overlap_push: bool = True, lr_scale: float = 1.0, workers: int = 1, allocation=None) -> None:
         self.store, self.selector, self.head, self.matrix = store, selector, head, matrix
+        self.allocation = allocation  # a CoverageAllocation steering sample_num (sampler.coverage_target), or None
         self.lr_scale = lr_scale  # the classifier's lr = the schedule's x fc.lr_scale
         self.workers = workers  # ranks pushing to one shared store: it sums their row gradients
         self.num_classes, self.dim = store.shape(matrix)
@@ -72,7 +73,11 @@ class SampledFC:
         t0 = time.perf_counter()
         # Only an index needs the features on the host; skip the device-to-host copy otherwise.
         queries = features.detach().float().cpu().numpy() if self.selector.uses_index else None
-        chosen = self.selector.select(queries, labels.detach().cpu().numpy().astype(np.int64), step)
+        labels_np = labels.detach().cpu().numpy().astype(np.int64)
+        if self.allocation is None:
+            chosen = self.selector.select(queries, labels_np, step)
+        else:
+            chosen = self.selector.select(queries, labels_np, step, rule=self.allocation.rule(self.selector.rule))
         active, local = chosen
         adjust = getattr(chosen, "logit_adjust", None)  # a plain (active, local) pair has none
         t1 = time.perf_counter()
@@ -90,7 +95,9 @@ class SampledFC:
         rows.requires_grad_(True)
         rows.register_hook(self._grad_hook(np.asarray(active, dtype=np.int64), step, last_micro, grad_scale))
         local_t = torch.as_tensor(np.asarray(local, dtype=np.int64), device=features.device)
-        loss, correct = loss_and_correct(self.head, features, rows, local_t, logit_adjust=adjust)
+        loss, correct, logits = loss_correct_and_logits(self.head, features, rows, local_t, adjust)
+        if self.allocation is not None and chosen.log_q is not None:
+            self.allocation.observe(negative_mass_coverage(logits, local_t, chosen.log_q))
         return FCOutput(loss, correct, int(len(active)))
 
     __call__ = forward
@@ -170,7 +177,7 @@ class SampledFC:
     # -- ClassifierLayer ---------------------------------------------------------------
     @property
     def active_classes(self) -> int:
-        return self.selector.sample_num
+        return self.selector.sample_num if self.allocation is None else self.allocation.sample_num
 
     def param_groups(self) -> list[dict[str, Any]]:
         return []  # the rows live in the store, which applies SGD itself
@@ -203,7 +210,11 @@ class SampledFC:
         return predict_all_classes(self.head, features, self.iter_chunks())
 
     def upkeep(self) -> dict[str, float]:
-        return selector_upkeep(self.selector)
+        upkeep = selector_upkeep(self.selector)
+        if self.allocation is not None:  # adaptive allocation: where it stands
+            coverage = self.allocation.coverage
+            upkeep.update(sample_num=self.allocation.sample_num, coverage=float("nan") if coverage is None else coverage)
+        return upkeep
 
     def close(self) -> None:
         """Finish the pending push and stop the push thread and the selector. Idempotent."""

@@ -14,6 +14,7 @@ negatives before any query contributes its easier ones. Everything is vectorised
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -232,7 +233,9 @@ class Selection:
 
     ``active`` (S,) int64 class ids (positives first, sorted), ``local`` (B,) int64 the labels'
     positions in ``active`` (-1: no positive here), and ``logit_adjust``: None, or (S,) float32
-    added to the active classes' logits before the loss (a sampled-softmax correction). It
+    added to the active classes' logits before the loss (a sampled-softmax correction).
+    ``log_q`` (S,) float32: log of each class's probability of being active (0: certain; None
+    when every class is active), what a coverage estimate weighs by. It
     unpacks and indexes as the pair ``(active, local)`` (what selectors answered before), for
     callers that apply no correction.
     """
@@ -240,6 +243,7 @@ class Selection:
     active: np.ndarray
     local: np.ndarray
     logit_adjust: np.ndarray | None = None
+    log_q: np.ndarray | None = None
 
     def __iter__(self):
         return iter((self.active, self.local))
@@ -328,7 +332,50 @@ class SelectionRule:
             ids = scores = None
         drawn = _draw(labels, ids, scores, self.sample_num, num_classes, self.rng_for(step),
                       hard_fraction=self.hard_fraction, pick=self.candidate_pick, temperature=self.temperature)
-        adjust = None
-        if self.logq and drawn.active.size < num_classes:
-            adjust = (0.0 - np.log(np.clip(drawn.q, 1e-30, 1.0))).astype(np.float32)
-        return Selection(drawn.active, drawn.local, adjust)
+        if drawn.active.size >= num_classes:
+            return Selection(drawn.active, drawn.local)
+        log_q = np.log(np.clip(drawn.q, 1e-30, 1.0)).astype(np.float32)
+        adjust = (0.0 - log_q) if self.logq else None
+        return Selection(drawn.active, drawn.local, adjust, log_q)
+
+
+class CoverageAllocation:
+    """The paper's adaptive allocation: ``sample_num`` steered toward a target softmax-mass coverage.
+
+    After every step the classifier reports the coverage it measured (the share of the full
+    softmax's negative mass the active negatives hold, estimated through the uniform fill:
+    ``hfs.fc.common.negative_mass_coverage``). Its running mean (``smoothing``) is compared with
+    ``target``: when more mass is missing than the target allows, ``sample_num`` grows by the
+    ratio of the two (at most ``max_change`` per step), when less, it shrinks, always within
+    [``low``, ``high``]. The holder of the rule (selector or classifier) applies it with
+    :meth:`rule`, a ``dataclasses.replace`` of its rule, so the rule stays a plain value.
+    """
+
+    def __init__(self, target: float, low: int, high: int, start: int, *, smoothing: float = 0.9,
+                 max_change: float = 0.05) -> None:
+        if not 0.0 < target < 1.0:
+            raise ValueError(f"coverage target must be in (0, 1), got {target}")
+        if not 1 <= low <= high:
+            raise ValueError(f"sample_num bounds must satisfy 1 <= min <= max, got [{low}, {high}]")
+        self.target, self.low, self.high = float(target), int(low), int(high)
+        self.smoothing, self.max_change = float(smoothing), float(max_change)
+        self.sample_num = int(min(max(start, low), high))
+        self.coverage: float | None = None
+
+    def rule(self, base: SelectionRule) -> SelectionRule:
+        """``base`` with the current ``sample_num``."""
+        if base.sample_num == self.sample_num:
+            return base
+        return dataclasses.replace(base, sample_num=self.sample_num)
+
+    def observe(self, coverage: float) -> int:
+        """Take one step's measured coverage; answer the ``sample_num`` of the next step."""
+        if not math.isfinite(coverage):
+            return self.sample_num
+        coverage = min(max(coverage, 0.0), 1.0)
+        s = self.smoothing
+        self.coverage = coverage if self.coverage is None else s * self.coverage + (1.0 - s) * coverage
+        factor = (1.0 - self.coverage) / (1.0 - self.target)  # missing mass over the mass allowed to miss
+        factor = min(max(factor, 1.0 - self.max_change), 1.0 + self.max_change)
+        self.sample_num = int(min(max(round(self.sample_num * factor), self.low), self.high))
+        return self.sample_num

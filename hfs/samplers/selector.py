@@ -69,20 +69,23 @@ class ActiveClassSelector:
         self._fg_seconds += time.perf_counter() - t0
 
     # -- per step --------------------------------------------------------------------------
-    def select(self, features: np.ndarray | None, labels: np.ndarray, step: int) -> Selection:
+    def select(self, features: np.ndarray | None, labels: np.ndarray, step: int,
+               rule: SelectionRule | None = None) -> Selection:
         """Active class ids (S,) int64, the labels' positions in them (B,) int64 and the rule's
         logit adjustment (unpacks as ``active, local``).
 
-        ``features`` may be None when ``uses_index`` is False (no index queries them)."""
+        ``features`` may be None when ``uses_index`` is False (no index queries them). ``rule``
+        replaces this selector's rule for the step (adaptive allocation's ``sample_num``)."""
         sampler = self._sampler
+        rule = rule or self.rule
         ids = scores = None
-        if self.uses_index and sampler is not None and self.rule.wants_candidates(step):
+        if self.uses_index and sampler is not None and rule.wants_candidates(step):
             ids, scores = sampler.search(np.asarray(features, dtype=np.float32), self.neighbours)
-        chosen = self.rule.select(labels, ids, scores, self.num_classes, step)
-        if len(chosen.active) > self.sample_num and not self._warned_overflow:
+        chosen = rule.select(labels, ids, scores, self.num_classes, step)
+        if len(chosen.active) > rule.sample_num and not self._warned_overflow:
             self._warned_overflow = True
             log.warning("batch at step %d has %d distinct labels, more than sampler sample_num=%d: keeping all "
-                        "positives (said once)", step, len(chosen.active), self.sample_num)
+                        "positives (said once)", step, len(chosen.active), rule.sample_num)
         return chosen
 
     def observe(self, rows: np.ndarray, values: np.ndarray) -> None:

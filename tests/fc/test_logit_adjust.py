@@ -1,6 +1,7 @@
 """The selection rule's log-Q correction reaches the loss of both classifiers (sampler.logq)."""
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -77,3 +78,43 @@ def test_sharded_fc_passes_the_adjustment_to_the_loss():
     assert used == len(ACTIVE)
     torch.testing.assert_close(loss, _expected(head, features, weight[ACTIVE], torch.as_tensor(LOCAL), ADJUST))
     fc.close()
+
+
+def test_negative_mass_coverage_weighs_by_the_probability_of_being_active():
+    from hfs.fc.common import negative_mass_coverage
+
+    logits = torch.log(torch.tensor([[4.0, 1.0, 2.0, 3.0], [1.0, 1.0, 1.0, 1.0]]))
+    local = torch.tensor([0, -1])  # sample 1 has no positive among these classes
+    certain = np.zeros(4, np.float32)
+    assert negative_mass_coverage(logits, local, certain) == pytest.approx(1.0)
+    log_q = np.log(np.array([1.0, 1.0, 0.5, 0.25], np.float32))
+    # sample 0: negatives 1+2+3 = 6 held, 1 + 2/0.5 + 3/0.25 = 17 estimated; sample 1: 4 of 1+1+2+4 = 8
+    assert negative_mass_coverage(logits, local, log_q) == pytest.approx((6 / 17 + 4 / 8) / 2, rel=1e-5)
+
+
+def test_sampled_fc_steers_sample_num_with_an_allocation():
+    from hfs.config import load_config
+    from hfs.fc.factories import sampled_layer
+    from hfs.samplers import build_selector
+
+    classes = 400
+    cfg = load_config(None, ["sampler.type=random", "sampler.coverage_target=0.9", "fc.sample_num=40",
+                             "sampler.sample_num_max=200", "fc.overlap_push=false"])
+    store = InProcessStore(None)
+    store.create("fc", classes, D, init="gaussian", std=0.1, seed=0)
+    selector = build_selector(cfg.sampler, store=store, num_classes=classes, sample_num=40, queries_per_step=B,
+                              seed=0, metric="cosine")
+    fc = sampled_layer(cfg, store, selector, CosFaceHead(16.0, 0.3))
+    gen = torch.Generator().manual_seed(0)
+    sizes = []
+    for step in range(5):
+        fc.set_hparams(0.1, 0.9, 0.0)
+        out = fc(torch.randn(B, D, generator=gen), torch.randint(0, classes, (B,), generator=gen), step)
+        out.loss.backward()
+        fc.end_step(step)
+        sizes.append(out.active)
+    # random rows: 40 of 400 classes hold ~10% of the mass, far below 90%: the set grows each step
+    assert sizes == sorted(sizes) and sizes[0] == 40 and sizes[-1] > 40
+    assert fc.active_classes == fc.allocation.sample_num > 40
+    fc.close()
+    store.close()

@@ -191,3 +191,87 @@ def test_selector_applies_the_configured_rule():
     chosen = selector.select(weights[[1, 2, 3, 4]] + 0.01, np.array([1, 2, 3, 4]), 0)
     assert len(chosen.active) == 20 and chosen.logit_adjust.shape == (20,)
     selector.close()
+
+
+# --------------------------------------------------------------------------- adaptive allocation
+
+
+def test_selection_carries_log_q_whether_or_not_logq_adjusts():
+    chosen = SelectionRule(11, hard_fraction=0.5).select(LABELS, IDS, SIMS, 40, 0)
+    assert chosen.logit_adjust is None and chosen.log_q.shape == (11,)
+    np.testing.assert_array_equal(chosen.log_q[:7], 0.0)  # positives and top-k picks: certain
+    np.testing.assert_allclose(chosen.log_q[7:], math.log(4 / 33), rtol=1e-6)
+    assert SelectionRule(40).select(LABELS, IDS, SIMS, 40, 0).log_q is None  # every class active
+
+
+def test_allocation_grows_when_mass_is_missing_and_shrinks_when_covered():
+    from hfs.samplers.selection import CoverageAllocation
+
+    grow = CoverageAllocation(0.9, 50, 400, 200)
+    assert grow.observe(0.5) == 210  # 50% missing against 10% allowed: capped at +5% a step
+    for _ in range(100):
+        grow.observe(0.5)
+    assert grow.sample_num == 400  # held at the maximum
+    shrink = CoverageAllocation(0.9, 50, 400, 200)
+    assert shrink.observe(0.99) == 190
+    for _ in range(100):
+        shrink.observe(0.99)
+    assert shrink.sample_num == 50
+    steady = CoverageAllocation(0.9, 50, 400, 200)
+    assert steady.observe(0.9) == 200 and steady.observe(float("nan")) == 200
+    rule = SelectionRule(200, seed=3, logq=True)
+    assert steady.rule(rule) is rule
+    assert grow.rule(rule) == dataclasses.replace(rule, sample_num=400)
+
+
+def test_allocation_smooths_the_measurements():
+    from hfs.samplers.selection import CoverageAllocation
+
+    alloc = CoverageAllocation(0.9, 10, 1000, 200, smoothing=0.5, max_change=1.0)
+    alloc.observe(0.8)  # 20% missing, 10% allowed: x2
+    assert alloc.coverage == pytest.approx(0.8) and alloc.sample_num == 400
+    alloc.observe(0.9)  # mean 0.85: x1.5
+    assert alloc.coverage == pytest.approx(0.85) and alloc.sample_num == 600
+
+
+@pytest.mark.parametrize("kwargs,needle", [({"target": 1.0}, "target"), ({"target": 0.0}, "target"),
+                                           ({"low": 500}, "bounds"), ({"low": 0}, "bounds")])
+def test_allocation_rejects_bad_settings(kwargs, needle):
+    from hfs.samplers.selection import CoverageAllocation
+
+    settings = {"target": 0.9, "low": 50, "high": 400, "start": 200, **kwargs}
+    with pytest.raises(ValueError, match=needle):
+        CoverageAllocation(**settings)
+
+
+def test_coverage_allocation_from_config():
+    from hfs.fc.factories import coverage_allocation
+
+    def sampler(*sets):
+        return load_config(None, list(sets)).sampler
+
+    assert coverage_allocation(sampler(), 200, 20000) is None
+    alloc = coverage_allocation(sampler("sampler.coverage_target=0.9", "sampler.hard_fraction=0.8"), 200, 20000)
+    assert (alloc.target, alloc.low, alloc.high, alloc.sample_num) == (0.9, 50, 800, 200)
+    alloc = coverage_allocation(sampler("sampler.coverage_target=0.5", "sampler.type=random",
+                                        "sampler.sample_num_min=100", "sampler.sample_num_max=300"), 200, 250)
+    assert (alloc.low, alloc.high) == (100, 250)
+    with pytest.raises(ConfigError, match="'sampler.coverage_target' needs uniform negatives"):
+        coverage_allocation(sampler("sampler.coverage_target=0.9"), 200, 20000)
+    with pytest.raises(ConfigError, match="'sampler.sample_num_min'"):
+        coverage_allocation(sampler("sampler.coverage_target=0.9", "sampler.type=random",
+                                    "sampler.sample_num_min=900"), 200, 20000)
+    with pytest.raises(ConfigError, match="sampler.coverage_target"):
+        load_config(None, ["sampler.coverage_target=1.0"])
+
+
+@pytest.mark.parametrize("key,value", [("hard_fraction", "2"), ("candidate_pick", "best"), ("coverage_target", "1")])
+def test_cli_rejects_a_bad_option_in_one_error_line(key, value):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "hfs", "train", "--set", f"sampler.{key}={value}"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and f"sampler.{key}" in lines[0]
