@@ -57,9 +57,11 @@ def negative_mass_coverage(logits: torch.Tensor, local_labels: torch.Tensor, log
     Horvitz-Thompson estimate of the same sum over ALL classes, sum of exp(logit) / q
     (``log_q``: each active class's log probability of being active). Only classes that can
     be missed (q < 1: the uniform fill, score picks) tell anything about the classes that
-    were; with every negative certain the estimate is 1.
+    were; with none of them there is nothing to estimate from, and the answer is NaN.
     """
     log_q = torch.as_tensor(log_q, dtype=logits.dtype, device=logits.device)
+    if not bool((log_q < 0).any()):
+        return float("nan")
     logits = logits.float().clone()
     has = torch.nonzero(local_labels >= 0, as_tuple=True)[0]
     logits[has, local_labels[has]] = -float("inf")

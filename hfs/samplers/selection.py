@@ -369,8 +369,16 @@ class CoverageAllocation:
         return dataclasses.replace(base, sample_num=self.sample_num)
 
     def observe(self, coverage: float) -> int:
-        """Take one step's measured coverage; answer the ``sample_num`` of the next step."""
+        """Take one step's measured coverage; answer the ``sample_num`` of the next step.
+
+        NaN means the step had nothing to measure with (no class that could have been missed:
+        the batch's labels took every slot, or the index every free one): the set is too small
+        to hold any uniform fill, so it grows by ``max_change`` (a set that shrank below the
+        batch's labels would otherwise read as fully covered and stay there).
+        """
         if not math.isfinite(coverage):
+            grown = max(round(self.sample_num * (1.0 + self.max_change)), self.sample_num + 1)
+            self.sample_num = int(min(max(grown, self.low), self.high))
             return self.sample_num
         coverage = min(max(coverage, 0.0), 1.0)
         s = self.smoothing

@@ -218,9 +218,12 @@ def test_allocation_grows_when_mass_is_missing_and_shrinks_when_covered():
         shrink.observe(0.99)
     assert shrink.sample_num == 50
     steady = CoverageAllocation(0.9, 50, 400, 200)
-    assert steady.observe(0.9) == 200 and steady.observe(float("nan")) == 200
+    assert steady.observe(0.9) == 200
     rule = SelectionRule(200, seed=3, logq=True)
     assert steady.rule(rule) is rule
+    assert steady.observe(float("nan")) == 210  # nothing to measure with: too small for any fill, grow
+    starved = CoverageAllocation(0.9, 5, 400, 5, max_change=0.05)
+    assert starved.observe(float("nan")) == 6  # at least one more class
     assert grow.rule(rule) == dataclasses.replace(rule, sample_num=400)
 
 
