@@ -89,6 +89,7 @@ class Probe:
         self.cpu += cpu_seconds() - self._c
         if step % self.args.eval_every == 0 or step == self.args.steps:
             self.curve.append({"step": step, "wall_s": self.wall, "cpu_s": self.cpu + background_cpu(trainer),
+                               "active_classes": int(trainer.fc.active_classes),
                                **self.evaluate(trainer)})
             log.info("step %d: %s", step, self.curve[-1])
         self._mark()

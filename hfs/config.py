@@ -112,6 +112,12 @@ class SamplerConfig:
     update_threshold: float = _f(0.1, gt=0.0, help="hnsw: relative change of a row that earns an in-place update")
     update_budget: int = _f(16, ge=0, help="hnsw: most rows updated in place per step (0 = none)")
     hard_after: int = _f(0, ge=0, help="steps of uniform negatives (Partial FC's rule) before the index's hard negatives are used; the index is built meanwhile")
+    hard_fraction: float = _f(1.0, ge=0.0, le=1.0, help="share of the free slots (sample_num minus the batch's labels) the index's candidates may take; the rest are uniform negatives")
+    candidate_pick: str = _f("topk", choices=("topk", "score"),
+                             help="topk: the nearest candidates, round-robin over the batch; score: drawn without "
+                                  "replacement with probability ~ exp(similarity / temperature)")
+    temperature: float = _f(0.05, gt=0.0, help="candidate_pick=score: similarity temperature (1 / head.scale mirrors the softmax itself)")
+    logq: bool = _f(False, help="sampled-softmax correction: add -log(probability a class is active) to each active negative's logit (training loss only)")
     drift_rows: int = _f(128, ge=0, help="observed rows per step whose drift is measured against the index's own vectors, a random subset (0 = all; reading a vector back costs ~10-25 us)")
     build_threads: int = _f(1, help="threads of an index build (annoy n_jobs, hnsw add_items); -1 = all cores")
     query_threads: int = _f(-1, help="annoy and hnsw: threads answering one batch's queries; -1 = all cores")

@@ -25,21 +25,26 @@ class FCOutput:
     active: int
 
 
-def loss_and_correct(head: MarginHead, features: torch.Tensor, rows: torch.Tensor,
-                     local_labels: torch.Tensor, logit_adjust: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_and_correct(head: MarginHead, features: torch.Tensor, rows: torch.Tensor, local_labels: torch.Tensor,
+                     logit_adjust: torch.Tensor | np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy over the head's logits in float32, and the top-1 hit count.
 
-    ``logit_adjust`` (S,) float32, when given, is added to the logits of the active classes
-    after the head's scale and margin (a sampled-softmax correction from the selection rule).
+    ``logit_adjust`` (S,): added to every sample's logits of the S rows after the head's scale
+    and margin (the selection rule's sampled-softmax correction, ``sampler.logq``); it
+    changes the loss only, never the hit count (a margin-free score, like validation's).
     """
     with torch.autocast(device_type=features.device.type, enabled=False):
         logits, sim = head.logits_and_similarity(features.float(), rows.float(), local_labels)
-        if logit_adjust is not None:
-            logits = logits + logit_adjust.to(logits.device, torch.float32)[None, :]
-        loss = F.cross_entropy(logits, local_labels, ignore_index=-1)
+        loss = F.cross_entropy(adjusted(logits, logit_adjust), local_labels, ignore_index=-1)
         correct = (sim.detach().argmax(dim=1) == local_labels).sum()
     return loss, correct
+
+
+def adjusted(logits: torch.Tensor, logit_adjust: torch.Tensor | np.ndarray | None) -> torch.Tensor:
+    """``logits`` (N, S) plus the per-row ``logit_adjust`` (S,), or as they are when it is None."""
+    if logit_adjust is None:
+        return logits
+    return logits + torch.as_tensor(logit_adjust, dtype=logits.dtype, device=logits.device)[None, :]
 
 
 def init_rows(num_rows: int, dim: int, init: str, std: float, seed: int) -> torch.Tensor:

@@ -81,7 +81,7 @@ def sampled_layer(cfg: Any, store: Any, head: Any, num_classes: int, plan: Class
     """SampledFC over ``store`` with the rank's selection rule; ``workers`` ranks push to the store each step."""
     from hfs.samplers import SelectionRule, neighbours_for
 
-    rule = SelectionRule(plan.sample_num, seed=plan.sampler_seed, hard_after=cfg.sampler.hard_after)
+    rule = SelectionRule.from_config(cfg.sampler, plan.sample_num, plan.sampler_seed)
     indexed = sampled_index(cfg, num_classes, plan) is not None
     neighbours = neighbours_for(cfg.sampler, plan.sample_num, plan.queries_per_step, num_classes) if indexed else 0
     return SampledFC(store, head, rule=rule, neighbours=neighbours, matrix=MATRIX, overlap_push=cfg.fc.overlap_push,

@@ -47,6 +47,7 @@ from torch import nn
 
 from hfs.dist import (all_gather_no_grad, all_gather_with_grad, get_rank, get_world_size, is_initialized,
                       scale_grad)
+from hfs.fc.common import adjusted
 from hfs.fc.layer import selector_upkeep
 
 if TYPE_CHECKING:
@@ -241,34 +242,37 @@ class ShardedFC(nn.Module):
             features = scale_grad(features, float(self.world_size))
         all_features = all_gather_with_grad(features).float()
         all_labels = all_gather_no_grad(labels)
-        index, local = self._select(all_features.detach(), all_labels, step)
+        index, local, adjust = self._select(all_features.detach(), all_labels, step)
         self.current(index)
         self._touched[slice(None) if index is None else index] = True
         rows = self.weight if index is None else self.weight[index]
         with torch.autocast(device_type=all_features.device.type, enabled=False):
-            logits = self.head(all_features, rows.float(), local)
+            logits = adjusted(self.head(all_features, rows.float(), local), adjust)  # sampler.logq
             loss = dist_cross_entropy(logits, local)
             correct = self._own_correct(all_features.detach(), rows.detach().float(), local, labels.shape[0])
         return loss, correct, int(rows.shape[0])
 
     def _select(self, all_features: torch.Tensor, all_labels: torch.Tensor,
-                step: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(active shard-local rows or None for the whole shard, local labels): Partial FC's
-        random rule without a selector, the selector's hard negatives with one."""
+                step: int) -> tuple[torch.Tensor | None, torch.Tensor, np.ndarray | None]:
+        """(active shard-local rows or None for the whole shard, local labels, the rule's logit
+        adjustment or None): Partial FC's random rule without a selector, the selector's
+        hard negatives with one."""
         if self.selector is None:
-            return select_shard_rows(all_labels, self.start, self.end, self.sample_num, self._generator(step))
+            return (*select_shard_rows(all_labels, self.start, self.end, self.sample_num, self._generator(step)), None)
         t0 = time.perf_counter()
         here = (all_labels >= self.start) & (all_labels < self.end)
         shard_labels = torch.where(here, all_labels - self.start, torch.full_like(all_labels, -1))
-        active, local = self.selector.select(all_features.float().cpu().numpy(),
-                                             shard_labels.cpu().numpy().astype(np.int64), step)
+        chosen = self.selector.select(all_features.float().cpu().numpy(), shard_labels.cpu().numpy().astype(np.int64),
+                                      step)
+        active, local = chosen
+        adjust = getattr(chosen, "logit_adjust", None)
         if self.selector.uses_index:  # its drift tracker / in-place updates see the rows used
             self.selector.observe(active, ShardView(self).get_rows("fc", active))
         self.timers["select"] += time.perf_counter() - t0
         local_t = torch.from_numpy(local).to(all_labels.device)
         if len(active) == self.shard_rows and np.array_equal(active, np.arange(self.shard_rows)):
-            return None, local_t  # the whole shard, in order: use the parameter as it is
-        return torch.from_numpy(active).to(self.weight.device), local_t
+            return None, local_t, None  # the whole shard, in order: use the parameter as it is
+        return torch.from_numpy(active).to(self.weight.device), local_t, adjust
 
     def end_step(self, step: int) -> None:
         """After the optimizer step: let the selector advance, swap in or start an index rebuild."""

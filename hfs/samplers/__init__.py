@@ -19,14 +19,14 @@ from hfs.samplers.owned import IndexSpec, OwnedIndex
 from hfs.samplers.random_negatives import RandomSampler
 from hfs.samplers.refresh import RefreshPolicy
 from hfs.samplers.registry import SAMPLERS
-from hfs.samplers.selection import SelectionRule, auto_neighbours, select_active_classes
+from hfs.samplers.selection import Selection, SelectionRule, auto_neighbours, select_active_classes
 from hfs.samplers.selector import ActiveClassSelector
 
 if TYPE_CHECKING:
     from hfs.config import SamplerConfig
 
 __all__ = ["ActiveClassSelector", "AnnoySampler", "ClassSampler", "ExactSampler", "HnswSampler", "IndexSpec",
-           "OwnedIndex", "RandomSampler", "RefreshPolicy", "SAMPLERS", "SelectionRule", "auto_neighbours",
+           "OwnedIndex", "RandomSampler", "RefreshPolicy", "SAMPLERS", "Selection", "SelectionRule", "auto_neighbours",
            "build_sampler", "build_selector", "index_spec", "neighbours_for", "refresh_policy",
            "select_active_classes", "sampler_kwargs"]
 
@@ -99,5 +99,5 @@ def build_selector(sampler_cfg: "SamplerConfig", *, store: Any, num_classes: int
     spec = index_spec(scfg, metric, seed, policy)
     chunk_rows = max(1, min(scfg.snapshot_rows, num_classes))
     return ActiveClassSelector(spec, lambda: store.iter_chunks(matrix, chunk_rows), (num_classes, dim),
-                               rule=SelectionRule(sample_num, seed=seed, hard_after=scfg.hard_after),
+                               rule=SelectionRule.from_config(scfg, sample_num, seed),
                                neighbours=neighbours_for(scfg, sample_num, queries_per_step, num_classes))

@@ -14,7 +14,9 @@ negatives before any query contributes its easier ones. Everything is vectorised
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,32 +76,155 @@ def select_active_classes(labels: np.ndarray, candidates: np.ndarray | None, sam
     When ``sample_num >= num_classes`` the active set is every class in order (the
     candidates are ignored) and the labels are returned as they are. When the batch has
     more distinct labels than ``sample_num``, all of them are returned (more than
-    ``sample_num``); the caller decides how loudly to say so.
+    ``sample_num``); the caller decides how loudly to say so. This is :class:`SelectionRule`
+    with every option at its default (all free slots to the index, deterministic top-k).
     """
+    drawn = _draw(labels, candidates, None, sample_num, num_classes, rng)
+    return drawn.active, drawn.local
+
+
+@dataclass(frozen=True)
+class _Drawn:
+    """One batch's active set with each class's probability ``q`` of being in it (positives: 1)."""
+
+    active: np.ndarray
+    local: np.ndarray
+    q: np.ndarray
+
+
+def _checked_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     if labels.size and (labels.min() < -1 or labels.max() >= num_classes):
         bad = labels[(labels < -1) | (labels >= num_classes)][0]
         raise ValueError(f"label {bad} is outside [0, {num_classes}) (or -1: no positive here)")
-    if sample_num >= num_classes:
-        return np.arange(num_classes, dtype=np.int64), labels.copy()
+    return labels
 
+
+def hard_slots(free: int, hard_fraction: float) -> int:
+    """Slots of ``free`` (S minus positives) the index's candidates may take: the fraction, rounded half up."""
+    return int(min(free, max(0, math.floor(hard_fraction * free + 0.5))))
+
+
+def _candidate_pool(queries: int, candidates: np.ndarray | None, scores: np.ndarray | None,
+                    positives: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Distinct non-positive candidates in round-robin rank order, and each one's best similarity.
+
+    Round-robin over the batch by rank (every query's best, then every query's second best,
+    ...) so a query contributes its hardest negatives before any query its easier ones. A
+    class several queries found scores its highest similarity: how hard it is for the query
+    it is hardest for.
+    """
+    if candidates is None or not np.size(candidates):
+        return np.empty(0, dtype=np.int64), None
+    ranked = np.asarray(candidates, dtype=np.int64).reshape(queries, -1).T.ravel()
+    keep = (ranked >= 0) & (ranked < num_classes)
+    keep &= ~np.isin(ranked, positives)
+    ranked = ranked[keep]
+    if ranked.size == 0:
+        return ranked, None if scores is None else np.empty(0, dtype=np.float64)
+    pool, first = np.unique(ranked, return_index=True)
+    order = np.argsort(first, kind="stable")
+    if scores is None:
+        return pool[order], None
+    sims = np.asarray(scores, dtype=np.float64).reshape(queries, -1).T.ravel()[keep]
+    best = np.full(pool.size, -np.inf)
+    np.maximum.at(best, np.searchsorted(pool, ranked), sims)
+    return pool[order], best[order]
+
+
+def score_inclusion(scores: np.ndarray, temperature: float, count: int) -> np.ndarray:
+    """Inclusion probabilities pi (sum ``count``, each <= 1) proportional to exp(score / temperature).
+
+    pi_i = min(1, c exp(s_i / T)) with c such that the pi sum to ``count``: the classes so
+    hard that their share would exceed 1 are certain, the rest share what is left in
+    proportion to their weights (the standard capping of probability-proportional-to-size
+    sampling). ``count >= len(scores)``: every class is certain.
+    """
+    n = scores.size
+    if count >= n:
+        return np.ones(n)
+    if count <= 0:
+        return np.zeros(n)
+    z = np.asarray(scores, dtype=np.float64) / temperature
+    finite = np.isfinite(z)
+    z = np.where(finite, z, (z[finite].min() - 1000.0) if finite.any() else 0.0)
+    order = np.argsort(-z, kind="stable")
+    zs = z[order]  # log-weights, largest first: no weight underflows at a low temperature
+    log_suffix = np.logaddexp.accumulate(zs[::-1])[::-1]  # log of the sum of the weights from j on
+    k = np.arange(count)
+    # the fewest classes capped at 1 such that the largest uncapped one stays below 1
+    fits = np.log(count - k) + zs[:count] < log_suffix[:count]
+    capped = int(np.argmax(fits)) if fits.any() else count
+    pi_sorted = np.ones(n)
+    if capped < n:
+        pi_sorted[capped:] = np.exp(np.log(count - capped) + zs[capped:] - log_suffix[capped]) if count > capped else 0.0
+    pi = np.empty(n)
+    pi[order] = np.minimum(pi_sorted, 1.0)
+    return pi
+
+
+def sample_by_inclusion(pi: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of a without-replacement sample that holds item i with probability exactly ``pi[i]``.
+
+    Certain items (pi = 1) are taken; the others by systematic sampling in a random order:
+    one uniform offset u, and item i is taken when a point of u + Z falls in its stretch of
+    the cumulated pi. Each stretch is shorter than 1, so an item is taken at most once, with
+    probability its length, and the sample has exactly sum(pi) items.
+    """
+    certain = np.flatnonzero(pi >= 1.0 - 1e-12)
+    maybe = np.flatnonzero((pi < 1.0 - 1e-12) & (pi > 0.0))
+    want = int(round(float(pi.sum()))) - certain.size
+    if want <= 0 or maybe.size == 0:
+        return certain
+    order = maybe[rng.permutation(maybe.size)]
+    cum = np.cumsum(pi[order])
+    cum *= want / cum[-1]
+    cum[-1] = want
+    u = rng.random()
+    hits = np.floor(cum - u) - np.floor(np.concatenate([[0.0], cum[:-1]]) - u)
+    return np.sort(np.concatenate([certain, order[hits > 0]]))
+
+
+def _draw(labels: np.ndarray, candidates: np.ndarray | None, scores: np.ndarray | None, sample_num: int,
+          num_classes: int, rng: np.random.Generator, *, hard_fraction: float = 1.0, pick: str = "topk",
+          temperature: float = 1.0) -> _Drawn:
+    """The selection with every option, and each active class's probability of being active."""
+    labels = _checked_labels(labels, num_classes)
+    if sample_num >= num_classes:
+        return _Drawn(np.arange(num_classes, dtype=np.int64), labels.copy(), np.ones(num_classes))
     known = labels >= 0
     positives = np.unique(labels[known])
-    local_labels = np.where(known, np.searchsorted(positives, labels), -1).astype(np.int64)
-    need = sample_num - positives.size
-    if need <= 0:
-        return positives, local_labels
+    local = np.where(known, np.searchsorted(positives, labels), -1).astype(np.int64)
+    free = sample_num - positives.size
+    if free <= 0:
+        return _Drawn(positives, local, np.ones(positives.size))
 
-    negatives = np.empty(0, dtype=np.int64)
-    if candidates is not None and np.size(candidates):
-        ranked = np.asarray(candidates, dtype=np.int64).reshape(labels.size, -1).T.ravel()
-        ranked = ranked[(ranked >= 0) & (ranked < num_classes)]
-        ranked = ranked[~np.isin(ranked, positives)]
-        negatives = _first_occurrence_unique(ranked)[:need]
+    pool, pool_scores = _candidate_pool(labels.size, candidates, scores, positives, num_classes)
+    slots = hard_slots(free, hard_fraction)
+    if pick == "score" and pool.size:
+        if pool_scores is None:
+            raise ValueError("candidate_pick=score needs the index's similarities with its candidates")
+        pi = score_inclusion(pool_scores, temperature, slots)
+        chosen = sample_by_inclusion(pi, rng)
+    else:  # top-k: the first `slots` of the round-robin, with certainty
+        pi = (np.arange(pool.size) < slots).astype(np.float64)
+        chosen = np.arange(min(slots, pool.size))
+    negatives = pool[chosen]
 
     taken = np.concatenate([positives, negatives])
-    fill = _uniform_fill(np.sort(taken), need - negatives.size, num_classes, rng)
-    return np.concatenate([taken, fill]), local_labels
+    count = free - negatives.size
+    fill = _uniform_fill(np.sort(taken), count, num_classes, rng)
+    # P(active) of a negative = P(picked from the pool) + P(not picked) x P(in the uniform fill)
+    fill_share = count / max(num_classes - taken.size, 1)
+    q_negatives = pi[chosen] + (1.0 - pi[chosen]) * fill_share
+    q_fill = np.full(fill.size, fill_share)
+    in_pool = np.isin(fill, pool)
+    if in_pool.any():
+        at = np.searchsorted(pool, fill[in_pool], sorter=np.argsort(pool))
+        pool_pi = pi[np.argsort(pool)][at]
+        q_fill[in_pool] = pool_pi + (1.0 - pool_pi) * fill_share
+    q = np.concatenate([np.ones(positives.size), q_negatives, q_fill])
+    return _Drawn(np.concatenate([taken, fill]), local, q)
 
 
 @dataclass(frozen=True)
@@ -109,11 +234,25 @@ class Selection:
     ``active`` (S,) int64 class ids (positives first, sorted), ``local`` (B,) int64 the labels'
     positions in ``active`` (-1: no positive here), and ``logit_adjust``: None, or (S,) float32
     added to the active classes' logits before the loss (a sampled-softmax correction).
+    ``log_q`` (S,) float32: log of each class's probability of being active (0: certain; None
+    when every class is active), what a coverage estimate weighs by. It
+    unpacks and indexes as the pair ``(active, local)`` (what selectors answered before), for
+    callers that apply no correction.
     """
 
     active: np.ndarray
     local: np.ndarray
     logit_adjust: np.ndarray | None = None
+    log_q: np.ndarray | None = None
+
+    def __iter__(self):
+        return iter((self.active, self.local))
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return (self.active, self.local)[index]
+
+
+CANDIDATE_PICKS = ("topk", "score")
 
 
 @dataclass(frozen=True)
@@ -122,26 +261,79 @@ class SelectionRule:
 
     It is a value (JSON-able with ``dataclasses.asdict``) so that whoever holds the index, the
     trainer or a shard of the parameter server, applies exactly the same rule. ``seed`` and
-    the step seed the uniform fill (``rng_for``): the same request gives the same active set
-    wherever it is answered. ``hard_after``: steps of uniform negatives before the index's
-    answers are used.
+    the step seed the random draws (``rng_for``): the same request gives the same active set
+    wherever it is answered. The fields (``sampler.*`` keys of the same names):
+
+    - ``hard_after``: steps of uniform negatives before the index's answers are used;
+    - ``hard_fraction``: share of the free slots (S minus the positives) the index's
+      candidates may take; the rest is uniform fill (1.0: the candidates take all they can);
+    - ``candidate_pick``: ``topk`` takes the round-robin's first candidates; ``score`` draws
+      them without replacement with inclusion probability ~ exp(similarity / ``temperature``);
+    - ``logq``: answer ``logit_adjust = -log q`` (see :meth:`select`).
     """
 
     sample_num: int
     seed: int = 0
     hard_after: int = 0
+    hard_fraction: float = 1.0
+    candidate_pick: str = "topk"
+    temperature: float = 0.05
+    logq: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.sample_num, numbers.Integral) or self.sample_num <= 0:
+            problems.append(f"sample_num must be a positive int, got {self.sample_num!r}")
+        if not isinstance(self.hard_after, numbers.Integral) or self.hard_after < 0:
+            problems.append(f"hard_after must be an int >= 0, got {self.hard_after!r}")
+        if not isinstance(self.hard_fraction, numbers.Real) or not 0.0 <= self.hard_fraction <= 1.0:
+            problems.append(f"hard_fraction must be in [0, 1], got {self.hard_fraction!r}")
+        if self.candidate_pick not in CANDIDATE_PICKS:
+            problems.append(f"candidate_pick must be one of {', '.join(CANDIDATE_PICKS)}, got {self.candidate_pick!r}")
+        if not isinstance(self.temperature, numbers.Real) or not self.temperature > 0.0:
+            problems.append(f"temperature must be > 0, got {self.temperature!r}")
+        if not isinstance(self.logq, (bool, np.bool_)):
+            problems.append(f"logq must be a bool, got {self.logq!r}")
+        if problems:
+            raise ValueError("selection rule: " + "; ".join(problems))
+
+    @classmethod
+    def from_config(cls, sampler_cfg, sample_num: int, seed: int) -> "SelectionRule":
+        """The rule the ``sampler`` config section describes, for ``sample_num`` classes and fill ``seed``."""
+        return cls(sample_num, seed=seed, hard_after=sampler_cfg.hard_after,
+                   hard_fraction=float(sampler_cfg.hard_fraction), candidate_pick=sampler_cfg.candidate_pick,
+                   temperature=float(sampler_cfg.temperature), logq=bool(sampler_cfg.logq))
 
     def wants_candidates(self, step: int) -> bool:
         """Whether this step's selection uses the index at all."""
-        return step >= self.hard_after
+        return step >= self.hard_after and self.hard_fraction > 0.0
 
     def rng_for(self, step: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, max(int(step), 0)])
 
     def select(self, labels: np.ndarray, ids: np.ndarray | None, scores: np.ndarray | None, num_classes: int,
                step: int) -> Selection:
-        """Active classes of one batch from its labels and the index's (B, k) ids and similarities."""
+        """Active classes of one batch from its labels and the index's (B, k) ids and similarities.
+
+        With ``logq`` the answer carries ``logit_adjust = -log q`` per active class, q being the
+        probability that the class is in the active set under this mixture proposal: 1 for a
+        top-k pick, ``fill / free`` for a uniform fill (fill slots over the classes it draws
+        from), the inclusion probability (plus the fill's chance) for a score pick. Adding it
+        to a negative's logit makes the sampled partition sum ``sum exp(l_i) / q_i``, an
+        unbiased estimate of the full softmax's, so the loss and its gradient estimate full
+        softmax's instead of one biased toward whatever the proposal favours. Positives get
+        0: every label of the batch is in the set with certainty (q = 1, -log q = 0), and
+        that is the right weight for a class counted once in the full sum, both as a
+        sample's own target and as a negative of the batch's other samples. Giving the target
+        its own term (as sampled softmax does when the target is drawn like the negatives)
+        would shift the loss by a constant of the proposal, not of the model.
+        """
         if not self.wants_candidates(step):
             ids = scores = None
-        active, local = select_active_classes(labels, ids, self.sample_num, num_classes, self.rng_for(step))
-        return Selection(active, local)
+        drawn = _draw(labels, ids, scores, self.sample_num, num_classes, self.rng_for(step),
+                      hard_fraction=self.hard_fraction, pick=self.candidate_pick, temperature=self.temperature)
+        if drawn.active.size >= num_classes:
+            return Selection(drawn.active, drawn.local)
+        log_q = np.log(np.clip(drawn.q, 1e-30, 1.0)).astype(np.float32)
+        adjust = (0.0 - log_q) if self.logq else None
+        return Selection(drawn.active, drawn.local, adjust, log_q)

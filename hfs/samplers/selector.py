@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from hfs.samplers.owned import IndexSpec, OwnedIndex
-from hfs.samplers.selection import SelectionRule
+from hfs.samplers.selection import Selection, SelectionRule
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +40,21 @@ class ActiveClassSelector:
         self.update_cost = self.index.update_cost
         self.uses_index = self.index.uses_index
 
-    def select(self, features: np.ndarray | None, labels: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """Active class ids (S,) int64 and the labels' positions in them (B,) int64.
+    def select(self, features: np.ndarray | None, labels: np.ndarray, step: int) -> Selection:
+        """Active class ids (S,) int64, the labels' positions in them (B,) int64 and the rule's
+        logit adjustment (unpacks as ``active, local``).
 
         ``features`` may be None when ``uses_index`` is False (no index queries them)."""
+        rule = self.rule
         ids = scores = None
-        if self.uses_index and self.index.ready and self.rule.wants_candidates(step):
+        if self.uses_index and self.index.ready and rule.wants_candidates(step):
             ids, scores = self.index.search(np.asarray(features, dtype=np.float32), self.neighbours)
-        chosen = self.rule.select(labels, ids, scores, self.num_classes, step)
-        if len(chosen.active) > self.sample_num and not self._warned_overflow:
+        chosen = rule.select(labels, ids, scores, self.num_classes, step)
+        if len(chosen.active) > rule.sample_num and not self._warned_overflow:
             self._warned_overflow = True
             log.warning("batch at step %d has %d distinct labels, more than sampler sample_num=%d: keeping all "
-                        "positives (said once)", step, len(chosen.active), self.sample_num)
-        return chosen.active, chosen.local
+                        "positives (said once)", step, len(chosen.active), rule.sample_num)
+        return chosen
 
     def observe(self, rows: np.ndarray, values: np.ndarray) -> None:
         """Fresh values of rows that changed in the holder (see ``OwnedIndex.rows_changed``)."""

@@ -32,8 +32,10 @@ def _batch(seed):
     return rng.standard_normal((B, D)).astype(np.float32), rng.integers(0, C, B).astype(np.int64)
 
 
-@pytest.mark.parametrize("count", [1, 2, 3])
-def test_select_over_shards_gives_the_single_store_active_set(thread_server, count):
+@pytest.mark.parametrize("count,options", [(1, {}), (2, {}), (3, {}),
+                                           (1, {"candidate_pick": "score", "logq": True, "hard_fraction": 0.7}),
+                                           (3, {"candidate_pick": "score", "logq": True, "hard_fraction": 0.7})])
+def test_select_over_shards_gives_the_single_store_active_set(thread_server, count, options):
     from hfs.paramserver.client import ParamClient
 
     whole = _store()
@@ -42,7 +44,7 @@ def test_select_over_shards_gives_the_single_store_active_set(thread_server, cou
     client = ParamClient([s.endpoint for s in servers], timeout_s=10)
     try:
         assert client.attach_index("fc", EXACT) and not client.attach_index("fc", EXACT)
-        rule = SelectionRule(50, seed=3)
+        rule = SelectionRule(50, seed=3, **options)  # the rule's options travel as its fields
         rng = np.random.default_rng(0)
         for step in range(3):
             features, labels = _batch(step)
@@ -51,6 +53,11 @@ def test_select_over_shards_gives_the_single_store_active_set(thread_server, cou
             np.testing.assert_array_equal(chosen.active, expected.active)
             np.testing.assert_array_equal(chosen.local, expected.local)
             np.testing.assert_allclose(rows, expected_rows, rtol=1e-6, atol=1e-6)
+            if rule.logq:
+                assert expected.logit_adjust is not None and np.any(expected.logit_adjust > 0)
+                np.testing.assert_allclose(chosen.logit_adjust, expected.logit_adjust, rtol=1e-6)
+            else:
+                assert chosen.logit_adjust is None
             grads = rng.standard_normal((len(chosen.active), D)).astype(np.float32)
             whole.push_grads("fc", chosen.active, grads, step)
             client.push_grads("fc", chosen.active, grads, step)
