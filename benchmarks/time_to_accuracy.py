@@ -154,6 +154,8 @@ def run_cell(args: argparse.Namespace, cell: str, seed: int, workdir: Path) -> d
     probe = Probe(args, verify_a, verify_b)
     result = Trainer(cfg, datasets=(train, val, args.classes), callbacks=[probe]).run()
     shutil.rmtree(out_dir, ignore_errors=True)
+    if result.interrupted:  # a cut-short cell is not a result: --resume runs it again
+        raise CellInterrupted(f"{cell} seed {seed} was interrupted at step {result.steps}; not recorded")
     final = probe.curve[-1]
     row = {"cell": cell, "seed": seed, "sampler": name, "sample_num": sample_num, "rate": sample_num / args.classes,
            "val_top1": final["val_top1"], "tar": final["tar"], "train_wall_s": probe.wall, "train_cpu_s": final["cpu_s"],
@@ -162,6 +164,10 @@ def run_cell(args: argparse.Namespace, cell: str, seed: int, workdir: Path) -> d
     log.info("%s seed %d: top1 %.4f TAR %.4f in %.0f s (cpu %.0f s), converged %s", cell, seed, row["val_top1"],
              row["tar"], probe.wall, probe.cpu, row["converged"])
     return row
+
+
+class CellInterrupted(RuntimeError):
+    """The trainer stopped early (a signal): the cell's numbers are not a finished run's."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -208,7 +214,11 @@ def main(argv: list[str] | None = None) -> None:
             if (cell, seed) in done:
                 log.info("%s seed %d: kept from %s", cell, seed, args.out)
                 continue
-            rows.append(run_cell(args, cell, seed, Path(args.workdir)))
+            try:
+                rows.append(run_cell(args, cell, seed, Path(args.workdir)))
+            except CellInterrupted as exc:
+                log.error("%s; finished cells are in %s", exc, args.out)
+                raise SystemExit(130) from None
             rows.sort(key=lambda r: (order.get(r["cell"], len(order)), r["seed"]))
             write_results(args.out, context, rows)  # a cut-short run keeps every finished cell
     log.info("wrote %s", args.out)

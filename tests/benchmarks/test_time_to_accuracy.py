@@ -68,3 +68,26 @@ def test_table_and_files_read_as_one(tmp_path):
     assert "| random:0.1 | 1 | 80.00 |" in text
     with pytest.raises(SystemExit, match="earlier file"):
         plot_time_to_accuracy.load([a, a])
+
+
+def test_an_interrupted_cell_is_not_recorded(tmp_path, monkeypatch):
+    """A signal stops the trainer early: its numbers must not pass for a finished run's (--resume reruns it)."""
+    from hfs.train import trainer as trainer_mod
+
+    run = trainer_mod.Trainer.run
+
+    def stopped_early(self):
+        result = run(self)
+        if self.cfg.fc.mode == "sampled":
+            result.interrupted = True
+        return result
+
+    monkeypatch.setattr(trainer_mod.Trainer, "run", stopped_early)
+    out = tmp_path / "tta.json"
+    common = ["--classes", "60", "--steps", "4", "--eval-every", "2", "--batch", "16", "--views", "3",
+              "--verify-identities", "40", "--input-dim", "12", "--dim", "8", "--warmup", "1",
+              "--workdir", str(tmp_path / "work"), "--out", str(out)]
+    with pytest.raises(SystemExit) as stop:
+        time_to_accuracy.main([*common, "--cells", "full", "random:0.2", "exact:0.2"])
+    assert stop.value.code == 130
+    assert [r["cell"] for r in json.loads(out.read_text())["results"]] == ["full"]
