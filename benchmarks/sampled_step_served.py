@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,29 +28,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence_common import peak_rss_mb, run_context, write_results  # noqa: E402
+from evidence_common import current_rss_mb, peak_rss_mb, run_context, write_results  # noqa: E402
+from scale_10m import free_port, start_server  # noqa: E402
 
 log = logging.getLogger("sampled_step_served")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_mb(pid: int) -> float:
-    """Current resident set of a process (Linux /proc), in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def start_server(snapshot_dir: Path, port: int, log_path: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "hfs", "serve-params", "--port", str(port), "--snapshot-dir", str(snapshot_dir),
-           "--set", "paramserver.max_message_mb=4096"]
-    return subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=dict(os.environ))
 
 
 def bench_config(args: argparse.Namespace, address: str):
@@ -71,13 +50,13 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from hfs.bench.fc import time_sampled_steps
 
     port = free_port()
-    server = start_server(workdir / "store", port, workdir / "server.log")
+    server = start_server(workdir / "store", port, workdir / "server.log", hugepages=False)
     server_rss: list[float] = []
     try:
         cfg = bench_config(args, f"tcp://127.0.0.1:{port}")
         t0 = time.perf_counter()
         out = time_sampled_steps(cfg, args.classes, args.batch, args.sample_num, args.steps, warmup=args.warmup,
-                                 wait_index=True, on_step=lambda: server_rss.append(rss_mb(server.pid)))
+                                 wait_index=True, on_step=lambda: server_rss.append(current_rss_mb(server.pid)))
         wall = time.perf_counter() - t0
     finally:
         server.terminate()
