@@ -100,34 +100,19 @@ def served(cfg, steps: int, warmup: int) -> dict[str, float]:
 
 
 def seed(cfg, steps: int, warmup: int) -> dict[str, float]:
-    from hfs.bench.paramserver import BENCH_HPARAMS, start_seed_server, step_data
-    from hfs.bench.seed_paramserver import SeedStyleClient
+    from hfs.bench.paramserver import seed_server_client, step_data
 
-    proc, address = start_seed_server()
-    client = SeedStyleClient(address)
     row_sets, grads = step_data(cfg)
+    with seed_server_client(cfg) as (client, server_pid):
+        def step(k: int) -> None:
+            rows = row_sets[k % len(row_sets)]
+            client.get_value_by_rows("fc", rows)
+            client.update_by_rows("fc", rows, grads)
+            if k == steps - 1:  # (warm-up has fewer steps) the last fire-and-forget push is applied
+                client.get_value_by_rows("fc", rows[:1])
 
-    def step(k: int) -> None:
-        rows = row_sets[k % len(row_sets)]
-        client.get_value_by_rows("fc", rows)
-        client.update_by_rows("fc", rows, grads)
-        if k == steps - 1:  # (warm-up has fewer steps) the last fire-and-forget push is applied
-            client.get_value_by_rows("fc", rows[:1])
-
-    try:
-        client.add_matrix("fc", (cfg.num_classes, cfg.dim))
-        client.update_params(lr=BENCH_HPARAMS.lr, momentum=BENCH_HPARAMS.momentum,
-                             weight_decay=BENCH_HPARAMS.weight_decay)
         _warm_up(step, warmup)
-        result = _measure(step, steps, proc.pid)
-        client.stop_server()
-        proc.wait(60)
-    finally:
-        client.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return result
+        return _measure(step, steps, server_pid)
 
 
 def run(steps: int, warmup: int, rules: list[str], cfg=None) -> dict[str, Any]:

@@ -13,6 +13,7 @@ Every number is measured in the same run so the ratios hold on a noisy shared ma
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -23,6 +24,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -88,10 +90,10 @@ def round_trips_per_second(store: WeightStore, cfg: BenchConfig, first_step: int
     return done / (time.perf_counter() - start), step
 
 
-def seed_round_trips_per_second(cfg: BenchConfig) -> float:
-    """The same get + push traffic against the seed project's server logic (reimplemented in
-    :mod:`hfs.bench.seed_paramserver`), in its own process on 127.0.0.1. Its pushes are
-    fire-and-forget, so one last read after the clock's end waits for the queued ones."""
+@contextlib.contextmanager
+def seed_server_client(cfg: BenchConfig) -> Iterator[tuple[Any, int]]:
+    """A client of a running seed-style server (its own process on 127.0.0.1, pid given too) with
+    matrix ``fc`` and the bench's hyper-parameters; the server is stopped (killed if need be) on exit."""
     from hfs.bench.seed_paramserver import SeedStyleClient
 
     proc, address = start_seed_server()
@@ -100,6 +102,21 @@ def seed_round_trips_per_second(cfg: BenchConfig) -> float:
         client.add_matrix("fc", (cfg.num_classes, cfg.dim))
         client.update_params(lr=BENCH_HPARAMS.lr, momentum=BENCH_HPARAMS.momentum,
                              weight_decay=BENCH_HPARAMS.weight_decay)
+        yield client, proc.pid
+        client.stop_server()
+        proc.wait(60)
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def seed_round_trips_per_second(cfg: BenchConfig) -> float:
+    """The same get + push traffic against the seed project's server logic (reimplemented in
+    :mod:`hfs.bench.seed_paramserver`), in its own process on 127.0.0.1. Its pushes are
+    fire-and-forget, so one last read after the clock's end waits for the queued ones."""
+    with seed_server_client(cfg) as (client, _):
         row_sets, grads = step_data(cfg)
         for rows in row_sets:
             client.get_value_by_rows("fc", rows)
@@ -112,15 +129,7 @@ def seed_round_trips_per_second(cfg: BenchConfig) -> float:
             client.update_by_rows("fc", rows, grads)
             done += 1
         client.get_value_by_rows("fc", row_sets[0][:1])  # every queued push is applied
-        rate = done / (time.perf_counter() - start)
-        client.stop_server()
-        proc.wait(60)
-    finally:
-        client.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return rate
+        return done / (time.perf_counter() - start)
 
 
 def _sync_worker(address: str, cfg: BenchConfig, index: int, name: str, first_step: int, barrier, results) -> None:
