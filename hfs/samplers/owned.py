@@ -204,8 +204,9 @@ class OwnedIndex:
         t0 = time.perf_counter()
         rows = np.asarray(rows, dtype=np.int64)
         values = np.asarray(values, dtype=np.float32)
-        rows, first = np.unique(rows, return_index=True)
-        values = values[first]
+        if rows.size > 1 and not np.all(rows[1:] > rows[:-1]):  # a store's applied rows are unique already
+            rows, first = np.unique(rows, return_index=True)
+            values = values[first]
         if self.update_cost == "cheap":
             self._update_in_place(rows, values)  # every row fresh again: nothing to measure
         else:

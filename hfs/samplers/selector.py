@@ -45,8 +45,7 @@ class ActiveClassSelector:
         logit adjustment (unpacks as ``active, local``).
 
         ``features`` may be None when ``uses_index`` is False (no index queries them)."""
-        rule = self.rule
-        ids = scores = None
+        rule, ids, scores = self.rule, None, None
         if self.uses_index and self.index.ready and rule.wants_candidates(step):
             ids, scores = self.index.search(np.asarray(features, dtype=np.float32), self.neighbours)
         chosen = rule.select(labels, ids, scores, self.num_classes, step)
