@@ -14,9 +14,16 @@ evaluated every ``--eval-every`` steps (the clocks stop while it is evaluated):
 - verification TAR at FAR = ``--far`` on identities never trained on: view 0 against view 1
   of ``--verify-identities`` identities, every cross-identity pair an impostor
   (``U^2 - U`` impostor pairs and ``U`` genuine ones);
-- training time so far: wall seconds, and CPU seconds: this process's plus the background
-  index builds' (``--threads`` torch threads; with 1 thread CPU time is the work done, far
-  less affected by other load on the box than wall time).
+- training time so far: wall seconds, and CPU seconds: this process's (all threads, so an
+  hnsw/exact build thread too) plus its finished children's (annoy builds) (``--threads``
+  torch threads; with 1 thread CPU time is the work done, far less affected by other load on
+  the box than wall time).
+
+``--budget-cpu-s`` gives every cell the same CPU budget instead of the same steps (the C = 1M
+comparison of issue 12): each cell first trains ``--calibrate-steps`` steps to measure its CPU
+cost per step, then runs the number of steps that fits the budget, its cosine schedule ending
+there, with ``--evals`` evaluations. ``--val-samples`` scores a fixed random subset of the
+held-out samples (against all classes) where scoring all of them would cost more than training.
 
 A cell is ``full`` or ``SAMPLER:RATE`` (sample_num = RATE x C). A run is *converged* when
 held-out top-1 moved less than ``--flat`` over its last 20% of steps. ``--resume`` keeps
@@ -44,8 +51,11 @@ log = logging.getLogger("time_to_accuracy")
 
 
 def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """CPU seconds of this process (all its threads: hnsw/exact builds run in one) plus its finished
+    children (annoy builds run in a child process), each counted once."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def tar_at_far(emb_a: np.ndarray, emb_b: np.ndarray, far: float) -> float:
@@ -59,17 +69,6 @@ def tar_at_far(emb_a: np.ndarray, emb_b: np.ndarray, far: float) -> float:
     k = max(1, int(np.floor(far * impostor.size)))  # at most this many impostors above the threshold
     threshold = np.partition(impostor, impostor.size - k)[impostor.size - k]
     return float((genuine > threshold).mean())
-
-
-def background_cpu(trainer) -> float:
-    """CPU seconds of the background index builds (other processes, threads) so far: the store's
-    own index in sampled mode, the shard's selector in sharded mode."""
-    index_stats = getattr(trainer.fc, "index_stats", None)
-    if index_stats is not None:
-        return float(index_stats().get("bg_cpu_seconds", 0.0))
-    selector = getattr(trainer.fc, "selector", None)
-    upkeep = getattr(selector, "upkeep", None)
-    return float(upkeep()["bg_cpu_seconds"]) if upkeep is not None else 0.0
 
 
 class Probe:
@@ -88,7 +87,7 @@ class Probe:
         self.wall += time.perf_counter() - self._t
         self.cpu += cpu_seconds() - self._c
         if step % self.args.eval_every == 0 or step == self.args.steps:
-            self.curve.append({"step": step, "wall_s": self.wall, "cpu_s": self.cpu + background_cpu(trainer),
+            self.curve.append({"step": step, "wall_s": self.wall, "cpu_s": self.cpu,
                                "active_classes": int(trainer.fc.active_classes),
                                **self.evaluate(trainer)})
             log.info("step %d: %s", step, self.curve[-1])
@@ -143,11 +142,16 @@ def run_cell(args: argparse.Namespace, cell: str, seed: int, workdir: Path) -> d
         torch.set_num_threads(args.threads)
     name, sample_num = parse_cell(cell, args.classes)
     out_dir = workdir / f"{cell.replace(':', '_')}_seed{seed}"
-    shutil.rmtree(out_dir, ignore_errors=True)
-    cfg = cell_config(args, name, sample_num, out_dir, seed)
     gen = LatentGenerator(args.data_seed, input_dim=args.input_dim)
     train = LatentIdentities(gen, args.classes, args.views, split="train", val_per_class=1)
-    val = LatentIdentities(gen, args.classes, args.views, split="val", val_per_class=1)
+    val = held_out(LatentIdentities(gen, args.classes, args.views, split="val", val_per_class=1),
+                   args.val_samples, args.data_seed)
+    per_step = None
+    if args.budget_cpu_s > 0:
+        per_step = calibrate(args, name, sample_num, out_dir, seed, (train, val, args.classes))
+        args = budgeted(args, per_step)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cfg = cell_config(args, name, sample_num, out_dir, seed)
     unseen = np.arange(args.classes, args.classes + args.verify_identities)
     verify_a = torch.from_numpy(gen.samples(unseen, np.zeros_like(unseen)))
     verify_b = torch.from_numpy(gen.samples(unseen, np.ones_like(unseen)))
@@ -160,10 +164,63 @@ def run_cell(args: argparse.Namespace, cell: str, seed: int, workdir: Path) -> d
     row = {"cell": cell, "seed": seed, "sampler": name, "sample_num": sample_num, "rate": sample_num / args.classes,
            "val_top1": final["val_top1"], "tar": final["tar"], "train_wall_s": probe.wall, "train_cpu_s": final["cpu_s"],
            "final_loss": result.loss, "converged": converged(probe.curve, args.steps, args.flat),
-           "curve": probe.curve}
+           "steps": args.steps, "curve": probe.curve}
+    if per_step is not None:
+        row["calibrated_cpu_s_per_step"] = per_step
     log.info("%s seed %d: top1 %.4f TAR %.4f in %.0f s (cpu %.0f s), converged %s", cell, seed, row["val_top1"],
              row["tar"], probe.wall, probe.cpu, row["converged"])
     return row
+
+
+def held_out(val, samples: int, seed: int):
+    """All held-out samples, or a fixed random subset of ``samples`` of them (same for every cell)."""
+    if samples <= 0 or samples >= len(val):
+        return val
+    from torch.utils.data import Subset
+
+    pick = np.sort(np.random.default_rng([seed, 11]).choice(len(val), samples, replace=False))
+    return Subset(val, pick.tolist())
+
+
+class StepClock:
+    """Trainer callback: CPU seconds between the first step and the last."""
+
+    def __init__(self) -> None:
+        self.first: tuple[int, float] | None = None
+        self.last: tuple[int, float] | None = None
+
+    def __call__(self, trainer, step: int, record: dict) -> None:
+        now = (step, cpu_seconds())
+        self.first = self.first or now
+        self.last = now
+
+    def per_step(self) -> float:
+        if self.first is None or self.last is None or self.last[0] <= self.first[0]:
+            raise SystemExit("--calibrate-steps must be at least 2")
+        return (self.last[1] - self.first[1]) / (self.last[0] - self.first[0])
+
+
+def calibrate(args: argparse.Namespace, name: str, sample_num: int, out_dir: Path, seed: int,
+              datasets: tuple) -> float:
+    """CPU seconds per step of this cell, from a short run of it (its index builds included)."""
+    from hfs.train.trainer import Trainer
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    short = argparse.Namespace(**{**vars(args), "steps": args.calibrate_steps})
+    clock = StepClock()
+    result = Trainer(cell_config(short, name, sample_num, out_dir, seed), datasets=datasets, callbacks=[clock]).run()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    if result.interrupted:
+        raise CellInterrupted(f"{name} calibration was interrupted; not recorded")
+    per_step = clock.per_step()
+    log.info("%s:%d calibrated at %.2f ms CPU per step", name, sample_num, 1e3 * per_step)
+    return per_step
+
+
+def budgeted(args: argparse.Namespace, per_step: float) -> argparse.Namespace:
+    """``args`` with the steps that fit ``--budget-cpu-s`` at ``per_step`` and ``--evals`` evaluations."""
+    steps = max(args.evals, int(args.budget_cpu_s / per_step))
+    return argparse.Namespace(**{**vars(args), "steps": steps, "eval_every": max(1, steps // args.evals)})
 
 
 class CellInterrupted(RuntimeError):
@@ -191,6 +248,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--far", type=float, default=1e-4, help="false accept rate of the reported TAR")
     p.add_argument("--flat", type=float, default=0.005, help="converged: top-1 range over the last 20%% of steps below this")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the generated identities")
+    p.add_argument("--val-samples", type=int, default=0,
+                   help="held-out samples scored (a fixed random subset; 0 = all, one per class)")
+    p.add_argument("--budget-cpu-s", type=float, default=0.0,
+                   help="equal CPU budget per cell instead of --steps (0 = off); see the module docstring")
+    p.add_argument("--calibrate-steps", type=int, default=500, help="--budget-cpu-s: steps of the calibration run")
+    p.add_argument("--evals", type=int, default=5, help="--budget-cpu-s: evaluations per cell")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="config override for every cell, as `hfs train --set` (repeatable)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch default)")

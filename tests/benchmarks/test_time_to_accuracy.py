@@ -91,3 +91,21 @@ def test_an_interrupted_cell_is_not_recorded(tmp_path, monkeypatch):
         time_to_accuracy.main([*common, "--cells", "full", "random:0.2", "exact:0.2"])
     assert stop.value.code == 130
     assert [r["cell"] for r in json.loads(out.read_text())["results"]] == ["full"]
+
+
+def test_equal_cpu_budget_calibrates_each_cell_and_scores_a_subset(tmp_path):
+    """--budget-cpu-s: each cell's steps come from its own measured cost; --val-samples scores a fixed subset."""
+    out = tmp_path / "tta.json"
+    time_to_accuracy.main(["--classes", "60", "--batch", "16", "--views", "3", "--verify-identities", "40",
+                           "--input-dim", "12", "--dim", "8", "--warmup", "1", "--cells", "full", "random:0.2",
+                           "--budget-cpu-s", "0.5", "--calibrate-steps", "4", "--evals", "2", "--val-samples", "25",
+                           "--workdir", str(tmp_path / "work"), "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    for r in rows:
+        per_step = r["calibrated_cpu_s_per_step"]
+        assert per_step > 0 and r["steps"] == max(2, int(0.5 / per_step))
+        assert r["curve"][0]["step"] == r["steps"] // 2 and r["curve"][-1]["step"] == r["steps"]
+    subset = time_to_accuracy.held_out(list(range(100)), 25, 0)
+    assert len(subset) == 25 and list(subset.indices) == sorted(subset.indices)
+    assert list(time_to_accuracy.held_out(list(range(100)), 25, 0).indices) == list(subset.indices)
+    assert time_to_accuracy.held_out(list(range(10)), 0, 0) == list(range(10))
