@@ -14,6 +14,7 @@ that folder, with the hfs name pattern, the offered size and the offered nonce.
 
 from __future__ import annotations
 
+import errno
 import hmac
 import logging
 import mmap
@@ -159,7 +160,7 @@ class ClientSegment(SegmentView):
         path = os.path.join(folder, f"{PREFIX}{os.getpid()}-{secrets.token_hex(16)}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, size)
+            _reserve(fd, size)
             buf = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
@@ -194,6 +195,19 @@ class ClientSegment(SegmentView):
     def close(self) -> None:
         self.unlink()
         super().close()
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Size the file with its pages reserved: a full /dev/shm (Docker's default is 64 MB) then
+    fails here with ENOSPC instead of killing a process with SIGBUS at its first write."""
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+    os.ftruncate(fd, size)
 
 
 def request_nbytes(arrays: Sequence[np.ndarray]) -> int:

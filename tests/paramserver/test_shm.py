@@ -399,3 +399,17 @@ def test_a_bare_off_in_yaml_means_off(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("paramserver:\n  shared_memory: off\n")  # YAML 1.1 reads this as false
     assert load_config(path, []).paramserver.shared_memory == "off"
+
+
+def test_a_full_shm_folder_falls_back_to_frames(thread_server, monkeypatch):
+    import errno
+
+    def full(fd, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shm, "_reserve", full)
+    srv = thread_server(_store())
+    with _client(srv.endpoint) as client:
+        got = client.get_rows("fc", np.arange(C))
+        assert client._no_shm == {srv.endpoint} and not _leftovers(os.getpid())
+    assert got.tobytes() == srv.server.store.get_rows("fc", np.arange(C)).tobytes()
