@@ -52,11 +52,11 @@ def parse_address(address: str | Sequence[str]) -> list[str]:
     return endpoints
 
 
-def _grown(current: int, need: int) -> int:
-    """A region size for ``need`` bytes: the current one if it fits, else at least double it, capped."""
+def _grown(current: int, need: int, cap: int) -> int:
+    """A region size for ``need`` bytes (<= ``cap``): the current one if it fits, else at least double it."""
     if need <= current:
         return current
-    return min(max(need, 2 * current, shm.DEFAULT_REGION_BYTES), shm.MAX_REGION_BYTES)
+    return min(max(need, 2 * current, shm.DEFAULT_REGION_BYTES), cap)
 
 
 def _owned(array: np.ndarray) -> np.ndarray:
@@ -148,6 +148,7 @@ class ParamClient(WeightStore):
             socks = self._local.sockets = [self._open(ep) for ep in self.endpoints]
             self._local.segments = [None] * len(socks)
             self._local.reply_bytes = [shm.DEFAULT_REGION_BYTES] * len(socks)
+            self._local.region_cap = [shm.MAX_REGION_BYTES] * len(socks)
         return socks
 
     # -- shared memory, one segment per socket ------------------------------------------
@@ -166,35 +167,43 @@ class ParamClient(WeightStore):
         if self.endpoints[shard] in self._no_shm:
             return None
         current = self._local.segments[shard]
-        need_reply = self._local.reply_bytes[shard]
-        if need > shm.MAX_REGION_BYTES:
-            need = 0  # travels as frames whatever the segment
+        cap = self._local.region_cap[shard]
+        need = need if need <= cap else 0  # too big for any segment: this request goes as frames
+        need_reply = min(self._local.reply_bytes[shard], cap)
         if current is not None and need <= current.request_bytes and need_reply <= current.reply_bytes:
             return current
-        request = _grown(current.request_bytes if current is not None else 0, need)
-        reply = _grown(current.reply_bytes if current is not None else 0, need_reply)
+        request = _grown(current.request_bytes if current is not None else 0, need, cap)
+        reply = _grown(current.reply_bytes if current is not None else 0, need_reply, cap)
         return self._attach(shard, request, reply, op)
 
     def _attach(self, shard: int, request_bytes: int, reply_bytes: int, op: str) -> shm.ClientSegment | None:
         """Offer a fresh segment to the shard (op ``shm``, before the ``op`` request that needs it,
-        which an unreachable server's error names); unlinked once answered, either way."""
-        self._drop_segment(shard)
-        endpoint = self.endpoints[shard]
+        which an unreachable server's error names); unlinked once answered, either way. When a
+        bigger segment cannot be made, the current one stays and bigger payloads go as frames."""
+        endpoint, current = self.endpoints[shard], self._local.segments[shard]
         try:
             segment = shm.ClientSegment.create(request_bytes, reply_bytes)
         except OSError as exc:
-            self._refuse(endpoint, f"cannot create a segment in {shm.segment_folder()}: {exc.strerror or exc}")
-            return None
+            why = f"cannot create a segment of {request_bytes + reply_bytes} bytes in {shm.segment_folder()}: " \
+                  f"{exc.strerror or exc}"
+            if current is None:
+                self._refuse(endpoint, why)
+                return None
+            log.info("%s; keeping the current one, bigger arrays go as ZeroMQ frames", why)
+            self._local.region_cap[shard] = min(current.request_bytes, current.reply_bytes)
+            return current
         try:
             self._call([(shard, dict({"op": "shm"}, **segment.offer.fields()), [])], label=op)
         except ServerError as exc:
             segment.close()
+            self._drop_segment(shard)
             self._refuse(endpoint, str(exc))
             return None
         except BaseException:
             segment.close()
             raise
         segment.unlink()  # both sides have it mapped: nothing to leak in the folder any more
+        self._drop_segment(shard)  # the server replaced it with the new one
         self._local.segments[shard] = segment
         with self._sockets_lock:
             self._all_segments.append(segment)
@@ -224,7 +233,7 @@ class ParamClient(WeightStore):
         segment = self._local.segments[shard]
         if segment is not None and not all(msg.in_segment):
             total = shm.request_nbytes(msg.arrays)
-            if segment.reply_bytes < total <= shm.MAX_REGION_BYTES:
+            if segment.reply_bytes < total <= self._local.region_cap[shard]:
                 self._local.reply_bytes[shard] = total
 
     def _open(self, endpoint: str):

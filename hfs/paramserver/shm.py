@@ -42,7 +42,7 @@ NONCE_BYTES = 16
 DATA_OFFSET = 64
 ALIGN = 64
 #: largest region (request or reply) a client makes; bigger payloads travel as frames
-MAX_REGION_BYTES = 256 << 20
+MAX_REGION_BYTES = 64 << 20
 #: largest segment a server maps
 MAX_SEGMENT_BYTES = 2 * MAX_REGION_BYTES + DATA_OFFSET
 DEFAULT_REGION_BYTES = 4 << 20

@@ -413,3 +413,27 @@ def test_a_full_shm_folder_falls_back_to_frames(thread_server, monkeypatch):
         got = client.get_rows("fc", np.arange(C))
         assert client._no_shm == {srv.endpoint} and not _leftovers(os.getpid())
     assert got.tobytes() == srv.server.store.get_rows("fc", np.arange(C)).tobytes()
+
+
+def test_a_segment_that_cannot_grow_keeps_serving_small_arrays(thread_server, monkeypatch):
+    import errno
+
+    store = InProcessStore(None, timeout_s=10)
+    rows = (shm.DEFAULT_REGION_BYTES // (64 * 4)) + 100
+    store.create("big", rows, 64, seed=2)
+    srv = thread_server(store)
+    with _client(srv.endpoint) as client:
+        small = client.get_rows("big", np.arange(8))
+        attached = srv.server.stats.count["shm"]
+
+        def full(fd, size):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(shm, "_reserve", full)
+        every = np.arange(rows)
+        for _ in range(2):  # the first comes as frames and asks for a bigger region; that fails
+            assert client.get_rows("big", every).tobytes() == store.get_rows("big", every).tobytes()
+        before = srv.server.stats.shm_bytes_out
+        assert client.get_rows("big", np.arange(8)).tobytes() == small.tobytes()
+        assert srv.server.stats.shm_bytes_out > before and not client._no_shm
+        assert srv.server.stats.count["shm"] == attached and not _leftovers(os.getpid())
