@@ -281,24 +281,49 @@ class ParamClient(WeightStore):
         gets its request again once, through a new segment or frames. ``label``: the op that
         errors name (the request a handshake is made for).
         """
-        zmq = self._zmq
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         socks = self._sockets()
         started = time.perf_counter()
         deadline = time.monotonic() + timeout_s
         waiting: dict[int, int] = {}
+        replies: dict[int, proto.Message] = {}
         op = requests[0][1]["op"]
+        try:
+            self._exchange(requests, socks, waiting, replies, started, deadline, timeout_s, copy_out, label or op)
+        except BaseException:
+            # A request left unanswered must never be answered into a later call, nor read its
+            # arrays from a shared-memory region a later request reuses: fresh sockets and segments.
+            for shard in waiting:
+                if shard not in replies and not self._closed:
+                    self._replace_socket(shard)
+            raise
+        self._counts[op] += 1
+        self._latency[op].append(time.perf_counter() - started)
+        out = [replies[shard] for shard, _, _ in requests]
+        lost = [i for i, (shard, _, _) in enumerate(requests) if self._lost_segment(shard, out[i])]
+        if lost and retry:
+            again = self._call([requests[i] for i in lost], timeout_s, copy_out=copy_out, retry=False)
+            for i, msg in zip(lost, again):
+                out[i] = msg
+        for shard, msg in zip(waiting, out):
+            if not msg.header.get("ok"):
+                raise ServerError(f"parameter server {self.endpoints[shard]}: {msg.header.get('error')}")
+        return out
+
+    def _exchange(self, requests, socks: list, waiting: dict, replies: dict, started: float, deadline: float,
+                  timeout_s: float, copy_out: bool, label: str) -> None:
+        """Send every request, then collect every reply into ``replies`` (``waiting``: shard -> id sent)."""
+        zmq = self._zmq
         for shard, header, arrays in requests:
             request_id = next(self._ids)
-            frames = proto.encode(dict(header, id=request_id), self._carried(shard, op, arrays), self.secret)
+            frames = proto.encode(dict(header, id=request_id), self._carried(shard, header["op"], arrays), self.secret)
             sock = socks[shard]
             if not sock.poll(max(0, int((deadline - time.monotonic()) * 1e3)), zmq.POLLOUT):
                 self._replace_socket(shard)
-                raise HfsError(self._unreachable(shard, label or op, timeout_s, connected=False))
+                raise HfsError(self._unreachable(shard, label, timeout_s, connected=False))
             sock.send_multipart(frames, copy=False)
             self._bytes["sent"] += sum(memoryview(f).nbytes for f in frames)
             waiting[shard] = request_id
-        replies: dict[int, proto.Message] = {}
         poller = zmq.Poller()
         for shard in waiting:
             poller.register(socks[shard], zmq.POLLIN)
@@ -313,8 +338,7 @@ class ParamClient(WeightStore):
                 continue
             if not ready:
                 missing = next(s for s in waiting if s not in replies)
-                self._replace_socket(missing)
-                raise HfsError(self._unreachable(missing, label or op, timeout_s,
+                raise HfsError(self._unreachable(missing, label, timeout_s,
                                                  connected=self.endpoints[missing] in self._answered))
             for shard in waiting:
                 if socks[shard] not in ready or shard in replies:
@@ -328,18 +352,6 @@ class ParamClient(WeightStore):
                 if msg.header.get("id") in (waiting[shard], None):
                     replies[shard] = msg
                     self._answered.add(self.endpoints[shard])
-        self._counts[op] += 1
-        self._latency[op].append(time.perf_counter() - started)
-        out = [replies[shard] for shard, _, _ in requests]
-        lost = [i for i, (shard, _, _) in enumerate(requests) if self._lost_segment(shard, out[i])]
-        if lost and retry:
-            again = self._call([requests[i] for i in lost], timeout_s, copy_out=copy_out, retry=False)
-            for i, msg in zip(lost, again):
-                out[i] = msg
-        for shard, msg in zip(waiting, out):
-            if not msg.header.get("ok"):
-                raise ServerError(f"parameter server {self.endpoints[shard]}: {msg.header.get('error')}")
-        return out
 
     def _lost_segment(self, shard: int, msg: proto.Message) -> bool:
         """The server no longer has this socket's segment (it dropped an idle one): forget it here too."""
