@@ -25,7 +25,6 @@ import stat
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np

@@ -437,3 +437,14 @@ def test_a_segment_that_cannot_grow_keeps_serving_small_arrays(thread_server, mo
         assert client.get_rows("big", np.arange(8)).tobytes() == small.tobytes()
         assert srv.server.stats.shm_bytes_out > before and not client._no_shm
         assert srv.server.stats.count["shm"] == attached and not _leftovers(os.getpid())
+
+
+def test_signed_messages_still_work_with_shared_memory(thread_server):
+    from hfs.paramserver.client import ParamClient
+
+    srv = thread_server(_store(), secret=b"k" * 16)
+    reference = thread_server(_store())
+    with ParamClient(srv.endpoint, timeout_s=10, secret=b"k" * 16) as client, _client(reference.endpoint, "off") as frames:
+        assert [a.tobytes() for a in _traffic(client, with_select=False)] == \
+               [a.tobytes() for a in _traffic(frames, with_select=False)]
+    assert srv.server.stats.shm_bytes_in > 0 and srv.server.stats.errors["invalid"] == 0
