@@ -146,6 +146,10 @@ class ParamServerConfig:
     port: int = _f(5570, gt=0, le=65535, help="serve-params: port of shard 0 (shard i listens on port + i)")
     shards: int = _f(1, gt=0, help="serve-params: server processes, each owning a contiguous range of rows")
     max_message_mb: float = _f(1024.0, gt=0.0, help="serve-params: largest request accepted, in MiB")
+    shared_memory: str = _f("auto", choices=("auto", "off"),
+                            help="same-host data path: auto = a client on the server's host moves rows and gradients "
+                                 "through a shared-memory segment (frames when the server cannot map it); off = "
+                                 "ZeroMQ frames always (a server with off refuses segments)")
     update_rule: str = _f("catchup", choices=("catchup", "lazy", "dense"),
                           help="what SGD does to the classifier rows a step does not touch: catchup = what "
                                "torch's dense SGD does (decay + momentum every step), applied in closed form when "
@@ -341,6 +345,8 @@ def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
         full = f"{name}.{key}"
         if key not in fields:
             raise _unknown_key(full, [f"{name}.{k}" for k in fields])
+        if value is False and "off" in (fields[key].metadata.get("choices") or ()):
+            value = "off"  # YAML 1.1 reads a bare `off` as false
         coerced = _coerce(full, value, hints[key])
         _check_rules(full, coerced, fields[key].metadata)
         kwargs[key] = coerced

@@ -4,7 +4,8 @@ Every number is measured in the same run so the ratios hold on a noisy shared ma
 
 * round trips/s of one sampled step (get rows for step t, push their gradients) through the
   in-process store (the limit), through a `hfs serve-params` process on 127.0.0.1 (both under
-  the catchup and the lazy rule), and through the seed project's server logic, reimplemented
+  the catchup and the lazy rule; arrays as ZeroMQ frames, and again through the same-host
+  shared-memory segment), and through the seed project's server logic, reimplemented
   for comparison in `hfs.bench.seed_paramserver` (fire-and-forget pushes, per-row merge);
 * mean latency of a synchronous step (push, then get for the next step) with 1 worker and
   with N workers (processes, one client each) on the same server;
@@ -230,12 +231,30 @@ def start_seed_server() -> tuple[subprocess.Popen, str]:
     return proc, f"tcp://127.0.0.1:{port}"
 
 
+def shared_memory_round_trips(address: str, cfg: BenchConfig) -> dict:
+    """The loopback round trips again through a client whose arrays go through shared memory
+    (fresh matrices ``shm_<rule>``, so both paths start from the same state); whether the
+    server really took the segment is recorded with the rates."""
+    from hfs.paramserver.client import ParamClient
+
+    rates = {}
+    with ParamClient(address, timeout_s=60, connect_timeout_s=60, shared_memory="auto") as client:
+        for rule in dict.fromkeys((cfg.update_rule, *UPDATE_RULES_TIMED)):
+            prepare_matrix(client, replace(cfg, update_rule=rule), f"shm_{rule}")
+            rates[rule], _ = round_trips_per_second(client, cfg, name=f"shm_{rule}")
+        used = client.server_stats()[0]["server"].get("shm_bytes_in", 0) > 0
+    if not used:
+        log.warning("the benchmark's server did not take the shared-memory segment: the shared-memory rows "
+                    "measured ZeroMQ frames")
+    return {"loopback_shm_rt_per_s_by_rule": rates, "loopback_shm_used": used}
+
+
 def run_benchmark(cfg: BenchConfig, progress=None) -> dict:
     """All measurements of `hfs bench-paramserver`, as a dict (also what --out writes)."""
     from hfs.paramserver.client import ParamClient
     from hfs.paramserver.store import InProcessStore
 
-    task = progress.add_task("bench-paramserver", total=6, info="in-process") if progress else None
+    task = progress.add_task("bench-paramserver", total=7, info="in-process") if progress else None
 
     def advance(info: str) -> None:
         if progress:
@@ -250,11 +269,13 @@ def run_benchmark(cfg: BenchConfig, progress=None) -> dict:
         results["inprocess_rt_per_s_by_rule"][rule], _ = round_trips_per_second(local, cfg)
         del local
     results["inprocess_rt_per_s"] = results["inprocess_rt_per_s_by_rule"][cfg.update_rule]
-    advance("loopback server")
+    advance("loopback server, shared memory")
     with tempfile.TemporaryDirectory(prefix="hfs-bench-ps-") as tmp:
         server, address = start_server(Path(tmp))
         try:
-            with ParamClient(address, timeout_s=60, connect_timeout_s=60) as client:
+            results.update(shared_memory_round_trips(address, cfg))
+            advance("loopback server, frames")
+            with ParamClient(address, timeout_s=60, connect_timeout_s=60, shared_memory="off") as client:
                 by_rule, next_steps = results["loopback_rt_per_s_by_rule"], {}
                 for rule in dict.fromkeys((cfg.update_rule, *UPDATE_RULES_TIMED)):
                     name = "fc" if rule == cfg.update_rule else f"fc_{rule}"  # "fc" goes on to the sync steps
@@ -292,6 +313,14 @@ def run_benchmark(cfg: BenchConfig, progress=None) -> dict:
     results["loopback_over_seed"] = results["loopback_rt_per_s"] / results["seed_rt_per_s"]
     results["loopback_over_seed_by_rule"] = {rule: rate / results["seed_rt_per_s"]
                                              for rule, rate in results["loopback_rt_per_s_by_rule"].items()}
+    shm_rates = results["loopback_shm_rt_per_s_by_rule"]
+    results["loopback_shm_rt_per_s"] = shm_rates[cfg.update_rule]
+    results["loopback_shm_over_inprocess_by_rule"] = {
+        rule: rate / results["inprocess_rt_per_s_by_rule"][rule] for rule, rate in shm_rates.items()}
+    results["loopback_shm_over_inprocess"] = results["loopback_shm_over_inprocess_by_rule"][cfg.update_rule]
+    results["loopback_shm_over_seed"] = results["loopback_shm_rt_per_s"] / results["seed_rt_per_s"]
+    results["loopback_shm_over_frames_by_rule"] = {
+        rule: rate / results["loopback_rt_per_s_by_rule"][rule] for rule, rate in shm_rates.items()}
     results["loadavg_end"] = list(os.getloadavg())  # a loaded machine moves the rates: read them with this
     results["sync_ratio"] = results[f"sync_{cfg.workers}_workers_ms"] / results["sync_1_worker_ms"]
     results["sync_ratio_same_rows"] = results[f"sync_{cfg.workers}_workers_ms"] / results["sync_1_worker_all_rows_ms"]
@@ -321,12 +350,26 @@ def render(results: dict, console) -> None:
         if rule != cfg["update_rule"]:
             table.add_row(f"loopback / in-process ({rule}: {results['loopback_rt_per_s_by_rule'][rule]:.0f} / "
                           f"{results['inprocess_rt_per_s_by_rule'][rule]:.0f})", f"{ratio:.2f}", "")
+    shm_rates = results["loopback_shm_rt_per_s_by_rule"]
+    via = "" if results["loopback_shm_used"] else " (NOT USED: frames)"
+    table.add_row(f"loopback shared-memory get+push round trips/s ({cfg['update_rule']}){via}",
+                  f"{results['loopback_shm_rt_per_s']:.0f}", "")
+    table.add_row(f"shared memory / in-process ({cfg['update_rule']})", f"{results['loopback_shm_over_inprocess']:.2f}",
+                  ">= 0.6")
+    for rule, ratio in results["loopback_shm_over_inprocess_by_rule"].items():
+        if rule != cfg["update_rule"]:
+            table.add_row(f"shared memory / in-process ({rule}: {shm_rates[rule]:.0f} / "
+                          f"{results['inprocess_rt_per_s_by_rule'][rule]:.0f})", f"{ratio:.2f}", "")
+    for rule, ratio in results["loopback_shm_over_frames_by_rule"].items():
+        table.add_row(f"shared memory / frames ({rule})", f"{ratio:.2f}", "")
     table.add_row("seed's server (reimplemented) get+push round trips/s", f"{results['seed_rt_per_s']:.0f}",
                   "lazy rule, no replies to pushes")
     table.add_row(f"loopback ({cfg['update_rule']}) / seed's server", f"{results['loopback_over_seed']:.2f}", ">= 4")
     for rule, ratio in results["loopback_over_seed_by_rule"].items():
         if rule != cfg["update_rule"]:
             table.add_row(f"loopback ({rule}) / seed's server", f"{ratio:.2f}", "the seed's own maths" if rule == "lazy" else "")
+    table.add_row(f"shared memory ({cfg['update_rule']}) / seed's server", f"{results['loopback_shm_over_seed']:.2f}",
+                  ">= 4")
     workers = cfg["workers"]
     table.add_row("sync step, 1 worker (ms)", f"{results['sync_1_worker_ms']:.2f}", "")
     table.add_row(f"sync step, {workers} workers (ms)", f"{results[f'sync_{workers}_workers_ms']:.2f}", "")

@@ -136,19 +136,21 @@ class RowClock:
         return int(rows.size)
 
     def read(self, weight: np.ndarray, momentum: np.ndarray, rows: np.ndarray,
-             scratch: Scratch | None = None) -> np.ndarray:
-        """``weight[rows]`` as dense SGD has them now (a new array), caught up in place first.
+             scratch: Scratch | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """``weight[rows]`` as dense SGD has them now (a new array, or ``out``), caught up in place first.
 
         When most rows are behind (the usual sampled read) all of them go through the
         catch-up, the current ones with the identity (exact: ``w * 1 + buf * 0``), and the
-        caught-up weights are written straight into the answer: one gather fewer.
+        caught-up weights are written straight into the answer: one gather fewer. ``out``
+        (float32 (n, dim), C order) lets the server write them straight into a reply buffer.
         """
         rows = np.asarray(rows, dtype=np.int64)
         behind = int(np.count_nonzero(self.row_tick[rows] < self.now))
         if 2 * behind < rows.size or behind == 0:
             self.catch_up(weight, momentum, rows, scratch)
-            return np.take(weight, rows, axis=0)
-        out = np.empty((rows.size, weight.shape[1]), dtype=weight.dtype)
+            return np.take(weight, rows, axis=0) if out is None else take_rows(weight, rows, out)
+        if out is None:
+            out = np.empty((rows.size, weight.shape[1]), dtype=weight.dtype)
         self._advance(weight, momentum, rows, Scratch() if scratch is None else scratch, out)
         return out
 

@@ -5,6 +5,11 @@ started by ``hfs serve-params --shards N``, whose ``ping`` reply lists its peers
 matrix is split by rows in contiguous ranges (shard i owns ``[C*i//N, C*(i+1)//N)``), so
 the client routes rows itself and talks to all shards in parallel: one DEALER socket per
 shard (per calling thread), send every request, then collect every reply.
+
+With ``shared_memory="auto"`` each socket whose server accepts it (same host) gets its own
+shared-memory segment (:mod:`hfs.paramserver.shm`): the arrays of get/set/push/select
+requests and their replies travel through it and only headers through ZeroMQ. A server
+that cannot map it (another host, or one started with ``shared_memory: off``) gets frames.
 """
 
 from __future__ import annotations
@@ -19,11 +24,16 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from hfs.paramserver import protocol as proto
+from hfs.paramserver import shm
 from hfs.paramserver.base import HParams, WeightStore
 from hfs.paramserver.store import ShardSpec
 from hfs.utils.errors import HfsError
 
 log = logging.getLogger(__name__)
+
+#: ops whose arrays (and replies' arrays) go through a socket's shared-memory segment
+SHM_OPS = ("get", "set", "push", "select")
+SHARED_MEMORY_MODES = ("auto", "off")
 
 
 class ServerError(HfsError):
@@ -40,6 +50,13 @@ def parse_address(address: str | Sequence[str]) -> list[str]:
         if not ep.startswith("tcp://") or ":" not in ep[6:] or not ep.rsplit(":", 1)[1].isdigit():
             raise HfsError(f"paramserver.address entry {ep!r} is not of the form tcp://host:port")
     return endpoints
+
+
+def _grown(current: int, need: int, cap: int) -> int:
+    """A region size for ``need`` bytes (<= ``cap``): the current one if it fits, else at least double it."""
+    if need <= current:
+        return current
+    return min(max(need, 2 * current, shm.DEFAULT_REGION_BYTES), cap)
 
 
 def _owned(array: np.ndarray) -> np.ndarray:
@@ -59,9 +76,15 @@ class ParamClient(WeightStore):
     """Talks to one or more `hfs serve-params` shards; safe to use from several threads."""
 
     def __init__(self, address: str | Sequence[str], *, timeout_s: float = 60.0, connect_timeout_s: float = 10.0,
-                 secret: bytes | None = None) -> None:
+                 secret: bytes | None = None, shared_memory: str = "auto") -> None:
         import zmq
 
+        if shared_memory not in SHARED_MEMORY_MODES:
+            raise HfsError(f"paramserver.shared_memory must be one of {', '.join(SHARED_MEMORY_MODES)}, "
+                           f"got {shared_memory!r}")
+        self.shared_memory = shared_memory
+        self._all_segments: list = []
+        self._no_shm: set[str] = set()  # endpoints that refused a segment (said once, at INFO)
         self._zmq = zmq
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
@@ -123,7 +146,95 @@ class ParamClient(WeightStore):
         socks = getattr(self._local, "sockets", None)
         if socks is None or len(socks) != len(self.endpoints):
             socks = self._local.sockets = [self._open(ep) for ep in self.endpoints]
+            self._local.segments = [None] * len(socks)
+            self._local.reply_bytes = [shm.DEFAULT_REGION_BYTES] * len(socks)
+            self._local.region_cap = [shm.MAX_REGION_BYTES] * len(socks)
         return socks
+
+    # -- shared memory, one segment per socket ------------------------------------------
+    def _carried(self, shard: int, op: str, arrays: Sequence[np.ndarray]) -> Sequence[Any]:
+        """The request's arrays as the wire will carry them: placed in the socket's segment when
+        there is (or can be) one and they fit, else as frames."""
+        if self.shared_memory == "off" or op not in SHM_OPS:
+            return arrays
+        arrays = [np.ascontiguousarray(a) for a in arrays]
+        segment = self._segment_for(shard, shm.request_nbytes(arrays), op)
+        placed = segment.place_request(arrays) if segment is not None else None
+        return arrays if placed is None else placed
+
+    def _segment_for(self, shard: int, need: int, op: str) -> shm.ClientSegment | None:
+        """This thread's segment for ``shard``, attached (or re-attached bigger) as needed; None: frames."""
+        if self.endpoints[shard] in self._no_shm:
+            return None
+        current = self._local.segments[shard]
+        cap = self._local.region_cap[shard]
+        need = need if need <= cap else 0  # too big for any segment: this request goes as frames
+        need_reply = min(self._local.reply_bytes[shard], cap)
+        if current is not None and need <= current.request_bytes and need_reply <= current.reply_bytes:
+            return current
+        request = _grown(current.request_bytes if current is not None else 0, need, cap)
+        reply = _grown(current.reply_bytes if current is not None else 0, need_reply, cap)
+        return self._attach(shard, request, reply, op)
+
+    def _attach(self, shard: int, request_bytes: int, reply_bytes: int, op: str) -> shm.ClientSegment | None:
+        """Offer a fresh segment to the shard (op ``shm``, before the ``op`` request that needs it,
+        which an unreachable server's error names); unlinked once answered, either way. When a
+        bigger segment cannot be made, the current one stays and bigger payloads go as frames."""
+        endpoint, current = self.endpoints[shard], self._local.segments[shard]
+        try:
+            segment = shm.ClientSegment.create(request_bytes, reply_bytes)
+        except OSError as exc:
+            why = f"cannot create a segment of {request_bytes + reply_bytes} bytes in {shm.segment_folder()}: " \
+                  f"{exc.strerror or exc}"
+            if current is None:
+                self._refuse(endpoint, why)
+                return None
+            log.info("%s; keeping the current one, bigger arrays go as ZeroMQ frames", why)
+            self._local.region_cap[shard] = min(current.request_bytes, current.reply_bytes)
+            return current
+        try:
+            self._call([(shard, dict({"op": "shm"}, **segment.offer.fields()), [])], label=op)
+        except ServerError as exc:
+            segment.close()
+            self._drop_segment(shard)
+            self._refuse(endpoint, str(exc))
+            return None
+        except BaseException:
+            segment.close()
+            raise
+        segment.unlink()  # both sides have it mapped: nothing to leak in the folder any more
+        self._drop_segment(shard)  # the server replaced it with the new one
+        self._local.segments[shard] = segment
+        with self._sockets_lock:
+            self._all_segments.append(segment)
+        return segment
+
+    def _refuse(self, endpoint: str, why: str) -> None:
+        if endpoint not in self._no_shm:
+            self._no_shm.add(endpoint)
+            log.info("shared memory with %s is not possible (%s); arrays go as ZeroMQ frames", endpoint, why)
+
+    def _drop_segment(self, shard: int) -> None:
+        segments = getattr(self._local, "segments", None)
+        segment = segments[shard] if segments else None
+        if segment is None:
+            return
+        segments[shard] = None
+        with self._sockets_lock:
+            if segment in self._all_segments:
+                self._all_segments.remove(segment)
+        segment.close()
+
+    def _note_reply(self, shard: int, msg: proto.Message, copy_out: bool) -> None:
+        """Copy arrays out of the segment (the caller owns its arrays; the next reply reuses the
+        region), and grow the reply region when a reply had to come as frames."""
+        if copy_out:
+            msg.arrays = [a.copy() if shared else a for a, shared in zip(msg.arrays, msg.in_segment)]
+        segment = self._local.segments[shard]
+        if segment is not None and not all(msg.in_segment):
+            total = shm.request_nbytes(msg.arrays)
+            if segment.reply_bytes < total <= self._local.region_cap[shard]:
+                self._local.reply_bytes[shard] = total
 
     def _open(self, endpoint: str):
         if self._closed:
@@ -147,39 +258,72 @@ class ParamClient(WeightStore):
             if old in self._all_sockets:
                 self._all_sockets.remove(old)
         old.close(0)
+        self._drop_segment(shard)  # a late reply of the old socket may still be written into it
         socks[shard] = self._open(self.endpoints[shard])
 
     def _reset_sockets(self) -> None:
         """Close this thread's sockets (the endpoint list changed)."""
-        for sock in getattr(self._local, "sockets", None) or []:
+        for shard, sock in enumerate(getattr(self._local, "sockets", None) or []):
             with self._sockets_lock:
                 if sock in self._all_sockets:
                     self._all_sockets.remove(sock)
             sock.close(0)
+            self._drop_segment(shard)
         self._local.sockets = None
 
     # -- one round of requests ----------------------------------------------------------
-    def _call(self, requests: Sequence[tuple[int, dict, Sequence[np.ndarray]]], timeout_s: float | None = None
-              ) -> list[proto.Message]:
-        """Send one request to each named shard, then wait for all replies (in request order)."""
-        zmq = self._zmq
+    def _call(self, requests: Sequence[tuple[int, dict, Sequence[np.ndarray]]], timeout_s: float | None = None,
+              *, copy_out: bool = True, retry: bool = True, label: str | None = None) -> list[proto.Message]:
+        """Send one request to each named shard, then wait for all replies (in request order).
+
+        ``copy_out`` False: reply arrays may be views of the shared-memory segment, valid until
+        this thread's next call. A shard that lost its segment (the server dropped an idle one)
+        gets its request again once, through a new segment or frames. ``label``: the op that
+        errors name (the request a handshake is made for).
+        """
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         socks = self._sockets()
         started = time.perf_counter()
         deadline = time.monotonic() + timeout_s
         waiting: dict[int, int] = {}
+        replies: dict[int, proto.Message] = {}
         op = requests[0][1]["op"]
+        try:
+            self._exchange(requests, socks, waiting, replies, started, deadline, timeout_s, copy_out, label or op)
+        except BaseException:
+            # A request left unanswered must never be answered into a later call, nor read its
+            # arrays from a shared-memory region a later request reuses: fresh sockets and segments.
+            for shard in waiting:
+                if shard not in replies and not self._closed:
+                    self._replace_socket(shard)
+            raise
+        self._counts[op] += 1
+        self._latency[op].append(time.perf_counter() - started)
+        out = [replies[shard] for shard, _, _ in requests]
+        lost = [i for i, (shard, _, _) in enumerate(requests) if self._lost_segment(shard, out[i])]
+        if lost and retry:
+            again = self._call([requests[i] for i in lost], timeout_s, copy_out=copy_out, retry=False)
+            for i, msg in zip(lost, again):
+                out[i] = msg
+        for shard, msg in zip(waiting, out):
+            if not msg.header.get("ok"):
+                raise ServerError(f"parameter server {self.endpoints[shard]}: {msg.header.get('error')}")
+        return out
+
+    def _exchange(self, requests, socks: list, waiting: dict, replies: dict, started: float, deadline: float,
+                  timeout_s: float, copy_out: bool, label: str) -> None:
+        """Send every request, then collect every reply into ``replies`` (``waiting``: shard -> id sent)."""
+        zmq = self._zmq
         for shard, header, arrays in requests:
             request_id = next(self._ids)
-            frames = proto.encode(dict(header, id=request_id), arrays, self.secret)
+            frames = proto.encode(dict(header, id=request_id), self._carried(shard, header["op"], arrays), self.secret)
             sock = socks[shard]
             if not sock.poll(max(0, int((deadline - time.monotonic()) * 1e3)), zmq.POLLOUT):
                 self._replace_socket(shard)
-                raise HfsError(self._unreachable(shard, op, timeout_s, connected=False))
+                raise HfsError(self._unreachable(shard, label, timeout_s, connected=False))
             sock.send_multipart(frames, copy=False)
             self._bytes["sent"] += sum(memoryview(f).nbytes for f in frames)
             waiting[shard] = request_id
-        replies: dict[int, proto.Message] = {}
         poller = zmq.Poller()
         for shard in waiting:
             poller.register(socks[shard], zmq.POLLIN)
@@ -194,8 +338,7 @@ class ParamClient(WeightStore):
                 continue
             if not ready:
                 missing = next(s for s in waiting if s not in replies)
-                self._replace_socket(missing)
-                raise HfsError(self._unreachable(missing, op, timeout_s,
+                raise HfsError(self._unreachable(missing, label, timeout_s,
                                                  connected=self.endpoints[missing] in self._answered))
             for shard in waiting:
                 if socks[shard] not in ready or shard in replies:
@@ -203,22 +346,24 @@ class ParamClient(WeightStore):
                 frames = socks[shard].recv_multipart(copy=False)
                 self._bytes["received"] += sum(len(f) for f in frames)
                 msg = self._decode_reply(shard, frames)
+                self._note_reply(shard, msg, copy_out)
                 # Sockets are replaced after a timeout, so a reply here answers this request;
                 # the id check guards anyway (an error reply to an undecodable request has none).
                 if msg.header.get("id") in (waiting[shard], None):
                     replies[shard] = msg
                     self._answered.add(self.endpoints[shard])
-        self._counts[op] += 1
-        self._latency[op].append(time.perf_counter() - started)
-        out = [replies[shard] for shard, _, _ in requests]
-        for shard, msg in zip(waiting, out):
-            if not msg.header.get("ok"):
-                raise ServerError(f"parameter server {self.endpoints[shard]}: {msg.header.get('error')}")
-        return out
+
+    def _lost_segment(self, shard: int, msg: proto.Message) -> bool:
+        """The server no longer has this socket's segment (it dropped an idle one): forget it here too."""
+        if msg.header.get("ok") or not str(msg.header.get("error", "")).startswith(proto.NO_SEGMENT_ERROR):
+            return False
+        log.debug("parameter server %s dropped this socket's segment; attaching again", self.endpoints[shard])
+        self._drop_segment(shard)
+        return True
 
     def _decode_reply(self, shard: int, frames: list) -> proto.Message:
         try:
-            return proto.decode(frames, self.secret)
+            return proto.decode(frames, self.secret, segment=self._local.segments[shard])
         except proto.ProtocolError as exc:
             text = str(exc)
             if self.secret:  # the server refused our signature: its (unsigned) error says why
@@ -319,7 +464,7 @@ class ParamClient(WeightStore):
         if parts[0][1] is None:
             return _owned(self._call([(0, header, [rows])], timeout)[0].arrays[0])
         asked = [(s, pos) for s, pos in parts if pos.size]
-        replies = self._call([(s, header, [rows[pos]]) for s, pos in asked], timeout) if asked else []
+        replies = self._call([(s, header, [rows[pos]]) for s, pos in asked], timeout, copy_out=False) if asked else []
         out = np.empty((rows.size, self.shape(name)[1]), dtype=np.float32)
         for (_, pos), msg in zip(asked, replies):
             out[pos] = msg.arrays[0]
@@ -464,4 +609,7 @@ class ParamClient(WeightStore):
             for sock in self._all_sockets:
                 sock.close(0)
             self._all_sockets.clear()
+            for segment in self._all_segments:
+                segment.close()
+            self._all_segments.clear()
         self._ctx.term()

@@ -9,7 +9,9 @@ A message is a ZeroMQ multipart message::
 Header fields: ``v`` (protocol version, 1), ``op`` (request) or ``ok`` (reply), ``id`` (any
 integer the client picks; the reply echoes it), ``arrays`` (one ``{"dtype": "float32" |
 "int64", "shape": [...]}`` per array frame; may be omitted when there is none), plus the
-op's own fields. Errors come back as ``{"v": 1, "id": ..., "ok": false, "error": "..."}``.
+op's own fields. After a ``shm`` handshake an ``arrays`` entry may instead carry ``"shm":
+OFFSET``: that array has no frame, it lies at OFFSET in the client's shared-memory segment
+(see :mod:`hfs.paramserver.shm`). Errors come back as ``{"v": 1, "id": ..., "ok": false, "error": "..."}``.
 
 The HMAC covers every frame before it: for each frame, its length as an 8-byte little
 endian unsigned integer, then its bytes. Replies from a server with a secret are signed
@@ -54,7 +56,12 @@ OPS = {
               "int64[B], values float32[S, dim][, logit_adjust float32[S]]; rows false: ids int64[B, k'], "
               "sims float32[B, k'] (k' = 0 while no index is ready)",
     "shutdown": "final snapshot, then stop",
+    "shm": "map this client's shared-memory segment (path, size, reply_offset, nonce; same host only); arrays of "
+           "later requests and replies on this connection may then lie in it (arrays entry field shm: offset) "
+           "-> attached",
 }
+#: The start of the error a request gets when it names shared memory its connection has not attached.
+NO_SEGMENT_ERROR = "no shared-memory segment is attached for this connection"
 
 
 class ProtocolError(HfsError):
@@ -65,6 +72,17 @@ class ProtocolError(HfsError):
 class Message:
     header: dict[str, Any]
     arrays: list[np.ndarray] = field(default_factory=list)
+    #: per array: True when it is a view of the shared-memory segment (the sender may overwrite it later)
+    in_segment: list[bool] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class InSegment:
+    """An array already written to the peer's shared-memory segment: encoded as its offset, no frame."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int
 
 
 def sign(frames: Sequence[Any], secret: bytes) -> bytes:
@@ -77,16 +95,18 @@ def sign(frames: Sequence[Any], secret: bytes) -> bytes:
     return mac.digest()
 
 
-def encode(header: dict[str, Any], arrays: Sequence[np.ndarray] = (), secret: bytes | None = None) -> list[Any]:
-    """Frames of a message; arrays are passed as buffers so zmq can send them without a copy."""
+def encode(header: dict[str, Any], arrays: Sequence[np.ndarray | InSegment] = (), secret: bytes | None = None
+           ) -> list[Any]:
+    """Frames of a message; arrays are passed as buffers so zmq can send them without a copy
+    (an :class:`InSegment` becomes an ``arrays`` entry with its offset and no frame)."""
     bufs = []
     specs = []
     for arr in arrays:
-        name = next((k for k, dt in DTYPES.items() if arr.dtype == dt), None)
-        if name is None:
-            raise ProtocolError(f"cannot send dtype {arr.dtype}; the protocol carries {', '.join(DTYPES)}")
+        if isinstance(arr, InSegment):
+            specs.append({"dtype": _dtype_name(arr.dtype), "shape": list(arr.shape), "shm": arr.offset})
+            continue
         arr = np.ascontiguousarray(arr)
-        specs.append({"dtype": name, "shape": list(arr.shape)})
+        specs.append({"dtype": _dtype_name(arr.dtype), "shape": list(arr.shape)})
         bufs.append(arr)
     head = dict(header, v=PROTOCOL_VERSION)
     if specs:
@@ -97,7 +117,14 @@ def encode(header: dict[str, Any], arrays: Sequence[np.ndarray] = (), secret: by
     return frames
 
 
-def _array_specs(header: dict[str, Any]) -> list[tuple[np.dtype, tuple[int, ...]]]:
+def _dtype_name(dtype: np.dtype) -> str:
+    name = next((k for k, dt in DTYPES.items() if dtype == dt), None)
+    if name is None:
+        raise ProtocolError(f"cannot send dtype {dtype}; the protocol carries {', '.join(DTYPES)}")
+    return name
+
+
+def _array_specs(header: dict[str, Any]) -> list[tuple[np.dtype, tuple[int, ...], Any]]:
     specs = header.get("arrays", [])
     if not isinstance(specs, list) or len(specs) > MAX_ARRAYS:
         raise ProtocolError(f"header field 'arrays' must be a list of at most {MAX_ARRAYS} entries")
@@ -112,12 +139,17 @@ def _array_specs(header: dict[str, Any]) -> list[tuple[np.dtype, tuple[int, ...]
         if (not isinstance(shape, list) or not 1 <= len(shape) <= 2
                 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)):
             raise ProtocolError(f"header arrays[{i}].shape {shape!r} must be a list of 1 or 2 sizes >= 0")
-        out.append((dtype, tuple(shape)))
+        out.append((dtype, tuple(shape), spec.get("shm")))
     return out
 
 
-def decode(frames: Sequence[Any], secret: bytes | None = None, max_bytes: int | None = None) -> Message:
-    """Parse and check a message's frames (zmq Frames or bytes); arrays are views, not copies."""
+def decode(frames: Sequence[Any], secret: bytes | None = None, max_bytes: int | None = None,
+           segment: Any = None) -> Message:
+    """Parse and check a message's frames (zmq Frames or bytes); arrays are views, not copies.
+
+    ``segment`` (a :class:`hfs.paramserver.shm.SegmentView`, or None when none is attached)
+    resolves ``arrays`` entries that carry a ``shm`` offset; each is bounds-checked against it.
+    """
     if not frames:
         raise ProtocolError("empty message")
     views = [memoryview(f) for f in frames]
@@ -142,17 +174,30 @@ def decode(frames: Sequence[Any], secret: bytes | None = None, max_bytes: int | 
     if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})")
     specs = _array_specs(header)
-    data = views[1:]
-    if len(data) != len(specs):
-        hint = " (a signed message sent to a server without a secret?)" if len(data) == len(specs) + 1 else ""
-        raise ProtocolError(f"header announces {len(specs)} array frame(s), message has {len(data)}{hint}")
-    arrays = []
-    for i, ((dtype, shape), view) in enumerate(zip(specs, data)):
+    framed = sum(1 for _, _, offset in specs if offset is None)
+    data = iter(views[1:])
+    if len(views) - 1 != framed:
+        hint = " (a signed message sent to a server without a secret?)" if len(views) - 1 == framed + 1 else ""
+        raise ProtocolError(f"header announces {framed} array frame(s), message has {len(views) - 1}{hint}")
+    if framed < len(specs) and segment is None:
+        raise ProtocolError(NO_SEGMENT_ERROR + " (send op 'shm' first, or the arrays as frames)")
+    arrays, in_segment, shared_bytes = [], [], 0
+    for i, (dtype, shape, offset) in enumerate(specs):
         expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if offset is not None:
+            arrays.append(segment.array(dtype, shape, offset))
+            in_segment.append(True)
+            shared_bytes += expected
+            continue
+        view = next(data)
         if view.nbytes != expected:
             raise ProtocolError(f"array frame {i + 1} has {view.nbytes} bytes, {dtype.name}{list(shape)} needs {expected}")
         arrays.append(np.frombuffer(view, dtype=dtype).reshape(shape))
-    return Message(header, arrays)
+        in_segment.append(False)
+    if max_bytes is not None and total + shared_bytes > max_bytes:
+        raise ProtocolError(f"message of {total + shared_bytes} bytes (with its shared-memory arrays) exceeds the "
+                            f"limit of {max_bytes} bytes")
+    return Message(header, arrays, in_segment)
 
 
 def field_of(header: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:

@@ -68,6 +68,8 @@ class OpStats:
         self.errors: collections.Counter = collections.Counter()
         self.bytes_in = 0
         self.bytes_out = 0
+        self.shm_bytes_in = 0
+        self.shm_bytes_out = 0
         self.latency: dict[str, collections.deque] = collections.defaultdict(
             lambda: collections.deque(maxlen=_LATENCY_WINDOW))
 
@@ -85,7 +87,8 @@ class OpStats:
             ops[op] = {"requests": n, "errors": self.errors[op], "p50_ms": round(float(p50), 4),
                        "p90_ms": round(float(p90), 4), "p99_ms": round(float(p99), 4)}
         return {"requests": int(sum(self.count.values())), "errors": int(sum(self.errors.values())),
-                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "ops": ops}
+                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "shm_bytes_in": self.shm_bytes_in,
+                "shm_bytes_out": self.shm_bytes_out, "ops": ops}
 
 
 @dataclass
@@ -145,15 +148,28 @@ def _step(header: dict, required: bool) -> int | None:
 
 
 class ParamServer:
-    """A ROUTER socket in front of an :class:`InProcessStore` (one shard of the matrices)."""
+    """A ROUTER socket in front of an :class:`InProcessStore` (one shard of the matrices).
+
+    ``shared_memory``: accept same-host clients' segments (op ``shm``); at most
+    ``max_segments`` are mapped (the least recently used goes first) and one unused for
+    ``segment_idle_s`` is dropped (its client re-attaches when it comes back).
+    """
 
     def __init__(self, store: InProcessStore, endpoint: str, *, secret: bytes | None = None,
-                 max_message_bytes: int = 1 << 30, peers: Sequence[str] = ()) -> None:
+                 max_message_bytes: int = 1 << 30, peers: Sequence[str] = (), shared_memory: bool = True,
+                 max_segments: int = 64, segment_idle_s: float = 600.0, segment_folder: str | None = None) -> None:
+        from hfs.paramserver import shm
+
         self.store = store
         self.secret = secret or None
         self.max_message_bytes = max_message_bytes
         self.peers = list(peers)
         self.stats = OpStats()
+        self.shared_memory = shared_memory
+        self.max_segments = max_segments
+        self.segment_idle_s = segment_idle_s
+        self.segment_folder = segment_folder or shm.segment_folder()
+        self._segments: collections.OrderedDict[bytes, Any] = collections.OrderedDict()
         self._waiting: list[_Waiting] = []
         self._stop = threading.Event()
         self._handlers: dict[str, Callable[[proto.Message, list], tuple[dict, list] | None]] = {
@@ -202,6 +218,8 @@ class ParamServer:
         for waiting in self._waiting:
             self._send(waiting.envelope, proto.error_reply(waiting.request_id, "server is shutting down"), ())
         self._waiting.clear()
+        for key in list(self._segments):
+            self._drop_segment(key)
 
     def close(self, linger_ms: int = 2000) -> None:
         """Close the socket, giving queued replies (e.g. to `shutdown`) up to ``linger_ms`` to leave."""
@@ -215,6 +233,34 @@ class ParamServer:
             log.error("periodic snapshot failed: %s", exc)
         if self._waiting:
             self._serve_waiting()
+        self._expire_segments()
+
+    # -- shared memory, per connection ----------------------------------------------
+    def _segment(self, envelope: list):
+        """The segment this connection attached (marked as used now), or None."""
+        key = bytes(envelope[0]) if envelope else b""
+        segment = self._segments.get(key)
+        if segment is not None:
+            segment.last_used = time.monotonic()
+            self._segments.move_to_end(key)
+        return segment
+
+    def _drop_segment(self, key: bytes) -> None:
+        segment = self._segments.pop(key, None)
+        if segment is not None:
+            segment.close()
+
+    def _expire_segments(self, now: float | None = None) -> None:
+        """Unmap segments unused for segment_idle_s (their client left, or idles and will re-attach)."""
+        now = time.monotonic() if now is None else now
+        for key in [k for k, seg in self._segments.items() if now - seg.last_used > self.segment_idle_s]:
+            log.debug("dropping an idle shared-memory segment")
+            self._drop_segment(key)
+
+    def _reply_out(self, envelope: list, n: int, dim: int) -> np.ndarray | None:
+        """Where a float32 (n, dim) reply can be written in the connection's reply region, or None."""
+        segment = self._segments.get(bytes(envelope[0])) if envelope else None
+        return None if segment is None else segment.region(segment.reply_offset, segment.size, n, dim)
 
     # -- one message ----------------------------------------------------------------
     def _handle(self, frames: list) -> None:
@@ -225,8 +271,9 @@ class ParamServer:
         self.stats.bytes_in += sum(len(f) for f in body)
         op, request_id, ok = "invalid", None, False
         try:
-            msg = proto.decode(body, self.secret, self.max_message_bytes)
+            msg = proto.decode(body, self.secret, self.max_message_bytes, segment=self._segment(envelope))
             request_id = msg.header.get("id")
+            self.stats.shm_bytes_in += sum(a.nbytes for a, shared in zip(msg.arrays, msg.in_segment) if shared)
             if not (isinstance(request_id, int) and not isinstance(request_id, bool)):
                 raise proto.ProtocolError("header field 'id' must be an integer")
             op = proto.field_of(msg.header, "op", str)
@@ -254,6 +301,11 @@ class ParamServer:
             self.stats.record(op, time.perf_counter() - started, ok)
 
     def _send(self, envelope: list, header: dict, arrays: Sequence[np.ndarray], sign: bool = True) -> None:
+        segment = self._segments.get(bytes(envelope[0])) if arrays and envelope else None
+        if segment is not None:  # into the reply region (rows written there by the store stay put)
+            arrays = segment.place(arrays, segment.reply_offset, segment.size, all_or_none=False)
+            self.stats.shm_bytes_out += sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in arrays
+                                            if isinstance(a, proto.InSegment))
         frames = proto.encode(header, arrays, self.secret if sign else None)
         self.stats.bytes_out += sum(memoryview(f).nbytes for f in frames)
         self._sock.send_multipart(envelope + frames, copy=False)
@@ -332,13 +384,14 @@ class ParamServer:
         name, step = _name(h), _step(h, required=False)
         if msg.arrays:
             (rows,) = _arrays(msg, [("rows", "int64", 1)])
-            values = self.store.try_get_rows(name, rows, step)
+            dim = self.store.shape(name)[1]
+            values = self.store.try_get_rows(name, rows, step, out=self._reply_out(envelope, rows.size, dim))
             if values is not None:
                 return {}, [values]
             rows = np.array(rows)  # the frame's buffer is not ours to keep
 
             def attempt():
-                found = self.store.try_get_rows(name, rows, step)
+                found = self.store.try_get_rows(name, rows, step, out=self._reply_out(envelope, rows.size, dim))
                 return None if found is None else ({}, [found])
         else:
             span = (proto.field_of(h, "start", int), proto.field_of(h, "stop", int))
@@ -391,8 +444,24 @@ class ParamServer:
         h = msg.header
         rows, grads = _arrays(msg, [("rows", "int64", 1), ("grads", "float32", 2)])
         worker = proto.field_of(h, "worker", str, None)
-        self.store.push_grads(_name(h), rows, grads, _step(h, required=True), worker=worker, copy=False)
+        # frames are ours to keep while the step waits; the client reuses its segment's request region
+        self.store.push_grads(_name(h), rows, grads, _step(h, required=True), worker=worker,
+                              copy=any(msg.in_segment))
         return {}, []
+
+    def _op_shm(self, msg, envelope):
+        from hfs.paramserver import shm
+
+        _arrays(msg, [])
+        if not self.shared_memory:
+            raise proto.ProtocolError("shared memory is off on this server (paramserver.shared_memory)")
+        segment = shm.open_offered(msg.header, self.segment_folder)
+        key = bytes(envelope[0])
+        self._drop_segment(key)
+        self._segments[key] = segment
+        while len(self._segments) > self.max_segments:
+            self._drop_segment(next(iter(self._segments)))
+        return {"attached": True}, []
 
     def _op_hparams(self, msg, envelope):
         h = msg.header
@@ -413,7 +482,7 @@ class ParamServer:
 
     def _op_stats(self, msg, envelope):
         return {"stats": {"server": self.stats.summary(), "store": self.store.stats(),
-                          "waiting": len(self._waiting)}}, []
+                          "waiting": len(self._waiting), "shm_segments": len(self._segments)}}, []
 
     def _op_shutdown(self, msg, envelope):
         log.info("shutdown requested by a client")
@@ -441,6 +510,7 @@ class ServeOptions:
     secret: bytes | None = field(default=None, repr=False)
     insecure: bool = False
     max_message_bytes: int = 1 << 30
+    shared_memory: bool = True
 
     def to_json(self) -> str:
         """Everything but the secret, for a shard process's command line (:meth:`from_json`)."""
@@ -470,7 +540,7 @@ def serve_options(cfg: "HfsConfig", *, host: str | None = None, port: int | None
         snapshot_dir=snapshot_dir_for(ps, cfg.train.output_dir), keep_snapshots=ps.keep_snapshots,
         timeout_s=ps.timeout_s, snapshot_every_steps=ps.snapshot_every_steps, snapshot_every_s=ps.snapshot_every_s,
         resume=resume, secret=resolve_secret(ps.secret, secret_file), insecure=insecure,
-        max_message_bytes=int(ps.max_message_mb * 2**20))
+        max_message_bytes=int(ps.max_message_mb * 2**20), shared_memory=ps.shared_memory != "off")
 
 
 def serve_params(cfg: "HfsConfig", *, resume: str | None = None, secret_file: str | Path | None = None,
@@ -504,7 +574,8 @@ def build_server(opts: ServeOptions) -> ParamServer:
         _resume(store, opts.resume)
     host = f"[{opts.host}]" if ":" in opts.host else opts.host
     return ParamServer(store, f"tcp://{host}:{opts.port}", secret=opts.secret,
-                       max_message_bytes=opts.max_message_bytes, peers=opts.peers)
+                       max_message_bytes=opts.max_message_bytes, peers=opts.peers,
+                       shared_memory=opts.shared_memory)
 
 
 def _resume(store: InProcessStore, tag: str) -> None:

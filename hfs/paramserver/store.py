@@ -247,11 +247,11 @@ class Matrix:
         if self.clock is not None:
             self.clock.catch_up(self.weight, self.momentum, local_rows, self.work)
 
-    def read(self, local_rows: np.ndarray) -> np.ndarray:
-        """The current values of local rows (a new array), caught up first under the catchup rule."""
+    def read(self, local_rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The current values of local rows (a new array, or ``out``), caught up first under the catchup rule."""
         if self.clock is not None:
-            return self.clock.read(self.weight, self.momentum, local_rows, self.work)
-        return np.take(self.weight, local_rows, axis=0)
+            return self.clock.read(self.weight, self.momentum, local_rows, self.work, out)
+        return np.take(self.weight, local_rows, axis=0) if out is None else take_rows(self.weight, local_rows, out)
 
     def catch_up_range(self, start: int, stop: int) -> None:
         if self.clock is not None:
@@ -480,16 +480,22 @@ class InProcessStore(WeightStore):
         with self._cond:
             return {m.name: m.info() for m in self._matrices.values()}
 
-    def try_get_rows(self, name: str, rows: np.ndarray, step: int | None = None) -> np.ndarray | None:
-        """Rows' values, or None while a step before ``step`` is still pending (never blocks)."""
+    def try_get_rows(self, name: str, rows: np.ndarray, step: int | None = None, *,
+                     out: np.ndarray | None = None) -> np.ndarray | None:
+        """Rows' values, or None while a step before ``step`` is still pending (never blocks).
+        ``out``: a float32 (n, dim) C-order array to write them into (the server's reply buffer)."""
         with self._cond:
             m = self._matrix(name)
             local = self._local_rows(m, rows)
             if step is not None and not self._ready(m, int(step)):
                 return None
+            if out is not None and (out.shape != (local.size, m.dim) or out.dtype != np.float32
+                                    or not out.flags.c_contiguous):
+                raise StoreError(f"out must be float32 ({local.size}, {m.dim}) in C order, got "
+                                 f"{out.dtype}{list(out.shape)}")
             self._counters["gets"] += 1
             self._counters["rows_read"] += local.size
-            return m.read(local)
+            return m.read(local, out)
 
     def try_get_range(self, name: str, start: int, stop: int, step: int | None = None) -> np.ndarray | None:
         """Rows start..stop-1 (a copy), or None while a step before ``step`` is pending."""

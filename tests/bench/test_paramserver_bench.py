@@ -19,12 +19,20 @@ def test_run_benchmark_times_both_update_rules_in_process():
     assert results["seed_rt_per_s"] > 0  # the seed's server logic, side by side in the same run
     assert results["loopback_over_seed"] == results["loopback_rt_per_s"] / results["seed_rt_per_s"]
     assert set(results["loopback_over_seed_by_rule"]) == {"lazy", "catchup"}
+    shm = results["loopback_shm_rt_per_s_by_rule"]  # the same traffic through the shared-memory path
+    assert results["loopback_shm_used"] and set(shm) == {"lazy", "catchup"} and all(r > 0 for r in shm.values())
+    assert results["loopback_shm_over_inprocess"] == shm["lazy"] / by_rule["lazy"]
+    assert results["loopback_shm_over_seed"] == shm["lazy"] / results["seed_rt_per_s"]
+    assert results["loopback_shm_over_frames_by_rule"]["catchup"] == \
+        shm["catchup"] / results["loopback_rt_per_s_by_rule"]["catchup"]
     from rich.console import Console
 
     console = Console(record=True, width=200)
     render(results, console)
     text = console.export_text()
     assert "loopback (lazy) / seed's server" in text and "loopback (catchup) / seed's server" in text
+    assert "shared memory / in-process (lazy)" in text and "shared memory / frames (catchup)" in text
+    assert "shared memory (lazy) / seed's server" in text
 
 
 def test_bad_update_rule_is_one_error_line():
