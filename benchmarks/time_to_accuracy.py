@@ -20,7 +20,7 @@ evaluated every ``--eval-every`` steps (the clocks stop while it is evaluated):
   the box than wall time).
 
 ``--budget-cpu-s`` gives every cell the same CPU budget instead of the same steps (the C = 1M
-comparison of issue 12): each cell first trains ``--calibrate-steps`` steps to measure its CPU
+comparison of issue 12): each cell first trains for ``--calibrate-cpu-s`` to measure its CPU
 cost per step, then runs the number of steps that fits the budget, its cosine schedule ending
 there, with ``--evals`` evaluations. ``--val-samples`` scores a fixed random subset of the
 held-out samples (against all classes) where scoring all of them would cost more than training.
@@ -183,34 +183,41 @@ def held_out(val, samples: int, seed: int):
 
 
 class StepClock:
-    """Trainer callback: CPU seconds between the first step and the last."""
+    """Trainer callback: CPU seconds per step after the first, stopping the run once ``budget`` is spent."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget: float) -> None:
+        self.budget = budget
         self.first: tuple[int, float] | None = None
         self.last: tuple[int, float] | None = None
+        self.stopped = False
 
     def __call__(self, trainer, step: int, record: dict) -> None:
         now = (step, cpu_seconds())
         self.first = self.first or now
         self.last = now
+        if not self.stopped and now[1] - self.first[1] >= self.budget and step > self.first[0]:
+            self.stopped = True
+            trainer.request_stop("calibrated")
 
     def per_step(self) -> float:
         if self.first is None or self.last is None or self.last[0] <= self.first[0]:
-            raise SystemExit("--calibrate-steps must be at least 2")
+            raise SystemExit("the calibration ran fewer than 2 steps: raise --calibrate-cpu-s")
         return (self.last[1] - self.first[1]) / (self.last[0] - self.first[0])
 
 
 def calibrate(args: argparse.Namespace, name: str, sample_num: int, out_dir: Path, seed: int,
               datasets: tuple) -> float:
-    """CPU seconds per step of this cell, from a short run of it (its index builds included)."""
+    """CPU seconds per step of this cell, from ``--calibrate-cpu-s`` of training it (index builds
+    that finished by then included: a slow index shows its cost only over a long enough run)."""
     from hfs.train.trainer import Trainer
 
     shutil.rmtree(out_dir, ignore_errors=True)
-    short = argparse.Namespace(**{**vars(args), "steps": args.calibrate_steps})
-    clock = StepClock()
-    result = Trainer(cell_config(short, name, sample_num, out_dir, seed), datasets=datasets, callbacks=[clock]).run()
+    long_schedule = argparse.Namespace(**{**vars(args), "steps": 10 ** 7})
+    clock = StepClock(args.calibrate_cpu_s)
+    result = Trainer(cell_config(long_schedule, name, sample_num, out_dir, seed), datasets=datasets,
+                     callbacks=[clock]).run()
     shutil.rmtree(out_dir, ignore_errors=True)
-    if result.interrupted:
+    if result.interrupted and not clock.stopped:
         raise CellInterrupted(f"{name} calibration was interrupted; not recorded")
     per_step = clock.per_step()
     log.info("%s:%d calibrated at %.2f ms CPU per step", name, sample_num, 1e3 * per_step)
@@ -252,7 +259,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="held-out samples scored (a fixed random subset; 0 = all, one per class)")
     p.add_argument("--budget-cpu-s", type=float, default=0.0,
                    help="equal CPU budget per cell instead of --steps (0 = off); see the module docstring")
-    p.add_argument("--calibrate-steps", type=int, default=500, help="--budget-cpu-s: steps of the calibration run")
+    p.add_argument("--calibrate-cpu-s", type=float, default=120.0,
+                   help="--budget-cpu-s: CPU seconds of each cell's calibration run")
     p.add_argument("--evals", type=int, default=5, help="--budget-cpu-s: evaluations per cell")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="config override for every cell, as `hfs train --set` (repeatable)")

@@ -98,7 +98,7 @@ def test_equal_cpu_budget_calibrates_each_cell_and_scores_a_subset(tmp_path):
     out = tmp_path / "tta.json"
     time_to_accuracy.main(["--classes", "60", "--batch", "16", "--views", "3", "--verify-identities", "40",
                            "--input-dim", "12", "--dim", "8", "--warmup", "1", "--cells", "full", "random:0.2",
-                           "--budget-cpu-s", "0.5", "--calibrate-steps", "4", "--evals", "2", "--val-samples", "25",
+                           "--budget-cpu-s", "0.5", "--calibrate-cpu-s", "0.2", "--evals", "2", "--val-samples", "25",
                            "--workdir", str(tmp_path / "work"), "--out", str(out)])
     rows = json.loads(out.read_text())["results"]
     for r in rows:
