@@ -179,3 +179,19 @@ def test_sampled_step_served_times_steps_with_the_servers_index(tmp_path):
     assert result["p10_p90_step_ms"][0] <= result["median_step_ms"] <= result["p10_p90_step_ms"][1]
     assert result["upkeep"]["index_ready"] is True and result["upkeep"]["builds"] >= 1  # the server built it
     assert result["server_rss_mb_max"] > 0 and result["trainer_peak_rss_mb"] > 0
+
+
+def test_scale_run_waits_for_the_servers_index_then_trains_with_it(tmp_path):
+    """scale_10m.py --wait-index on a tiny case: the server builds the trainer's index before the
+    first step, and every recorded step has it ready."""
+    import json
+
+    out = tmp_path / "scale.json"
+    scale_10m.main(["--classes", "3000", "--dim", "16", "--identities", "16", "--images", "2", "--val-identities", "4",
+                    "--image-size", "16", "--batch", "8", "--sample-num", "64", "--sampler", "exact", "--steps", "50",
+                    "--warmup", "2", "--log-every", "25", "--workers", "0", "--wait-index",
+                    "--workdir", str(tmp_path / "w"), "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert results["index_build_wall_s"] > 0 and results["server_rss_with_index_mb"] > 0
+    assert results["rss"] and all(r["index_ready"] for r in results["rss"])
+    assert results["result"]["steps"] == 50
