@@ -94,8 +94,9 @@ class FCConfig:
 
 @dataclass
 class SamplerConfig:
-    type: str = _f("annoy", choices=("annoy", "hnsw", "exact", "random"),
-                   help="how hard negatives are found (random = Partial FC's rule)")
+    type: str = _f("exact", choices=("annoy", "hnsw", "exact", "random"),
+                   help="how hard negatives are found: exact (current rows, B x C x D per step), annoy/hnsw "
+                        "(approximate, rebuilt in the background), random (Partial FC's rule)")
     metric: str = _f("auto", choices=("auto", "cosine", "dot"),
                      help="similarity; auto = cosine for margin heads, dot for softmax")
     k: int = _f(0, ge=0, help="nearest classes asked per query; 0 = auto (2 x ceil(sample_num / batch) + 1)")

@@ -28,7 +28,7 @@ def test_recipe_loads_with_arcface_torch_hyper_parameters(name):
     assert (o.schedule, o.power, o.warmup_steps, o.clip_grad_norm) == ("poly", 1.0, 0, 5.0)
     assert cfg.train.batch_size * cfg.dist.nproc == 1024 and cfg.train.epochs == 20 and cfg.train.amp == "fp16"
     assert (cfg.data.source, cfg.data.image_size, cfg.model.embedding_size) == ("rec", 112, 512)
-    assert cfg.fc.mode == "sampled" and cfg.sampler.type == "annoy"
+    assert cfg.fc.mode == "sampled" and cfg.sampler.type == "exact"
     assert cfg.fc.sample_num == round(0.01 * classes)  # the provisional 1% of C
     assert all(Path(b).parent == Path(cfg.data.root) for b in cfg.eval.bins)
 

@@ -67,11 +67,40 @@ def sampled_index(cfg: Any, num_classes: int, plan: ClassifierPlan) -> Any:
     return index_spec(cfg.sampler, cfg.sampler_metric, seed=cfg.sampler.seed)
 
 
+#: multiply-adds per step above which an exact scan on a CPU earns a warning (~0.1-0.2 s of one core)
+EXACT_CPU_WARN_MACS = 2e9
+
+
+def exact_scan_warning(cfg: Any, num_classes: int, plan: ClassifierPlan) -> str | None:
+    """A warning when ``sampler.type=exact`` would scan a large matrix on a CPU every step, else None.
+
+    exact is the default because its negatives are current (annoy and hnsw answer from rows
+    hundreds of steps old while training moves them; docs/benchmarks.md), but its cost is
+    B x C x D multiply-adds per step: nothing on a GPU, seconds on a CPU at millions of classes.
+    The device checked is this process's; a `serve-params` store scans on its own host's.
+    """
+    if cfg.sampler.type != "exact" or plan.sample_num >= num_classes:
+        return None
+    import torch
+
+    device = cfg.sampler.exact_device
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    macs = float(plan.queries_per_step) * num_classes * cfg.model.embedding_size
+    if not on_cpu or macs < EXACT_CPU_WARN_MACS:
+        return None
+    return (f"sampler.type=exact scans all {num_classes:,} classes for each of the step's {plan.queries_per_step} "
+            f"features on the CPU: {macs / 1e9:.0f}G multiply-adds per step. Set sampler.type=annoy or hnsw "
+            "for cheaper (staler) negatives, or random for uniform ones (docs: 'Which sampler should I use?')")
+
+
 def attach_sampled_index(cfg: Any, store: Any, num_classes: int, plan: ClassifierPlan) -> bool:
     """Ask ``store`` to keep the index of :func:`sampled_index` over the matrix; False when none is needed."""
     spec = sampled_index(cfg, num_classes, plan)
     if spec is None:
         return False
+    warning = exact_scan_warning(cfg, num_classes, plan)
+    if warning:
+        log.warning("%s", warning)
     store.attach_index(MATRIX, spec)
     return True
 
