@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evidence_common import run_context, write_results  # noqa: E402
-from time_to_accuracy import cell_config, parse_cell  # noqa: E402
+from time_to_accuracy import add_regime_args, cell_config, parse_cell  # noqa: E402
 
 log = logging.getLogger("index_freshness")
 
@@ -124,15 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--every", type=int, default=250, help="steps between probes")
     p.add_argument("--probe", type=int, default=64, help="probe identities")
     p.add_argument("--rerank", type=int, nargs="*", default=[4, 16], help="candidate multiples to re-rank")
-    p.add_argument("--views", type=int, default=8, help="training samples per identity")
-    p.add_argument("--input-dim", type=int, default=64, help="length of the generated input vectors")
-    p.add_argument("--dim", type=int, default=64, help="embedding size D")
-    p.add_argument("--batch", type=int, default=64, help="batch size")
-    p.add_argument("--lr", type=float, default=0.1, help="base learning rate (cosine schedule)")
-    p.add_argument("--warmup", type=int, default=200, help="warm-up steps")
-    p.add_argument("--head", default="cosface", choices=("softmax", "cosface", "arcface"), help="margin head")
-    p.add_argument("--scale", type=float, default=32.0, help="logit scale s")
-    p.add_argument("--margin", type=float, default=0.2, help="margin m")
+    add_regime_args(p, batch=64)
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the generated identities")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="config override (repeatable)")

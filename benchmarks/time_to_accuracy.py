@@ -234,22 +234,27 @@ class CellInterrupted(RuntimeError):
     """The trainer stopped early (a signal): the cell's numbers are not a finished run's."""
 
 
+def add_regime_args(p: argparse.ArgumentParser, *, batch: int) -> None:
+    """The regime's data, backbone, head and schedule options (what :func:`cell_config` reads)."""
+    p.add_argument("--views", type=int, default=8, help="training samples per identity")
+    p.add_argument("--input-dim", type=int, default=64, help="length of the generated input vectors")
+    p.add_argument("--dim", type=int, default=64, help="embedding size D")
+    p.add_argument("--batch", type=int, default=batch, help="batch size")
+    p.add_argument("--lr", type=float, default=0.1, help="base learning rate (cosine schedule)")
+    p.add_argument("--warmup", type=int, default=200, help="warm-up steps")
+    p.add_argument("--head", default="cosface", choices=("softmax", "cosface", "arcface"), help="margin head")
+    p.add_argument("--scale", type=float, default=32.0, help="logit scale s")
+    p.add_argument("--margin", type=float, default=0.2, help="margin m")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classes", type=int, default=20_000, help="training identities C")
     p.add_argument("--cells", nargs="+", default=["full", "random:0.01", "annoy:0.01", "hnsw:0.01", "exact:0.01"],
                    help="full or SAMPLER:RATE")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; every cell runs once per seed")
-    p.add_argument("--views", type=int, default=8, help="training samples per identity")
-    p.add_argument("--input-dim", type=int, default=64, help="length of the generated input vectors")
-    p.add_argument("--dim", type=int, default=64, help="embedding size D")
-    p.add_argument("--batch", type=int, default=256, help="batch size")
+    add_regime_args(p, batch=256)
     p.add_argument("--steps", type=int, default=6000, help="training steps of every cell")
-    p.add_argument("--lr", type=float, default=0.1, help="base learning rate (cosine schedule)")
-    p.add_argument("--warmup", type=int, default=200, help="warm-up steps")
-    p.add_argument("--head", default="cosface", choices=("softmax", "cosface", "arcface"), help="margin head")
-    p.add_argument("--scale", type=float, default=32.0, help="logit scale s")
-    p.add_argument("--margin", type=float, default=0.2, help="margin m")
     p.add_argument("--eval-every", type=int, default=500, help="steps between evaluations")
     p.add_argument("--verify-identities", type=int, default=5000, help="unseen identities of the verification pairs")
     p.add_argument("--far", type=float, default=1e-4, help="false accept rate of the reported TAR")
