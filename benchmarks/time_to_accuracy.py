@@ -127,9 +127,13 @@ def cell_config(args: argparse.Namespace, name: str, sample_num: int, output_dir
 
 
 def converged(curve: list[dict[str, float]], steps: int, flat: float) -> bool:
-    """Held-out top-1 moved less than ``flat`` over the last 20% of the steps."""
-    tail = [p["val_top1"] for p in curve if p["step"] >= 0.8 * steps]
-    return len(tail) >= 2 and max(tail) - min(tail) < flat
+    """Held-out top-1 moved less than ``flat`` over the last 20% of the steps (evaluations at
+    both ends of that stretch: two a few steps apart prove nothing)."""
+    tail = [p for p in curve if p["step"] >= 0.8 * steps]
+    if len(tail) < 2 or tail[-1]["step"] - tail[0]["step"] < 0.15 * steps:
+        return False
+    top1 = [p["val_top1"] for p in tail]
+    return max(top1) - min(top1) < flat
 
 
 def run_cell(args: argparse.Namespace, cell: str, seed: int, workdir: Path) -> dict[str, Any]:
@@ -226,8 +230,8 @@ def calibrate(args: argparse.Namespace, name: str, sample_num: int, out_dir: Pat
 
 def budgeted(args: argparse.Namespace, per_step: float) -> argparse.Namespace:
     """``args`` with the steps that fit ``--budget-cpu-s`` at ``per_step`` and ``--evals`` evaluations."""
-    steps = max(args.evals, int(args.budget_cpu_s / per_step))
-    return argparse.Namespace(**{**vars(args), "steps": steps, "eval_every": max(1, steps // args.evals)})
+    every = max(1, int(args.budget_cpu_s / per_step) // args.evals)
+    return argparse.Namespace(**{**vars(args), "steps": every * args.evals, "eval_every": every})
 
 
 class CellInterrupted(RuntimeError):
