@@ -99,8 +99,9 @@ def plot(paths: str | Path | list[str | Path], out: str | Path, clock: str = "cp
             ax.set_xlabel("training CPU seconds" if clock == "cpu_s" else "training wall seconds")
         axes[0].legend(loc="lower right")
         args = data["context"]["args"]
-        fig.suptitle(f"C = {args['classes']:,}, batch {args['batch']}, {args['steps']} steps "
-                     f"(median over seeds, band: min-max)")
+        length = (f"equal CPU budget {args['budget_cpu_s']:g} s" if args.get("budget_cpu_s")
+                  else f"{args['steps']} steps")
+        fig.suptitle(f"C = {args['classes']:,}, batch {args['batch']}, {length} (median over seeds, band: min-max)")
         return save_png(fig, out)
 
 
