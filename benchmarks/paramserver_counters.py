@@ -24,6 +24,8 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evidence_common import run_context, write_results  # noqa: E402
 
+from hfs.utils.process import kill_if_running  # noqa: E402
+
 log = logging.getLogger("paramserver_counters")
 
 
@@ -93,9 +95,7 @@ def served(cfg, steps: int, warmup: int) -> dict[str, float]:
                 client.shutdown()
             proc.wait(60)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            kill_if_running(proc)
     return result
 
 

@@ -42,6 +42,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evidence_common import current_rss_mb, peak_rss_mb, peak_rss_of_mb, run_context, write_results  # noqa: E402
 
+from hfs.utils.process import kill_if_running  # noqa: E402
+
 log = logging.getLogger("scale_10m")
 
 
@@ -221,9 +223,7 @@ def run_scale(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             client.shutdown()
         server.wait(600)
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+        kill_if_running(server)
     return out
 
 

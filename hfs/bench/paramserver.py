@@ -31,6 +31,7 @@ import numpy as np
 
 from hfs.paramserver.base import HParams, WeightStore
 from hfs.utils.errors import HfsError
+from hfs.utils.process import kill_if_running
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +109,7 @@ def seed_server_client(cfg: BenchConfig) -> Iterator[tuple[Any, int]]:
         proc.wait(60)
     finally:
         client.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_if_running(proc)
 
 
 def seed_round_trips_per_second(cfg: BenchConfig) -> float:
@@ -296,9 +295,7 @@ def run_benchmark(cfg: BenchConfig, progress=None) -> dict:
                 client.shutdown()
             server.wait(60)
         finally:
-            if server.poll() is None:
-                server.kill()
-                server.wait()
+            kill_if_running(server)
     if server.returncode not in (0, None, -9):
         raise HfsError(f"the benchmark's server exited with code {server.returncode}")
     advance("seed-style server")
