@@ -19,6 +19,11 @@ evaluated every ``--eval-every`` steps (the clocks stop while it is evaluated):
   torch threads; with 1 thread CPU time is the work done, far less affected by other load on
   the box than wall time).
 
+``--regime images`` runs the same comparison on the CNN path instead: rendered synthetic faces
+(``hfs.data.synthetic``, clusters of 8 look-alikes, pregenerated once into ``--cache``) through
+the ``tiny`` CNN, with verification pairs of rendered identities never trained on. There the
+backbone, not the classifier, is most of a step's cost.
+
 ``--budget-cpu-s`` gives every cell the same CPU budget instead of the same steps (the C = 1M
 comparison of issue 12): each cell first trains for ``--calibrate-cpu-s`` to measure its CPU
 cost per step, then runs the number of steps that fits the budget, its cosine schedule ending
@@ -111,9 +116,11 @@ def cell_config(args: argparse.Namespace, name: str, sample_num: int, output_dir
     from hfs.config import _merge, config_from_dict, parse_override
 
     fc = {"mode": "full"} if name == "full" else {"mode": "sampled", "sample_num": sample_num}
+    images = args.regime == "images"
     data = {
-        "data": {"source": "latent", "image_size": args.input_dim, "num_workers": 0},
-        "model": {"arch": "mlp", "embedding_size": args.dim},
+        "data": {"source": "synthetic" if images else "latent", "num_workers": 0,
+                 "image_size": args.image_size if images else args.input_dim},
+        "model": {"arch": "tiny" if images else "mlp", "embedding_size": args.dim},
         "head": {"type": args.head, "scale": args.scale, "margin": args.margin},
         "fc": fc,
         "sampler": {"type": name if name != "full" else "random"},
@@ -139,26 +146,20 @@ def converged(curve: list[dict[str, float]], steps: int, flat: float) -> bool:
 def run_cell(args: argparse.Namespace, cell: str, seed: int, workdir: Path) -> dict[str, Any]:
     import torch
 
-    from hfs.data.latent import LatentGenerator, LatentIdentities
     from hfs.train.trainer import Trainer
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     name, sample_num = parse_cell(cell, args.classes)
     out_dir = workdir / f"{cell.replace(':', '_')}_seed{seed}"
-    gen = LatentGenerator(args.data_seed, input_dim=args.input_dim)
-    train = LatentIdentities(gen, args.classes, args.views, split="train", val_per_class=1)
-    val = held_out(LatentIdentities(gen, args.classes, args.views, split="val", val_per_class=1),
-                   args.val_samples, args.data_seed)
+    train, val, verify_a, verify_b = regime_data(args, seed)
+    val = held_out(val, args.val_samples, args.data_seed)
     per_step = None
     if args.budget_cpu_s > 0:
         per_step = calibrate(args, name, sample_num, out_dir, seed, (train, val, args.classes))
         args = budgeted(args, per_step)
     shutil.rmtree(out_dir, ignore_errors=True)
     cfg = cell_config(args, name, sample_num, out_dir, seed)
-    unseen = np.arange(args.classes, args.classes + args.verify_identities)
-    verify_a = torch.from_numpy(gen.samples(unseen, np.zeros_like(unseen)))
-    verify_b = torch.from_numpy(gen.samples(unseen, np.ones_like(unseen)))
     probe = Probe(args, verify_a, verify_b)
     result = Trainer(cfg, datasets=(train, val, args.classes), callbacks=[probe]).run()
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -174,6 +175,47 @@ def run_cell(args: argparse.Namespace, cell: str, seed: int, workdir: Path) -> d
     log.info("%s seed %d: top1 %.4f TAR %.4f in %.0f s (cpu %.0f s), converged %s", cell, seed, row["val_top1"],
              row["tar"], probe.wall, probe.cpu, row["converged"])
     return row
+
+
+def regime_data(args: argparse.Namespace, seed: int) -> tuple[Any, Any, Any, Any]:
+    """``(train, held-out, verify_a, verify_b)`` of the regime: ``verify_a[i]`` and ``verify_b[i]`` are
+    two views of the i-th of ``--verify-identities`` identities never trained on."""
+    import torch
+
+    if args.regime == "images":
+        return image_data(args, seed)
+    from hfs.data.latent import LatentGenerator, LatentIdentities
+
+    gen = LatentGenerator(args.data_seed, input_dim=args.input_dim)
+    train = LatentIdentities(gen, args.classes, args.views, split="train", val_per_class=1)
+    val = LatentIdentities(gen, args.classes, args.views, split="val", val_per_class=1)
+    unseen = np.arange(args.classes, args.classes + args.verify_identities)
+    verify_a = torch.from_numpy(gen.samples(unseen, np.zeros_like(unseen)))
+    verify_b = torch.from_numpy(gen.samples(unseen, np.ones_like(unseen)))
+    return train, val, verify_a, verify_b
+
+
+def image_data(args: argparse.Namespace, seed: int) -> tuple[Any, Any, Any, Any]:
+    """Rendered faces: identities ``[0, C)`` for training (``--views`` views, one held out) and
+    ``[C, C + U)`` for verification, from one pregenerated cache (``accuracy_vs_cost.pregenerate``)."""
+    import torch
+
+    from accuracy_vs_cost import ArrayIdentities, pregenerate
+    from hfs.data.transforms import EvalTransform
+    from PIL import Image
+
+    identities = args.classes + args.verify_identities
+    path = pregenerate(Path(args.cache), identities, args.views + 1, args.image_size, seed=args.data_seed,
+                       jobs=args.render_jobs)
+    images = np.load(path, mmap_mode="r")
+    seen = images[: args.classes]
+    train = ArrayIdentities(seen, args.views, "train", args.image_size, seed)
+    val = ArrayIdentities(seen, args.views, "val", args.image_size, seed)
+    to_tensor = EvalTransform(args.image_size)
+    unseen = images[args.classes:identities]
+    verify_a = torch.stack([to_tensor(Image.fromarray(np.asarray(view))) for view in unseen[:, 0]])
+    verify_b = torch.stack([to_tensor(Image.fromarray(np.asarray(view))) for view in unseen[:, 1]])
+    return train, val, verify_a, verify_b
 
 
 def held_out(val, samples: int, seed: int):
@@ -273,6 +315,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--evals", type=int, default=5, help="--budget-cpu-s: evaluations per cell")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="config override for every cell, as `hfs train --set` (repeatable)")
+    p.add_argument("--regime", default="latent", choices=("latent", "images"),
+                   help="latent: identity vectors through an MLP; images: rendered faces through the tiny CNN")
+    p.add_argument("--image-size", type=int, default=32, help="--regime images: image side in pixels")
+    p.add_argument("--cache", default="benchmarks/.cache/images", help="--regime images: folder of the rendered images")
+    p.add_argument("--render-jobs", type=int, default=2, help="--regime images: processes rendering the cache")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch default)")
     p.add_argument("--resume", action="store_true", help="keep the (cell, seed) results already in --out")
     p.add_argument("--workdir", default="benchmarks/.cache/time_to_accuracy", help="scratch folder of the runs")

@@ -112,3 +112,21 @@ def test_equal_cpu_budget_calibrates_each_cell_and_scores_a_subset(tmp_path):
     assert len(subset) == 25 and list(subset.indices) == sorted(subset.indices)
     assert list(time_to_accuracy.held_out(list(range(100)), 25, 0).indices) == list(subset.indices)
     assert time_to_accuracy.held_out(list(range(10)), 0, 0) == list(range(10))
+
+
+def test_image_regime_trains_the_cnn_on_rendered_faces(tmp_path):
+    """--regime images: the tiny CNN on a rendered cache; verification pairs are unseen identities."""
+    out = tmp_path / "tta.json"
+    args = ["--regime", "images", "--classes", "24", "--views", "2", "--verify-identities", "12", "--image-size", "32",
+            "--dim", "8", "--batch", "8", "--steps", "4", "--eval-every", "2", "--warmup", "1", "--render-jobs", "1",
+            "--cache", str(tmp_path / "cache"), "--workdir", str(tmp_path / "work"), "--out", str(out)]
+    time_to_accuracy.main([*args, "--cells", "exact:0.5"])
+    row = json.loads(out.read_text())["results"][0]
+    assert [p["step"] for p in row["curve"]] == [2, 4] and 0.0 <= row["val_top1"] <= 1.0
+    parsed = time_to_accuracy.parse_args(args)
+    train, val, verify_a, verify_b = time_to_accuracy.regime_data(parsed, 0)
+    assert len(train) == 24 * 2 and len(val) == 24
+    assert verify_a.shape == verify_b.shape == (12, 3, 32, 32)
+    assert not np.allclose(verify_a.numpy(), verify_b.numpy())  # two different views
+    cache = list((tmp_path / "cache").glob("*.npy"))
+    assert len(cache) == 1 and np.load(cache[0], mmap_mode="r").shape[:2] == (36, 3)  # C + U identities, views + 1
