@@ -57,7 +57,7 @@ class _Pending:
     request_id: int
     step: int
     header: dict
-    carried: list  # the arrays as sent: frames, or ``proto.InSegment`` places in the request region
+    carried: list  # the arrays as sent when they lie in the request region (``proto.InSegment``; else [])
     region_end: int  # end of its arrays in the segment's request region (0: none there)
 
 
@@ -333,8 +333,7 @@ class ParamClient(WeightStore):
         self._local.sockets = None
         with self._sockets_lock:
             pending = getattr(self._local, "pending", None)
-            if pending is not None and pending in self._all_pending:
-                self._all_pending.remove(pending)
+            self._all_pending = [p for p in self._all_pending if p is not pending]
 
     # -- one round of requests ----------------------------------------------------------
     def _call(self, requests: Sequence[tuple[int, dict, Sequence[np.ndarray]]], timeout_s: float | None = None,
@@ -407,8 +406,9 @@ class ParamClient(WeightStore):
         if defer:
             ends = [shm.aligned(a.offset + int(np.prod(a.shape, dtype=np.int64)) * a.dtype.itemsize)
                     for a in carried if isinstance(a, proto.InSegment)]
+            # only arrays in the segment are kept: a push the server could not read is sent again from them
             self._local.pending[shard].append(_Pending(request_id, int(header.get("step", -1)), dict(header),
-                                                       carried, max(ends, default=0)))
+                                                       carried if ends else [], max(ends, default=0)))
         return request_id
 
     def _settled(self, shard: int, waiting: dict, replies: dict) -> bool:
@@ -466,7 +466,7 @@ class ParamClient(WeightStore):
             return
         error = str(msg.header.get("error", ""))
         segment = self._local.segments[shard]
-        if error.startswith(proto.NO_SEGMENT_ERROR) and segment is not None:
+        if error.startswith(proto.NO_SEGMENT_ERROR) and segment is not None and pending.region_end:
             pending.carried = [segment.array(a.dtype, a.shape, a.offset).copy() if isinstance(a, proto.InSegment)
                                else a for a in pending.carried]
             log.debug("parameter server %s dropped this socket's segment; sending the push again",
@@ -757,6 +757,8 @@ class ParamClient(WeightStore):
     def shutdown(self) -> None:
         """Ask every shard to take its final snapshot and stop."""
         self._all({"op": "shutdown"})
+        for shard in range(len(self.endpoints)):  # a stopping server unmaps them: nothing to detach at close
+            self._drop_segment(shard)
 
     def close(self) -> None:
         """Collect this thread's pending pushes (a failed one still raises, after the cleanup),
