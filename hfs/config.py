@@ -83,7 +83,8 @@ class FCConfig:
     init: str = _f("gaussian", choices=("gaussian", "uniform", "zeros"), help="initialisation of the classifier rows")
     init_std: float = _f(0.01, ge=0.0, help="std (gaussian) or half-width (uniform) of the initialisation")
     lr_scale: float = _f(1.0, gt=0.0, help="classifier lr = backbone lr x lr_scale")
-    overlap_push: bool = _f(True, help="sampled: push row gradients on a background thread, overlapping the backbone's backward")
+    overlap_push: bool = _f(True, help="sampled: push row gradients on a background thread, overlapping the backbone's backward "
+                                       "(not needed with paramserver.pipeline_pushes, whose pushes do not wait)")
     sharded_momentum: str = _f("catchup", choices=("catchup", "dense", "lazy"),
                                help="sharded, SGD: what the rows a step does not touch do. catchup = what dense SGD "
                                     "does (decay + momentum every step), applied in closed form when a row is next read, "
@@ -151,6 +152,10 @@ class ParamServerConfig:
                             help="same-host data path: auto = a client on the server's host moves rows and gradients "
                                  "through a shared-memory segment (frames when the server cannot map it); off = "
                                  "ZeroMQ frames always (a server with off refuses segments)")
+    pipeline_pushes: bool = _f(True, help="a served push returns once sent: its reply is collected with the next "
+                                         "request (ZeroMQ keeps the order, so that request sees the push applied), "
+                                         "so the server's update overlaps the trainer's own work; false = wait for "
+                                         "each push's reply (same numbers, bit for bit)")
     update_rule: str = _f("catchup", choices=("catchup", "lazy", "dense"),
                           help="what SGD does to the classifier rows a step does not touch: catchup = what "
                                "torch's dense SGD does (decay + momentum every step), applied in closed form when "

@@ -5,7 +5,8 @@ Every number is measured in the same run so the ratios hold on a noisy shared ma
 * round trips/s of one sampled step (get rows for step t, push their gradients) through the
   in-process store (the limit), through a `hfs serve-params` process on 127.0.0.1 (both under
   the catchup and the lazy rule; arrays as ZeroMQ frames, and again through the same-host
-  shared-memory segment), and through the seed project's server logic, reimplemented
+  shared-memory segment, with pushes pipelined and, once, each waiting for its reply), and
+  through the seed project's server logic, reimplemented
   for comparison in `hfs.bench.seed_paramserver` (fire-and-forget pushes, per-row merge);
 * mean latency of a synchronous step (push, then get for the next step) with 1 worker and
   with N workers (processes, one client each) on the same server;
@@ -242,10 +243,17 @@ def shared_memory_round_trips(address: str, cfg: BenchConfig) -> dict:
             prepare_matrix(client, replace(cfg, update_rule=rule), f"shm_{rule}")
             rates[rule], _ = round_trips_per_second(client, cfg, name=f"shm_{rule}")
         used = client.server_stats()[0]["server"].get("shm_bytes_in", 0) > 0
+    # the same again with every push waiting for its reply (paramserver.pipeline_pushes: false)
+    with ParamClient(address, timeout_s=60, connect_timeout_s=60, shared_memory="auto",
+                     pipeline_pushes=False) as client:
+        prepare_matrix(client, cfg, f"shm_wait_{cfg.update_rule}")
+        waiting, _ = round_trips_per_second(client, cfg, name=f"shm_wait_{cfg.update_rule}")
     if not used:
         log.warning("the benchmark's server did not take the shared-memory segment: the shared-memory rows "
                     "measured ZeroMQ frames")
-    return {"loopback_shm_rt_per_s_by_rule": rates, "loopback_shm_used": used}
+    return {"loopback_shm_rt_per_s_by_rule": rates, "loopback_shm_used": used,
+            "loopback_shm_waiting_rt_per_s": waiting,
+            "loopback_shm_pipelined_over_waiting": rates[cfg.update_rule] / waiting}
 
 
 def run_benchmark(cfg: BenchConfig, progress=None) -> dict:
@@ -359,6 +367,11 @@ def render(results: dict, console) -> None:
                           f"{results['inprocess_rt_per_s_by_rule'][rule]:.0f})", f"{ratio:.2f}", "")
     for rule, ratio in results["loopback_shm_over_frames_by_rule"].items():
         table.add_row(f"shared memory / frames ({rule})", f"{ratio:.2f}", "")
+    if "loopback_shm_waiting_rt_per_s" in results:
+        table.add_row(f"shared memory, each push waiting for its reply ({cfg['update_rule']})",
+                      f"{results['loopback_shm_waiting_rt_per_s']:.0f}", "pipeline_pushes: false")
+        table.add_row("shared memory: pipelined / waiting pushes", f"{results['loopback_shm_pipelined_over_waiting']:.2f}",
+                      "")
     table.add_row("seed's server (reimplemented) get+push round trips/s", f"{results['seed_rt_per_s']:.0f}",
                   "lazy rule, no replies to pushes")
     table.add_row(f"loopback ({cfg['update_rule']}) / seed's server", f"{results['loopback_over_seed']:.2f}", ">= 4")

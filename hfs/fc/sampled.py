@@ -15,6 +15,11 @@ several micro-batches add up in the store, exactly as their gradients would in o
 The push runs on a background thread so it overlaps the backbone's backward pass, its
 optimizer step, the next batch's loading and the next backbone forward. It is waited for
 before the next selection, a snapshot or a validation pass.
+
+A store that pipelines pushes (the ZeroMQ client's ``paramserver.pipeline_pushes``) needs no
+thread: the push is sent from the training thread right after the backward pass and returns
+at once; the next selection on the same connection collects its reply (and sees it applied),
+and ``wait`` (snapshot, validation, close) flushes it.
 """
 
 from __future__ import annotations
@@ -52,7 +57,9 @@ class SampledFC:
         self.lr_scale = lr_scale  # the classifier's lr = the schedule's x fc.lr_scale
         self.workers = workers  # ranks pushing to one shared store: it sums their row gradients
         self.num_classes, self.dim = store.shape(matrix)
-        self._overlap = overlap_push
+        self._pipelined = bool(getattr(store, "pipelines_pushes", False))
+        self._overlap = overlap_push and not self._pipelined
+        self._ready: tuple[int, float] | None = None  # a finished cycle whose push is still to be sent
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self._cycle: list[tuple[np.ndarray, np.ndarray]] = []
@@ -104,7 +111,9 @@ class SampledFC:
     def _grad_hook(self, active: np.ndarray, step: int, last_micro: bool, grad_scale: float):
         def hook(grad: torch.Tensor) -> None:
             self._cycle.append((active, grad.detach().float().cpu().numpy()))
-            if last_micro:
+            if last_micro and self._pipelined:
+                self._ready = (step, grad_scale)  # sent from the training thread: its connection keeps the order
+            elif last_micro:
                 self._push_cycle(step, grad_scale)
 
         return hook
@@ -127,20 +136,35 @@ class SampledFC:
         else:
             self.store.push_grads(self.matrix, ids, grads, step)
 
+    def _send_ready(self) -> None:
+        """Send the finished cycle's push (pipelining store: returns once sent)."""
+        if self._ready is not None:
+            step, grad_scale = self._ready
+            self._ready = None
+            self._push_cycle(step, grad_scale)
+
     def wait(self) -> None:
         """Block until the last push is applied (re-raising its error, if any)."""
+        self._send_ready()
+        t0 = time.perf_counter()
         if self._pending is not None:
-            t0 = time.perf_counter()
             pending, self._pending = self._pending, None
             pending.result()
-            self.timers["push_wait"] += time.perf_counter() - t0
+        if self._pipelined:
+            self.store.flush()
+        self.timers["push_wait"] += time.perf_counter() - t0
 
     def end_step(self, step: int) -> None:
-        """After an optimizer step: nothing to do here — the store refreshes its index where it applies the step."""
+        """After an optimizer step: send a push not sent yet — the store refreshes its index where it applies the step."""
+        self._send_ready()
 
     def settle(self) -> None:
-        """Wait for the pending push (before a selection, a snapshot or a validation pass)."""
-        self.wait()
+        """Before a selection: the last push is sent, and (on a background thread) done; a
+        pipelining store's selection collects its reply on the same connection."""
+        if self._pipelined:
+            self._send_ready()
+        else:
+            self.wait()
 
     # -- whole matrix ------------------------------------------------------------------
     def iter_chunks(self, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
@@ -177,7 +201,8 @@ class SampledFC:
         self.set_hparams(lr * self.lr_scale, momentum, weight_decay)
 
     def after_backward(self) -> None:
-        pass
+        """Send the step's push now, so the store's update overlaps the optimizer step and the next batch."""
+        self._send_ready()
 
     def checkpoint_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """The store's own step-named (and pruned) snapshot, taken once every rank's push of

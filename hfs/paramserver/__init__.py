@@ -50,4 +50,5 @@ def open_store(cfg: "ParamServerConfig", snapshot_dir: str | Path | None) -> "We
     from hfs.paramserver.client import ParamClient
 
     return ParamClient(cfg.address, timeout_s=cfg.timeout_s, connect_timeout_s=cfg.connect_timeout_s,
-                       secret=resolve_secret(cfg.secret), shared_memory=cfg.shared_memory)
+                       secret=resolve_secret(cfg.secret), shared_memory=cfg.shared_memory,
+                       pipeline_pushes=cfg.pipeline_pushes)

@@ -73,6 +73,16 @@ class WeightStore(ABC):
         the name it registered.
         """
 
+    @property
+    def pipelines_pushes(self) -> bool:
+        """True when ``push_grads`` may return before the store has answered the push (the
+        ZeroMQ client's ``pipeline_pushes``): calls from the same thread still see it applied."""
+        return False
+
+    def flush(self) -> None:
+        """Wait until every push this thread sent is answered; raise the first failure. A store
+        whose ``push_grads`` returns only once done (the in-process one) has nothing to wait for."""
+
     @abstractmethod
     def set_hparams(self, name: str, hparams: HParams) -> None:
         """Learning rate, momentum and weight decay for the next applied steps."""

@@ -10,6 +10,11 @@ With ``shared_memory="auto"`` each socket whose server accepts it (same host) ge
 shared-memory segment (:mod:`hfs.paramserver.shm`): the arrays of get/set/push/select
 requests and their replies travel through it and only headers through ZeroMQ. A server
 that cannot map it (another host, or one started with ``shared_memory: off``) gets frames.
+
+With ``pipeline_pushes`` (the default) ``push_grads`` sends its pushes and returns without
+waiting for their replies: each socket's pending push reply is collected by the next request
+on that socket (in the same wait as that request's own reply), by :meth:`ParamClient.flush`,
+or by ``close()``. A failed push raises ``ServerError`` from the call that collects it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import itertools
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -38,6 +44,21 @@ SHARED_MEMORY_MODES = ("auto", "off")
 
 class ServerError(HfsError):
     """The server answered with an error (bad request, failed step, ...)."""
+
+
+#: how long close() waits for each shard to confirm it dropped the connection's segment
+DETACH_TIMEOUT_S = 2.0
+
+
+@dataclass
+class _Pending:
+    """A push sent without waiting for its reply (one at most per socket)."""
+
+    request_id: int
+    step: int
+    header: dict
+    carried: list  # the arrays as sent when they lie in the request region (``proto.InSegment``; else [])
+    region_end: int  # end of its arrays in the segment's request region (0: none there)
 
 
 def parse_address(address: str | Sequence[str]) -> list[str]:
@@ -76,13 +97,15 @@ class ParamClient(WeightStore):
     """Talks to one or more `hfs serve-params` shards; safe to use from several threads."""
 
     def __init__(self, address: str | Sequence[str], *, timeout_s: float = 60.0, connect_timeout_s: float = 10.0,
-                 secret: bytes | None = None, shared_memory: str = "auto") -> None:
+                 secret: bytes | None = None, shared_memory: str = "auto", pipeline_pushes: bool = True) -> None:
         import zmq
 
         if shared_memory not in SHARED_MEMORY_MODES:
             raise HfsError(f"paramserver.shared_memory must be one of {', '.join(SHARED_MEMORY_MODES)}, "
                            f"got {shared_memory!r}")
         self.shared_memory = shared_memory
+        self.pipeline_pushes = bool(pipeline_pushes)
+        self._all_pending: list[list[list[_Pending]]] = []  # every thread's per-shard pending pushes
         self._all_segments: list = []
         self._no_shm: set[str] = set()  # endpoints that refused a segment (said once, at INFO)
         self._zmq = zmq
@@ -149,18 +172,52 @@ class ParamClient(WeightStore):
             self._local.segments = [None] * len(socks)
             self._local.reply_bytes = [shm.DEFAULT_REGION_BYTES] * len(socks)
             self._local.region_cap = [shm.MAX_REGION_BYTES] * len(socks)
+            self._local.pending = [[] for _ in socks]
+            with self._sockets_lock:
+                self._all_pending.append(self._local.pending)
         return socks
+
+    @property
+    def pipelines_pushes(self) -> bool:
+        return self.pipeline_pushes
 
     # -- shared memory, one segment per socket ------------------------------------------
     def _carried(self, shard: int, op: str, arrays: Sequence[np.ndarray]) -> Sequence[Any]:
         """The request's arrays as the wire will carry them: placed in the socket's segment when
-        there is (or can be) one and they fit, else as frames."""
+        there is (or can be) one and they fit, else as frames.
+
+        A pending push's gradients stay in the request region until the server has read them:
+        the next request's arrays go after them when they fit; otherwise (or when the request
+        would not go through the segment at all) the push's reply is collected first, so a
+        push the server could not read (its segment dropped) is sent again before this request.
+        """
+        if self._local.pending[shard] and not self._can_follow(shard, op, arrays):
+            self._collect([shard], self.timeout_s)
         if self.shared_memory == "off" or op not in SHM_OPS:
             return arrays
         arrays = [np.ascontiguousarray(a) for a in arrays]
+        start = max([p.region_end for p in self._local.pending[shard]] + [shm.DATA_OFFSET])
+        if start > shm.DATA_OFFSET:  # _can_follow said they fit after the pending push
+            return self._local.segments[shard].place_request(arrays, start)
         segment = self._segment_for(shard, shm.request_nbytes(arrays), op)
         placed = segment.place_request(arrays) if segment is not None else None
         return arrays if placed is None else placed
+
+    def _can_follow(self, shard: int, op: str, arrays: Sequence[np.ndarray]) -> bool:
+        """Whether a request may be sent while this socket's push is pending: always when the
+        push went as frames (ZeroMQ keeps the order); when it lies in the segment, only if this
+        request's arrays fit after it in the same segment (then both meet a dropped segment
+        alike, and are sent again in order)."""
+        ends = [p.region_end for p in self._local.pending[shard] if p.region_end]
+        if not ends:
+            return True
+        segment = self._local.segments[shard]
+        if self.shared_memory == "off" or op not in SHM_OPS or not arrays or segment is None:
+            return False
+        if min(self._local.reply_bytes[shard], self._local.region_cap[shard]) > segment.reply_bytes:
+            return False  # the segment is about to be replaced by a bigger one
+        need = sum(shm.request_nbytes([np.asarray(a)]) for a in arrays)
+        return max(ends) + need <= segment.reply_offset
 
     def _segment_for(self, shard: int, need: int, op: str) -> shm.ClientSegment | None:
         """This thread's segment for ``shard``, attached (or re-attached bigger) as needed; None: frames."""
@@ -259,6 +316,10 @@ class ParamClient(WeightStore):
                 self._all_sockets.remove(old)
         old.close(0)
         self._drop_segment(shard)  # a late reply of the old socket may still be written into it
+        for pending in self._local.pending[shard]:
+            log.warning("the push for step %d to %s was sent but not confirmed (the call failed before its "
+                        "reply came)", pending.step, self.endpoints[shard])
+        self._local.pending[shard].clear()
         socks[shard] = self._open(self.endpoints[shard])
 
     def _reset_sockets(self) -> None:
@@ -270,35 +331,51 @@ class ParamClient(WeightStore):
             sock.close(0)
             self._drop_segment(shard)
         self._local.sockets = None
+        with self._sockets_lock:
+            pending = getattr(self._local, "pending", None)
+            self._all_pending = [p for p in self._all_pending if p is not pending]
 
     # -- one round of requests ----------------------------------------------------------
     def _call(self, requests: Sequence[tuple[int, dict, Sequence[np.ndarray]]], timeout_s: float | None = None,
-              *, copy_out: bool = True, retry: bool = True, label: str | None = None) -> list[proto.Message]:
+              *, copy_out: bool = True, retry: bool = True, label: str | None = None,
+              defer: bool = False) -> list[proto.Message]:
         """Send one request to each named shard, then wait for all replies (in request order).
 
         ``copy_out`` False: reply arrays may be views of the shared-memory segment, valid until
         this thread's next call. A shard that lost its segment (the server dropped an idle one)
         gets its request again once, through a new segment or frames. ``label``: the op that
-        errors name (the request a handshake is made for).
+        errors name (the request a handshake is made for). ``defer`` (pushes): send only and
+        return []; each reply is collected later by the next request on its socket, ``flush``
+        or ``close``. A push pending on a socket is answered before that socket's next request:
+        each shard is single-threaded and ZeroMQ keeps a connection's order, so a request sent
+        after a push always sees the push applied.
         """
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         socks = self._sockets()
         started = time.perf_counter()
         deadline = time.monotonic() + timeout_s
-        waiting: dict[int, int] = {}
+        waiting: dict[int, int | None] = {}
         replies: dict[int, proto.Message] = {}
+        lost_pushes: list[tuple[int, _Pending]] = []
         op = requests[0][1]["op"]
         try:
-            self._exchange(requests, socks, waiting, replies, started, deadline, timeout_s, copy_out, label or op)
+            for shard, header, arrays in requests:
+                request_id = self._send(shard, header, arrays, socks, deadline, timeout_s, label or op, defer)
+                if not defer:
+                    waiting[shard] = request_id
+            self._receive(socks, waiting, replies, lost_pushes, started, deadline, timeout_s, copy_out, label or op)
         except BaseException:
             # A request left unanswered must never be answered into a later call, nor read its
             # arrays from a shared-memory region a later request reuses: fresh sockets and segments.
             for shard in waiting:
-                if shard not in replies and not self._closed:
+                if not self._settled(shard, waiting, replies) and not self._closed:
                     self._replace_socket(shard)
             raise
         self._counts[op] += 1
         self._latency[op].append(time.perf_counter() - started)
+        self._send_again(lost_pushes, timeout_s)  # before any request that followed them
+        if defer:
+            return []
         out = [replies[shard] for shard, _, _ in requests]
         lost = [i for i, (shard, _, _) in enumerate(requests) if self._lost_segment(shard, out[i])]
         if lost and retry:
@@ -310,48 +387,118 @@ class ParamClient(WeightStore):
                 raise ServerError(f"parameter server {self.endpoints[shard]}: {msg.header.get('error')}")
         return out
 
-    def _exchange(self, requests, socks: list, waiting: dict, replies: dict, started: float, deadline: float,
-                  timeout_s: float, copy_out: bool, label: str) -> None:
-        """Send every request, then collect every reply into ``replies`` (``waiting``: shard -> id sent)."""
+    def _send(self, shard: int, header: dict, arrays: Sequence[np.ndarray], socks: list, deadline: float,
+              timeout_s: float, label: str, defer: bool) -> int:
+        """Send one request; a deferred one is remembered as the socket's pending push. Returns its id."""
+        if defer and self._local.pending[shard]:
+            self._collect([shard], timeout_s)  # at most one pending push per socket
+        request_id = next(self._ids)
+        carried = list(self._carried(shard, header["op"], arrays))
+        frames = proto.encode(dict(header, id=request_id), carried, self.secret)
+        sock = socks[shard]
+        if not sock.poll(max(0, int((deadline - time.monotonic()) * 1e3)), self._zmq.POLLOUT):
+            self._replace_socket(shard)
+            raise HfsError(self._unreachable(shard, label, timeout_s, connected=False))
+        # A deferred push returns before ZeroMQ has sent it: its frames are copied, so the
+        # caller may reuse its arrays at once (arrays in the segment are copies already).
+        sock.send_multipart(frames, copy=defer)
+        self._bytes["sent"] += sum(memoryview(f).nbytes for f in frames)
+        if defer:
+            ends = [shm.aligned(a.offset + int(np.prod(a.shape, dtype=np.int64)) * a.dtype.itemsize)
+                    for a in carried if isinstance(a, proto.InSegment)]
+            # only arrays in the segment are kept: a push the server could not read is sent again from them
+            self._local.pending[shard].append(_Pending(request_id, int(header.get("step", -1)), dict(header),
+                                                       carried if ends else [], max(ends, default=0)))
+        return request_id
+
+    def _settled(self, shard: int, waiting: dict, replies: dict) -> bool:
+        """This shard's reply is in (or none is awaited) and its socket has no pending push left."""
+        return (waiting[shard] is None or shard in replies) and not self._local.pending[shard]
+
+    def _receive(self, socks: list, waiting: dict, replies: dict, lost_pushes: list, started: float,
+                 deadline: float, timeout_s: float, copy_out: bool, label: str) -> None:
+        """Collect every reply into ``replies`` (``waiting``: shard -> id sent, None: only the
+        socket's pending push), each socket's pending push reply first, as ZeroMQ delivers them."""
         zmq = self._zmq
-        for shard, header, arrays in requests:
-            request_id = next(self._ids)
-            frames = proto.encode(dict(header, id=request_id), self._carried(shard, header["op"], arrays), self.secret)
-            sock = socks[shard]
-            if not sock.poll(max(0, int((deadline - time.monotonic()) * 1e3)), zmq.POLLOUT):
-                self._replace_socket(shard)
-                raise HfsError(self._unreachable(shard, label, timeout_s, connected=False))
-            sock.send_multipart(frames, copy=False)
-            self._bytes["sent"] += sum(memoryview(f).nbytes for f in frames)
-            waiting[shard] = request_id
+        pending = self._local.pending
         poller = zmq.Poller()
         for shard in waiting:
             poller.register(socks[shard], zmq.POLLIN)
         warn_at = self.warn_after_s
-        while len(replies) < len(waiting):
+        while True:
+            open_shards = [s for s in waiting if not self._settled(s, waiting, replies)]
+            if not open_shards:
+                return
             remaining = deadline - time.monotonic()
             waited = time.perf_counter() - started
             slice_s = min(remaining, max(warn_at - waited, 0.01))
             ready = dict(poller.poll(max(0, int(slice_s * 1e3)))) if remaining > 0 else {}
             if not ready and remaining > slice_s:
-                warn_at = self._warn_waiting(next(s for s in waiting if s not in replies), warn_at)
+                warn_at = self._warn_waiting(open_shards[0], warn_at)
                 continue
             if not ready:
-                missing = next(s for s in waiting if s not in replies)
-                raise HfsError(self._unreachable(missing, label, timeout_s,
+                missing = open_shards[0]
+                what = f"push for step {pending[missing][0].step}" if pending[missing] else label
+                raise HfsError(self._unreachable(missing, what, timeout_s,
                                                  connected=self.endpoints[missing] in self._answered))
-            for shard in waiting:
-                if socks[shard] not in ready or shard in replies:
+            for shard in open_shards:
+                if socks[shard] not in ready:
                     continue
                 frames = socks[shard].recv_multipart(copy=False)
                 self._bytes["received"] += sum(len(f) for f in frames)
                 msg = self._decode_reply(shard, frames)
-                self._note_reply(shard, msg, copy_out)
-                # Sockets are replaced after a timeout, so a reply here answers this request;
-                # the id check guards anyway (an error reply to an undecodable request has none).
-                if msg.header.get("id") in (waiting[shard], None):
+                reply_id = msg.header.get("id")
+                # Sockets are replaced after a timeout, so a reply here answers this socket's
+                # pending push or this request; the id check guards anyway (an error reply to an
+                # undecodable request has none).
+                if pending[shard] and reply_id in (pending[shard][0].request_id, None):
+                    self._answered.add(self.endpoints[shard])
+                    self._confirm(shard, pending[shard].pop(0), msg, lost_pushes)
+                elif waiting[shard] is not None and reply_id in (waiting[shard], None):
+                    self._note_reply(shard, msg, copy_out)
                     replies[shard] = msg
                     self._answered.add(self.endpoints[shard])
+
+    def _confirm(self, shard: int, pending: _Pending, msg: proto.Message, lost_pushes: list) -> None:
+        """A pending push's reply: fine; lost with its segment (kept to be sent again, its arrays
+        copied out of the segment first); or failed: ServerError naming the push's step."""
+        if msg.header.get("ok"):
+            return
+        error = str(msg.header.get("error", ""))
+        segment = self._local.segments[shard]
+        if error.startswith(proto.NO_SEGMENT_ERROR) and segment is not None and pending.region_end:
+            pending.carried = [segment.array(a.dtype, a.shape, a.offset).copy() if isinstance(a, proto.InSegment)
+                               else a for a in pending.carried]
+            log.debug("parameter server %s dropped this socket's segment; sending the push again",
+                      self.endpoints[shard])
+            self._drop_segment(shard)
+            lost_pushes.append((shard, pending))
+            return
+        raise ServerError(f"push for step {pending.step} failed: parameter server {self.endpoints[shard]}: {error}")
+
+    def _send_again(self, lost_pushes: list[tuple[int, _Pending]], timeout_s: float) -> None:
+        """Pushes the server could not read (it had dropped their segment), sent again and waited for."""
+        for shard, pending in lost_pushes:
+            try:
+                self._call([(shard, pending.header, pending.carried)], timeout_s, retry=False)
+            except ServerError as exc:
+                raise ServerError(f"push for step {pending.step} failed: {exc}") from None
+
+    def _collect(self, shards: Sequence[int], timeout_s: float) -> None:
+        """Wait for the replies of the pushes pending on ``shards``' sockets."""
+        socks = self._sockets()
+        started = time.perf_counter()
+        waiting: dict[int, int | None] = {shard: None for shard in shards}
+        lost_pushes: list[tuple[int, _Pending]] = []
+        try:
+            self._receive(socks, waiting, {}, lost_pushes, started, time.monotonic() + timeout_s, timeout_s, True,
+                          "push")
+        except BaseException:
+            for shard in shards:
+                if self._local.pending[shard] and not self._closed:
+                    self._replace_socket(shard)
+            raise
+        self._send_again(lost_pushes, timeout_s)
 
     def _lost_segment(self, shard: int, msg: proto.Message) -> bool:
         """The server no longer has this socket's segment (it dropped an idle one): forget it here too."""
@@ -481,17 +628,27 @@ class ParamClient(WeightStore):
 
     def push_grads(self, name: str, rows: np.ndarray, grads: np.ndarray, step: int, *,
                    worker: str | None = None) -> None:
-        """Every shard gets a push (possibly empty) so each one can complete the step."""
+        """Every shard gets a push (possibly empty) so each one can complete the step. With
+        ``pipeline_pushes`` this returns once they are sent; see :meth:`flush`."""
         rows = self._rows(rows)
         grads = np.ascontiguousarray(grads)
         header = {"op": "push", "matrix": name, "step": int(step)}
         if worker or self._worker:
             header["worker"] = worker or self._worker
         parts = self._split(name, rows)
+        defer = self.pipeline_pushes
         if parts[0][1] is None:
-            self._call([(0, header, [rows, grads])])
+            self._call([(0, header, [rows, grads])], defer=defer)
             return
-        self._call([(s, header, [rows[pos], grads[pos]]) for s, pos in parts])
+        self._call([(s, header, [rows[pos], grads[pos]]) for s, pos in parts], defer=defer)
+
+    def flush(self) -> None:
+        """Wait for the replies of this thread's pushes sent without waiting (``pipeline_pushes``);
+        the first failed one raises ServerError naming its step."""
+        pending = getattr(self._local, "pending", None) or []
+        shards = [shard for shard, pushes in enumerate(pending) if pushes]
+        if shards:
+            self._collect(shards, self.timeout_s)
 
     def set_hparams(self, name: str, hparams: HParams) -> None:
         self._all({"op": "hparams", "matrix": name, "lr": float(hparams.lr), "momentum": float(hparams.momentum),
@@ -600,12 +757,41 @@ class ParamClient(WeightStore):
     def shutdown(self) -> None:
         """Ask every shard to take its final snapshot and stop."""
         self._all({"op": "shutdown"})
+        for shard in range(len(self.endpoints)):  # a stopping server unmaps them: nothing to detach at close
+            self._drop_segment(shard)
 
     def close(self) -> None:
+        """Collect this thread's pending pushes (a failed one still raises, after the cleanup),
+        ask each shard to unmap this thread's segments (best effort, briefly), release all."""
         if self._closed:
             return
+        try:
+            self.flush()
+        finally:
+            try:
+                self._detach_segments()
+            finally:
+                self._release()
+
+    def _detach_segments(self) -> None:
+        """Tell every shard whose segment this thread holds to unmap it now, not when it expires
+        (a server that does not answer within DETACH_TIMEOUT_S is left to expire it)."""
+        segments = getattr(self._local, "segments", None) or []
+        asks = [(shard, {"op": "detach"}, []) for shard, segment in enumerate(segments) if segment is not None]
+        if not asks:
+            return
+        try:
+            self._call(asks, DETACH_TIMEOUT_S, retry=False)
+        except HfsError as exc:
+            log.debug("detaching shared memory on close: %s", exc)
+
+    def _release(self) -> None:
         self._closed = True
         with self._sockets_lock:
+            unconfirmed = sum(len(pushes) for pending in self._all_pending for pushes in pending)
+            if unconfirmed:  # another thread's (this one's were collected, or reported, by flush)
+                log.warning("%d push(es) sent by other threads were not confirmed before close (call flush() "
+                            "on the thread that pushed)", unconfirmed)
             for sock in self._all_sockets:
                 sock.close(0)
             self._all_sockets.clear()

@@ -59,6 +59,8 @@ OPS = {
     "shm": "map this client's shared-memory segment (path, size, reply_offset, nonce; same host only); arrays of "
            "later requests and replies on this connection may then lie in it (arrays entry field shm: offset) "
            "-> attached",
+    "detach": "unmap this connection's shared-memory segment now (a closing client; idle ones also expire) "
+              "-> detached",
 }
 #: The start of the error a request gets when it names shared memory its connection has not attached.
 NO_SEGMENT_ERROR = "no shared-memory segment is attached for this connection"

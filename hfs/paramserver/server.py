@@ -463,6 +463,13 @@ class ParamServer:
             self._drop_segment(next(iter(self._segments)))
         return {"attached": True}, []
 
+    def _op_detach(self, msg, envelope):
+        _arrays(msg, [])
+        key = bytes(envelope[0]) if envelope else b""
+        detached = key in self._segments
+        self._drop_segment(key)
+        return {"detached": detached}, []
+
     def _op_hparams(self, msg, envelope):
         h = msg.header
         _arrays(msg, [])

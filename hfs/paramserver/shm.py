@@ -5,8 +5,11 @@ folder; mode 0600, a random name, a random nonce in its first bytes), offers it 
 ``shm`` op and unlinks it once the server has mapped it: the two mappings keep the memory,
 and nothing is left in the folder when either side dies. A request then carries its arrays
 in the segment's request region and only their offsets in the header; the server writes the
-reply's arrays into the reply region. One request is in flight per socket, so one region
-each way is enough; each socket (one per client thread and shard) has its own segment.
+reply's arrays into the reply region. One request is in flight per socket, plus at most one
+push sent without waiting for its reply (``paramserver.pipeline_pushes``): the request after
+such a push places its arrays after the push's in the request region, or waits for the push's
+reply first when they do not fit. Each socket (one per client thread and shard) has its own
+segment; ``close()`` tells the server to unmap it (op ``detach``).
 
 The server maps only a regular file (no symlink) of this user, private to it, directly in
 that folder, with the hfs name pattern, the offered size and the offered nonce.
@@ -55,8 +58,10 @@ def segment_folder() -> str:
     return os.path.realpath(folder)
 
 
-def _aligned(nbytes: int) -> int:
+def aligned(nbytes: int) -> int:
+    """``nbytes`` rounded up to ALIGN: where the next array in a region may start."""
     return (nbytes + ALIGN - 1) // ALIGN * ALIGN
+
 
 
 class SegmentView:
@@ -105,7 +110,7 @@ class SegmentView:
             at = self.offset_of(arr)
             if at is not None and start <= at and at + arr.nbytes <= stop:
                 out.append(proto.InSegment(arr.dtype, tuple(arr.shape), at))
-                pos = max(pos, _aligned(at + arr.nbytes))
+                pos = max(pos, aligned(at + arr.nbytes))
                 continue
             if pos + arr.nbytes > stop:
                 if all_or_none:
@@ -115,7 +120,7 @@ class SegmentView:
             view = self._u8[pos:pos + arr.nbytes].view(arr.dtype).reshape(arr.shape)
             np.copyto(view, arr, casting="no")
             out.append(proto.InSegment(arr.dtype, tuple(arr.shape), pos))
-            pos = _aligned(pos + arr.nbytes)
+            pos = aligned(pos + arr.nbytes)
         return out
 
     def close(self) -> None:
@@ -154,7 +159,7 @@ class ClientSegment(SegmentView):
         """A fresh 0600 segment file of the given region sizes, its nonce written (OSError if impossible)."""
         folder = folder or segment_folder()
         sweep_stale(folder)
-        request_bytes, reply_bytes = _aligned(request_bytes), _aligned(reply_bytes)
+        request_bytes, reply_bytes = aligned(request_bytes), aligned(reply_bytes)
         size = DATA_OFFSET + request_bytes + reply_bytes
         path = os.path.join(folder, f"{PREFIX}{os.getpid()}-{secrets.token_hex(16)}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, 0o600)
@@ -178,9 +183,10 @@ class ClientSegment(SegmentView):
     def reply_bytes(self) -> int:
         return self.size - self.reply_offset
 
-    def place_request(self, arrays: Sequence[np.ndarray]) -> list[Any] | None:
-        """The request's arrays in the request region, or None when they do not all fit."""
-        return self.place(arrays, DATA_OFFSET, self.reply_offset, all_or_none=True)
+    def place_request(self, arrays: Sequence[np.ndarray], start: int = DATA_OFFSET) -> list[Any] | None:
+        """The request's arrays in the request region from ``start`` (after a pending push's
+        arrays, which the server has not read yet), or None when they do not all fit."""
+        return self.place(arrays, start, self.reply_offset, all_or_none=True)
 
     def unlink(self) -> None:
         """Remove the file; the mappings keep the memory."""
@@ -211,7 +217,7 @@ def _reserve(fd: int, size: int) -> None:
 
 def request_nbytes(arrays: Sequence[np.ndarray]) -> int:
     """Bytes the arrays need in a region (each 64-byte aligned)."""
-    return sum(_aligned(a.nbytes) for a in arrays)
+    return sum(aligned(a.nbytes) for a in arrays)
 
 
 def sweep_stale(folder: str) -> None:

@@ -25,6 +25,8 @@ def test_run_benchmark_times_both_update_rules_in_process():
     assert results["loopback_shm_over_seed"] == shm["lazy"] / results["seed_rt_per_s"]
     assert results["loopback_shm_over_frames_by_rule"]["catchup"] == \
         shm["catchup"] / results["loopback_rt_per_s_by_rule"]["catchup"]
+    assert results["loopback_shm_waiting_rt_per_s"] > 0  # pushes waiting for their replies, beside the pipelined
+    assert results["loopback_shm_pipelined_over_waiting"] == shm["lazy"] / results["loopback_shm_waiting_rt_per_s"]
     from rich.console import Console
 
     console = Console(record=True, width=200)
@@ -33,6 +35,7 @@ def test_run_benchmark_times_both_update_rules_in_process():
     assert "loopback (lazy) / seed's server" in text and "loopback (catchup) / seed's server" in text
     assert "shared memory / in-process (lazy)" in text and "shared memory / frames (catchup)" in text
     assert "shared memory (lazy) / seed's server" in text
+    assert "shared memory: pipelined / waiting pushes" in text
 
 
 def test_bad_update_rule_is_one_error_line():
