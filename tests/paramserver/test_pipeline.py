@@ -10,27 +10,21 @@ import pytest
 
 from hfs.paramserver.base import HParams
 from hfs.paramserver.store import InProcessStore, ShardSpec
-from hfs.samplers.owned import IndexSpec
 from hfs.samplers.selection import SelectionRule
 from hfs.utils.errors import HfsError
 
+from tests.paramserver.helpers import EXACT, catchup_store, served_client  # noqa: E402
+
 zmq = pytest.importorskip("zmq")
 C, D, B = 301, 5, 6  # odd sizes: arrays after a pending push start at unaligned byte counts
-EXACT = IndexSpec(sampler="exact", kwargs={"metric": "cosine", "chunk": 64, "device": "cpu"}, background=False,
-                  refresh="interval")
 
 
 def _store(shard: ShardSpec = ShardSpec()) -> InProcessStore:
-    store = InProcessStore(None, timeout_s=10, shard=shard)
-    store.create("fc", C, D, init="gaussian", std=0.5, seed=4, update_rule="catchup")
-    store.set_hparams("fc", HParams(0.3, 0.9, 1e-3))
-    return store
+    return catchup_store(C, D, shard)
 
 
 def _client(address, *, pipeline: bool = True, mode: str = "auto", timeout_s: float = 10.0):
-    from hfs.paramserver.client import ParamClient
-
-    return ParamClient(address, timeout_s=timeout_s, shared_memory=mode, pipeline_pushes=pipeline)
+    return served_client(address, timeout_s=timeout_s, mode=mode, pipeline=pipeline)
 
 
 def _state(store: InProcessStore) -> tuple:

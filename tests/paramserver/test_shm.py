@@ -19,27 +19,21 @@ from hfs.paramserver import protocol as proto
 from hfs.paramserver import shm
 from hfs.paramserver.base import HParams
 from hfs.paramserver.store import InProcessStore, ShardSpec
-from hfs.samplers.owned import IndexSpec
 from hfs.samplers.selection import SelectionRule
+
+from tests.paramserver.helpers import EXACT, catchup_store, served_client  # noqa: E402
 
 zmq = pytest.importorskip("zmq")
 C, D, B = 300, 8, 6
 REPO = Path(__file__).resolve().parents[2]
-EXACT = IndexSpec(sampler="exact", kwargs={"metric": "cosine", "chunk": 64, "device": "cpu"}, background=False,
-                  refresh="interval")
 
 
 def _store(shard: ShardSpec = ShardSpec()) -> InProcessStore:
-    store = InProcessStore(None, timeout_s=10, shard=shard)
-    store.create("fc", C, D, init="gaussian", std=0.5, seed=4, update_rule="catchup")
-    store.set_hparams("fc", HParams(0.3, 0.9, 1e-3))
-    return store
+    return catchup_store(C, D, shard)
 
 
 def _client(address, mode: str = "auto", pipeline: bool = True):
-    from hfs.paramserver.client import ParamClient
-
-    return ParamClient(address, timeout_s=10, shared_memory=mode, pipeline_pushes=pipeline)
+    return served_client(address, timeout_s=10, mode=mode, pipeline=pipeline)
 
 
 def _traffic(client, *, with_select: bool) -> list[np.ndarray]:
