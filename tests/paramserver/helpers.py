@@ -24,3 +24,17 @@ def served_client(address, *, mode: str = "auto", pipeline: bool = True, timeout
     from hfs.paramserver.client import ParamClient
 
     return ParamClient(address, timeout_s=timeout_s, shared_memory=mode, pipeline_pushes=pipeline)
+
+
+def select_into(client, rng, step: int, rows, seen: list, *, batch: int, dim: int, classes: int):
+    """One ``select`` of random features and labels (S = 30, k = 5): its arrays are appended to
+    ``seen``; returns ``rows`` with the active classes added (what the step then pushes)."""
+    import numpy as np
+
+    from hfs.samplers.selection import SelectionRule
+
+    features = rng.standard_normal((batch, dim)).astype(np.float32)
+    labels = rng.integers(0, classes, batch).astype(np.int64)
+    chosen, values = client.select("fc", features, labels, step, SelectionRule(30, seed=1), 5)
+    seen += [chosen.active, chosen.local, values]
+    return np.union1d(rows, chosen.active)

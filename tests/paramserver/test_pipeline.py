@@ -10,10 +10,9 @@ import pytest
 
 from hfs.paramserver.base import HParams
 from hfs.paramserver.store import InProcessStore, ShardSpec
-from hfs.samplers.selection import SelectionRule
 from hfs.utils.errors import HfsError
 
-from tests.paramserver.helpers import EXACT, catchup_store, served_client  # noqa: E402
+from tests.paramserver.helpers import EXACT, catchup_store, select_into, served_client  # noqa: E402
 
 zmq = pytest.importorskip("zmq")
 C, D, B = 301, 5, 6  # odd sizes: arrays after a pending push start at unaligned byte counts
@@ -43,11 +42,7 @@ def _traffic(client) -> list[np.ndarray]:
         rows = rng.choice(C, int(rng.integers(7, 60)), replace=False)
         seen.append(client.get_rows("fc", rows, step=step))
         if step % 2:
-            features = rng.standard_normal((B, D)).astype(np.float32)
-            labels = rng.integers(0, C, B).astype(np.int64)
-            chosen, values = client.select("fc", features, labels, step, SelectionRule(30, seed=1), 5)
-            seen += [chosen.active, chosen.local, values]
-            rows = np.union1d(rows, chosen.active)
+            rows = select_into(client, rng, step, rows, seen, batch=B, dim=D, classes=C)
         client.push_grads("fc", rows, rng.standard_normal((rows.size, D)).astype(np.float32), step)
     client.push_grads("fc", np.array([1, 2, 1]), np.ones((3, D), np.float32), 6)  # a push after a push
     client.set_rows("fc", np.array([3, 250]), np.full((2, D), 0.25, np.float32))

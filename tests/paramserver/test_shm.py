@@ -19,9 +19,8 @@ from hfs.paramserver import protocol as proto
 from hfs.paramserver import shm
 from hfs.paramserver.base import HParams
 from hfs.paramserver.store import InProcessStore, ShardSpec
-from hfs.samplers.selection import SelectionRule
 
-from tests.paramserver.helpers import EXACT, catchup_store, served_client  # noqa: E402
+from tests.paramserver.helpers import EXACT, catchup_store, select_into, served_client  # noqa: E402
 
 zmq = pytest.importorskip("zmq")
 C, D, B = 300, 8, 6
@@ -46,11 +45,7 @@ def _traffic(client, *, with_select: bool) -> list[np.ndarray]:
         rows = rng.choice(C, 40, replace=False)
         seen.append(client.get_rows("fc", rows, step=step))
         if with_select:
-            features = rng.standard_normal((B, D)).astype(np.float32)
-            labels = rng.integers(0, C, B).astype(np.int64)
-            chosen, values = client.select("fc", features, labels, step, SelectionRule(30, seed=1), 5)
-            seen += [chosen.active, chosen.local, values]
-            rows = np.union1d(rows, chosen.active)
+            rows = select_into(client, rng, step, rows, seen, batch=B, dim=D, classes=C)
         client.push_grads("fc", rows, rng.standard_normal((rows.size, D)).astype(np.float32), step)
     client.set_rows("fc", np.array([3, 250]), np.full((2, D), 0.25, np.float32))
     seen.append(client.get_rows("fc", np.arange(C)))
