@@ -14,7 +14,6 @@ negatives before any query contributes its easier ones. Everything is vectorised
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 from dataclasses import dataclass

@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from tests.eval.helpers import invoke_ok, save_untrained_checkpoint
 from hfs.data.bins import load_bin

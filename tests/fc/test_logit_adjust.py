@@ -1,7 +1,6 @@
 """The selection rule's log-Q correction reaches the loss of both classifiers (sampler.logq)."""
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 

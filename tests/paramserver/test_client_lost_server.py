@@ -29,7 +29,7 @@ def test_dead_server_warns_early_then_says_how_to_recover(thread_server, tmp_pat
     waits = [r.getMessage() for r in caplog.records if "waiting for the parameter server" in r.getMessage()]
     assert waits and waits[0] == f"waiting for the parameter server at {srv.endpoint} (3 s)"
     text = str(err.value)
-    assert f"did not answer 'get' within 4.5 s" in text
+    assert "did not answer 'get' within 4.5 s" in text
     assert f"hfs serve-params --port {port} --snapshot-dir {tmp_path / 'snaps'} --resume latest" in text
     assert f"hfs train --resume {tmp_path / 'run'}" in text
 
