@@ -134,13 +134,14 @@ def cell_config(args: argparse.Namespace, name: str, sample_num: int, output_dir
 
 
 def converged(curve: list[dict[str, float]], steps: int, flat: float) -> bool:
-    """Held-out top-1 moved less than ``flat`` over the last 20% of the steps (evaluations at
-    both ends of that stretch: two a few steps apart prove nothing)."""
-    tail = [p for p in curve if p["step"] >= 0.8 * steps]
-    if len(tail) < 2 or tail[-1]["step"] - tail[0]["step"] < 0.15 * steps:
+    """Held-out top-1 moved less than ``flat`` over the last 20% of the steps: from the last
+    evaluation at or before 80% of ``steps`` (the start of that stretch must be measured: two
+    evaluations a few steps apart at the end prove nothing) to the end."""
+    start = [p["step"] for p in curve if p["step"] <= 0.8 * steps]
+    if not start:
         return False
-    top1 = [p["val_top1"] for p in tail]
-    return max(top1) - min(top1) < flat
+    top1 = [p["val_top1"] for p in curve if p["step"] >= max(start)]
+    return len(top1) >= 2 and max(top1) - min(top1) < flat
 
 
 def run_cell(args: argparse.Namespace, cell: str, seed: int, workdir: Path) -> dict[str, Any]:

@@ -32,6 +32,11 @@ def test_converged_needs_a_flat_tail():
     assert not time_to_accuracy.converged(rising, 100, 0.005)
     two_steps_apart = [{"step": 98, "val_top1": 0.5}, {"step": 100, "val_top1": 0.5}]
     assert not time_to_accuracy.converged(two_steps_apart, 100, 0.005)
+    # evaluations every 1,000 of 8,000 steps: the stretch starts at the one at step 6,000
+    late_rise = [{"step": s, "val_top1": 0.9 if s < 7000 else 0.95} for s in range(1000, 8001, 1000)]
+    assert not time_to_accuracy.converged(late_rise, 8000, 0.005)
+    flat_from_6000 = [{"step": s, "val_top1": 0.9 if s >= 6000 else 0.5} for s in range(1000, 8001, 1000)]
+    assert time_to_accuracy.converged(flat_from_6000, 8000, 0.005)
 
 
 def test_end_to_end_with_resume_and_plot(tmp_path):
