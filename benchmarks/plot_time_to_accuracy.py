@@ -101,7 +101,10 @@ def plot(paths: str | Path | list[str | Path], out: str | Path, clock: str = "cp
         args = data["context"]["args"]
         length = (f"equal CPU budget {args['budget_cpu_s']:g} s" if args.get("budget_cpu_s")
                   else f"{args['steps']} steps")
-        fig.suptitle(f"C = {args['classes']:,}, batch {args['batch']}, {length} (median over seeds, band: min-max)")
+        regime = (f"rendered faces {args['image_size']} px, tiny CNN, " if args.get("regime") == "images"
+                  else "")
+        fig.suptitle(f"{regime}C = {args['classes']:,}, batch {args['batch']}, {length} "
+                     "(median over seeds, band: min-max)")
         return save_png(fig, out)
 
 
