@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evidence_common import run_context, write_results  # noqa: E402
-from time_to_accuracy import add_regime_args, cell_config, parse_cell  # noqa: E402
+from time_to_accuracy import add_regime_args, cell_config, parse_cell, regime_data  # noqa: E402
 
 log = logging.getLogger("index_freshness")
 
@@ -59,7 +59,7 @@ def live_quality(store, matrix: str, features: np.ndarray, k: int, rerank: tuple
         return out
     out.update(index_sim=mean_sim(sims, answer[0]), recall=overlap(answer[0], exact))
     for m in rerank:
-        ids = store.try_search(matrix, features, k * m)[0]
+        ids = store.try_search(matrix, features, min(k * m, len(rows)))[0]  # never more than the classes
         scored = np.where(ids >= 0, np.take_along_axis(sims, np.where(ids >= 0, ids, 0), axis=1), -np.inf)
         best = np.take_along_axis(ids, np.argsort(-scored, axis=1)[:, :k], axis=1)
         out[f"rerank{m}_sim"], out[f"rerank{m}_recall"] = mean_sim(sims, best), overlap(best, exact)
@@ -96,7 +96,6 @@ class FreshnessProbe:
 def run_cell(args: argparse.Namespace, cell: str) -> dict[str, Any]:
     import torch
 
-    from hfs.data.latent import LatentGenerator, LatentIdentities
     from hfs.train.trainer import Trainer
 
     torch.set_num_threads(args.threads)
@@ -106,10 +105,9 @@ def run_cell(args: argparse.Namespace, cell: str) -> dict[str, Any]:
     out_dir = Path(args.workdir) / cell.replace(":", "_")
     shutil.rmtree(out_dir, ignore_errors=True)
     cfg = cell_config(args, name, sample_num, out_dir, args.seed)
-    gen = LatentGenerator(args.data_seed, input_dim=args.input_dim)
-    train = LatentIdentities(gen, args.classes, args.views, split="train", val_per_class=1)
+    train, val, _, _ = regime_data(args, args.seed, verify_identities=0)
     classes = np.sort(np.random.default_rng([args.data_seed, 5]).choice(args.classes, args.probe, replace=False))
-    probe_inputs = torch.from_numpy(gen.samples(classes, np.full_like(classes, args.views)))  # an unseen view
+    probe_inputs = torch.stack([val[int(c)][0] for c in classes])  # each probe class's held-out view
     probe = FreshnessProbe(probe_inputs, args.every, tuple(args.rerank))
     Trainer(cfg, datasets=(train, None, args.classes), callbacks=[probe]).run()
     shutil.rmtree(out_dir, ignore_errors=True)

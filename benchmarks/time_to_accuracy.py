@@ -153,7 +153,7 @@ def run_cell(args: argparse.Namespace, cell: str, seed: int, workdir: Path) -> d
         torch.set_num_threads(args.threads)
     name, sample_num = parse_cell(cell, args.classes)
     out_dir = workdir / f"{cell.replace(':', '_')}_seed{seed}"
-    train, val, verify_a, verify_b = regime_data(args, seed)
+    train, val, verify_a, verify_b = regime_data(args, seed, args.verify_identities)
     val = held_out(val, args.val_samples, args.data_seed)
     per_step = None
     if args.budget_cpu_s > 0:
@@ -178,25 +178,27 @@ def run_cell(args: argparse.Namespace, cell: str, seed: int, workdir: Path) -> d
     return row
 
 
-def regime_data(args: argparse.Namespace, seed: int) -> tuple[Any, Any, Any, Any]:
+def regime_data(args: argparse.Namespace, seed: int, verify_identities: int) -> tuple[Any, Any, Any, Any]:
     """``(train, held-out, verify_a, verify_b)`` of the regime: ``verify_a[i]`` and ``verify_b[i]`` are
-    two views of the i-th of ``--verify-identities`` identities never trained on."""
+    two views of the i-th of ``verify_identities`` identities never trained on (None when 0)."""
     import torch
 
     if args.regime == "images":
-        return image_data(args, seed)
+        return image_data(args, seed, verify_identities)
     from hfs.data.latent import LatentGenerator, LatentIdentities
 
     gen = LatentGenerator(args.data_seed, input_dim=args.input_dim)
     train = LatentIdentities(gen, args.classes, args.views, split="train", val_per_class=1)
     val = LatentIdentities(gen, args.classes, args.views, split="val", val_per_class=1)
-    unseen = np.arange(args.classes, args.classes + args.verify_identities)
+    if not verify_identities:
+        return train, val, None, None
+    unseen = np.arange(args.classes, args.classes + verify_identities)
     verify_a = torch.from_numpy(gen.samples(unseen, np.zeros_like(unseen)))
     verify_b = torch.from_numpy(gen.samples(unseen, np.ones_like(unseen)))
     return train, val, verify_a, verify_b
 
 
-def image_data(args: argparse.Namespace, seed: int) -> tuple[Any, Any, Any, Any]:
+def image_data(args: argparse.Namespace, seed: int, verify_identities: int) -> tuple[Any, Any, Any, Any]:
     """Rendered faces: identities ``[0, C)`` for training (``--views`` views, one held out) and
     ``[C, C + U)`` for verification, from one pregenerated cache (``accuracy_vs_cost.pregenerate``)."""
     import torch
@@ -205,13 +207,15 @@ def image_data(args: argparse.Namespace, seed: int) -> tuple[Any, Any, Any, Any]
     from hfs.data.transforms import EvalTransform
     from PIL import Image
 
-    identities = args.classes + args.verify_identities
+    identities = args.classes + verify_identities
     path = pregenerate(Path(args.cache), identities, args.views + 1, args.image_size, seed=args.data_seed,
                        jobs=args.render_jobs)
     images = np.load(path, mmap_mode="r")
     seen = images[: args.classes]
     train = ArrayIdentities(seen, args.views, "train", args.image_size, seed)
     val = ArrayIdentities(seen, args.views, "val", args.image_size, seed)
+    if not verify_identities:
+        return train, val, None, None
     to_tensor = EvalTransform(args.image_size)
     unseen = images[args.classes:identities]
     verify_a = torch.stack([to_tensor(Image.fromarray(np.asarray(view))) for view in unseen[:, 0]])
@@ -283,6 +287,11 @@ class CellInterrupted(RuntimeError):
 
 def add_regime_args(p: argparse.ArgumentParser, *, batch: int) -> None:
     """The regime's data, backbone, head and schedule options (what :func:`cell_config` reads)."""
+    p.add_argument("--regime", default="latent", choices=("latent", "images"),
+                   help="latent: identity vectors through an MLP; images: rendered faces through the tiny CNN")
+    p.add_argument("--image-size", type=int, default=32, help="--regime images: image side in pixels")
+    p.add_argument("--cache", default="benchmarks/.cache/images", help="--regime images: folder of the rendered images")
+    p.add_argument("--render-jobs", type=int, default=2, help="--regime images: processes rendering the cache")
     p.add_argument("--views", type=int, default=8, help="training samples per identity")
     p.add_argument("--input-dim", type=int, default=64, help="length of the generated input vectors")
     p.add_argument("--dim", type=int, default=64, help="embedding size D")
@@ -316,11 +325,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--evals", type=int, default=5, help="--budget-cpu-s: evaluations per cell")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="config override for every cell, as `hfs train --set` (repeatable)")
-    p.add_argument("--regime", default="latent", choices=("latent", "images"),
-                   help="latent: identity vectors through an MLP; images: rendered faces through the tiny CNN")
-    p.add_argument("--image-size", type=int, default=32, help="--regime images: image side in pixels")
-    p.add_argument("--cache", default="benchmarks/.cache/images", help="--regime images: folder of the rendered images")
-    p.add_argument("--render-jobs", type=int, default=2, help="--regime images: processes rendering the cache")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch default)")
     p.add_argument("--resume", action="store_true", help="keep the (cell, seed) results already in --out")
     p.add_argument("--workdir", default="benchmarks/.cache/time_to_accuracy", help="scratch folder of the runs")

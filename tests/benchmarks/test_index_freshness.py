@@ -31,3 +31,14 @@ def test_exact_index_is_live_and_no_index_beats_the_exact_top_k(tmp_path):
         assert p["recall"] > 0.5 and p["index_sim"] <= p["exact_sim"] + 1e-5
         assert p["rerank2_sim"] >= p["index_sim"] - 1e-5
     assert all("recall" not in p for p in uniform["points"])  # random keeps no index
+
+
+def test_the_image_regime_probes_held_out_rendered_views(tmp_path):
+    out = tmp_path / "fresh.json"
+    index_freshness.main(["--regime", "images", "--classes", "24", "--views", "2", "--image-size", "32",
+                          "--render-jobs", "1", "--cache", str(tmp_path / "cache"), "--steps", "4", "--every", "2",
+                          "--batch", "8", "--dim", "8", "--warmup", "1", "--probe", "6", "--cells", "exact:0.5",
+                          "--workdir", str(tmp_path / "w"), "--out", str(out)])
+    points = json.loads(out.read_text())["results"][0]["points"]
+    assert [p["step"] for p in points] == [2, 4]
+    assert any(p.get("recall", 0) > 0.5 for p in points)

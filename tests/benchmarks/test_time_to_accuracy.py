@@ -129,7 +129,7 @@ def test_image_regime_trains_the_cnn_on_rendered_faces(tmp_path):
     row = json.loads(out.read_text())["results"][0]
     assert [p["step"] for p in row["curve"]] == [2, 4] and 0.0 <= row["val_top1"] <= 1.0
     parsed = time_to_accuracy.parse_args(args)
-    train, val, verify_a, verify_b = time_to_accuracy.regime_data(parsed, 0)
+    train, val, verify_a, verify_b = time_to_accuracy.regime_data(parsed, 0, parsed.verify_identities)
     assert len(train) == 24 * 2 and len(val) == 24
     assert verify_a.shape == verify_b.shape == (12, 3, 32, 32)
     assert not np.allclose(verify_a.numpy(), verify_b.numpy())  # two different views
