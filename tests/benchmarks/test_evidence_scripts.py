@@ -195,3 +195,17 @@ def test_scale_run_waits_for_the_servers_index_then_trains_with_it(tmp_path):
     assert results["index_build_wall_s"] > 0 and results["server_rss_with_index_mb"] > 0
     assert results["rss"] and all(r["index_ready"] for r in results["rss"])
     assert results["result"]["steps"] == 50
+
+
+def test_served_ratio_interleaves_rounds_and_takes_ratios_within_each(tmp_path):
+    import served_ratio
+
+    out = tmp_path / "ratio.json"
+    result = served_ratio.main(["--rounds", "2", "--seconds", "0.05", "--rows", "20", "--dim", "8",
+                                "--num-classes", "300", "--out", str(out)])
+    assert result["shm_used"]
+    assert all(len(v) == 2 and min(v) > 0 for v in result["rates"].values())
+    per_round = result["per_round_over_inprocess"]["shm_pipelined"]
+    assert per_round == [a / b for a, b in zip(result["rates"]["shm_pipelined"], result["rates"]["inprocess"])]
+    assert result["over_inprocess"]["shm_pipelined"]["median"] == pytest.approx(sum(per_round) / 2)
+    assert json.loads(out.read_text())["results"][0]["rates"] == result["rates"]
