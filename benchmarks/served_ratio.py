@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -38,16 +40,27 @@ def quartiles(values: list[float]) -> dict[str, float]:
     return {"median": median, "q1": q1, "q3": q3}
 
 
-def measure(rounds: int, cfg) -> dict[str, Any]:
+def start_shards(snapshot_dir: Path, shards: int) -> tuple[subprocess.Popen, str]:
+    """`hfs serve-params --shards N` on free loopback ports; the comma-separated address of its shards."""
+    from hfs.bench.paramserver import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "hfs", "serve-params", "--port", str(port), "--shards", str(shards),
+                             "--snapshot-dir", str(snapshot_dir)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=dict(os.environ))
+    return proc, ",".join(f"tcp://127.0.0.1:{port + i}" for i in range(shards))
+
+
+def measure(rounds: int, cfg, shards: int = 1) -> dict[str, Any]:
     """Per-round rates of every path and the per-round ratios to in-process."""
-    from hfs.bench.paramserver import prepare_matrix, round_trips_per_second, start_server
+    from hfs.bench.paramserver import prepare_matrix, round_trips_per_second
     from hfs.paramserver.client import ParamClient
     from hfs.paramserver.store import InProcessStore
     from hfs.utils.process import kill_if_running
 
     rates: dict[str, list[float]] = {p: [] for p in PATHS}
     with tempfile.TemporaryDirectory() as scratch:
-        proc, address = start_server(Path(scratch))
+        proc, address = start_shards(Path(scratch), shards)
         local = InProcessStore()
         clients = {"shm_pipelined": ParamClient(address, timeout_s=60, connect_timeout_s=60, shared_memory="auto"),
                    "shm_waiting": ParamClient(address, timeout_s=60, connect_timeout_s=60, shared_memory="auto",
@@ -62,7 +75,7 @@ def measure(rounds: int, cfg) -> dict[str, Any]:
                     rate, steps[path] = round_trips_per_second(stores[path], cfg, steps[path], name=path)
                     rates[path].append(rate)
                 log.info("round %d: %s", r, {p: round(v[-1]) for p, v in rates.items()})
-            used = clients["shm_pipelined"].server_stats()[0]["server"].get("shm_bytes_in", 0) > 0
+            used = all(s["server"].get("shm_bytes_in", 0) > 0 for s in clients["shm_pipelined"].server_stats())
             clients["shm_pipelined"].shutdown()
             proc.wait(60)  # an orderly exit; kill_if_running below if it did not come
         finally:
@@ -84,6 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=1000, help="rows per get/push")
     p.add_argument("--dim", type=int, default=256, help="columns D")
     p.add_argument("--num-classes", type=int, default=100_000, help="rows of the matrix C")
+    p.add_argument("--shards", type=int, default=1, help="shard processes of `hfs serve-params` (paramserver.shards)")
     p.add_argument("--out", default="docs/results/served_ratio.json", help="JSON results")
     return p.parse_args(argv)
 
@@ -93,10 +107,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
-    if args.rounds < 1 or args.seconds <= 0:
-        raise SystemExit("error: --rounds must be >= 1 and --seconds > 0")
+    if args.rounds < 1 or args.seconds <= 0 or args.shards < 1:
+        raise SystemExit("error: --rounds and --shards must be >= 1 and --seconds > 0")
     cfg = BenchConfig(rows=args.rows, dim=args.dim, num_classes=args.num_classes, seconds=args.seconds)
-    result = measure(args.rounds, cfg)
+    result = measure(args.rounds, cfg, args.shards)
     write_results(args.out, {**run_context(), "args": vars(args)}, [result])
     summary = result["over_inprocess"]
     log.info("served / in-process, median [q1-q3] over %d rounds: pipelined %.3f [%.3f-%.3f], waiting %.3f; "

@@ -201,7 +201,7 @@ def test_served_ratio_interleaves_rounds_and_takes_ratios_within_each(tmp_path):
     import served_ratio
 
     out = tmp_path / "ratio.json"
-    result = served_ratio.main(["--rounds", "2", "--seconds", "0.05", "--rows", "20", "--dim", "8",
+    result = served_ratio.main(["--rounds", "2", "--seconds", "0.05", "--rows", "20", "--dim", "8", "--shards", "2",
                                 "--num-classes", "300", "--out", str(out)])
     assert result["shm_used"]
     assert all(len(v) == 2 and min(v) > 0 for v in result["rates"].values())
