@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -40,27 +38,16 @@ def quartiles(values: list[float]) -> dict[str, float]:
     return {"median": median, "q1": q1, "q3": q3}
 
 
-def start_shards(snapshot_dir: Path, shards: int) -> tuple[subprocess.Popen, str]:
-    """`hfs serve-params --shards N` on free loopback ports; the comma-separated address of its shards."""
-    from hfs.bench.paramserver import free_port
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "hfs", "serve-params", "--port", str(port), "--shards", str(shards),
-                             "--snapshot-dir", str(snapshot_dir)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=dict(os.environ))
-    return proc, ",".join(f"tcp://127.0.0.1:{port + i}" for i in range(shards))
-
-
 def measure(rounds: int, cfg, shards: int = 1) -> dict[str, Any]:
     """Per-round rates of every path and the per-round ratios to in-process."""
-    from hfs.bench.paramserver import prepare_matrix, round_trips_per_second
+    from hfs.bench.paramserver import prepare_matrix, round_trips_per_second, start_server
     from hfs.paramserver.client import ParamClient
     from hfs.paramserver.store import InProcessStore
     from hfs.utils.process import kill_if_running
 
     rates: dict[str, list[float]] = {p: [] for p in PATHS}
     with tempfile.TemporaryDirectory() as scratch:
-        proc, address = start_shards(Path(scratch), shards)
+        proc, address = start_server(Path(scratch), shards)
         local = InProcessStore()
         clients = {"shm_pipelined": ParamClient(address, timeout_s=60, connect_timeout_s=60, shared_memory="auto"),
                    "shm_waiting": ParamClient(address, timeout_s=60, connect_timeout_s=60, shared_memory="auto",

@@ -215,12 +215,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(snapshot_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(snapshot_dir: Path, shards: int = 1) -> tuple[subprocess.Popen, str]:
+    """`hfs serve-params` (``shards`` shard processes) on free loopback ports; the comma-separated
+    address of its shards."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "hfs", "serve-params", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "hfs", "serve-params", "--port", str(port), "--shards", str(shards),
                              "--snapshot-dir", str(snapshot_dir)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=dict(os.environ))
-    return proc, f"tcp://127.0.0.1:{port}"
+    return proc, ",".join(f"tcp://127.0.0.1:{port + i}" for i in range(shards))
 
 
 def start_seed_server() -> tuple[subprocess.Popen, str]:

@@ -57,7 +57,7 @@ class SampledFC:
         self.lr_scale = lr_scale  # the classifier's lr = the schedule's x fc.lr_scale
         self.workers = workers  # ranks pushing to one shared store: it sums their row gradients
         self.num_classes, self.dim = store.shape(matrix)
-        self._pipelined = bool(getattr(store, "pipelines_pushes", False))
+        self._pipelined = store.pipelines_pushes
         self._overlap = overlap_push and not self._pipelined
         self._ready: tuple[int, float] | None = None  # a finished cycle whose push is still to be sent
         self._pool: ThreadPoolExecutor | None = None

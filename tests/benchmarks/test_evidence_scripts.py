@@ -209,3 +209,12 @@ def test_served_ratio_interleaves_rounds_and_takes_ratios_within_each(tmp_path):
     assert per_round == [a / b for a, b in zip(result["rates"]["shm_pipelined"], result["rates"]["inprocess"])]
     assert result["over_inprocess"]["shm_pipelined"]["median"] == pytest.approx(sum(per_round) / 2)
     assert json.loads(out.read_text())["results"][0]["rates"] == result["rates"]
+
+
+@pytest.mark.parametrize("bad", [["--rounds", "0"], ["--seconds", "0"], ["--shards", "0"]])
+def test_served_ratio_refuses_a_bad_option_before_starting_a_server(bad, tmp_path):
+    import served_ratio
+
+    with pytest.raises(SystemExit, match="--rounds and --shards must be >= 1"):
+        served_ratio.main([*bad, "--out", str(tmp_path / "r.json")])
+    assert not (tmp_path / "r.json").exists()
