@@ -28,6 +28,8 @@ snapshots.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from hfs.paramserver.scratch import Scratch, take_rows
@@ -136,28 +138,36 @@ class RowClock:
         return int(rows.size)
 
     def read(self, weight: np.ndarray, momentum: np.ndarray, rows: np.ndarray,
-             scratch: Scratch | None = None, out: np.ndarray | None = None) -> np.ndarray:
+             scratch: Scratch | None = None, out: np.ndarray | None = None,
+             answer: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
         """``weight[rows]`` as dense SGD has them now (a new array, or ``out``), caught up in place first.
 
         When most rows are behind (the usual sampled read) all of them go through the
         catch-up, the current ones with the identity (exact: ``w * 1 + buf * 0``), and the
         caught-up weights are written straight into the answer: one gather fewer. ``out``
         (float32 (n, dim), C order) lets the server write them straight into a reply buffer.
+        ``answer`` is called with the values as soon as they are known, before the caught-up
+        rows are written back into ``weight``/``momentum``: a server sends its reply there, so
+        that write-back overlaps the client's work instead of delaying the reply.
         """
         rows = np.asarray(rows, dtype=np.int64)
         behind = int(np.count_nonzero(self.row_tick[rows] < self.now))
         if 2 * behind < rows.size or behind == 0:
             self.catch_up(weight, momentum, rows, scratch)
-            return np.take(weight, rows, axis=0) if out is None else take_rows(weight, rows, out)
+            values = np.take(weight, rows, axis=0) if out is None else take_rows(weight, rows, out)
+            if answer is not None:
+                answer(values)
+            return values
         if out is None:
             out = np.empty((rows.size, weight.shape[1]), dtype=weight.dtype)
-        self._advance(weight, momentum, rows, Scratch() if scratch is None else scratch, out)
+        self._advance(weight, momentum, rows, Scratch() if scratch is None else scratch, out, answer)
         return out
 
     def _advance(self, weight: np.ndarray, momentum: np.ndarray, rows: np.ndarray, scratch: Scratch,
-                 new_w: np.ndarray) -> None:
+                 new_w: np.ndarray, answer: Callable[[np.ndarray], None] | None = None) -> None:
         """The catch-up of ``rows`` (a current row's product is the identity), the new weights also
-        left in ``new_w``; work arrays in slots 0, 1 and 3 of ``scratch``."""
+        left in ``new_w`` (and handed to ``answer`` before they are written back); work arrays in
+        slots 0, 1 and 3 of ``scratch``."""
         starts, which = np.unique(self.row_tick[rows], return_inverse=True)
         # products in float64, applied in float32 (the rows' own precision)
         coef = self.history.suffix_products(starts).astype(np.float32)[which]
@@ -169,6 +179,8 @@ class RowClock:
         buf *= coef[:, 1, 1, None]
         w *= coef[:, 1, 0, None]
         buf += w
+        if answer is not None:
+            answer(new_w)
         weight[rows] = new_w
         momentum[rows] = buf
         self.row_tick[rows] = self.now

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -404,7 +405,7 @@ class ParamClient(WeightStore):
         sock.send_multipart(frames, copy=defer)
         self._bytes["sent"] += sum(memoryview(f).nbytes for f in frames)
         if defer:
-            ends = [shm.aligned(a.offset + int(np.prod(a.shape, dtype=np.int64)) * a.dtype.itemsize)
+            ends = [shm.aligned(a.offset + math.prod(a.shape) * a.dtype.itemsize)
                     for a in carried if isinstance(a, proto.InSegment)]
             # only arrays in the segment are kept: a push the server could not read is sent again from them
             self._local.pending[shard].append(_Pending(request_id, int(header.get("step", -1)), dict(header),

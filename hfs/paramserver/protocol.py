@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -185,7 +186,7 @@ def decode(frames: Sequence[Any], secret: bytes | None = None, max_bytes: int | 
         raise ProtocolError(NO_SEGMENT_ERROR + " (send op 'shm' first, or the arrays as frames)")
     arrays, in_segment, shared_bytes = [], [], 0
     for i, (dtype, shape, offset) in enumerate(specs):
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        expected = math.prod(shape) * dtype.itemsize
         if offset is not None:
             arrays.append(segment.array(dtype, shape, offset))
             in_segment.append(True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 import json
+import math
 import logging
 import os
 import signal
@@ -89,6 +90,10 @@ class OpStats:
         return {"requests": int(sum(self.count.values())), "errors": int(sum(self.errors.values())),
                 "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "shm_bytes_in": self.shm_bytes_in,
                 "shm_bytes_out": self.shm_bytes_out, "ops": ops}
+
+
+#: a handler's result when it has sent its reply itself (see ParamServer._get_answered_early)
+_ANSWERED = object()
 
 
 @dataclass
@@ -284,6 +289,9 @@ class ParamServer:
             result = handler(msg, envelope)
             if result is None:  # deferred until its step is applied
                 return
+            if result is _ANSWERED:  # the handler sent its reply itself, before finishing its work
+                ok = True
+                return
             header, arrays = result
             self._send(envelope, {"id": request_id, "ok": True, **header}, arrays)
             ok = True
@@ -304,7 +312,7 @@ class ParamServer:
         segment = self._segments.get(bytes(envelope[0])) if arrays and envelope else None
         if segment is not None:  # into the reply region (rows written there by the store stay put)
             arrays = segment.place(arrays, segment.reply_offset, segment.size, all_or_none=False)
-            self.stats.shm_bytes_out += sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in arrays
+            self.stats.shm_bytes_out += sum(math.prod(a.shape) * a.dtype.itemsize for a in arrays
                                             if isinstance(a, proto.InSegment))
         frames = proto.encode(header, arrays, self.secret if sign else None)
         self.stats.bytes_out += sum(memoryview(f).nbytes for f in frames)
@@ -385,9 +393,8 @@ class ParamServer:
         if msg.arrays:
             (rows,) = _arrays(msg, [("rows", "int64", 1)])
             dim = self.store.shape(name)[1]
-            values = self.store.try_get_rows(name, rows, step, out=self._reply_out(envelope, rows.size, dim))
-            if values is not None:
-                return {}, [values]
+            if self._get_answered_early(msg, envelope, name, rows, step, dim):
+                return _ANSWERED
             rows = np.array(rows)  # the frame's buffer is not ours to keep
 
             def attempt():
@@ -400,6 +407,25 @@ class ParamServer:
                 found = self.store.try_get_range(name, *span, step=step)
                 return None if found is None else ({}, [found])
         return self._answer_or_wait(msg, envelope, "get", attempt)
+
+    def _get_answered_early(self, msg, envelope, name: str, rows: np.ndarray, step: int | None, dim: int) -> bool:
+        """Answer a get now if its step allows, sending the reply before the store writes the
+        rows' catch-up back into the matrix (that write-back then overlaps the client's next
+        move instead of delaying this reply). False: the step is not applied yet."""
+        sent = []
+
+        def answer(values: np.ndarray) -> None:
+            self._send(envelope, {"id": msg.header["id"], "ok": True}, [values])
+            sent.append(True)
+
+        try:
+            self.store.try_get_rows(name, rows, step, out=self._reply_out(envelope, rows.size, dim),
+                                    answer=answer)
+        except Exception:
+            if not sent:
+                raise
+            log.exception("a get's write-back failed after its reply went out")  # one reply per request
+        return bool(sent)
 
     def _op_index(self, msg, envelope):
         from hfs.samplers.owned import IndexSpec

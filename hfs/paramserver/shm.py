@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import hmac
 import logging
+import math
 import mmap
 import os
 import re
@@ -80,7 +81,7 @@ class SegmentView:
         if type(offset) is not int or offset < DATA_OFFSET or offset % 8:
             raise proto.ProtocolError(f"shared-memory offset {offset!r} must be an integer >= {DATA_OFFSET}, "
                                       "a multiple of 8")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         if offset + nbytes > self.size:
             raise proto.ProtocolError(f"shared-memory array {dtype.name}{list(shape)} at offset {offset} ends past "
                                       f"the segment's {self.size} bytes")

@@ -46,7 +46,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -247,11 +247,16 @@ class Matrix:
         if self.clock is not None:
             self.clock.catch_up(self.weight, self.momentum, local_rows, self.work)
 
-    def read(self, local_rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """The current values of local rows (a new array, or ``out``), caught up first under the catchup rule."""
+    def read(self, local_rows: np.ndarray, out: np.ndarray | None = None,
+             answer: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+        """The current values of local rows (a new array, or ``out``), caught up first under the
+        catchup rule; ``answer`` gets them before the catch-up is written back (RowClock.read)."""
         if self.clock is not None:
-            return self.clock.read(self.weight, self.momentum, local_rows, self.work, out)
-        return np.take(self.weight, local_rows, axis=0) if out is None else take_rows(self.weight, local_rows, out)
+            return self.clock.read(self.weight, self.momentum, local_rows, self.work, out, answer)
+        values = np.take(self.weight, local_rows, axis=0) if out is None else take_rows(self.weight, local_rows, out)
+        if answer is not None:
+            answer(values)
+        return values
 
     def catch_up_range(self, start: int, stop: int) -> None:
         if self.clock is not None:
@@ -481,9 +486,14 @@ class InProcessStore(WeightStore):
             return {m.name: m.info() for m in self._matrices.values()}
 
     def try_get_rows(self, name: str, rows: np.ndarray, step: int | None = None, *,
-                     out: np.ndarray | None = None) -> np.ndarray | None:
+                     out: np.ndarray | None = None,
+                     answer: Callable[[np.ndarray], None] | None = None) -> np.ndarray | None:
         """Rows' values, or None while a step before ``step`` is still pending (never blocks).
-        ``out``: a float32 (n, dim) C-order array to write them into (the server's reply buffer)."""
+        ``out``: a float32 (n, dim) C-order array to write them into (the server's reply buffer).
+        ``answer``: called with the values, under the store's lock, before the catch-up's
+        write-back into the matrix (the server sends its reply there; see RowClock.read). The
+        write-back works on its own copy of ``rows``: once the reply is out, a same-host client
+        may already be writing its next request over the buffer they came in."""
         with self._cond:
             m = self._matrix(name)
             local = self._local_rows(m, rows)
@@ -495,7 +505,9 @@ class InProcessStore(WeightStore):
                                  f"{out.dtype}{list(out.shape)}")
             self._counters["gets"] += 1
             self._counters["rows_read"] += local.size
-            return m.read(local, out)
+            if answer is not None:
+                local = local.copy()
+            return m.read(local, out, answer)
 
     def try_get_range(self, name: str, start: int, stop: int, step: int | None = None) -> np.ndarray | None:
         """Rows start..stop-1 (a copy), or None while a step before ``step`` is pending."""

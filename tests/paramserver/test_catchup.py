@@ -265,3 +265,30 @@ def test_scratch_reuse_changes_nothing():
         clock_b.catch_up(w_b, b_b, rows)
     np.testing.assert_array_equal(w_a, w_b)
     np.testing.assert_array_equal(b_a, b_b)
+
+
+@pytest.mark.parametrize("current", [0, 8])
+def test_read_answers_before_writing_back(current):
+    """``answer`` gets the values once, before the caught-up rows reach the matrix (the server
+    sends its reply there), and the read ends in the same values and state as without it."""
+    clock, w, b = _clock_with_history(40, 100, seed=current)
+    clock.row_tick[:current] = clock.now
+    ref_clock, ref_w, ref_b = _clock_with_history(40, 100, seed=current)
+    ref_clock.row_tick[:current] = ref_clock.now
+    rows = np.array([0, 1, 2, 5, 7, 9, 3, 8, 6, 30], dtype=np.int64)
+    before = w[rows].copy()
+    seen = []
+
+    def answer(values):
+        seen.append((values.copy(), w[rows].copy()))
+
+    got = clock.read(w, b, rows, Scratch(), answer=answer)
+    want = ref_clock.read(ref_w, ref_b, rows, Scratch())
+    assert len(seen) == 1
+    np.testing.assert_array_equal(seen[0][0], want)
+    np.testing.assert_array_equal(got, want)
+    if current == 0:  # most rows behind: the matrix still held the old rows when the answer went out
+        np.testing.assert_array_equal(seen[0][1], before)
+    np.testing.assert_array_equal(w, ref_w)
+    np.testing.assert_array_equal(b, ref_b)
+    np.testing.assert_array_equal(clock.row_tick, ref_clock.row_tick)

@@ -163,3 +163,29 @@ def test_create_carries_the_update_rule(thread_server):
         with pytest.raises(HfsError, match="update_rule"):
             client.create("other", 10, 4, update_rule="eventually")
         assert "other" not in srv.server.store.matrices()
+
+
+def test_a_get_is_answered_before_its_write_back_and_a_late_failure_sends_no_second_reply(thread_server, caplog):
+    """The server sends a get's reply from inside the store's read (before the catch-up is written
+    back); if the store fails after that, the error is logged and the client sees one reply only."""
+    store = InProcessStore(timeout_s=10)
+    srv = thread_server(store)
+    read = store.try_get_rows
+
+    def answer_then_fail(*args, **kw):
+        read(*args, **kw)
+        raise RuntimeError("write-back broke")
+
+    with ParamClient(srv.endpoint, timeout_s=10) as client:
+        client.create("fc", 20, 4, init="gaussian", std=0.1, seed=2)
+        client.set_hparams("fc", HParams(0.1, 0.9, 0.0))
+        client.push_grads("fc", np.arange(5), np.ones((5, 4), np.float32), 0)
+        want = client.get_rows("fc", np.arange(20), step=1)
+        store.try_get_rows = answer_then_fail
+        with caplog.at_level("ERROR", logger="hfs.paramserver.server"):
+            got = client.get_rows("fc", np.arange(20), step=1)
+        store.try_get_rows = read
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(client.get_rows("fc", np.arange(3)), want[:3])  # the next reply is its own
+        assert client.ping()[0]["shard"] == 0
+    assert "write-back failed after its reply went out" in caplog.text

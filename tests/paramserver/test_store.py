@@ -280,3 +280,19 @@ def test_duplicate_sum_matches_a_dense_reference(repeats):
     np.add.at(dense, rows, grads.astype(np.float64))
     assert np.array_equal(uniq, np.unique(rows))
     np.testing.assert_allclose(summed, dense[uniq], rtol=1e-5, atol=1e-5)
+
+
+def test_a_get_answered_early_owns_its_rows():
+    """Once ``answer`` has run, the caller may overwrite the rows it passed (a same-host client
+    writes its next request over that buffer): the write-back still lands on the rows that were read."""
+    store, ref = InProcessStore(), InProcessStore()
+    for s in (store, ref):
+        s.create("fc", 50, 8, init="gaussian", std=0.1, seed=1, update_rule="catchup")
+        s.set_hparams("fc", HParams(0.1, 0.9, 1e-3))
+        for step in range(3):
+            s.push_grads("fc", np.arange(step, 50, 7), np.ones((len(range(step, 50, 7)), 8), np.float32), step)
+    rows = np.arange(10, 40, dtype=np.int64)
+    got = store.try_get_rows("fc", rows, 3, answer=lambda values: rows.fill(0))
+    want = ref.try_get_rows("fc", np.arange(10, 40), 3)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(store.get_rows("fc", np.arange(50)), ref.get_rows("fc", np.arange(50)))
