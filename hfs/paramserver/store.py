@@ -849,7 +849,7 @@ class InProcessStore(WeightStore):
 
         def upkeep(index: OwnedIndex) -> None:
             if index.ready and unique.size:
-                index.rows_changed(unique, m.weight[unique])
+                index.rows_changed(unique, lambda rows: m.weight[rows])  # reads only the rows it measures
             index.maybe_refresh(step)
 
         self._index_upkeep(m.name, upkeep)

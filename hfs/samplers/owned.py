@@ -7,7 +7,8 @@ changed and to what), and answers nearest-class queries for the trainers. The ho
 - ``search(features, k)``: (B, k') ids local to the holder and similarities; k' = 0 while no
   index is ready (the selection rule then fills with uniform negatives);
 - ``rows_changed(rows, values)``: right after it applied an update to ``rows`` (drift, and
-  in-place updates for the samplers whose ``update_cost`` allows them);
+  in-place updates for the samplers whose ``update_cost`` allows them); ``values`` may be a
+  function reading a subset of the rows, so only the rows drift is measured on are read;
 - ``maybe_refresh(step)``: once per applied step (appends one snapshot chunk of a build in
   flight, swaps a finished build in, or starts one when the policy says so);
 - ``advance()``: between steps, when the holder is idle (a server's loop): the same without
@@ -145,6 +146,13 @@ def _checked(what: str, value: Any, kind: type) -> Any:
     return value
 
 
+def _reader_of(rows: np.ndarray, values: object) -> Callable[[np.ndarray], np.ndarray]:
+    """The values of any subset of ``rows`` (a repeated row: its first occurrence)."""
+    unique, first = np.unique(rows, return_index=True)
+    values = np.asarray(values, dtype=np.float32)
+    return lambda wanted: values[first[np.searchsorted(unique, wanted)]]
+
+
 class OwnedIndex:
     """A live index over ``shape`` rows that its holder keeps fresh; see the module docstring.
 
@@ -197,23 +205,26 @@ class OwnedIndex:
         return ids, sims
 
     # -- the holder's updates --------------------------------------------------------------
-    def rows_changed(self, rows: np.ndarray, values: np.ndarray) -> None:
-        """``rows`` (holder-local ids) now hold ``values``: update drift, and the index in place where cheap enough."""
+    def rows_changed(self, rows: np.ndarray, values: np.ndarray | Callable[[np.ndarray], np.ndarray]) -> None:
+        """``rows`` (holder-local ids) now hold ``values``: update drift, and the index in place where cheap enough.
+
+        ``values``: the rows' values, or a function that reads them for any subset of ``rows``
+        (a store passes one: an index that measures drift on ``drift_rows`` of them then reads
+        only those, not every row a step changed)."""
         if self._tracker is None or not len(rows):
             return
         t0 = time.perf_counter()
         rows = np.asarray(rows, dtype=np.int64)
-        values = np.asarray(values, dtype=np.float32)
+        read = values if callable(values) else _reader_of(rows, values)
         if rows.size > 1 and not np.all(rows[1:] > rows[:-1]):  # a store's applied rows are unique already
-            rows, first = np.unique(rows, return_index=True)
-            values = values[first]
+            rows = np.unique(rows)
         if self.update_cost == "cheap":
-            self._update_in_place(rows, values)  # every row fresh again: nothing to measure
+            self._update_in_place(rows, np.asarray(read(rows), dtype=np.float32))  # every row fresh again
         else:
             self._tracker.see(rows)
             if 0 < self.spec.drift_rows < len(rows):
-                pick = np.sort(self._drift_rng.choice(len(rows), self.spec.drift_rows, replace=False))
-                rows, values = rows[pick], values[pick]
+                rows = rows[np.sort(self._drift_rng.choice(len(rows), self.spec.drift_rows, replace=False))]
+            values = np.asarray(read(rows), dtype=np.float32)
             moved = self._tracker.observe(rows, values, self._sampler.indexed_rows(rows))
             if self.update_cost == "costly" and self.spec.update_budget > 0:
                 big = np.flatnonzero(moved >= self.spec.update_threshold)

@@ -324,3 +324,26 @@ def test_hard_after_gives_uniform_negatives_first_then_the_index(small_world, ma
     hard = set(nearest.ravel().tolist()) - set(labels.tolist())
     assert len(hard & set(late.tolist())) > 0.9 * len(hard) > len(hard & set(early.tolist()))
     selector.close()
+
+
+@pytest.mark.parametrize("sampler, reads", [("annoy", 10), ("exact", C // 2)])
+def test_a_reader_is_asked_only_for_the_rows_the_index_uses(small_world, make_store, sampler, reads):
+    """A store passes a function instead of the changed rows' values: a costly index reads only its
+    ``drift_rows`` of them, a cheap one every row (it updates them in place); same drift as with values."""
+    weights = small_world[0]
+    rows = np.arange(0, C, 2)
+    moved = weights.copy()
+    moved[rows] = _turned(weights[rows], 0.2)
+    drifts, asked = [], []
+
+    def read(wanted):
+        asked.append(len(wanted))
+        return moved[wanted]
+
+    for values in (moved[rows], read):
+        selector = build_selector(_cfg(type=sampler, background=False, annoy_trees=2, drift_rows=10),
+                                  make_store(weights), "fc", C)
+        selector.observe(rows, values)
+        drifts.append(selector.drift)
+    assert asked == [reads]
+    assert drifts[0] == drifts[1]
