@@ -138,6 +138,14 @@ def _select_arrays(msg: proto.Message) -> tuple[np.ndarray, np.ndarray]:
     return features, labels
 
 
+def _selection_reply(chosen, values: np.ndarray) -> tuple[dict, list[np.ndarray]]:
+    """A select-with-rows reply: active int64[S], local int64[B], values float32[S, dim][, logit_adjust float32[S]]."""
+    arrays = [chosen.active.astype(np.int64), chosen.local.astype(np.int64), values]
+    if chosen.logit_adjust is not None:
+        arrays.append(np.asarray(chosen.logit_adjust, dtype=np.float32))
+    return {"logit_adjust": chosen.logit_adjust is not None}, arrays
+
+
 def _name(header: dict, key: str = "matrix") -> str:
     value = proto.field_of(header, key, str)
     if not value or len(value) > 128:
@@ -393,12 +401,17 @@ class ParamServer:
         if msg.arrays:
             (rows,) = _arrays(msg, [("rows", "int64", 1)])
             dim = self.store.shape(name)[1]
-            if self._get_answered_early(msg, envelope, name, rows, step, dim):
+
+            def read(answer):
+                return self.store.try_get_rows(name, rows, step, out=self._reply_out(envelope, rows.size, dim),
+                                               answer=None if answer is None else lambda values: answer({}, [values]))
+
+            if self._answered_early(msg, envelope, "get", read):
                 return _ANSWERED
             rows = np.array(rows)  # the frame's buffer is not ours to keep
 
             def attempt():
-                found = self.store.try_get_rows(name, rows, step, out=self._reply_out(envelope, rows.size, dim))
+                found = read(None)
                 return None if found is None else ({}, [found])
         else:
             span = (proto.field_of(h, "start", int), proto.field_of(h, "stop", int))
@@ -408,23 +421,23 @@ class ParamServer:
                 return None if found is None else ({}, [found])
         return self._answer_or_wait(msg, envelope, "get", attempt)
 
-    def _get_answered_early(self, msg, envelope, name: str, rows: np.ndarray, step: int | None, dim: int) -> bool:
-        """Answer a get now if its step allows, sending the reply before the store writes the
-        rows' catch-up back into the matrix (that write-back then overlaps the client's next
-        move instead of delaying this reply). False: the step is not applied yet."""
+    def _answered_early(self, msg, envelope, op: str, read: Callable[[Callable | None], Any]) -> bool:
+        """Answer a get or select now if its step allows: ``read(answer)`` is the store call, which
+        hands ``answer`` the reply (header, arrays) before it writes the rows' catch-up back into
+        the matrix, so that write-back overlaps the client's next move instead of delaying this
+        reply. False: the step is not applied yet (nothing was sent)."""
         sent = []
 
-        def answer(values: np.ndarray) -> None:
-            self._send(envelope, {"id": msg.header["id"], "ok": True}, [values])
+        def answer(header: dict, arrays: list) -> None:
+            self._send(envelope, {"id": msg.header["id"], "ok": True, **header}, arrays)
             sent.append(True)
 
         try:
-            self.store.try_get_rows(name, rows, step, out=self._reply_out(envelope, rows.size, dim),
-                                    answer=answer)
+            read(answer)
         except Exception:
             if not sent:
                 raise
-            log.exception("a get's write-back failed after its reply went out")  # one reply per request
+            log.exception("a %s's write-back failed after its reply went out", op)  # one reply per request
         return bool(sent)
 
     def _op_index(self, msg, envelope):
@@ -445,20 +458,21 @@ class ParamServer:
             from hfs.samplers.shards import rule_from_fields
 
             rule = rule_from_fields(h.get("rule"))
+
+            def select(answer):
+                return self.store.try_select(name, features, labels, step, rule, k, with_rows=True, answer=(
+                    None if answer is None else lambda chosen, values: answer(*_selection_reply(chosen, values))))
+
+            if self._answered_early(msg, envelope, "select", select):
+                return _ANSWERED
         features, labels = np.array(features), np.array(labels)  # kept while the request may wait
 
         def attempt():
             if not with_rows:
                 found = self.store.try_search(name, features, k, step)
                 return None if found is None else ({}, list(found))
-            found = self.store.try_select(name, features, labels, step, rule, k, with_rows=True)
-            if found is None:
-                return None
-            chosen, values = found
-            arrays = [chosen.active.astype(np.int64), chosen.local.astype(np.int64), values]
-            if chosen.logit_adjust is not None:
-                arrays.append(np.asarray(chosen.logit_adjust, dtype=np.float32))
-            return {"logit_adjust": chosen.logit_adjust is not None}, arrays
+            found = select(None)
+            return None if found is None else _selection_reply(*found)
         return self._answer_or_wait(msg, envelope, "select", attempt)
 
     def _op_set(self, msg, envelope):

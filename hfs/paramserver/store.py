@@ -905,8 +905,11 @@ class InProcessStore(WeightStore):
             return np.where(ids >= 0, ids + m.row_start, -1), sims
 
     def try_select(self, name: str, features: np.ndarray, labels: np.ndarray, step: int, rule, k: int, *,
-                   with_rows: bool = True) -> tuple[Selection, np.ndarray | None] | None:
-        """``select`` without blocking: None while a step before ``step`` is pending."""
+                   with_rows: bool = True, answer: Callable[[Selection, np.ndarray], None] | None = None
+                   ) -> tuple[Selection, np.ndarray | None] | None:
+        """``select`` without blocking: None while a step before ``step`` is pending. ``answer``
+        (with rows): called with the selection and the rows' values before the catch-up's
+        write-back, as in :meth:`try_get_rows`."""
         with self._cond:
             m = self._matrix(name)
             labels = _as_rows(labels, "labels")
@@ -931,7 +934,7 @@ class InProcessStore(WeightStore):
                 return chosen, None
             local = chosen.active - m.row_start if m.row_start else chosen.active
             self._counters["rows_read"] += local.size
-            return chosen, m.read(local)
+            return chosen, m.read(local, answer=None if answer is None else lambda values: answer(chosen, values))
 
     def select(self, name: str, features: np.ndarray, labels: np.ndarray, step: int, rule, k: int, *,
                with_rows: bool = True) -> tuple[Selection, np.ndarray | None]:

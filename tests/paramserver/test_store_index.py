@@ -139,3 +139,23 @@ def test_a_bad_select_is_refused_and_changes_nothing(bad):
     assert after["selects"] == before["selects"] and after["indexes"]["fc"]["builds"] == 1
     chosen, _ = store.select("fc", features, labels, 0, SelectionRule(30), 5)
     assert len(chosen.active) == 30
+
+
+def test_select_answers_with_the_rows_before_writing_them_back():
+    """``answer`` gets the selection and the caught-up rows once; the store ends as without it."""
+    stores = [_store(), _store()]
+    features, labels = _batch(4)
+    rule = SelectionRule(40, seed=5)
+    for store in stores:
+        store.attach_index("fc", _spec())
+        for step in range(3):  # rows fall behind: the read catches them up
+            store.push_grads("fc", labels[:step + 2], np.ones((step + 2, D), np.float32), step)
+    seen = []
+    got = stores[0].try_select("fc", features, labels, 3, rule, 7, answer=lambda c, v: seen.append((c, v.copy())))
+    want = stores[1].try_select("fc", features, labels, 3, rule, 7)
+    assert len(seen) == 1
+    for chosen, values in (seen[0], got):
+        np.testing.assert_array_equal(chosen.active, want[0].active)
+        np.testing.assert_array_equal(values, want[1])
+    every = np.arange(C)
+    np.testing.assert_array_equal(stores[0].get_rows("fc", every), stores[1].get_rows("fc", every))
