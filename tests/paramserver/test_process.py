@@ -90,3 +90,33 @@ def test_resume_latest_without_a_snapshot_is_an_error(processes, helpers, tmp_pa
         assert client.ping()[0]["matrices"] == {}
     server.send_signal(signal.SIGTERM)
     assert server.wait(30) == 0
+
+
+def test_two_shard_processes_over_shared_memory_give_the_store_numbers_bit_for_bit(processes, helpers, tmp_path):
+    """Real processes, so the client runs while a shard finishes a get after its reply: pipelined
+    pushes of varying sizes through the segment overwrite the request region the get's rows came
+    in; the numbers must still be the in-process store's (a shared buffer once crashed a shard)."""
+    from hfs.paramserver.store import InProcessStore
+
+    port = helpers.free_ports(2)
+    group = processes("serve-params", "--shards", "2", "--port", str(port), "--snapshot-dir", str(tmp_path))
+    local = InProcessStore()
+    rng = np.random.default_rng(5)
+    with ParamClient(f"tcp://127.0.0.1:{port}", timeout_s=10, connect_timeout_s=30, shared_memory="auto",
+                     pipeline_pushes=True) as client:
+        for store in (client, local):
+            store.create("fc", 50_000, 256, init="gaussian", std=0.1, seed=1, update_rule="catchup")
+            store.set_hparams("fc", HParams(0.1, 0.9, 1e-3))
+        for step in range(60):
+            rows = rng.choice(50_000, int(rng.integers(100, 1500)), replace=False)
+            grads = rng.standard_normal((rows.size, 256)).astype(np.float32)
+            got = client.get_rows("fc", rows, step=step)
+            client.push_grads("fc", rows, grads, step)  # at once: into the region while the shard writes back
+            np.testing.assert_array_equal(got, local.get_rows("fc", rows, step=step), err_msg=f"step {step}")
+            local.push_grads("fc", rows, grads, step)
+        every = np.arange(0, 50_000, 7)
+        np.testing.assert_array_equal(client.get_rows("fc", every, step=60), local.get_rows("fc", every, step=60))
+        assert all(s["server"]["shm_bytes_in"] > 0 for s in client.server_stats())
+        client.shutdown()
+    output = group.communicate(timeout=30)[0]
+    assert group.returncode == 0, output
