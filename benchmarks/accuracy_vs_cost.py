@@ -23,9 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import time
+import uuid
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Iterator
@@ -59,7 +61,7 @@ def pregenerate(cache_dir: Path, classes: int, views: int, image_size: int, seed
     if path.exists():
         return path
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial.npy")
+    tmp = path.with_name(f"{path.stem}.{uuid.uuid4().hex}.partial.npy")  # two runs may render the same cache at once
     np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(classes, views, image_size, image_size, 3)).flush()
     bounds = np.linspace(0, classes, 8 * jobs + 1).astype(int)
     args = [(str(tmp), int(a), int(b), views, image_size, seed, cluster_size) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -69,7 +71,7 @@ def pregenerate(cache_dir: Path, classes: int, views: int, image_size: int, seed
     else:
         with get_context("spawn").Pool(jobs) as pool:
             pool.starmap(_render_range, args)
-    tmp.rename(path)
+    os.replace(tmp, path)  # a concurrent run's identical file may already be there
     return path
 
 

@@ -218,3 +218,27 @@ def test_served_ratio_refuses_a_bad_option_before_starting_a_server(bad, tmp_pat
     with pytest.raises(SystemExit, match="--rounds and --shards must be >= 1"):
         served_ratio.main([*bad, "--out", str(tmp_path / "r.json")])
     assert not (tmp_path / "r.json").exists()
+
+
+def test_two_runs_rendering_the_same_image_cache_at_once_both_get_it(tmp_path):
+    """Two evidence runs started together render the same cache: each into its own temp file,
+    so neither truncates the other's work nor fails to rename (a run died of that)."""
+    import threading
+
+    paths, errors = [], []
+
+    def render():
+        try:
+            paths.append(accuracy_vs_cost.pregenerate(tmp_path, classes=4, views=2, image_size=16, jobs=1))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=render) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(paths)) == 1
+    images = np.load(paths[0])
+    assert images.shape == (4, 2, 16, 16, 3) and images.std() > 0
+    assert not list(tmp_path.glob("*.partial.npy"))
