@@ -1,7 +1,8 @@
 """`hfs serve-params`: the weight store behind a ZeroMQ ROUTER socket.
 
 One thread runs the loop: receive a message, check it (`protocol.decode` + per-op field
-checks), call the in-process store, reply. A `get` for a step that is not applied yet is
+checks), call the in-process store, reply (a get or select replies from inside the store's
+read, before the rows' catch-up is written back). A `get` for a step that is not applied yet is
 *deferred*: it waits in a list, the loop keeps serving others, and the reply goes out when
 the step is applied (or fails). A bad message never stops the loop: every error, expected
 or not, becomes an error reply and nothing in the store changes.
@@ -12,8 +13,8 @@ from __future__ import annotations
 import collections
 import ipaddress
 import json
-import math
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -92,7 +93,7 @@ class OpStats:
                 "shm_bytes_out": self.shm_bytes_out, "ops": ops}
 
 
-#: a handler's result when it has sent its reply itself (see ParamServer._get_answered_early)
+#: a handler's result when it has sent its reply itself (see ParamServer._answered_early)
 _ANSWERED = object()
 
 
