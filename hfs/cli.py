@@ -465,6 +465,11 @@ def bench_paramserver(
     update_rule: Annotated[str, typer.Option("--update-rule", callback=key_rule("paramserver.update_rule"), help=(
         "Update rule of the benchmark matrix (paramserver.update_rule); the in-process rate of catchup and "
         "lazy is measured in every run either way."))] = "catchup",
+    rounds: Annotated[int, typer.Option(min=0, help=(
+        "Interleaved rounds of in-process / shared memory / shared memory with waiting pushes, "
+        "--round-seconds each, the served / in-process ratio taken within each round (robust to a "
+        "machine whose speed drifts); 0 skips them."))] = 5,
+    round_seconds: Annotated[float, typer.Option(min=0.01, help="Seconds per path in each interleaved round.")] = 1.0,
 ) -> None:
     """Measure the store in process vs over loopback, sync-step cost with N workers, and memory.
 
@@ -481,7 +486,8 @@ def bench_paramserver(
     if out:
         require_writable_file(out, "--json")
     cfg = BenchConfig(rows=rows, dim=dim, num_classes=num_classes, seconds=seconds, workers=workers,
-                      sync_steps=sync_steps, memory_rows=memory_rows, memory_dim=memory_dim, update_rule=update_rule)
+                      sync_steps=sync_steps, memory_rows=memory_rows, memory_dim=memory_dim, update_rule=update_rule,
+                      rounds=rounds, round_seconds=round_seconds)
     with progress(transient=True) as bar:
         results = run_benchmark(cfg, bar)
     render(results, make_console())

@@ -8,7 +8,7 @@ from hfs.bench.paramserver import BenchConfig, render, run_benchmark
 
 def test_run_benchmark_times_both_update_rules_in_process():
     cfg = BenchConfig(rows=20, dim=8, num_classes=500, seconds=0.2, workers=2, sync_steps=3,
-                      memory_rows=1000, memory_dim=8, update_rule="lazy")
+                      memory_rows=1000, memory_dim=8, update_rule="lazy", rounds=2, round_seconds=0.05)
     results = run_benchmark(cfg)
     by_rule = results["inprocess_rt_per_s_by_rule"]
     assert set(by_rule) == {"lazy", "catchup"} and all(rate > 0 for rate in by_rule.values())
@@ -27,6 +27,10 @@ def test_run_benchmark_times_both_update_rules_in_process():
         shm["catchup"] / results["loopback_rt_per_s_by_rule"]["catchup"]
     assert results["loopback_shm_waiting_rt_per_s"] > 0  # pushes waiting for their replies, beside the pipelined
     assert results["loopback_shm_pipelined_over_waiting"] == shm["lazy"] / results["loopback_shm_waiting_rt_per_s"]
+    inter = results["interleaved"]  # the served / in-process ratio taken within each of 2 interleaved rounds
+    assert inter["shm_used"] and all(len(v) == 2 and min(v) > 0 for v in inter["rates"].values())
+    per_round = inter["per_round_over_inprocess"]["shm_pipelined"]
+    assert per_round == [a / b for a, b in zip(inter["rates"]["shm_pipelined"], inter["rates"]["inprocess"])]
     from rich.console import Console
 
     console = Console(record=True, width=200)
@@ -36,6 +40,19 @@ def test_run_benchmark_times_both_update_rules_in_process():
     assert "shared memory / in-process (lazy)" in text and "shared memory / frames (catchup)" in text
     assert "shared memory (lazy) / seed's server" in text
     assert "shared memory: pipelined / waiting pushes" in text
+    assert "median [q1-q3] of 2 interleaved rounds" in text
+
+
+def test_zero_rounds_skip_the_interleaved_measurement():
+    cfg = BenchConfig(rows=10, dim=4, num_classes=100, seconds=0.05, workers=2, sync_steps=2,
+                      memory_rows=100, memory_dim=4, rounds=0)
+    results = run_benchmark(cfg)
+    assert "interleaved" not in results
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    render(results, console)
+    assert "interleaved" not in console.export_text()
 
 
 def test_bad_update_rule_is_one_error_line():
