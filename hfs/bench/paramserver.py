@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -266,8 +267,6 @@ INTERLEAVED_PATHS = ("inprocess", "shm_pipelined", "shm_waiting")
 
 def quartiles(values: list[float]) -> dict[str, float]:
     """Median and quartiles (the two middle values' mean where a quartile falls between them)."""
-    import statistics
-
     if len(values) < 2:
         return {"median": values[0], "q1": values[0], "q3": values[0]}
     q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
