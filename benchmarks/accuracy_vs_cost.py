@@ -89,37 +89,45 @@ def verification_bin(cache_dir: Path, first_class: int, identities: int, pairs: 
 class ArrayIdentities:
     """Training or held-out views of the pregenerated identities (same items as SyntheticIdentities).
 
-    ``class_stride`` > 1 keeps every stride-th identity only (the held-out split at C = 100K:
-    scoring 100K images against 100K classes would cost more than a cell's training).
+    ``plan`` (:class:`hfs.data.plan.LabelPlan`) lays labels over the cached identities and views
+    (duplicates, label noise, a long tail); by default each identity is one label with
+    ``train_views`` training views and the rest of the cached views held out.
+    ``class_stride`` > 1 keeps every stride-th label's held-out views only (at C = 100K scoring
+    100K images against 100K classes would cost more than a cell's training).
     """
 
     def __init__(self, images: np.ndarray, train_views: int, split: str, image_size: int, seed: int = 0,
-                 class_stride: int = 1) -> None:
+                 class_stride: int = 1, plan=None) -> None:
+        from hfs.data.plan import LabelPlan
         from hfs.data.transforms import EvalTransform, TrainTransform
 
         self.images, self.split, self.seed, self.epoch, self.stride = images, split, seed, 0, class_stride
-        self.first = 0 if split == "train" else train_views
-        self.per_class = train_views if split == "train" else images.shape[1] - train_views
+        self.plan = plan or LabelPlan(images.shape[0], train_views, val_views=images.shape[1] - train_views)
         self.transform = TrainTransform(image_size, True) if split == "train" else EvalTransform(image_size)
+        if split == "train":
+            self.indices = np.arange(self.plan.train_size)
+        else:
+            per = self.plan.val_views
+            kept = np.arange(0, self.plan.num_classes, class_stride)
+            self.indices = (kept[:, None] * per + np.arange(per)[None, :]).ravel()
 
     def __len__(self) -> int:
-        return len(range(0, self.images.shape[0], self.stride)) * self.per_class
+        return len(self.indices)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def labels(self) -> np.ndarray:
-        return np.repeat(np.arange(0, self.images.shape[0], self.stride, dtype=np.int64), self.per_class)
+        return self.plan.items(self.split, self.indices)[2]
 
     def __getitem__(self, index: int):
         from PIL import Image
 
-        slot, j = divmod(int(index), self.per_class)
-        cls = slot * self.stride
-        img = Image.fromarray(np.asarray(self.images[cls, self.first + j]))
+        identity, view, label = (int(a[0]) for a in self.plan.items(self.split, self.indices[[index]]))
+        img = Image.fromarray(np.asarray(self.images[identity, view]))
         if self.split == "train":
-            return self.transform(img, np.random.default_rng([self.seed, 4, index, self.epoch])), cls
-        return self.transform(img), cls
+            return self.transform(img, np.random.default_rng([self.seed, 4, index, self.epoch])), label
+        return self.transform(img), label
 
 
 # ----------------------------------------------------------------------------- one cell

@@ -30,7 +30,8 @@ cost per step, then runs the number of steps that fits the budget, its cosine sc
 there, with ``--evals`` evaluations. ``--val-samples`` scores a fixed random subset of the
 held-out samples (against all classes) where scoring all of them would cost more than training.
 
-A cell is ``full`` or ``SAMPLER:RATE`` (sample_num = RATE x C). A run is *converged* when
+A cell is ``full`` or ``SAMPLER:RATE`` (sample_num = RATE x C), optionally followed by overrides of its
+own (``exact:0.01,sampler.ceiling=positive``). A run is *converged* when
 held-out top-1 moved less than ``--flat`` over its last 20% of steps. ``--resume`` keeps
 the (cell, seed) results already in ``--out``; the file is rewritten after every cell.
 """
@@ -83,6 +84,7 @@ class Probe:
         self.args, self.verify_a, self.verify_b = args, verify_a, verify_b
         self.wall = self.cpu = 0.0
         self.curve: list[dict[str, float]] = []
+        self.rule_stats: dict[str, float] = {}
         self._mark()
 
     def _mark(self) -> None:
@@ -91,10 +93,11 @@ class Probe:
     def __call__(self, trainer, step: int, record: dict) -> None:
         self.wall += time.perf_counter() - self._t
         self.cpu += cpu_seconds() - self._c
+        self.rule_stats.update({k: v for k, v in record.items() if k.startswith("select_")})
         if step % self.args.eval_every == 0 or step == self.args.steps:
             self.curve.append({"step": step, "wall_s": self.wall, "cpu_s": self.cpu,
                                "active_classes": int(trainer.fc.active_classes),
-                               **self.evaluate(trainer)})
+                               **self.rule_stats, **self.evaluate(trainer)})
             log.info("step %d: %s", step, self.curve[-1])
         self._mark()
 
@@ -112,7 +115,15 @@ class Probe:
         return {"val_top1": float(top1), "tar": tar_at_far(emb_a, emb_b, self.args.far)}
 
 
-def cell_config(args: argparse.Namespace, name: str, sample_num: int, output_dir: Path, seed: int):
+def split_cell(cell: str, classes: int) -> tuple[str, int, list[str]]:
+    """``SAMPLER:RATE[,section.key=value...]`` -> (sampler, sample_num, that cell's own overrides)."""
+    base, *sets = cell.split(",")
+    name, sample_num = parse_cell(base, classes)
+    return name, sample_num, sets
+
+
+def cell_config(args: argparse.Namespace, name: str, sample_num: int, output_dir: Path, seed: int,
+                cell_sets: list[str] | tuple[str, ...] = ()):
     from hfs.config import _merge, config_from_dict, parse_override
 
     fc = {"mode": "full"} if name == "full" else {"mode": "sampled", "sample_num": sample_num}
@@ -128,7 +139,7 @@ def cell_config(args: argparse.Namespace, name: str, sample_num: int, output_dir
         "train": {"output_dir": str(output_dir), "batch_size": args.batch, "max_steps": args.steps,
                   "checkpoint_every": 0, "log_every": 100, "seed": seed},
     }
-    for text in args.set or []:  # the same --set section.key=value as the hfs commands
+    for text in [*(args.set or []), *cell_sets]:  # the same --set section.key=value as the hfs commands
         data = _merge(data, parse_override(text))
     return config_from_dict(data)
 
@@ -151,16 +162,16 @@ def run_cell(args: argparse.Namespace, cell: str, seed: int, workdir: Path) -> d
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    name, sample_num = parse_cell(cell, args.classes)
-    out_dir = workdir / f"{cell.replace(':', '_')}_seed{seed}"
+    name, sample_num, cell_sets = split_cell(cell, args.classes)
+    out_dir = workdir / f"{cell.replace(':', '_').replace(',', '+').replace('=', '_')}_seed{seed}"
     train, val, verify_a, verify_b = regime_data(args, seed, args.verify_identities)
     val = held_out(val, args.val_samples, args.data_seed)
     per_step = None
     if args.budget_cpu_s > 0:
-        per_step = calibrate(args, name, sample_num, out_dir, seed, (train, val, args.classes))
+        per_step = calibrate(args, name, sample_num, out_dir, seed, (train, val, args.classes), cell_sets)
         args = budgeted(args, per_step)
     shutil.rmtree(out_dir, ignore_errors=True)
-    cfg = cell_config(args, name, sample_num, out_dir, seed)
+    cfg = cell_config(args, name, sample_num, out_dir, seed, cell_sets)
     probe = Probe(args, verify_a, verify_b)
     result = Trainer(cfg, datasets=(train, val, args.classes), callbacks=[probe]).run()
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -188,8 +199,9 @@ def regime_data(args: argparse.Namespace, seed: int, verify_identities: int) -> 
     from hfs.data.latent import LatentGenerator, LatentIdentities
 
     gen = LatentGenerator(args.data_seed, input_dim=args.input_dim)
-    train = LatentIdentities(gen, args.classes, args.views, split="train", val_per_class=1)
-    val = LatentIdentities(gen, args.classes, args.views, split="val", val_per_class=1)
+    regime = label_plan(args).regime
+    train = LatentIdentities(gen, args.classes, args.views, split="train", val_per_class=1, regime=regime)
+    val = LatentIdentities(gen, args.classes, args.views, split="val", val_per_class=1, regime=regime)
     if not verify_identities:
         return train, val, None, None
     unseen = np.arange(args.classes, args.classes + verify_identities)
@@ -199,21 +211,24 @@ def regime_data(args: argparse.Namespace, seed: int, verify_identities: int) -> 
 
 
 def image_data(args: argparse.Namespace, seed: int, verify_identities: int) -> tuple[Any, Any, Any, Any]:
-    """Rendered faces: identities ``[0, C)`` for training (``--views`` views, one held out) and
-    ``[C, C + U)`` for verification, from one pregenerated cache (``accuracy_vs_cost.pregenerate``)."""
+    """Rendered faces: identities ``[0, C)`` for training (``--views`` views, one held out, laid out
+    by the regime's label plan) and ``[C, C + U)`` for verification, from one pregenerated cache
+    (``accuracy_vs_cost.pregenerate``; twice the views when a share of the labels are duplicates)."""
     import torch
 
     from accuracy_vs_cost import ArrayIdentities, pregenerate
     from hfs.data.transforms import EvalTransform
     from PIL import Image
 
+    plan = label_plan(args)
     identities = args.classes + verify_identities
-    path = pregenerate(Path(args.cache), identities, args.views + 1, args.image_size, seed=args.data_seed,
+    views = (args.views + 1) * (2 if plan.regime.duplicates else 1)
+    path = pregenerate(Path(args.cache), identities, views, args.image_size, seed=args.data_seed,
                        jobs=args.render_jobs)
     images = np.load(path, mmap_mode="r")
     seen = images[: args.classes]
-    train = ArrayIdentities(seen, args.views, "train", args.image_size, seed)
-    val = ArrayIdentities(seen, args.views, "val", args.image_size, seed)
+    train = ArrayIdentities(seen, args.views, "train", args.image_size, seed, plan=plan)
+    val = ArrayIdentities(seen, args.views, "val", args.image_size, seed, plan=plan)
     if not verify_identities:
         return train, val, None, None
     to_tensor = EvalTransform(args.image_size)
@@ -221,6 +236,15 @@ def image_data(args: argparse.Namespace, seed: int, verify_identities: int) -> t
     verify_a = torch.stack([to_tensor(Image.fromarray(np.asarray(view))) for view in unseen[:, 0]])
     verify_b = torch.stack([to_tensor(Image.fromarray(np.asarray(view))) for view in unseen[:, 1]])
     return train, val, verify_a, verify_b
+
+
+def label_plan(args: argparse.Namespace):
+    """The regime's labels over the generated identities (``--duplicates``, ``--label-noise``, ``--min-views``)."""
+    from hfs.data.plan import LabelPlan, Regime
+
+    regime = Regime(args.duplicates, args.label_noise, args.min_views)
+    regime.check(args.views, lambda field: "--" + field.replace("_", "-"))
+    return LabelPlan(args.classes, args.views, regime, val_views=1, seed=args.data_seed)
 
 
 def held_out(val, samples: int, seed: int):
@@ -257,7 +281,7 @@ class StepClock:
 
 
 def calibrate(args: argparse.Namespace, name: str, sample_num: int, out_dir: Path, seed: int,
-              datasets: tuple) -> float:
+              datasets: tuple, cell_sets: list[str] | tuple[str, ...] = ()) -> float:
     """CPU seconds per step of this cell, from ``--calibrate-cpu-s`` of training it (index builds
     that finished by then included: a slow index shows its cost only over a long enough run)."""
     from hfs.train.trainer import Trainer
@@ -265,7 +289,7 @@ def calibrate(args: argparse.Namespace, name: str, sample_num: int, out_dir: Pat
     shutil.rmtree(out_dir, ignore_errors=True)
     long_schedule = argparse.Namespace(**{**vars(args), "steps": 10 ** 7})
     clock = StepClock(args.calibrate_cpu_s)
-    result = Trainer(cell_config(long_schedule, name, sample_num, out_dir, seed), datasets=datasets,
+    result = Trainer(cell_config(long_schedule, name, sample_num, out_dir, seed, cell_sets), datasets=datasets,
                      callbacks=[clock]).run()
     shutil.rmtree(out_dir, ignore_errors=True)
     if result.interrupted and not clock.stopped:
@@ -292,7 +316,13 @@ def add_regime_args(p: argparse.ArgumentParser, *, batch: int) -> None:
     p.add_argument("--image-size", type=int, default=32, help="--regime images: image side in pixels")
     p.add_argument("--cache", default="benchmarks/.cache/images", help="--regime images: folder of the rendered images")
     p.add_argument("--render-jobs", type=int, default=2, help="--regime images: processes rendering the cache")
-    p.add_argument("--views", type=int, default=8, help="training samples per identity")
+    p.add_argument("--views", type=int, default=8, help="training samples per identity (the most, with --min-views)")
+    p.add_argument("--duplicates", type=float, default=0.0,
+                   help="share of the labels that are a second label of another label's identity")
+    p.add_argument("--label-noise", type=float, default=0.0,
+                   help="share of the training samples labelled with another label, drawn uniformly")
+    p.add_argument("--min-views", type=int, default=0,
+                   help="long tail: training views per label log-uniform in [min-views, --views] (0: all alike)")
     p.add_argument("--input-dim", type=int, default=64, help="length of the generated input vectors")
     p.add_argument("--dim", type=int, default=64, help="embedding size D")
     p.add_argument("--batch", type=int, default=batch, help="batch size")
@@ -307,7 +337,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classes", type=int, default=20_000, help="training identities C")
     p.add_argument("--cells", nargs="+", default=["full", "random:0.01", "annoy:0.01", "hnsw:0.01", "exact:0.01"],
-                   help="full or SAMPLER:RATE")
+                   help="full or SAMPLER:RATE, each optionally followed by its own overrides: "
+                        "exact:0.01,sampler.ceiling=positive")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; every cell runs once per seed")
     add_regime_args(p, batch=256)
     p.add_argument("--steps", type=int, default=6000, help="training steps of every cell")

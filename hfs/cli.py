@@ -418,11 +418,21 @@ def make_synthetic(
         "First held-out identity of val.bin (default: right after the training identities)."))] = None,
     val_classes: Annotated[Optional[int], typer.Option("--val-classes", min=2, help=(
         "Held-out identities in val.bin (default: --num-classes)."))] = None,
+    duplicates: Annotated[float, typer.Option("--duplicates", min=0.0, max=0.5, help=(
+        "Share of the labels that are a second label of another label's identity (uncleaned data)."))] = 0.0,
+    label_noise: Annotated[float, typer.Option("--label-noise", min=0.0, max=0.99, help=(
+        "Share of the images that carry a wrong label, drawn uniformly from the other labels."))] = 0.0,
+    min_views: Annotated[int, typer.Option("--min-views", min=0, help=(
+        "Long tail: images per identity log-uniform in [min-views, --images-per-class] (0: all alike)."))] = 0,
 ) -> None:
     """Write a synthetic face-like dataset as an InsightFace-layout .rec (no downloads needed).
 
+    --duplicates, --label-noise and --min-views make the data as messy as uncleaned face sets,
+    where mining hard negatives is known to hurt.
+
     Example: hfs make-synthetic --out data/synth --num-classes 1000 --images-per-class 20 --val-pairs 3000
     """
+    from hfs.data.plan import Regime
     from hfs.data.synthetic import held_out_identities, make_synthetic_bin, make_synthetic_rec
 
     classes = renamed(classes, classes_old, "--num-classes", "--classes")
@@ -435,8 +445,10 @@ def make_synthetic(
     if val_pairs and val_first < first_class + classes and first_class < val_first + val_count:
         raise HfsError(f"--val-first-class {val_first}: held-out identities [{val_first}, {val_first + val_count}) "
                        f"overlap the training identities [{first_class}, {first_class + classes})")
+    regime = Regime(duplicates, label_noise, min_views)
+    regime.check(images_per_class, lambda field: "--" + field.replace("_", "-"))
     stats = make_synthetic_rec(out, classes, images_per_class, image_size, seed, first_class, image_format,
-                               cluster_size)
+                               cluster_size, regime)
     console = make_console()
     console.print(f"wrote {stats['images']} images of {stats['identities']} identities "
                   f"({stats['bytes'] / 1e6:.1f} MB) to {out} in {stats['seconds']:.1f} s", soft_wrap=True)

@@ -50,6 +50,12 @@ class DataConfig:
     synthetic_val_per_class: int = _f(2, ge=0, help="held-out images per synthetic identity")
     synthetic_seed: int = _f(0, help="seed of the synthetic identities")
     synthetic_cluster_size: int = _f(8, gt=0, help="consecutive synthetic identities that look alike (hard negatives)")
+    synthetic_duplicates: float = _f(0.0, ge=0.0, le=0.5, help="share of the synthetic/latent labels that are a second "
+                                                              "label of another label's identity (uncleaned data)")
+    synthetic_label_noise: float = _f(0.0, ge=0.0, le=0.99, help="share of the synthetic/latent training samples "
+                                                               "labelled with another label, drawn uniformly")
+    synthetic_min_views: int = _f(0, ge=0, help="long tail: training images per synthetic/latent identity log-uniform "
+                                                "in [min_views, synthetic_images_per_class] (0: all alike)")
     rec_name: str = _f("train", help="source=rec: read <root>/<rec_name>.rec and .idx")
     rec_val_ratio: float = _f(0.0, ge=0.0, le=0.9, help="source=rec: share of each identity's images held out "
                                                        "for validation (the rule `hfs convert` uses)")
@@ -95,7 +101,7 @@ class FCConfig:
 
 @dataclass
 class SamplerConfig:
-    type: str = _f("exact", choices=("annoy", "hnsw", "exact", "random"),
+    type: str = _f("exact", choices=("annoy", "hnsw", "exact", "random", "memory"),
                    help="how hard negatives are found: exact (current rows, B x C x D per step), annoy/hnsw "
                         "(approximate, rebuilt in the background), random (Partial FC's rule)")
     metric: str = _f("auto", choices=("auto", "cosine", "dot"),
@@ -120,6 +126,11 @@ class SamplerConfig:
                                   "replacement with probability ~ exp(similarity / temperature)")
     temperature: float = _f(0.05, gt=0.0, help="candidate_pick=score: similarity temperature (1 / head.scale mirrors the softmax itself)")
     logq: bool = _f(False, help="sampled-softmax correction: add -log(probability a class is active) to each active negative's logit (training loss only)")
+    ceiling: str = _f("off", choices=("off", "positive"),
+                      help="positive: skip a query's candidates that score above its own class (+ ceiling_margin) "
+                           "under the current rows: semi-hard negatives (no collapse while nothing is learnt yet, "
+                           "no duplicate identity or mislabelled sample's true class as a negative)")
+    ceiling_margin: float = _f(0.0, help="ceiling=positive: similarity a candidate may exceed its query's own class by")
     drift_rows: int = _f(128, ge=0, help="observed rows per step whose drift is measured against the index's own vectors, a random subset (0 = all; reading a vector back costs ~10-25 us)")
     build_threads: int = _f(1, help="threads of an index build (annoy n_jobs, hnsw add_items); -1 = all cores")
     query_threads: int = _f(-1, help="annoy and hnsw: threads answering one batch's queries; -1 = all cores")
@@ -128,6 +139,9 @@ class SamplerConfig:
     hnsw_m: int = _f(16, gt=0, help="hnsw: graph degree M")
     hnsw_ef_construction: int = _f(100, gt=0, help="hnsw: ef at build time")
     hnsw_ef: int = _f(16, gt=0, help="hnsw: ef at query time (raised to k when smaller; more: better negatives, slower queries)")
+    memory_slots: int = _f(8, gt=0, help="memory: classes remembered per class (C x slots x 8 bytes)")
+    memory_hops: int = _f(2, choices=(1, 2), help="memory: candidates are a class's members (1) and their members too (2)")
+    memory_explore: int = _f(1024, ge=0, help="memory: active classes scored against the batch per step to learn from")
     exact_chunk: int = _f(65536, gt=0, help="exact: rows per matmul chunk")
     exact_device: str = _f("auto", help="exact: torch device of the matrix copy (auto = cuda when available)")
     workdir: str = _f("", help="folder for rebuild snapshot files (C x D x 4 bytes) and annoy index files of the in-process store and the sharded classifier; empty = system temp (hfs serve-params always uses its system temp)")

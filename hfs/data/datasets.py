@@ -122,13 +122,22 @@ def build_datasets(cfg) -> tuple[Any, Any | None, int]:
     raise HfsError(f"data.source '{source}' is not one of synthetic, list, rec, latent")
 
 
+def _regime(d):
+    """The synthetic/latent sources' :class:`~hfs.data.plan.Regime`, checked against the views per class."""
+    from hfs.data.plan import Regime
+
+    regime = Regime(d.synthetic_duplicates, d.synthetic_label_noise, d.synthetic_min_views)
+    regime.check(d.synthetic_images_per_class, lambda field: f"config key 'data.synthetic_{field}'")
+    return regime
+
+
 def _synthetic(cfg):
     from hfs.data.synthetic import SyntheticIdentities
 
     d = cfg.data
     common = dict(num_classes=d.synthetic_classes, images_per_class=d.synthetic_images_per_class,
                   image_size=d.image_size, seed=d.synthetic_seed, val_per_class=d.synthetic_val_per_class,
-                  cluster_size=d.synthetic_cluster_size)
+                  cluster_size=d.synthetic_cluster_size, regime=_regime(d))
     train = SyntheticIdentities(split="train", hflip=d.hflip, **common)
     val = SyntheticIdentities(split="val", **common) if d.synthetic_val_per_class > 0 else None
     return train, val, d.synthetic_classes
@@ -140,10 +149,10 @@ def _latent(cfg):
 
     d = cfg.data
     gen = LatentGenerator(d.synthetic_seed, input_dim=d.image_size, cluster_size=d.synthetic_cluster_size)
-    train = LatentIdentities(gen, d.synthetic_classes, d.synthetic_images_per_class, split="train",
-                             val_per_class=d.synthetic_val_per_class)
-    val = (LatentIdentities(gen, d.synthetic_classes, d.synthetic_images_per_class, split="val",
-                            val_per_class=d.synthetic_val_per_class) if d.synthetic_val_per_class > 0 else None)
+    common = dict(val_per_class=d.synthetic_val_per_class, regime=_regime(d))
+    train = LatentIdentities(gen, d.synthetic_classes, d.synthetic_images_per_class, split="train", **common)
+    val = (LatentIdentities(gen, d.synthetic_classes, d.synthetic_images_per_class, split="val", **common)
+           if d.synthetic_val_per_class > 0 else None)
     return train, val, d.synthetic_classes
 
 

@@ -22,25 +22,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """A well-mixed 64-bit hash of each element (SplitMix64's finaliser)."""
-    with np.errstate(over="ignore"):
-        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK
-        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK
-        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK
-        return x ^ (x >> np.uint64(31))
+from hfs.data.plan import LabelPlan, Regime
+from hfs.utils.hashing import splitmix64
 
 
 def hashed_normals(seed: int, stream: int, keys: np.ndarray, dim: int) -> np.ndarray:
     """Standard normals of shape (len(keys), dim), a pure function of (seed, stream, key, column)."""
     keys = np.asarray(keys, dtype=np.uint64)
-    base = _splitmix64(_splitmix64(np.uint64(seed)) ^ np.uint64(stream * 0x632BE59BD9B4E019 & 0xFFFFFFFFFFFFFFFF))
+    base = splitmix64(splitmix64(np.uint64(seed)) ^ np.uint64(stream * 0x632BE59BD9B4E019 & 0xFFFFFFFFFFFFFFFF))
     with np.errstate(over="ignore"):
         counters = (keys[:, None] * np.uint64(2 * dim) + np.arange(2 * dim, dtype=np.uint64)[None, :]) ^ base
-    bits = _splitmix64(counters)
+    bits = splitmix64(counters)
     uniform = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)  # in (0, 1)
     u1, u2 = uniform[:, :dim], uniform[:, dim:]
     return (np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)).astype(np.float32)
@@ -83,33 +75,31 @@ class LatentIdentities:
     """A torch-style Dataset over :class:`LatentGenerator` (items: float32 vector, int label).
 
     ``split="train"`` holds views ``0..views_per_class-1`` of classes ``first_class..``,
-    ``split="val"`` the next ``val_per_class`` views of the same identities.
+    ``split="val"`` the next ``val_per_class`` views of the same identities. ``regime``
+    (:class:`~hfs.data.plan.Regime`): duplicate labels, label noise, a long tail of views per
+    class, laid out by a :class:`~hfs.data.plan.LabelPlan` seeded by the generator's seed.
     """
 
     def __init__(self, generator: LatentGenerator, num_classes: int, views_per_class: int, *,
-                 split: str = "train", val_per_class: int = 1, first_class: int = 0) -> None:
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+                 split: str = "train", val_per_class: int = 1, first_class: int = 0,
+                 regime: Regime = Regime()) -> None:
         self.gen, self.num_classes, self.first_class = generator, int(num_classes), int(first_class)
-        self.per_class = int(views_per_class if split == "train" else val_per_class)
-        self.first_view = 0 if split == "train" else int(views_per_class)
+        self.plan = LabelPlan(num_classes, views_per_class, regime, val_views=val_per_class, seed=generator.seed)
         self.split, self.epoch = split, 0
+        self._size = self.plan.size(split)
 
     def __len__(self) -> int:
-        return self.num_classes * self.per_class
+        return self._size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)  # the samples are fixed, as images are
 
     def labels(self) -> np.ndarray:
-        return np.repeat(np.arange(self.num_classes, dtype=np.int64), self.per_class)
+        return self.plan.labels(self.split)
 
     def _vectors(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        indices = np.asarray(indices, dtype=np.int64)
-        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
-            raise IndexError(f"index out of range [0, {len(self)})")
-        cls, view = np.divmod(indices, self.per_class)
-        return self.gen.samples(cls + self.first_class, view + self.first_view), cls
+        identity, view, label = self.plan.items(self.split, indices)
+        return self.gen.samples(identity + self.first_class, view), label
 
     def __getitem__(self, index: int):
         x, cls = self._vectors(np.array([index]))

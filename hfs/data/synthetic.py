@@ -21,6 +21,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from hfs.data.plan import LabelPlan, Regime
+
 # Parameters of one identity: name -> (size, low, high). Values are drawn in [0, 1] and mapped.
 _PARAMS: dict[str, tuple[int, float, float]] = {
     "face_center": (2, -0.06, 0.06), "face_radii": (2, 0.0, 1.0), "skin": (3, 0.25, 0.95),
@@ -239,44 +241,45 @@ class SyntheticIdentities:
     """A torch-style Dataset of synthetic identities, generated on the fly.
 
     ``split="train"`` holds views ``0..images_per_class-1`` of every class, ``split="val"``
-    the next ``val_per_class`` views (same identities, unseen views). Items are
-    ``(float32 CxHxW tensor in [-1, 1], int label)``; training items get a random flip drawn
-    from a generator seeded by (seed, index, epoch), so a run is reproducible.
+    the next ``val_per_class`` views (same identities, unseen views). ``regime``
+    (:class:`~hfs.data.plan.Regime`): duplicate labels, label noise, a long tail of images per
+    class (:class:`~hfs.data.plan.LabelPlan`). Items are ``(float32 CxHxW tensor in [-1, 1],
+    int label)``; training items get a random flip drawn from a generator seeded by (seed,
+    index, epoch), so a run is reproducible.
     """
 
     def __init__(self, num_classes: int, images_per_class: int, image_size: int = 112, seed: int = 0,
-                 split: str = "train", val_per_class: int = 2, cluster_size: int = 8, hflip: bool = True) -> None:
+                 split: str = "train", val_per_class: int = 2, cluster_size: int = 8, hflip: bool = True,
+                 regime: Regime = Regime()) -> None:
         from hfs.data.transforms import EvalTransform, TrainTransform
 
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         self.num_classes = int(num_classes)
-        self.per_class = int(images_per_class if split == "train" else val_per_class)
-        self.first_view = 0 if split == "train" else int(images_per_class)
+        self.plan = LabelPlan(num_classes, images_per_class, regime, val_views=val_per_class, seed=seed)
         self.split = split
+        self._size = self.plan.size(split)
         self.seed = int(seed)
         self.epoch = 0
         self.faces = SyntheticFaces(seed, image_size, cluster_size)
         self.transform = TrainTransform(image_size, hflip) if split == "train" else EvalTransform(image_size)
 
     def __len__(self) -> int:
-        return self.num_classes * self.per_class
+        return self._size
 
     def set_epoch(self, epoch: int) -> None:
         """Vary the training augmentation between epochs (the images themselves stay fixed)."""
         self.epoch = int(epoch)
 
     def labels(self) -> np.ndarray:
-        return np.repeat(np.arange(self.num_classes, dtype=np.int64), self.per_class)
+        return self.plan.labels(self.split)
 
     def __getitem__(self, index: int):
         if not 0 <= index < len(self):
             raise IndexError(index)
-        cls, j = divmod(int(index), self.per_class)
-        img = Image.fromarray(self.faces.image(cls, self.first_view + j))
+        identity, view, label = (int(a[0]) for a in self.plan.items(self.split, np.array([index])))
+        img = Image.fromarray(self.faces.image(identity, view))
         if self.split == "train":
-            return self.transform(img, np.random.default_rng([self.seed, 4, index, self.epoch])), cls
-        return self.transform(img), cls
+            return self.transform(img, np.random.default_rng([self.seed, 4, index, self.epoch])), label
+        return self.transform(img), label
 
 
 # --------------------------------------------------------------------------- writers
@@ -284,45 +287,49 @@ class SyntheticIdentities:
 
 def write_synthetic_rec(out_folder: str | Path, num_classes: int, images_per_class: int, image_size: int = 112,
                         seed: int = 0, start_class: int = 0, fmt: str = "jpeg", cluster_size: int = 8,
-                        on_image: Callable[[int], None] | None = None) -> dict[str, int]:
+                        on_image: Callable[[int], None] | None = None, regime: Regime = Regime()) -> dict[str, int]:
     """Write ``train.rec``/``train.idx``/``property`` (InsightFace layout) of synthetic identities.
 
     Label ``i`` holds generator class ``start_class + i``, views ``0..images_per_class-1`` (the
-    same images ``SyntheticIdentities(split="train")`` yields). Returns counts for a summary.
+    same images ``SyntheticIdentities(split="train")`` yields); ``regime`` lays out duplicate
+    labels, label noise and a long tail as :class:`~hfs.data.plan.LabelPlan` does. Returns
+    counts for a summary.
     """
     from hfs.data.recordio import InsightFaceWriter, write_property
 
     encode = get_encoder(fmt)
+    plan = LabelPlan(num_classes, images_per_class, regime, val_views=0, seed=seed)
     out = Path(out_folder)
     out.mkdir(parents=True, exist_ok=True)
     faces = SyntheticFaces(seed, image_size, cluster_size)
     total_bytes = 0
+    identities, views, labels = plan.train_items(np.arange(plan.train_size))
     with InsightFaceWriter(out / "train.rec", out / "train.idx") as writer:
-        for label in range(num_classes):
-            for view in range(images_per_class):
-                data = encode(faces.image(start_class + label, view))
-                writer.add(label, data)
-                total_bytes += len(data)
-                if on_image is not None:
-                    on_image(1)
+        for identity, view, label in zip(identities.tolist(), views.tolist(), labels.tolist()):
+            data = encode(faces.image(start_class + identity, view))
+            writer.add(label, data)
+            total_bytes += len(data)
+            if on_image is not None:
+                on_image(1)
     write_property(out / "property", num_classes, image_size, image_size)
-    return {"images": num_classes * images_per_class, "identities": num_classes, "bytes": total_bytes}
+    return {"images": plan.train_size, "identities": num_classes, "bytes": total_bytes}
 
 
 def make_synthetic_rec(out_folder: str | Path, num_classes: int, images_per_class: int, image_size: int = 112,
-                       seed: int = 0, start_class: int = 0, fmt: str = "jpeg", cluster_size: int = 8
-                       ) -> dict[str, float]:
+                       seed: int = 0, start_class: int = 0, fmt: str = "jpeg", cluster_size: int = 8,
+                       regime: Regime = Regime()) -> dict[str, float]:
     """:func:`write_synthetic_rec` with a progress bar and timing, for ``hfs make-synthetic``."""
     import time
 
     from hfs.utils.log import progress
 
     get_encoder(fmt)  # a bad format fails before the progress bar appears
+    total = LabelPlan(num_classes, images_per_class, regime, val_views=0, seed=seed).train_size
     start = time.perf_counter()
     with progress() as bar:
-        task = bar.add_task("generating", total=num_classes * images_per_class, info="")
+        task = bar.add_task("generating", total=total, info="")
         stats = write_synthetic_rec(out_folder, num_classes, images_per_class, image_size, seed, start_class, fmt,
-                                    cluster_size, on_image=lambda n: bar.advance(task, n))
+                                    cluster_size, on_image=lambda n: bar.advance(task, n), regime=regime)
     return {**stats, "seconds": time.perf_counter() - start}
 
 

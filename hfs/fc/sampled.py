@@ -66,6 +66,7 @@ class SampledFC:
         self._hparams: HParams | None = None
         self._warned_overflow = False
         self.timers = {"select": 0.0, "push_wait": 0.0}
+        self._rule_stats: dict[str, list[float]] = {}
 
     # -- per step ----------------------------------------------------------------------
     def set_hparams(self, lr: float, momentum: float, weight_decay: float) -> None:
@@ -90,6 +91,8 @@ class SampledFC:
             self.store.set_hparams(self.matrix, hparams)
         self.timers["select"] += time.perf_counter() - t0
         active, local = chosen.active, chosen.local
+        for key, value in chosen.stats.items():
+            self._rule_stats.setdefault(key, []).append(float(value))
         if len(active) > self.rule.sample_num and not self._warned_overflow:
             self._warned_overflow = True
             log.warning(
@@ -219,8 +222,11 @@ class SampledFC:
         return predict_all_classes(self.head, features, self.iter_chunks())
 
     def upkeep(self) -> dict[str, float]:
-        """The store's index as the log line names it (empty without an index)."""
-        return index_upkeep(self.index_stats()) if self.neighbours else {}
+        """The store's index as the log line names it (empty without an index), and the selection
+        rule's measurements (``select_*``: means over the steps since the last call)."""
+        stats = {f"select_{key}": float(np.mean(values)) for key, values in self._rule_stats.items()}
+        self._rule_stats = {}
+        return {**(index_upkeep(self.index_stats()) if self.neighbours else {}), **stats}
 
     def close(self) -> None:
         """Finish the pending push and stop the push thread. Idempotent."""

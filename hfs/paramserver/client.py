@@ -121,6 +121,7 @@ class ParamClient(WeightStore):
         self._ids = itertools.count(1)
         self._worker: str | None = None
         self._shapes: dict[str, tuple[int, int]] = {}
+        self._index_specs: dict[str, Any] = {}  # what attach_index sent: the metric and freshness of its answers
         self._answered: set[str] = set()
         self._closed = False
         self._counts: collections.Counter = collections.Counter()
@@ -673,6 +674,7 @@ class ParamClient(WeightStore):
     def attach_index(self, name: str, spec: Any) -> bool:
         """Every shard keeps an index over its own rows (``spec``: an IndexSpec); True if any started a build."""
         replies = self._all({"op": "index", "matrix": name, "spec": spec.to_json()})
+        self._index_specs[name] = spec
         return any(bool(m.header.get("attached")) for m in replies)
 
     def select(self, name: str, features: np.ndarray, labels: np.ndarray, step: int, rule: Any, k: int,
@@ -680,6 +682,7 @@ class ParamClient(WeightStore):
         """One round trip to a single shard (selection and rows together); with several shards,
         every shard's candidates in parallel, merged by similarity, the rule applied here, then
         one parallel ``get`` of the active rows."""
+        from hfs.samplers.registry import SAMPLERS
         from hfs.samplers.shards import merge_topk, rule_to_fields
         from hfs.samplers.selection import Selection
 
@@ -700,8 +703,27 @@ class ParamClient(WeightStore):
         replies = self._all_with(dict(header, rows=False), [features, labels], timeout)
         ids, sims = merge_topk([(m.arrays[0], m.arrays[1]) for m in replies], k)
         found = ids.shape[1] > 0
-        chosen = rule.select(labels, ids if found else None, sims if found else None, num_rows, int(step))
+        scorer = None
+        if found and rule.needs_scorer:  # the rule compares candidates with positives under the current rows
+            spec = self._index_specs.get(name)
+            scorer = self._scorer(name, features, spec.kwargs.get("metric", "cosine") if spec else "cosine")
+            if spec is None or not SAMPLERS.get(spec.sampler).fresh_scores:
+                sims = scorer(ids)
+        chosen = rule.select(labels, ids if found else None, sims if found else None, num_rows, int(step), scorer)
         return chosen, (self.get_rows(name, chosen.active) if with_rows else None)
+
+    def _scorer(self, name: str, features: np.ndarray, metric: str):
+        """The selection rule's scorer over the shards' current rows (one ``get`` per call)."""
+        from hfs.samplers.base import normalise_rows
+        from hfs.samplers.selection import score_with_rows
+
+        queries = normalise_rows(features) if metric == "cosine" else features
+
+        def rows_of(ids: np.ndarray) -> np.ndarray:
+            values = self.get_rows(name, ids)
+            return normalise_rows(values) if metric == "cosine" else values
+
+        return lambda ids: score_with_rows(queries, ids, rows_of)
 
     def _all_with(self, header: dict, arrays: Sequence[np.ndarray], timeout_s: float | None = None
                   ) -> list[proto.Message]:

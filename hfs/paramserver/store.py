@@ -55,7 +55,8 @@ from hfs.paramserver.catchup import UPDATE_RULES, RowClock, zero_grad_transition
 from hfs.paramserver import snapshots as snaps
 from hfs.paramserver.scratch import Scratch, take_rows
 from hfs.samplers.owned import IndexSpec, OwnedIndex
-from hfs.samplers.selection import Selection
+from hfs.samplers.base import normalise_rows
+from hfs.samplers.selection import Selection, score_with_rows
 from hfs.utils.errors import HfsError
 
 log = logging.getLogger(__name__)
@@ -554,6 +555,9 @@ class InProcessStore(WeightStore):
             m.weight[local] = values
             self._counters["sets"] += 1
             self._dirty = True
+            changed = np.unique(local)
+            if name in self._indexes and changed.size:  # the index sees every change, as after a step
+                self._index_upkeep(name, lambda index: index.rows_changed(changed, lambda rows: m.weight[rows]))
 
     def push_grads(self, name: str, rows: np.ndarray, grads: np.ndarray, step: int, *,
                    worker: str | None = None, copy: bool = True) -> None:
@@ -921,13 +925,23 @@ class InProcessStore(WeightStore):
             if with_rows and (m.row_start, m.row_end) != (0, m.num_rows):
                 raise StoreError(f"select with rows needs the whole matrix {m.name!r}; this shard holds rows "
                                  f"{m.row_start}..{m.row_end}: ask every shard for candidates and merge them")
-            found = self.try_search(name, features, k if rule.wants_candidates(step) else 0, step)
+            wants = rule.wants_candidates(step)
+            found = self.try_search(name, features, k if wants else 0, step)
             if found is None:
                 return None
             ids, sims = found
+            index = self._indexes.get(name)
+            scorer = self._scorer(m, features, index.metric if index is not None else "cosine")
+            if index is not None and index.by_label and wants and k:
+                local_labels, local_scorer = self._local(m, labels), lambda local: scorer(self._global(m, local))
+                ids, sims = index.search_labels(local_labels, k, local_scorer)
+                ids = self._global(m, ids)
+                self._index_upkeep(name, lambda idx: idx.explore(local_labels, local_scorer))
+            elif ids.shape[1] and rule.needs_scorer and not index.fresh_scores:
+                sims = scorer(ids)  # the rule compares them with the positives: under the current rows
             try:
                 chosen = rule.select(labels, ids if ids.shape[1] else None, sims if ids.shape[1] else None,
-                                     m.num_rows, int(step))
+                                     m.num_rows, int(step), scorer=scorer)
             except ValueError as exc:
                 raise StoreError(f"select on matrix {m.name!r}: {exc}") from None
             if not with_rows:
@@ -935,6 +949,28 @@ class InProcessStore(WeightStore):
             local = chosen.active - m.row_start if m.row_start else chosen.active
             self._counters["rows_read"] += local.size
             return chosen, m.read(local, answer=None if answer is None else lambda values: answer(chosen, values))
+
+    @staticmethod
+    def _local(m: Matrix, ids: np.ndarray) -> np.ndarray:
+        """Global ids as this shard's local ids (-1 where not held here)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        return np.where((ids >= m.row_start) & (ids < m.row_end), ids - m.row_start, -1)
+
+    @staticmethod
+    def _global(m: Matrix, local: np.ndarray) -> np.ndarray:
+        local = np.asarray(local, dtype=np.int64)
+        return np.where(local >= 0, local + m.row_start, -1)
+
+    def _scorer(self, m: Matrix, features: np.ndarray, metric: str) -> Callable[[np.ndarray], np.ndarray]:
+        """The selection rule's :data:`~hfs.samplers.selection.Scorer` over this store's current rows of ``m``
+        (caught up as a read would), for whole-matrix stores; a shard's rows answer their own ids only."""
+        queries = normalise_rows(features) if metric == "cosine" else np.asarray(features, dtype=np.float32)
+
+        def rows_of(ids: np.ndarray) -> np.ndarray:
+            values = m.read(np.asarray(ids, dtype=np.int64) - m.row_start)
+            return normalise_rows(values) if metric == "cosine" else values
+
+        return lambda ids: score_with_rows(queries, ids, rows_of)
 
     def select(self, name: str, features: np.ndarray, labels: np.ndarray, step: int, rule, k: int, *,
                with_rows: bool = True) -> tuple[Selection, np.ndarray | None]:

@@ -52,6 +52,10 @@ class ClassSampler(ABC):
     build_in_subprocess: bool = False
     #: False for samplers with no index at all (random): nothing to build or refresh.
     needs_index: bool = True
+    #: True when ``search`` answers similarities under the rows as they are now (an index updated in
+    #: place with every changed row, a memory that scores through its holder); False: the holder
+    #: re-scores candidates when the selection rule compares them (``SelectionRule.needs_scorer``).
+    fresh_scores: bool = False
     #: ``sampler`` config keys that change only how queries run, mapped to the attribute they
     #: set: a built index answers with a new value at once (``hfs bench-sampler --query-sweep``).
     query_knobs: dict[str, str] = {}

@@ -24,6 +24,7 @@ class ExactSampler(ClassSampler):
 
     name = "exact"
     update_cost = "cheap"
+    fresh_scores = True
     query_knobs = {"exact_chunk": "chunk"}
 
     def __init__(self, metric: str = "cosine", chunk: int = 65536, device: str = "auto") -> None:

@@ -33,6 +33,7 @@ import numpy as np
 
 from hfs.samplers.base import ClassSampler, empty_answer
 from hfs.samplers.refresh import DriftTracker, IndexBuild, RefreshPolicy
+from hfs.samplers.selection import Scorer
 from hfs.samplers.registry import SAMPLERS
 from hfs.utils.errors import HfsError
 
@@ -183,7 +184,12 @@ class OwnedIndex:
         probe = spec.make_sampler()
         self.update_cost = probe.update_cost
         self.uses_index = probe.needs_index and self.num_rows > 0
+        self.by_label = bool(getattr(probe, "by_label", False)) and self.num_rows > 0
+        self.fresh_scores, self.metric = probe.fresh_scores, probe.metric
         probe.close()
+        if self.by_label:  # a memory: live at once, nothing to build
+            self._sampler = spec.make_sampler()
+            self._sampler.rebuild((), self.num_rows, self.dim)
         if not self.uses_index:
             return
         t0 = time.perf_counter()
@@ -203,6 +209,33 @@ class OwnedIndex:
         ids, sims = self._sampler.search(features, min(int(k), self.num_rows))
         self._fg_seconds += time.perf_counter() - t0
         return ids, sims
+
+    def search_labels(self, labels: np.ndarray, k: int, scorer: Scorer) -> tuple[np.ndarray, np.ndarray]:
+        """A by-label index (the confusion memory): (B, k) holder-local candidate ids of each query's
+        class (``labels`` holder-local, -1: not here) and their fresh scores (``scorer`` over holder-local ids)."""
+        if not self.by_label or k <= 0:
+            return empty_answer(len(labels), 0)
+        t0 = time.perf_counter()
+        ids, sims = self._sampler.search_labels(labels, min(int(k), self.num_rows), scorer)
+        self._fg_seconds += time.perf_counter() - t0
+        return ids, sims
+
+    def explore(self, labels: np.ndarray, scorer: Scorer) -> None:
+        """A by-label index scores classes drawn at random against the batch and learns from them
+        (``labels`` and ``scorer`` holder-local, as for :meth:`search_labels`)."""
+        if not self.by_label:
+            return
+        t0 = time.perf_counter()
+        self._sampler.explore_and_learn(labels, scorer)
+        self._fg_seconds += time.perf_counter() - t0
+
+    def state(self) -> dict[str, np.ndarray]:
+        """What a snapshot keeps of this index: a memory's members ({} for a rebuilt index)."""
+        return self._sampler.state() if self.by_label else {}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        if self.by_label and state:
+            self._sampler.load_state(state)
 
     # -- the holder's updates --------------------------------------------------------------
     def rows_changed(self, rows: np.ndarray, values: np.ndarray | Callable[[np.ndarray], np.ndarray]) -> None:

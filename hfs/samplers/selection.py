@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -243,6 +244,7 @@ class Selection:
     local: np.ndarray
     logit_adjust: np.ndarray | None = None
     log_q: np.ndarray | None = None
+    stats: dict = field(default_factory=dict)
 
     def __iter__(self):
         return iter((self.active, self.local))
@@ -252,6 +254,12 @@ class Selection:
 
 
 CANDIDATE_PICKS = ("topk", "score")
+CEILINGS = ("off", "positive")
+
+#: Similarities of the batch's queries with classes, under the rows as they are now: ids (B, k)
+#: (one list per query, -1: none) -> (B, k), -inf where the id is -1; ids (M,) (the same classes
+#: for every query) -> (B, M). The holder of the rows answers it (the store, a shard, a selector).
+Scorer = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -278,6 +286,8 @@ class SelectionRule:
     candidate_pick: str = "topk"
     temperature: float = 0.05
     logq: bool = False
+    ceiling: str = "off"
+    ceiling_margin: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -293,6 +303,10 @@ class SelectionRule:
             problems.append(f"temperature must be > 0, got {self.temperature!r}")
         if not isinstance(self.logq, (bool, np.bool_)):
             problems.append(f"logq must be a bool, got {self.logq!r}")
+        if self.ceiling not in CEILINGS:
+            problems.append(f"ceiling must be one of {', '.join(CEILINGS)}, got {self.ceiling!r}")
+        if not isinstance(self.ceiling_margin, numbers.Real) or not math.isfinite(self.ceiling_margin):
+            problems.append(f"ceiling_margin must be a finite number, got {self.ceiling_margin!r}")
         if problems:
             raise ValueError("selection rule: " + "; ".join(problems))
 
@@ -301,7 +315,14 @@ class SelectionRule:
         """The rule the ``sampler`` config section describes, for ``sample_num`` classes and fill ``seed``."""
         return cls(sample_num, seed=seed, hard_after=sampler_cfg.hard_after,
                    hard_fraction=float(sampler_cfg.hard_fraction), candidate_pick=sampler_cfg.candidate_pick,
-                   temperature=float(sampler_cfg.temperature), logq=bool(sampler_cfg.logq))
+                   temperature=float(sampler_cfg.temperature), logq=bool(sampler_cfg.logq),
+                   ceiling=sampler_cfg.ceiling, ceiling_margin=float(sampler_cfg.ceiling_margin))
+
+    @property
+    def needs_scorer(self) -> bool:
+        """Whether :meth:`select` compares candidates with the queries' own classes: its caller must then
+        give candidate similarities under the current rows and a ``scorer`` for the positives."""
+        return self.ceiling != "off"
 
     def wants_candidates(self, step: int) -> bool:
         """Whether this step's selection uses the index at all."""
@@ -311,10 +332,13 @@ class SelectionRule:
         return np.random.default_rng([self.seed, max(int(step), 0)])
 
     def select(self, labels: np.ndarray, ids: np.ndarray | None, scores: np.ndarray | None, num_classes: int,
-               step: int) -> Selection:
+               step: int, scorer: Scorer | None = None) -> Selection:
         """Active classes of one batch from its labels and the index's (B, k) ids and similarities.
 
-        With ``logq`` the answer carries ``logit_adjust = -log q`` per active class, q being the
+        With a ``ceiling`` the caller gives ``scores`` under the current rows (the holder of an
+        index that answers from stale rows re-scores them first) and a ``scorer`` (see
+        :data:`Scorer`) for the queries' own classes. With ``logq`` the answer carries
+        ``logit_adjust = -log q`` per active class, q being the
         probability that the class is in the active set under this mixture proposal: 1 for a
         top-k pick, ``fill / free`` for a uniform fill (fill slots over the classes it draws
         from), the inclusion probability (plus the fill's chance) for a score pick. Adding it
@@ -327,12 +351,59 @@ class SelectionRule:
         its own term (as sampled softmax does when the target is drawn like the negatives)
         would shift the loss by a constant of the proposal, not of the model.
         """
-        if not self.wants_candidates(step):
+        if not self.wants_candidates(step) or ids is None or not np.size(ids):
             ids = scores = None
+        labels = _checked_labels(labels, num_classes)
+        stats = {}
+        if ids is not None and self.needs_scorer and labels.size and self.sample_num < num_classes:
+            if scorer is None or scores is None:
+                raise ValueError("a selection rule with a ceiling needs the candidates' similarities and a scorer")
+            ids = np.asarray(ids, dtype=np.int64).reshape(labels.size, -1)
+            ids, scores, stats["ceiling_dropped"] = _under_ceiling(ids, np.asarray(scores).reshape(ids.shape),
+                                                                   labels, scorer, self.ceiling_margin)
         drawn = _draw(labels, ids, scores, self.sample_num, num_classes, self.rng_for(step),
                       hard_fraction=self.hard_fraction, pick=self.candidate_pick, temperature=self.temperature)
         if drawn.active.size >= num_classes:
-            return Selection(drawn.active, drawn.local)
+            return Selection(drawn.active, drawn.local, stats=stats)
         log_q = np.log(np.clip(drawn.q, 1e-30, 1.0)).astype(np.float32)
         adjust = (0.0 - log_q) if self.logq else None
-        return Selection(drawn.active, drawn.local, adjust, log_q)
+        return Selection(drawn.active, drawn.local, adjust, log_q, stats=stats)
+
+
+def score_with_rows(queries: np.ndarray, ids: np.ndarray, rows_of: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """A :data:`Scorer`'s answer from the (already normalised, for cosine) ``queries`` (B, D) and
+    ``rows_of(unique ids) -> (U, D)`` values prepared the same way: one read of each distinct class."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.ndim == 1:
+        unique, inverse = np.unique(ids, return_inverse=True)
+        return (queries @ rows_of(unique).T)[:, inverse]
+    valid = ids >= 0
+    unique, inverse = np.unique(ids[valid], return_inverse=True)
+    out = np.full(ids.shape, -np.inf, dtype=np.float32)
+    if unique.size:
+        rows = rows_of(unique)
+        where = np.nonzero(valid)
+        out[where] = np.einsum("nd,nd->n", queries[where[0]], rows[inverse])
+    return out
+
+
+def _under_ceiling(ids: np.ndarray, scores: np.ndarray, labels: np.ndarray, scorer: Scorer,
+                   margin: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """``ids`` and ``scores`` without the candidates that score above their query's own class +
+    ``margin`` (each query's remaining candidates move up, in order; -1 / -inf pad), and the share dropped.
+
+    The semi-hard rule (FaceNet): a class the sample is closer to than to its own is, early on,
+    any class (nothing is learnt yet: the hardest candidates teach a collapse), and later a
+    duplicate of its identity or the true class of a mislabelled sample. A query without a
+    positive here (label -1) keeps every candidate.
+    """
+    own = np.full(labels.size, np.inf)
+    known = labels >= 0
+    if known.any():
+        own[known] = scorer(labels[known][:, None])[:, 0]
+    valid = ids >= 0
+    over = valid & (scores > own[:, None] + margin)
+    order = np.argsort(over, axis=1, kind="stable")  # kept candidates first, in their order
+    kept_ids = np.take_along_axis(np.where(over, -1, ids), order, 1)
+    kept_scores = np.take_along_axis(np.where(over, -np.inf, scores), order, 1)
+    return kept_ids, kept_scores, float(over.sum() / max(valid.sum(), 1))

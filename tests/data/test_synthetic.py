@@ -55,7 +55,7 @@ def test_dataset_items_and_splits():
     assert val[0][1] == 0 and val[5][1] == 2
     # val views are unseen views of the training identities
     seen = {train.faces.image(0, v).tobytes() for v in range(4)}
-    assert val.faces.image(0, val.first_view).tobytes() not in seen
+    assert val.faces.image(0, int(val.plan.val_items([0])[1][0])).tobytes() not in seen
     assert train.labels().tolist() == [0] * 4 + [1] * 4 + [2] * 4
 
 
