@@ -231,6 +231,10 @@ class EvalConfig:
     every: int = _f(0, ge=0, help="steps between verification runs during training (0 = only at the end)")
     far_target: float = _f(1e-3, gt=0.0, le=1.0, help="false accept rate at which VAL is reported")
     num_workers: int = _f(2, ge=0, help="DataLoader workers decoding images for extraction")
+    ijb_far_rule: str = _f("nearest", choices=("nearest", "at-most"),
+                           help="hfs eval-ijb: how TAR is read at each FAR. nearest = the ROC point whose FAR is "
+                                "nearest the target (arcface_torch's eval_ijbc.py, the published IJB-B/C tables); "
+                                "at-most = the best TAR whose FAR does not exceed the target")
 
 
 @dataclass
