@@ -84,13 +84,25 @@ def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More lo
 
 @app.command("show-config")
 def show_config(config: ConfigOpt = None, set_: SetOpt = [], keys: Annotated[bool, typer.Option(
-        "--keys", help="List every key with its type, default and meaning instead.")] = False) -> None:
+        "--keys", help="List every key with its type, default and meaning instead.")] = False,
+        format_: Annotated[str, typer.Option(
+            "--format", help="With --keys: text (one line a key) or markdown (the page "
+                             "docs/configuration-reference.md, with allowed values).")] = "text") -> None:
     """Print the resolved config (defaults, then --config, then --set) as YAML.
 
     Example: hfs show-config --config configs/quickstart_cpu.yaml --set train.max_steps=50
     """
     from hfs.config import describe_keys
 
+    if format_ not in ("text", "markdown"):
+        raise HfsError(f"--format {format_!r}: choose text or markdown")
+    if format_ == "markdown" and not keys:
+        raise HfsError("--format markdown goes with --keys (the resolved config itself prints as YAML)")
+    if keys and format_ == "markdown":
+        from hfs.default_config import render_config_reference
+
+        typer.echo(render_config_reference(), nl=False)
+        return
     if keys:
         for key, tp, default, text in describe_keys():
             typer.echo(f"{key:36s} {tp:10s} {default!r:14s} {text}")

@@ -431,7 +431,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 
 def describe_keys() -> list[tuple[str, str, Any, str]]:
-    """(key, type, default, help) for every key; the README's config reference comes from this."""
+    """(key, type, default, help) for every key; the configuration reference page comes from this."""
     rows = []
     for section, cls in typing.get_type_hints(HfsConfig).items():
         hints = typing.get_type_hints(cls)
