@@ -84,13 +84,25 @@ def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More lo
 
 @app.command("show-config")
 def show_config(config: ConfigOpt = None, set_: SetOpt = [], keys: Annotated[bool, typer.Option(
-        "--keys", help="List every key with its type, default and meaning instead.")] = False) -> None:
+        "--keys", help="List every key with its type, default and meaning instead.")] = False,
+        format_: Annotated[str, typer.Option(
+            "--format", help="With --keys: text (one line a key) or markdown (the page "
+                             "docs/configuration-reference.md, with allowed values).")] = "text") -> None:
     """Print the resolved config (defaults, then --config, then --set) as YAML.
 
     Example: hfs show-config --config configs/quickstart_cpu.yaml --set train.max_steps=50
     """
     from hfs.config import describe_keys
 
+    if format_ not in ("text", "markdown"):
+        raise HfsError(f"--format {format_!r}: choose text or markdown")
+    if format_ == "markdown" and not keys:
+        raise HfsError("--format markdown goes with --keys (the resolved config itself prints as YAML)")
+    if keys and format_ == "markdown":
+        from hfs.default_config import render_config_reference
+
+        typer.echo(render_config_reference(), nl=False)
+        return
     if keys:
         for key, tp, default, text in describe_keys():
             typer.echo(f"{key:36s} {tp:10s} {default!r:14s} {text}")
@@ -291,12 +303,14 @@ def eval_ijb(
     keep_norm: Annotated[bool, typer.Option("--keep-norm", help="Pool embeddings as they are instead of L2-normalised (InsightFace's default: the norm acts as a quality weight).")] = False,
     save_features: Annotated[Optional[Path], typer.Option("--save-features", help="With --checkpoint: also write the faces' embeddings here (.npy + .json), for later --features runs.")] = None,
     pair_chunk: Annotated[int, typer.Option("--pair-chunk", min=1, help="Pair-file lines read and scored at a time (bounds memory).")] = 200_000,
+    far_rule: Annotated[Optional[str], typer.Option("--far-rule", callback=key_rule("eval.ijb_far_rule"), help="How TAR is read at each FAR: nearest (the ROC point nearest the target, as published IJB tables) or at-most (the best TAR with FAR <= target); both go into --json (default: eval.ijb_far_rule, nearest).")] = None,
     flip: FlipOpt = None, batch_size: BatchSizeOpt = None, device: DeviceOpt = "auto", num_workers: WorkersOpt = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the ROC curve to this PNG (needs matplotlib: pip install matplotlib).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every number to this JSON file.")] = None,
     config: ConfigOpt = None, set_: SetOpt = [], print_config: PrintConfigOpt = False,
 ) -> None:
-    """IJB-B / IJB-C 1:1 template verification: TAR at FAR 1e-6 .. 1e-1, AUC, EER.
+    """IJB-B / IJB-C 1:1 template verification: TAR at FAR 1e-6 .. 1e-1 (read as published tables
+    read it, or --far-rule at-most), AUC, EER.
 
     Example: hfs eval-ijb --root IJB_release/IJBC --target IJBC --checkpoint runs/x --json ijbc.json
     """
@@ -319,7 +333,7 @@ def eval_ijb(
         flip=cfg.eval.flip if flip is None else flip, score_weight=score_weight, keep_norm=keep_norm,
         batch_size=batch_size or cfg.eval.batch_size, device=device,
         num_workers=cfg.eval.num_workers if num_workers is None else num_workers, pair_chunk=pair_chunk,
-        save_features=save_features))
+        save_features=save_features, far_rule=far_rule or cfg.eval.ijb_far_rule))
     make_console().print(results_table(result))
     if json_out:
         write_result_json(json_out, result)

@@ -245,6 +245,10 @@ class EvalConfig:
     every: int = _f(0, ge=0, help="steps between verification runs during training (0 = only at the end)")
     far_target: float = _f(1e-3, gt=0.0, le=1.0, help="false accept rate at which VAL is reported")
     num_workers: int = _f(2, ge=0, help="DataLoader workers decoding images for extraction")
+    ijb_far_rule: str = _f("nearest", choices=("nearest", "at-most"),
+                           help="hfs eval-ijb: how TAR is read at each FAR. nearest = the ROC point whose FAR is "
+                                "nearest the target (arcface_torch's eval_ijbc.py, the published IJB-B/C tables); "
+                                "at-most = the best TAR whose FAR does not exceed the target")
 
 
 @dataclass
@@ -441,7 +445,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 
 def describe_keys() -> list[tuple[str, str, Any, str]]:
-    """(key, type, default, help) for every key; the README's config reference comes from this."""
+    """(key, type, default, help) for every key; the configuration reference page comes from this."""
     rows = []
     for section, cls in typing.get_type_hints(HfsConfig).items():
         hints = typing.get_type_hints(cls)

@@ -1,6 +1,8 @@
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from hfs.cli import app
@@ -73,3 +75,21 @@ def test_show_config_keys_lists_every_key():
     assert result.exit_code == 0
     listed = {line.split()[0] for line in result.output.splitlines() if line.strip()}
     assert listed == {key for key, *_ in describe_keys()}
+
+
+def test_show_config_keys_markdown_is_the_committed_reference_page():
+    from hfs.default_config import REFERENCE_COMMAND, REFERENCE_PATH
+
+    result = CliRunner().invoke(app, ["show-config", "--keys", "--format", "markdown"])
+    assert result.exit_code == 0, result.output
+    page = Path(__file__).resolve().parents[1] / REFERENCE_PATH
+    assert result.output == page.read_text(), f"regenerate: {REFERENCE_COMMAND}"
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--format", "markdown"], "--format markdown goes with --keys"),
+    (["--keys", "--format", "html"], "--format 'html': choose text or markdown"),
+])
+def test_show_config_format_errors(args, fragment):
+    proc = subprocess.run([sys.executable, "-m", "hfs", "show-config", *args], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and fragment in proc.stderr

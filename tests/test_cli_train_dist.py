@@ -21,7 +21,7 @@ def _free_port() -> int:
 
 @pytest.mark.dist
 def test_train_dist_cli_two_nodes_sharded_with_sampled_classes(tmp_path):
-    """The README's multi-node recipe, both "nodes" on this machine: 2 launchers x 1 worker."""
+    """The training guide's multi-node recipe, both "nodes" on this machine: 2 launchers x 1 worker."""
     out, port = tmp_path / "run", _free_port()
     common = ["train-dist", "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
               "--nproc", "1", "--backend", "gloo", "--sharded", "--sample-num", "8",

@@ -100,13 +100,23 @@ def test_default_config_file_is_current():
     assert load_config(CONFIGS / "default.yaml") == HfsConfig()
 
 
-def test_readme_config_reference_is_current():
-    from hfs.default_config import README_END, README_START, render_config_reference
+def test_configuration_reference_page_is_current():
+    from hfs.default_config import REFERENCE_COMMAND, REFERENCE_PATH, render_config_reference
 
-    readme = (CONFIGS.parent / "README.md").read_text()
-    start, end = readme.index(README_START), readme.index(README_END) + len(README_END)
-    assert readme[start:end] == render_config_reference(), \
-        "regenerate the README's config table: python -m hfs.default_config --markdown"
+    page = (CONFIGS.parent / REFERENCE_PATH).read_text()
+    assert page == render_config_reference(), \
+        f"{REFERENCE_PATH} differs from hfs/config.py; regenerate it: {REFERENCE_COMMAND}"
+
+
+def test_configuration_reference_shows_every_key_with_its_rule():
+    from hfs.default_config import render_config_reference
+
+    rows = {line.split("|")[1].strip(" `"): line.split("|")[4].strip()
+            for line in render_config_reference().splitlines() if line.startswith("| `")}
+    assert list(rows) == [key for key, *_ in describe_keys()]
+    assert rows["sampler.type"] == "`annoy`, `hnsw`, `exact`, `random`, `memory`"
+    assert rows["optim.adamw_beta2"] == ">= 0.0, <= 1.0"
+    assert rows["paramserver.port"] == "> 0, <= 65535" and rows["data.root"] == ""
 
 
 @pytest.mark.parametrize("override,needle", [
@@ -130,8 +140,6 @@ def test_float_keys_take_exponents_without_a_dot(tmp_path):
     assert cfg.optim.weight_decay == 5e-4 and cfg.optim.lr == 1e-3
     with pytest.raises(ConfigError, match="'optim.lr' expects float"):
         load_config(None, ["optim.lr=fast"])
-
-        "regenerate the README's config table: python -m hfs.utils.default_config --markdown"
 
 
 def test_list_key_accepts_the_comma_form():

@@ -17,7 +17,10 @@ with ``<set>`` = ``ijbb`` or ``ijbc``. The protocol:
 3. media pooling: the mean of a template's embeddings from one media (a video's frames, or a
    single still); template pooling: the sum of its media means, L2-normalised;
 4. score = cosine of the two template features of a pair;
-5. TAR at FAR 1e-6 .. 1e-1 from the exact ROC over all pairs.
+5. TAR at FAR 1e-6 .. 1e-1 from the exact ROC over all pairs, read off by one of two rules
+   (``FAR_RULES``): ``nearest``, the ROC point whose FAR is nearest the target, as
+   arcface_torch's ``eval_ijbc.py`` (and so the published IJB-B/C tables) reads it, or
+   ``at-most``, the best TAR whose FAR does not exceed the target. Both are always computed.
 
 Memory stays bounded for IJB-C (469K faces, 15.6M pairs): embeddings are pooled batch by
 batch into a (templates x D) accumulator without keeping the (faces x D) matrix (step 3 equals
@@ -46,6 +49,8 @@ log = logging.getLogger(__name__)
 
 TARGETS = {"IJBB": "ijbb", "IJBC": "ijbc"}
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+#: How a TAR is read off the ROC at a target FAR; the first is the default (published tables use it).
+FAR_RULES = ("nearest", "at-most")
 DEFAULT_PAIR_CHUNK = 200_000
 _SCORE_BATCH_FLOATS = 1 << 22  # gathered template features per scoring step and side (16 MB)
 
@@ -420,17 +425,18 @@ def roc_auc(roc: ScoreRoc) -> float:
 
 @dataclass
 class TarAtFar:
-    """The true accept rate at the lowest threshold whose false accept rate does not exceed ``far_target``."""
+    """The true accept rate at one target false accept rate, read off the ROC by ``rule``."""
 
     far_target: float
     tar: float
-    far: float                 # the false accept rate actually reached (<= far_target)
+    far: float                 # the false accept rate of the point read (at-most: <= far_target; nearest: either side)
     threshold: float | None    # accept score >= threshold; None: no threshold accepts a genuine pair
     resolvable: bool           # False when impostors < 1 / far_target: then this is TAR at zero false accepts
+    rule: str                  # one of FAR_RULES
 
     def to_dict(self) -> dict[str, Any]:
         return {"far_target": self.far_target, "tar": self.tar, "far": self.far, "threshold": self.threshold,
-                "resolvable": self.resolvable}
+                "resolvable": self.resolvable, "rule": self.rule}
 
 
 def allowed_false_accepts(far_target: float, negatives: int) -> int:
@@ -438,15 +444,42 @@ def allowed_false_accepts(far_target: float, negatives: int) -> int:
     return int(np.floor(far_target * negatives * (1 + 1e-9)))
 
 
-def tar_at_far(roc: ScoreRoc, far_target: float) -> TarAtFar:
-    """The highest TAR over ROC points with FAR <= target (never a point above the target)."""
+def at_most_point(roc: ScoreRoc, far_target: float) -> int:
+    """Index of the highest ROC point whose FAR does not exceed the target (never a point above it)."""
     allowed = allowed_false_accepts(far_target, int(roc.false_accepts[-1]))
-    resolvable = allowed >= 1
-    best = int(np.flatnonzero(roc.false_accepts <= allowed)[-1])  # counts rise along the curve
-    if roc.true_accepts[best] == 0:
-        return TarAtFar(far_target, 0.0, 0.0, None, resolvable)
-    return TarAtFar(far_target, float(roc.tpr[best]), float(roc.fpr[best]), float(roc.thresholds[best]),
-                    resolvable)
+    return int(np.flatnonzero(roc.false_accepts <= allowed)[-1])  # counts rise along the curve
+
+
+def nearest_point(roc: ScoreRoc, far_target: float) -> int:
+    """Index of the ROC point whose FAR is nearest the target, the highest one among equals.
+
+    This is ``eval_ijbc.py``'s reading: it flips sklearn's ``roc_curve`` output and takes the first
+    minimum of ``|fpr - target|``, i.e. the last one along the rising curve, so among points at the
+    same distance the one with the larger FAR, and at the same FAR the larger TAR, wins. The point
+    may lie above the target. The vertices here are the corners sklearn keeps by default
+    (``drop_intermediate``); where impostor scores tie exactly on a flat stretch sklearn keeps a
+    few more points there, which can move its pick by one step of the curve.
+    """
+    distance = np.abs(roc.fpr - far_target)
+    return len(distance) - 1 - int(np.argmin(distance[::-1]))
+
+
+_POINT_RULES = {"nearest": nearest_point, "at-most": at_most_point}
+
+
+def tar_at_far(roc: ScoreRoc, far_target: float, rule: str) -> TarAtFar:
+    """TAR at ``far_target`` by ``rule`` (``nearest`` or ``at-most``, see ``FAR_RULES``).
+
+    A point where no genuine pair is accepted reads as accepting nothing: TAR 0 at FAR 0, no threshold.
+    """
+    if rule not in _POINT_RULES:
+        raise HfsError(f"FAR rule {rule!r}: choose one of {', '.join(FAR_RULES)}")
+    resolvable = allowed_false_accepts(far_target, int(roc.false_accepts[-1])) >= 1
+    point = _POINT_RULES[rule](roc, far_target)
+    if roc.true_accepts[point] == 0:
+        return TarAtFar(far_target, 0.0, 0.0, None, resolvable, rule)
+    return TarAtFar(far_target, float(roc.tpr[point]), float(roc.fpr[point]), float(roc.thresholds[point]),
+                    resolvable, rule)
 
 
 # --------------------------------------------------------------------------- results
@@ -462,16 +495,24 @@ class IjbResult:
     pairs: int
     positives: int
     negatives: int
-    tars: list[TarAtFar]
+    tars_by_rule: dict[str, list[TarAtFar]]  # every rule of FAR_RULES
     auc: float
     eer: float
+    far_rule: str = FAR_RULES[0]  # the rule the table shows and ``tar_at_far`` holds
     source: dict[str, Any] = field(default_factory=dict)
     roc: ScoreRoc | None = field(default=None, repr=False)
 
+    @property
+    def tars(self) -> list[TarAtFar]:
+        """TAR at each target FAR by the chosen rule."""
+        return self.tars_by_rule[self.far_rule]
+
     def to_dict(self) -> dict[str, Any]:
+        by_rule = {rule: {far_label(t.far_target): t.to_dict() for t in tars}
+                   for rule, tars in self.tars_by_rule.items()}
         return {"target": self.target, "faces": self.faces, "templates": self.templates, "pairs": self.pairs,
-                "positives": self.positives, "negatives": self.negatives,
-                "tar_at_far": {far_label(t.far_target): t.to_dict() for t in self.tars},
+                "positives": self.positives, "negatives": self.negatives, "far_rule": self.far_rule,
+                "tar_at_far": by_rule[self.far_rule], "tar_at_far_by_rule": by_rule,
                 "auc": self.auc, "eer": self.eer, **self.source}
 
 
@@ -482,20 +523,29 @@ def far_label(far: float) -> str:
 
 
 def evaluate_pair_scores(pairs: PairScores, far_targets: Sequence[float] = FAR_TARGETS
-                         ) -> tuple[list[TarAtFar], float, float, ScoreRoc]:
-    """(TAR at each FAR, AUC, EER, ROC) of scored pairs."""
+                         ) -> tuple[dict[str, list[TarAtFar]], float, float, ScoreRoc]:
+    """(TAR at each FAR by every rule of ``FAR_RULES``, AUC, EER, ROC) of scored pairs."""
     from hfs.eval.verification import equal_error_rate
 
     roc = score_roc(pairs.scores, pairs.labels)
-    return [tar_at_far(roc, f) for f in far_targets], roc_auc(roc), equal_error_rate(roc), roc
+    by_rule = {rule: [tar_at_far(roc, f, rule) for f in far_targets] for rule in FAR_RULES}
+    return by_rule, roc_auc(roc), equal_error_rate(roc), roc
+
+
+RULE_CAPTIONS = {
+    "nearest": "FAR rule 'nearest': the ROC point whose FAR is nearest the target, as published IJB tables "
+               "(eval_ijbc.py) read it; --far-rule at-most: the best TAR with FAR <= target",
+    "at-most": "FAR rule 'at-most': the best TAR whose FAR does not exceed the target; "
+               "--far-rule nearest reads the tables' way (the point nearest the target)",
+}
 
 
 def results_table(result: IjbResult):
-    """One row: TAR (%) at each FAR, then AUC and EER; '*' marks a FAR the impostors cannot resolve."""
+    """One row: TAR (%) at each FAR, then AUC and EER; the caption names the FAR rule, '*' an unresolvable FAR."""
     from rich.table import Table
 
-    table = Table(title=f"{result.target} 1:1 verification: TAR % at each FAR ({result.templates} templates, "
-                        f"{result.pairs} pairs)")
+    table = Table(title=f"{result.target} 1:1 verification: TAR % at each FAR, rule {result.far_rule} "
+                        f"({result.templates} templates, {result.pairs} pairs)")
     table.add_column("set")
     for t in result.tars:
         table.add_column(far_label(t.far_target), justify="right")
@@ -503,8 +553,10 @@ def results_table(result: IjbResult):
     table.add_column("EER", justify="right")
     cells = [f"{100 * t.tar:.2f}{'' if t.resolvable else '*'}" for t in result.tars]
     table.add_row(result.target, *cells, f"{result.auc:.4f}", f"{result.eer:.4f}")
+    caption = [RULE_CAPTIONS[result.far_rule]]
     if not all(t.resolvable for t in result.tars):
-        table.caption = f"* fewer than 1/FAR impostor pairs ({result.negatives}): TAR at zero false accepts"
+        caption.append(f"* fewer than 1/FAR impostor pairs ({result.negatives}): TAR at zero false accepts")
+    table.caption = "\n".join(caption)
     return table
 
 
@@ -695,6 +747,7 @@ class IjbSettings:
     pair_chunk: int = DEFAULT_PAIR_CHUNK
     save_features: Path | None = None
     far_targets: tuple[float, ...] = FAR_TARGETS
+    far_rule: str = FAR_RULES[0]
     show_progress: bool = True
 
 
@@ -708,6 +761,8 @@ def check_settings(s: IjbSettings) -> None:
         raise HfsError(f"--save-features {s.save_features}: give a path ending in .npy")
     if s.pair_chunk < 1:
         raise HfsError(f"--pair-chunk must be positive, got {s.pair_chunk}")
+    if s.far_rule not in FAR_RULES:
+        raise HfsError(f"--far-rule {s.far_rule!r}: choose one of {', '.join(FAR_RULES)}")
 
 
 def evaluate_ijb(s: IjbSettings) -> IjbResult:
@@ -734,8 +789,9 @@ def evaluate_ijb(s: IjbSettings) -> IjbResult:
     templates = accumulator.features()
     log.info("%s: %d faces pooled into %d templates", layout.target, len(faces), len(pooling.templates))
     pairs = score_pairs(layout.pair_file, pooling.templates, templates, s.pair_chunk, s.show_progress)
-    tars, auc, eer, roc = evaluate_pair_scores(pairs, s.far_targets)
+    tars_by_rule, auc, eer, roc = evaluate_pair_scores(pairs, s.far_targets)
     source = {"root": str(layout.root), **source, "score_weight": s.score_weight, "keep_norm": s.keep_norm}
     return IjbResult(target=layout.target, faces=len(faces), templates=len(pooling.templates),
                      pairs=len(pairs.scores), positives=int(pairs.labels.sum()),
-                     negatives=int((~pairs.labels).sum()), tars=tars, auc=auc, eer=eer, source=source, roc=roc)
+                     negatives=int((~pairs.labels).sum()), tars_by_rule=tars_by_rule, auc=auc, eer=eer,
+                     far_rule=s.far_rule, source=source, roc=roc)

@@ -37,7 +37,7 @@ MAC_BYTES = 32
 MAX_HEADER_BYTES = 64 * 1024
 MAX_ARRAYS = 8
 DTYPES = {"float32": np.dtype("<f4"), "int64": np.dtype("<i8")}
-#: Every request op and what it does; the README's protocol table follows this.
+#: Every request op and what it does; the protocol table of docs/parameter-server.md lists the same (a test checks).
 OPS = {
     "ping": "who is there: shard index/count, peer endpoints, matrices, protocol version",
     "register": "join the synchronous workers (field worker)",

@@ -144,13 +144,15 @@ def test_make_synthetic_into_an_existing_folder_leaves_no_stale_val_bin(tmp_path
 
 
 def test_readme_make_synthetic_comments_name_the_identities_held_out():
-    """Issue 15 item 16: every README comment about a val.bin's identities matches the command below it."""
+    """Issue 15 item 16: every comment in the README and docs/commands.md about a val.bin's identities
+    matches the command below it."""
     import re
     from pathlib import Path
 
     from hfs.data.synthetic import held_out_identities
 
-    lines = (Path(__file__).resolve().parents[2] / "README.md").read_text().splitlines()
+    repo = Path(__file__).resolve().parents[2]
+    lines = [line for page in ("README.md", "docs/commands.md") for line in (repo / page).read_text().splitlines()]
     checked = 0
     for i, line in enumerate(lines):
         if not line.startswith("hfs make-synthetic") or "--val-pairs" not in line:

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from hfs.cli import app
 from tests.eval.helpers import save_untrained_checkpoint
-from hfs.eval.ijb import FAR_TARGETS, IjbSettings, evaluate_ijb, far_label, score_roc, tar_at_far, roc_auc
+from hfs.eval.ijb import (FAR_RULES, FAR_TARGETS, IjbSettings, evaluate_ijb, far_label, roc_auc, score_roc,
+                          tar_at_far)
 from hfs.utils.errors import HfsError
 from tests.eval.ijb_data import make_ijb
 
@@ -32,6 +33,20 @@ def brute_tar(scores: np.ndarray, labels: np.ndarray, far: float) -> float:
         if (neg >= t).sum() <= far * len(neg):
             best = max(best, float((pos >= t).mean()))
     return best
+
+
+def eval_ijbc_tar(scores: np.ndarray, labels: np.ndarray, far: float) -> float:
+    """arcface_torch's eval_ijbc.py: sklearn's roc_curve (defaults), flipped, first min of |fpr - far|."""
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], labels[order].astype(np.int64)
+    last_of_each_score = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    tps = np.cumsum(y)[last_of_each_score]
+    fps = 1 + last_of_each_score - tps
+    keep = np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True]  # drop_intermediate=True
+    fps, tps = np.r_[0, fps[keep]], np.r_[0, tps[keep]]
+    fpr, tpr = np.flipud(fps / fps[-1]), np.flipud(tps / tps[-1])
+    _, index = min(zip(np.abs(fpr - far), range(len(fpr))))
+    return float(tpr[index])
 
 
 def brute_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -92,7 +107,7 @@ def test_tar_auc_eer_match_brute_force(decimals):
         scores = np.round(scores, decimals).astype(np.float32)
     roc = score_roc(scores, labels)
     for far in (0.0005, 0.001, 0.01, 0.05, 0.1, 0.5):
-        got = tar_at_far(roc, far)
+        got = tar_at_far(roc, far, "at-most")
         assert got.tar == pytest.approx(brute_tar(scores, labels, far)), far
         if got.threshold is not None:  # the reported threshold really gives that TAR within the FAR
             assert (scores[labels] >= got.threshold).mean() == pytest.approx(got.tar)
@@ -109,9 +124,67 @@ def test_tar_at_far_below_one_impostor_is_flagged():
     scores = np.array([0.9, 0.8, 0.7, 0.95, 0.1, 0.2], dtype=np.float32)
     labels = np.array([1, 1, 1, 0, 0, 0], dtype=bool)
     roc = score_roc(scores, labels)
-    low, high = tar_at_far(roc, 1e-3), tar_at_far(roc, 0.34)
-    assert not low.resolvable and low.tar == 0.0 and low.threshold is None  # the top impostor outscores all
-    assert high.resolvable and high.tar == 1.0 and high.far == pytest.approx(1 / 3)
+    for rule in FAR_RULES:
+        low, high = tar_at_far(roc, 1e-3, rule), tar_at_far(roc, 0.34, rule)
+        assert not low.resolvable and low.tar == 0.0 and low.threshold is None  # the top impostor outscores all
+        assert high.resolvable and high.tar == 1.0 and high.far == pytest.approx(1 / 3)
+
+
+# 4 genuine and 10 impostor scores; the ROC's corners (FAR, TAR), accepting score >= threshold:
+# (0, 0) (0, .25)@0.9 (.1, .25) (.1, .5)@0.8 (.2, .5) (.2, .75)@0.6 (.4, .75) (.4, 1)@0.3 (1, 1)
+HAND_GENUINE = [0.9, 0.8, 0.6, 0.3]
+HAND_IMPOSTOR = [0.85, 0.7, 0.5, 0.4, 0.2, 0.1, 0.05, 0.0, -0.1, -0.2]
+
+
+@pytest.mark.parametrize("far, rule, tar, reached, threshold", [
+    (0.17, "at-most", 0.50, 0.1, 0.8),   # FAR 0.2 would exceed 0.17: stay at 0.1
+    (0.17, "nearest", 0.75, 0.2, 0.6),   # 0.2 is 0.03 away, 0.1 is 0.07: take the point above the target
+    (0.35, "at-most", 0.75, 0.2, 0.6),   # no corner between 0.2 and 0.4
+    (0.35, "nearest", 1.00, 0.4, 0.3),   # 0.4 is nearer; of its two points the higher TAR
+    (0.12, "nearest", 0.50, 0.1, 0.8),   # below the target now, and at FAR 0.1 the higher of (.1, .25), (.1, .5)
+    (0.05, "at-most", 0.25, 0.0, 0.9),
+    (0.05, "nearest", 0.50, 0.1, 0.8),   # 0 and 0.1 are equally near: the higher one, as eval_ijbc.py picks
+])
+def test_the_two_far_rules_on_a_roc_read_by_hand(far, rule, tar, reached, threshold):
+    scores = np.array(HAND_GENUINE + HAND_IMPOSTOR, dtype=np.float32)
+    labels = np.arange(len(scores)) < len(HAND_GENUINE)
+    got = tar_at_far(score_roc(scores, labels), far, rule)
+    assert (got.rule, got.tar, got.far) == (rule, pytest.approx(tar), pytest.approx(reached))
+    assert got.threshold == pytest.approx(threshold)
+    assert (scores[labels] >= got.threshold).mean() == pytest.approx(got.tar)  # the threshold gives them
+    assert (scores[~labels] >= got.threshold).mean() == pytest.approx(got.far)
+    assert got.tar == pytest.approx(eval_ijbc_tar(scores, labels, far) if rule == "nearest"
+                                    else brute_tar(scores, labels, far))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nearest_rule_matches_eval_ijbc_on_scores_without_ties(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.random(20000) < 0.05
+    scores = (rng.standard_normal(20000) + 2.0 * labels).astype(np.float32)
+    _, first = np.unique(scores, return_index=True)  # drop ties: they are where sklearn keeps extra points
+    scores, labels = scores[np.sort(first)], labels[np.sort(first)]
+    roc = score_roc(scores, labels)
+    differ = 0
+    for far in (1e-4, 3e-4, 1e-3, 0.01, 0.05, 0.1, 0.37):
+        nearest, at_most = tar_at_far(roc, far, "nearest"), tar_at_far(roc, far, "at-most")
+        assert nearest.tar == pytest.approx(eval_ijbc_tar(scores, labels, far)), far
+        assert at_most.tar <= nearest.tar or nearest.far < at_most.far  # nearest never reads lower at a higher FAR
+        differ += nearest.tar != at_most.tar
+    assert differ  # the rules are told apart at some target here
+
+
+def test_the_config_key_offers_exactly_the_rules():
+    from hfs.config import HfsConfig, key_rules
+
+    assert key_rules("eval.ijb_far_rule")["choices"] == FAR_RULES
+    assert HfsConfig().eval.ijb_far_rule == FAR_RULES[0] == IjbSettings(root=".").far_rule == "nearest"
+
+
+def test_an_unknown_far_rule_is_refused():
+    roc = score_roc(np.array([0.9, 0.1], np.float32), np.array([True, False]))
+    with pytest.raises(HfsError, match="choose one of nearest, at-most"):
+        tar_at_far(roc, 0.1, "closest")
 
 
 def test_tar_needs_both_labels():
@@ -130,8 +203,11 @@ def test_npy_features_match_the_protocol_computed_by_hand(toy, toy_features, kee
                                       scores=toy.scores if score_weight else None)
     assert (result.pairs, result.positives, result.templates, result.faces) == (
         len(toy.pairs), int(labels.sum()), 80, len(toy.names))
-    for t in result.tars:
+    assert result.far_rule == "nearest" and result.tars is result.tars_by_rule["nearest"]
+    for t in result.tars_by_rule["at-most"]:
         assert t.tar == pytest.approx(brute_tar(scores, labels, t.far_target), abs=1e-12), t.far_target
+    for t in result.tars_by_rule["nearest"]:
+        assert t.tar == pytest.approx(eval_ijbc_tar(scores, labels, t.far_target), abs=1e-12), t.far_target
     assert 0.2 < result.tars[-1].tar < 1.0  # the classes overlap: the test can tell rules apart
     assert result.auc == pytest.approx(brute_auc(scores, labels), abs=1e-6)
 
@@ -185,15 +261,37 @@ def test_cli_json_in_a_subprocess(tmp_path, toy, toy_features):
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
     assert "1e-4" in proc.stdout and f"{100 * data['tar_at_far']['1e-1']['tar']:.2f}" in proc.stdout
+    assert "rule nearest" in proc.stdout  # the table says which rule it shows
     scores, labels = reference_scores(toy, np.load(toy_features), scores=toy.scores)
     assert data["target"] == "IJBC" and data["features"] == str(toy_features) and data["score_weight"] is True
+    assert data["far_rule"] == "nearest" and data["tar_at_far"] == data["tar_at_far_by_rule"]["nearest"]
     assert list(data["tar_at_far"]) == [far_label(f) for f in FAR_TARGETS] == ["1e-6", "1e-5", "1e-4", "1e-3",
                                                                                   "1e-2", "1e-1"]
+    assert list(data["tar_at_far_by_rule"]) == list(FAR_RULES)
     for far in FAR_TARGETS:
-        entry = data["tar_at_far"][far_label(far)]
-        assert entry["tar"] == pytest.approx(brute_tar(scores, labels, far), abs=1e-12)
-        assert entry["resolvable"] == (far * (~labels).sum() >= 1)
+        at_most = data["tar_at_far_by_rule"]["at-most"][far_label(far)]
+        nearest = data["tar_at_far_by_rule"]["nearest"][far_label(far)]
+        assert at_most["tar"] == pytest.approx(brute_tar(scores, labels, far), abs=1e-12)
+        assert nearest["tar"] == pytest.approx(eval_ijbc_tar(scores, labels, far), abs=1e-12)
+        assert (at_most["rule"], nearest["rule"]) == ("at-most", "nearest")
+        assert at_most["resolvable"] == nearest["resolvable"] == (far * (~labels).sum() >= 1)
     assert not list(tmp_path.glob(".ijb.json*"))  # no temp file left beside it
+
+
+@pytest.mark.parametrize("how", [["--far-rule", "at-most"], ["--set", "eval.ijb_far_rule=at-most"]])
+def test_the_far_rule_is_chosen_by_flag_or_config(tmp_path, toy, toy_features, how):
+    out = tmp_path / "ijb.json"
+    result = CliRunner().invoke(app, ["eval-ijb", "--root", str(toy.root), "--features", str(toy_features),
+                                      "--json", str(out), *how])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["far_rule"] == "at-most" and data["tar_at_far"] == data["tar_at_far_by_rule"]["at-most"]
+    assert "rule at-most" in result.output
+
+
+def test_a_bad_far_rule_is_one_error_line(toy, toy_features):
+    line = _one_error_line(_hfs("eval-ijb", "--root", toy.root, "--features", toy_features, "--far-rule", "closest"))
+    assert "--far-rule" in line and "nearest, at-most" in line
 
 
 def test_plot_draws_a_png(tmp_path, toy, toy_features):
@@ -334,7 +432,8 @@ def test_checkpoint_aligns_embeds_and_pools(tmp_path, checkpoint):
         assert a["tar_at_far"][key]["tar"] == pytest.approx(b["tar_at_far"][key]["tar"])
     assert a["auc"] == pytest.approx(b["auc"], abs=1e-6)
     scores, labels = reference_scores(toy, feats)
-    assert a["tar_at_far"]["1e-1"]["tar"] == pytest.approx(brute_tar(scores, labels, 0.1))
+    assert a["tar_at_far_by_rule"]["at-most"]["1e-1"]["tar"] == pytest.approx(brute_tar(scores, labels, 0.1))
+    assert a["tar_at_far"]["1e-1"]["tar"] == pytest.approx(eval_ijbc_tar(scores, labels, 0.1))
 
 
 def test_missing_image_names_the_file(tmp_path, checkpoint):
