@@ -62,7 +62,7 @@ def sampled_index(cfg: Any, num_classes: int, plan: ClassifierPlan) -> Any:
     not the rank's seed: every rank sends the same spec, so a shared store builds one index."""
     from hfs.samplers import SAMPLERS, index_spec
 
-    if plan.sample_num >= num_classes or not SAMPLERS.get(cfg.sampler.type).needs_index:
+    if plan.sample_num >= num_classes or not SAMPLERS.get(cfg.sampler.type).has_candidates:
         return None
     return index_spec(cfg.sampler, cfg.sampler_metric, seed=cfg.sampler.seed)
 

@@ -470,7 +470,7 @@ class ParamServer:
 
         def attempt():
             if not with_rows:
-                found = self.store.try_search(name, features, k, step)
+                found = self.store.try_search(name, features, k, step, labels)
                 return None if found is None else ({}, list(found))
             found = select(None)
             return None if found is None else _selection_reply(*found)

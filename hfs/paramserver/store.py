@@ -892,10 +892,11 @@ class InProcessStore(WeightStore):
             raise StoreError(f"{arr.shape[0]} queries x k={k} exceeds {MAX_SELECT_CANDIDATES} candidates per request")
         return arr, int(k)
 
-    def try_search(self, name: str, features: np.ndarray, k: int, step: int | None = None
-                   ) -> tuple[np.ndarray, np.ndarray] | None:
+    def try_search(self, name: str, features: np.ndarray, k: int, step: int | None = None,
+                   labels: np.ndarray | None = None, *, fresh: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
         """(B, k') global ids and similarities of this store's best rows per query (k' = 0 while no
-        index is ready), or None while a step before ``step`` is pending."""
+        index is ready), or None while a step before ``step`` is pending. ``labels``: the queries'
+        classes (a memory answers by them); ``fresh``: similarities under the current rows."""
         with self._cond:
             m = self._matrix(name)
             features, k = self._select_inputs(m, features, k)
@@ -903,10 +904,16 @@ class InProcessStore(WeightStore):
                 return None
             self._counters["selects"] += 1
             index = self._indexes.get(name)
-            if index is None or not index.ready:
+            if index is None or not index.ready or k == 0:
                 return np.empty((len(features), 0), dtype=np.int64), np.empty((len(features), 0), dtype=np.float32)
-            ids, sims = index.search(features, k)
-            return np.where(ids >= 0, ids + m.row_start, -1), sims
+            scorer = self._scorer(m, features, index.metric)
+            local = None if labels is None else self._local(m, labels)
+            found: list = []
+            self._index_upkeep(name, lambda idx: found.append(idx.answer(
+                features, local, k, lambda ids: scorer(self._global(m, ids)), fresh=fresh)))
+            ids, sims = found[0] if found else (np.empty((len(features), 0), dtype=np.int64),
+                                                np.empty((len(features), 0), dtype=np.float32))
+            return self._global(m, ids), sims
 
     def try_select(self, name: str, features: np.ndarray, labels: np.ndarray, step: int, rule, k: int, *,
                    with_rows: bool = True, answer: Callable[[Selection, np.ndarray], None] | None = None
@@ -925,20 +932,13 @@ class InProcessStore(WeightStore):
             if with_rows and (m.row_start, m.row_end) != (0, m.num_rows):
                 raise StoreError(f"select with rows needs the whole matrix {m.name!r}; this shard holds rows "
                                  f"{m.row_start}..{m.row_end}: ask every shard for candidates and merge them")
-            wants = rule.wants_candidates(step)
-            found = self.try_search(name, features, k if wants else 0, step)
+            found = self.try_search(name, features, k if rule.wants_candidates(step) else 0, step, labels,
+                                    fresh=rule.needs_scorer)
             if found is None:
                 return None
             ids, sims = found
             index = self._indexes.get(name)
             scorer = self._scorer(m, features, index.metric if index is not None else "cosine")
-            if index is not None and index.by_label and wants and k:
-                local_labels, local_scorer = self._local(m, labels), lambda local: scorer(self._global(m, local))
-                ids, sims = index.search_labels(local_labels, k, local_scorer)
-                ids = self._global(m, ids)
-                self._index_upkeep(name, lambda idx: idx.explore(local_labels, local_scorer))
-            elif ids.shape[1] and rule.needs_scorer and not index.fresh_scores:
-                sims = scorer(ids)  # the rule compares them with the positives: under the current rows
             try:
                 chosen = rule.select(labels, ids if ids.shape[1] else None, sims if ids.shape[1] else None,
                                      m.num_rows, int(step), scorer=scorer)

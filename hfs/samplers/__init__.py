@@ -43,7 +43,8 @@ def sampler_kwargs(name: str, scfg: "SamplerConfig", metric: str, seed: int | No
                      build_threads=scfg.build_threads, query_threads=scfg.query_threads),
         "exact": dict(chunk=scfg.exact_chunk, device=scfg.exact_device),
         "random": {},
-        "memory": dict(slots=scfg.memory_slots, hops=scfg.memory_hops, explore=scfg.memory_explore, seed=seed),
+        "memory": dict(slots=scfg.memory_slots, hops=scfg.memory_hops, explore=scfg.memory_explore,
+                       symmetric=scfg.memory_symmetric, seed=seed),
     }
     return dict(metric=metric, **per_sampler.get(name, {}))
 
@@ -88,8 +89,8 @@ def build_selector(sampler_cfg: "SamplerConfig", *, store: Any, num_classes: int
                    policy: RefreshPolicy | None = None) -> ActiveClassSelector:
     """A selector of ``sample_num`` active classes per step over a matrix its caller holds.
 
-    ``store`` is anything with ``shape(matrix)`` and ``iter_chunks(matrix, chunk_rows)``
-    read in the caller's thread (a shard view, an array view): the index is built from
+    ``store`` is anything with ``shape(matrix)``, ``iter_chunks(matrix, chunk_rows)`` and
+    ``get_rows(matrix, ids)`` read in the caller's thread (a shard view, an array view): the index is built from
     those rows. ``queries_per_step`` is how many features ask the index each step (sizes
     ``k = 0``), ``seed`` seeds the random fill and the builds, ``metric`` is the resolved
     ``sampler.metric``; ``policy`` replaces the configured refresh schedule.
@@ -102,4 +103,5 @@ def build_selector(sampler_cfg: "SamplerConfig", *, store: Any, num_classes: int
     chunk_rows = max(1, min(scfg.snapshot_rows, num_classes))
     return ActiveClassSelector(spec, lambda: store.iter_chunks(matrix, chunk_rows), (num_classes, dim),
                                rule=SelectionRule.from_config(scfg, sample_num, seed),
+                               read_rows=lambda ids: store.get_rows(matrix, ids),
                                neighbours=neighbours_for(scfg, sample_num, queries_per_step, num_classes))

@@ -50,8 +50,10 @@ class ClassSampler(ABC):
     metric: str = "cosine"
     update_cost: str = "none"
     build_in_subprocess: bool = False
-    #: False for samplers with no index at all (random): nothing to build or refresh.
+    #: False for samplers with no index to build or refresh (random, a memory that learns as it goes).
     needs_index: bool = True
+    #: False for samplers that never answer candidates (random): their holder keeps no index at all.
+    has_candidates: bool = True
     #: True when ``search`` answers similarities under the rows as they are now (an index updated in
     #: place with every changed row, a memory that scores through its holder); False: the holder
     #: re-scores candidates when the selection rule compares them (``SelectionRule.needs_scorer``).

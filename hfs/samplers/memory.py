@@ -48,17 +48,18 @@ class MemorySampler(ClassSampler):
     fresh_scores = True
 
     def __init__(self, metric: str = "cosine", slots: int = 8, hops: int = 2, explore: int = 1024,
-                 seed: int = 0) -> None:
+                 symmetric: bool = True, seed: int = 0) -> None:
         if slots <= 0 or hops not in (1, 2) or explore < 0:
             raise ValueError(f"memory needs slots > 0, hops 1 or 2 and explore >= 0, got {slots}, {hops}, {explore}")
         self.metric, self.slots, self.hops, self.explore, self.seed = metric, int(slots), int(hops), int(explore), seed
+        self.symmetric = bool(symmetric)
         self.ids: np.ndarray | None = None
         self.scores: np.ndarray | None = None
         self._rng = np.random.default_rng([seed, 0xC0F])
 
     def spec(self) -> dict[str, Any]:
         return {"metric": self.metric, "slots": self.slots, "hops": self.hops, "explore": self.explore,
-                "seed": self.seed}
+                "symmetric": self.symmetric, "seed": self.seed}
 
     # -- ClassSampler ------------------------------------------------------------------------
     def rebuild(self, chunks: Iterable[tuple[int, np.ndarray]], num_rows: int, dim: int) -> None:
@@ -112,7 +113,9 @@ class MemorySampler(ClassSampler):
         ``ids``/``scores`` (B, n) (or (n,) ids shared by every query with (B, n) scores). Each
         class keeps the ``slots`` best of: its scored candidates over all its queries of this
         batch (a class scored by several of them: its best score) and its members that were not
-        scored now (their last scores). A class is never its own member.
+        scored now (their last scores). A class is never its own member. ``symmetric``: a
+        candidate that scored high against a sample of class c takes c among its own members
+        too (confusion goes both ways), so a step teaches the candidates' classes as well.
         """
         labels = np.asarray(labels, dtype=np.int64)
         scores = np.asarray(scores, dtype=np.float32)
@@ -124,11 +127,22 @@ class MemorySampler(ClassSampler):
         if ids.shape[1] > self.slots:  # a query's best `slots` are all it can contribute
             top = np.argpartition(-scores, self.slots - 1, axis=1)[:, :self.slots]
             ids, scores = np.take_along_axis(ids, top, 1), np.take_along_axis(scores, top, 1)
-        classes = np.unique(labels)
-        owner = np.concatenate([np.repeat(labels, ids.shape[1]), np.repeat(classes, self.slots)])
-        member = np.concatenate([ids.ravel(), self.ids[classes].ravel().astype(np.int64)])
-        score = np.concatenate([scores.ravel(), self.scores[classes].ravel()])
-        fresh = np.concatenate([np.ones(ids.size, bool), np.zeros(classes.size * self.slots, bool)])
+        owner, member, score = np.repeat(labels, ids.shape[1]), ids.ravel(), scores.ravel()
+        valid = (member >= 0) & np.isfinite(score)
+        owner, member, score = owner[valid], member[valid], score[valid]
+        if self.symmetric:
+            owner, member, score = np.concatenate([owner, member]), np.concatenate([member, owner]), np.tile(score, 2)
+        self._merge(owner, member, score)
+
+    def _merge(self, owner: np.ndarray, member: np.ndarray, score: np.ndarray) -> None:
+        """Fold fresh (owner, member, score) triples into the owners' rows of the tables."""
+        classes = np.unique(owner)
+        if not classes.size:
+            return
+        fresh = np.concatenate([np.ones(owner.size, bool), np.zeros(classes.size * self.slots, bool)])
+        owner = np.concatenate([owner, np.repeat(classes, self.slots)])
+        member = np.concatenate([member, self.ids[classes].ravel().astype(np.int64)])
+        score = np.concatenate([score, self.scores[classes].ravel()])
         keep = (member >= 0) & (member != owner) & np.isfinite(score)
         owner, member, score, fresh = owner[keep], member[keep], score[keep], fresh[keep]
         # one entry per (owner, member): a fresh score beats a remembered one, then the best score

@@ -210,6 +210,22 @@ class OwnedIndex:
         self._fg_seconds += time.perf_counter() - t0
         return ids, sims
 
+    def answer(self, features: np.ndarray, labels: np.ndarray | None, k: int, scorer: Scorer | None, *,
+               fresh: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """A step's (B, k') candidates and similarities, whatever the index: a memory answers by label
+        (and explores), any other by feature; ``fresh``: similarities under the current rows, an index
+        that answers from stale rows being re-scored with ``scorer``. Everything holder-local."""
+        if self.by_label:
+            if labels is None or scorer is None:
+                return empty_answer(len(features), 0)
+            ids, sims = self.search_labels(labels, k, scorer)
+            self.explore(labels, scorer)
+            return ids, sims
+        ids, sims = self.search(features, k)
+        if fresh and ids.shape[1] and not self.fresh_scores and scorer is not None:
+            sims = scorer(ids)
+        return ids, sims
+
     def search_labels(self, labels: np.ndarray, k: int, scorer: Scorer) -> tuple[np.ndarray, np.ndarray]:
         """A by-label index (the confusion memory): (B, k) holder-local candidate ids of each query's
         class (``labels`` holder-local, -1: not here) and their fresh scores (``scorer`` over holder-local ids)."""

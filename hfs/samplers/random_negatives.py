@@ -21,6 +21,7 @@ class RandomSampler(ClassSampler):
 
     name = "random"
     needs_index = False
+    has_candidates = False
 
     def __init__(self, metric: str = "cosine") -> None:
         self.metric = metric

@@ -31,9 +31,11 @@ class ActiveClassSelector:
     """
 
     def __init__(self, spec: IndexSpec, read_chunks: Callable[[], Iterator[tuple[int, np.ndarray]]],
-                 shape: tuple[int, int], *, rule: SelectionRule, neighbours: int) -> None:
+                 shape: tuple[int, int], *, rule: SelectionRule, neighbours: int,
+                 read_rows: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self.num_classes, self.dim = shape
         self.rule, self.neighbours = rule, neighbours
+        self._read_rows = read_rows  # current values of rows: what a ceiling and a memory score against
         self.sample_num = rule.sample_num
         self._warned_overflow = False
         self.index = OwnedIndex(spec if rule.sample_num < self.num_classes else _no_index(spec), shape, read_chunks)
@@ -45,15 +47,38 @@ class ActiveClassSelector:
         logit adjustment (unpacks as ``active, local``).
 
         ``features`` may be None when ``uses_index`` is False (no index queries them)."""
-        rule, ids, scores = self.rule, None, None
-        if self.uses_index and self.index.ready and rule.wants_candidates(step):
-            ids, scores = self.index.search(np.asarray(features, dtype=np.float32), self.neighbours)
-        chosen = rule.select(labels, ids, scores, self.num_classes, step)
+        rule, ids, scores, scorer = self.rule, None, None, None
+        wants = (self.uses_index or self.index.by_label) and self.index.ready and rule.wants_candidates(step)
+        if wants or rule.needs_scorer:
+            scorer = self._scorer(features)
+        if wants:
+            ids, scores = self.index.answer(np.asarray(features, dtype=np.float32), np.asarray(labels, dtype=np.int64),
+                                            self.neighbours, scorer, fresh=rule.needs_scorer)
+            if not ids.shape[1]:
+                ids = scores = None
+        chosen = rule.select(labels, ids, scores, self.num_classes, step, scorer)
         if len(chosen.active) > rule.sample_num and not self._warned_overflow:
             self._warned_overflow = True
             log.warning("batch at step %d has %d distinct labels, more than sampler sample_num=%d: keeping all "
                         "positives (said once)", step, len(chosen.active), rule.sample_num)
         return chosen
+
+    def _scorer(self, features: np.ndarray):
+        """The rule's scorer over the holder's current rows (None when the holder gave no reader)."""
+        if self._read_rows is None or features is None:
+            return None
+        from hfs.samplers.base import normalise_rows
+        from hfs.samplers.selection import score_with_rows
+
+        cosine = self.index.metric == "cosine"
+        features = np.asarray(features, dtype=np.float32)
+        queries = normalise_rows(features) if cosine else features
+
+        def rows_of(ids: np.ndarray) -> np.ndarray:
+            values = np.asarray(self._read_rows(ids), dtype=np.float32)
+            return normalise_rows(values) if cosine else values
+
+        return lambda ids: score_with_rows(queries, ids, rows_of)
 
     def observe(self, rows: np.ndarray, values: np.ndarray) -> None:
         """Fresh values of rows that changed in the holder (see ``OwnedIndex.rows_changed``)."""

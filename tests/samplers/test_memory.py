@@ -6,8 +6,8 @@ import pytest
 from hfs.samplers.memory import MemorySampler
 
 
-def _memory(classes=20, slots=3, hops=2, explore=4):
-    mem = MemorySampler(slots=slots, hops=hops, explore=explore)
+def _memory(classes=20, slots=3, hops=2, explore=4, symmetric=False):
+    mem = MemorySampler(slots=slots, hops=hops, explore=explore, symmetric=symmetric)
     mem.rebuild((), classes, 4)
     return mem
 
@@ -33,6 +33,14 @@ def test_learn_keeps_each_class_best_scored_members_without_itself():
     np.testing.assert_allclose(mem.scores[2], [0.8, 0.6, 0.3])
     assert mem.ids[5].tolist() == [4, 3, 1]
     assert (mem.ids[[0, 1, 3]] == -1).all()
+
+
+def test_symmetric_learning_teaches_the_candidates_classes_too():
+    mem = _memory(symmetric=True)
+    mem.learn(np.array([2]), np.array([[7, 8]]), np.array([[0.9, 0.2]], dtype=np.float32))
+    assert mem.ids[2].tolist() == [7, 8, -1]
+    assert mem.ids[7].tolist() == [2, -1, -1] and mem.ids[8].tolist() == [2, -1, -1]
+    np.testing.assert_allclose(mem.scores[7, 0], 0.9)
 
 
 def test_fresh_scores_replace_remembered_ones_and_unscored_members_keep_theirs():
