@@ -67,6 +67,7 @@ class SampledFC:
         self._warned_overflow = False
         self.timers = {"select": 0.0, "push_wait": 0.0}
         self._rule_stats: dict[str, list[float]] = {}
+        self._negatives: set[int] = set()
 
     # -- per step ----------------------------------------------------------------------
     def set_hparams(self, lr: float, momentum: float, weight_decay: float) -> None:
@@ -91,8 +92,7 @@ class SampledFC:
             self.store.set_hparams(self.matrix, hparams)
         self.timers["select"] += time.perf_counter() - t0
         active, local = chosen.active, chosen.local
-        for key, value in chosen.stats.items():
-            self._rule_stats.setdefault(key, []).append(float(value))
+        self._watch(chosen, queries)
         if len(active) > self.rule.sample_num and not self._warned_overflow:
             self._warned_overflow = True
             log.warning(
@@ -110,6 +110,21 @@ class SampledFC:
         return FCOutput(loss, correct, int(len(active)))
 
     __call__ = forward
+
+    def _watch(self, chosen, queries: np.ndarray) -> None:
+        """What the log reports of the selection: the rule's own measures, the distinct negatives of the
+        window and the spread of the batch's features (mean pairwise cosine: it climbs when an
+        embedding collapses into a cone)."""
+        for key, value in chosen.stats.items():
+            self._rule_stats.setdefault(key, []).append(float(value))
+        positive = np.zeros(len(chosen.active), dtype=bool)
+        positive[chosen.local[chosen.local >= 0]] = True
+        self._negatives.update(chosen.active[~positive].tolist())
+        unit = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+        n = len(unit)
+        if n > 1 and np.isfinite(unit).all():  # (an overflowed fp16 step has no spread to speak of)
+            total = float(np.square(unit.sum(axis=0)).sum())
+            self._rule_stats.setdefault("feature_cosine", []).append((total - n) / (n * (n - 1)))
 
     def _grad_hook(self, active: np.ndarray, step: int, last_micro: bool, grad_scale: float):
         def hook(grad: torch.Tensor) -> None:
@@ -225,7 +240,9 @@ class SampledFC:
         """The store's index as the log line names it (empty without an index), and the selection
         rule's measurements (``select_*``: means over the steps since the last call)."""
         stats = {f"select_{key}": float(np.mean(values)) for key, values in self._rule_stats.items()}
-        self._rule_stats = {}
+        if self._negatives:
+            stats["select_distinct_negatives"] = float(len(self._negatives))
+        self._rule_stats, self._negatives = {}, set()
         return {**(index_upkeep(self.index_stats()) if self.neighbours else {}), **stats}
 
     def close(self) -> None:

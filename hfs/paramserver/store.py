@@ -351,6 +351,7 @@ class InProcessStore(WeightStore):
         # where index builds put their files; set (a server), it replaces every spec's workdir
         self.index_workdir = str(index_workdir) if index_workdir is not None else None
         self._indexes: dict[str, OwnedIndex] = {}
+        self._learnt: dict[str, tuple[str, dict[str, np.ndarray]]] = {}  # restored index states, until attached
         self._last_index_tick = 0.0
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
         self.keep_snapshots = keep_snapshots
@@ -699,6 +700,12 @@ class InProcessStore(WeightStore):
             for m in self._matrices.values():
                 arrays[f"{m.name}.weight"] = m.weight
                 arrays[f"{m.name}.momentum"] = m.momentum
+            meta["indexes"] = {}
+            for matrix, index in self._indexes.items():  # what an index learnt (a memory); built ones are rebuilt
+                state = index.state()
+                if state:
+                    meta["indexes"][matrix] = {"sampler": index.spec.sampler, "arrays": sorted(state)}
+                    arrays.update({f"{matrix}.index.{key}": value for key, value in state.items()})
             t0 = time.monotonic()
             snaps.write_snapshot(directory, name, meta, arrays)
             self._counters["snapshots"] += 1
@@ -721,11 +728,15 @@ class InProcessStore(WeightStore):
                                  f"this store is shard {self.shard.index} of {self.shard.count}")
             step = int(manifest["step"])
             loaded = self._load_matrices(folder, manifest)
+            learnt = {name: (info["sampler"], {key: snaps.load_array(folder, manifest["files"][f"{name}.index.{key}"])
+                                               for key in info["arrays"]})
+                      for name, info in manifest.get("indexes", {}).items()}
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise snaps.SnapshotError(f"snapshot manifest {folder / snaps.MANIFEST} is malformed "
                                       f"({exc.__class__.__name__}: {exc})") from None
         with self._cond:
             self._matrices = loaded
+            self._learnt = learnt  # applied when each matrix's index is (re)attached
             self._last_snapshot_step = step
             self._last_snapshot_time = time.monotonic()
             self._dirty = False
@@ -817,6 +828,14 @@ class InProcessStore(WeightStore):
         # `index` must not stall its loop for a C x D x 4-byte write
         index = OwnedIndex(spec, m.weight.shape, lambda: self._local_chunks(name, spec.chunk_rows),
                            snapshot_at_once=False)
+        sampler, state = self._learnt.pop(name, (None, {}))
+        if state and sampler == spec.sampler:
+            try:
+                index.load_state(state)
+                log.info("matrix %s: its %s index resumes what it learnt before the snapshot", name, sampler)
+            except ValueError as exc:
+                log.warning("matrix %s: the snapshot's %s index does not fit this one (%s); it starts empty",
+                            name, sampler, exc)
         if index.uses_index:
             log.info("matrix %s: building a %s index over rows %d..%d%s", name, spec.sampler, m.row_start, m.row_end,
                      " in the background; uniform negatives until it is ready" if not index.ready else "")

@@ -90,6 +90,7 @@ class _Drawn:
     active: np.ndarray
     local: np.ndarray
     q: np.ndarray
+    hard: int = 0  # negatives taken from the candidates (they follow the positives in ``active``)
 
 
 def _checked_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -224,7 +225,7 @@ def _draw(labels: np.ndarray, candidates: np.ndarray | None, scores: np.ndarray 
         pool_pi = pi[np.argsort(pool)][at]
         q_fill[in_pool] = pool_pi + (1.0 - pool_pi) * fill_share
     q = np.concatenate([np.ones(positives.size), q_negatives, q_fill])
-    return _Drawn(np.concatenate([taken, fill]), local, q)
+    return _Drawn(np.concatenate([taken, fill]), local, q, int(negatives.size))
 
 
 @dataclass(frozen=True)
@@ -365,6 +366,8 @@ class SelectionRule:
                       hard_fraction=self.hard_fraction, pick=self.candidate_pick, temperature=self.temperature)
         if drawn.active.size >= num_classes:
             return Selection(drawn.active, drawn.local, stats=stats)
+        if ids is not None:
+            stats["hard_share"] = drawn.hard / max(self.sample_num - np.unique(labels[labels >= 0]).size, 1)
         log_q = np.log(np.clip(drawn.q, 1e-30, 1.0)).astype(np.float32)
         adjust = (0.0 - log_q) if self.logq else None
         return Selection(drawn.active, drawn.local, adjust, log_q, stats=stats)

@@ -120,3 +120,35 @@ def test_memory_in_the_store_learns_the_classes_near_each_label():
     memory = store._indexes["fc"].sampler
     assert all(labels[i] + 1 in memory.ids[labels[i]] for i in range(labels.size))
     assert set((labels + 1).tolist()) <= set(chosen.active.tolist())
+
+
+def test_the_store_saves_what_the_memory_learnt_and_restores_it_when_the_index_is_attached(tmp_path):
+    from hfs.paramserver.base import HParams
+    from hfs.paramserver.store import InProcessStore
+    from hfs.samplers.owned import IndexSpec
+    from hfs.samplers.selection import SelectionRule
+
+    spec = IndexSpec("memory", {"metric": "cosine", "slots": 2, "hops": 2, "explore": 16})
+    store = InProcessStore(tmp_path)
+    store.create("fc", 100, 8, seed=1)
+    store.set_hparams("fc", HParams(lr=0.1, momentum=0.9, weight_decay=0.0))
+    store.attach_index("fc", spec)
+    rng = np.random.default_rng(0)
+    for step in range(5):
+        labels = rng.integers(0, 100, 16)
+        chosen, rows = store.select("fc", rng.standard_normal((16, 8)).astype(np.float32), labels, step,
+                                    SelectionRule(30), 4)
+        store.push_grads("fc", chosen.active, np.zeros_like(rows), step)
+    learnt = store._indexes["fc"].sampler.ids.copy()
+    assert (learnt >= 0).any()
+    store.snapshot("s")
+
+    fresh = InProcessStore(tmp_path)  # a resumed run: restore first, then attach the index
+    fresh.restore("s")
+    fresh.attach_index("fc", spec)
+    np.testing.assert_array_equal(fresh._indexes["fc"].sampler.ids, learnt)
+
+    other = InProcessStore(tmp_path)  # a memory of another size starts empty, with a warning
+    other.restore("s")
+    other.attach_index("fc", IndexSpec("memory", {"metric": "cosine", "slots": 3, "hops": 2, "explore": 16}))
+    assert (other._indexes["fc"].sampler.ids == -1).all()
