@@ -113,7 +113,7 @@ class Probe:
 
 
 def cell_config(args: argparse.Namespace, name: str, sample_num: int, output_dir: Path, seed: int):
-    from hfs.config import _merge, config_from_dict, parse_override
+    from hfs.config import apply_overrides, config_from_dict
 
     fc = {"mode": "full"} if name == "full" else {"mode": "sampled", "sample_num": sample_num}
     images = args.regime == "images"
@@ -128,9 +128,7 @@ def cell_config(args: argparse.Namespace, name: str, sample_num: int, output_dir
         "train": {"output_dir": str(output_dir), "batch_size": args.batch, "max_steps": args.steps,
                   "checkpoint_every": 0, "log_every": 100, "seed": seed},
     }
-    for text in args.set or []:  # the same --set section.key=value as the hfs commands
-        data = _merge(data, parse_override(text))
-    return config_from_dict(data)
+    return config_from_dict(apply_overrides(data, args.set or []))  # the same --set as the hfs commands
 
 
 def converged(curve: list[dict[str, float]], steps: int, flat: float) -> bool:

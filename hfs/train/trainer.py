@@ -75,15 +75,13 @@ def resume_config(spec: str, config_given: bool, cfg: HfsConfig, overrides: Sequ
     With ``--config`` the given config is used (so e.g. max_steps can be raised); without
     it, the checkpoint's own config plus the ``--set`` overrides.
     """
-    from hfs.config import _merge, config_from_dict, parse_override
+    from hfs.config import apply_overrides, config_from_dict
 
     path = ckpt_io.resolve_checkpoint(spec, cfg.train.output_dir)
     if config_given:
         return path, cfg
     data = ckpt_io.load_checkpoint(path, mmap=True)["config"]  # the Trainer reads the tensors later
-    for text in overrides:
-        data = _merge(data, parse_override(text))
-    return path, config_from_dict(data)
+    return path, config_from_dict(apply_overrides(data, overrides))
 
 
 class Trainer:
