@@ -13,6 +13,7 @@ def _hfs(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hfs", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 def test_train_dist_cli_two_nodes_sharded_with_sampled_classes(tmp_path):
     """The README's multi-node recipe, both "nodes" on this machine: 2 launchers x 1 worker."""

@@ -13,6 +13,7 @@ from hfs.paramserver.store import InProcessStore
 from hfs.utils.errors import HfsError
 
 
+@pytest.mark.slow
 def test_dead_server_warns_early_then_says_how_to_recover(thread_server, tmp_path, caplog):
     srv = thread_server(InProcessStore(tmp_path / "snaps", timeout_s=10))
     client = ParamClient(srv.endpoint, timeout_s=4.5, connect_timeout_s=5)

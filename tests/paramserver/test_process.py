@@ -7,6 +7,7 @@ import signal
 import threading
 
 import numpy as np
+import pytest
 
 from hfs.paramserver.base import HParams
 from hfs.paramserver.client import ParamClient
@@ -17,6 +18,7 @@ def _client(port: int, **kw) -> ParamClient:
     return ParamClient(f"tcp://127.0.0.1:{port}", timeout_s=30, connect_timeout_s=30, **kw)
 
 
+@pytest.mark.slow
 def test_kill_during_snapshot_then_resume_latest(processes, helpers, tmp_path):
     snaps = tmp_path / "snaps"
     port = helpers.free_port()
@@ -92,6 +94,7 @@ def test_resume_latest_without_a_snapshot_is_an_error(processes, helpers, tmp_pa
     assert server.wait(30) == 0
 
 
+@pytest.mark.slow
 def test_two_shard_processes_over_shared_memory_give_the_store_numbers_bit_for_bit(processes, helpers, tmp_path):
     """Real processes, so the client runs while a shard finishes a get after its reply: pipelined
     pushes of varying sizes through the segment overwrite the request region the get's rows came

@@ -10,6 +10,7 @@ from hfs.bench.sampler import ExactReference, queries_near, structured_weights
 from hfs.cli import app
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("baseline", ["--upkeep-baseline", "--no-upkeep-baseline"])
 def test_bench_sampler_end_to_end_writes_json(tmp_path, baseline):
     out = tmp_path / "bench.json"
@@ -30,6 +31,7 @@ def test_bench_sampler_end_to_end_writes_json(tmp_path, baseline):
     assert "coverage" in result.output
 
 
+@pytest.mark.slow
 def test_weights_file_of_another_float_type(tmp_path):
     path = tmp_path / "w.npy"
     np.save(path, structured_weights(400, 8, cluster_size=8).astype(np.float64))
@@ -75,6 +77,7 @@ def test_unknown_sampler_is_a_one_line_error():
     assert proc.stderr.strip().splitlines()[-1] == "error: --samplers: unknown sampler 'anoy' (did you mean 'annoy'?); known: annoy, exact, hnsw, random"
 
 
+@pytest.mark.slow
 def test_query_sweep_measures_one_built_index_at_each_value(tmp_path):
     out = tmp_path / "sweep.json"
     result = CliRunner().invoke(app, [

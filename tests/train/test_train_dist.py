@@ -16,7 +16,7 @@ from hfs import checkpoint as ckpt_io
 from hfs.train.launch import run_train_dist, train_worker
 from tests.train.conftest import make_blobs
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 
 def _linear_backbone(embedding_size: int, image_size: int, dropout: float = 0.0) -> nn.Module:
