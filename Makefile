@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.hfs-installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: test demo venv interop clean
+.PHONY: test test-fast demo venv interop clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The inner loop: every test but the `slow` ones (process starts, several ranks, end-to-end commands).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: $(STAMP)
 	$(BIN)/python -m hfs.demo --out $(DEMO_DIR)

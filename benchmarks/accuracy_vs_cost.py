@@ -163,7 +163,7 @@ class StepClock:
 
 
 def cell_config(args: argparse.Namespace, name: str, sample_num: int, output_dir: Path, bin_path: Path, seed: int):
-    from hfs.config import _merge, config_from_dict, parse_override
+    from hfs.config import apply_overrides, config_from_dict
 
     fc = {"mode": "full"} if name == "full" else {"mode": "sampled", "sample_num": sample_num}
     data = {
@@ -178,9 +178,7 @@ def cell_config(args: argparse.Namespace, name: str, sample_num: int, output_dir
                   "checkpoint_every": 0, "log_every": 50, "seed": seed},
         "eval": {"bins": [str(bin_path)], "batch_size": 512, "num_workers": 0},
     }
-    for text in args.set or []:  # the same --set section.key=value as the hfs commands
-        data = _merge(data, parse_override(text))
-    return config_from_dict(data)
+    return config_from_dict(apply_overrides(data, args.set or []))  # the same --set as the hfs commands
 
 
 def run_cell(args: argparse.Namespace, cell: str, images: np.ndarray, bin_path: Path, workdir: Path,

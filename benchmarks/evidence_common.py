@@ -10,7 +10,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import resource
 import shlex
 import subprocess
 import sys
@@ -33,27 +32,6 @@ def run_context() -> dict[str, Any]:
         "git_commit": commit,
         "command": "PYTHONPATH=. python " + " ".join(shlex.quote(a) for a in sys.argv),
     }
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set size so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def current_rss_mb(pid: int | str = "self") -> float:
-    """Resident set size now (VmRSS) of a process, in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def peak_rss_of_mb(pid: int | str) -> float:
-    """Peak resident set size (VmHWM) of a running process, in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def write_results(path: str | Path, context: dict[str, Any], results: Any) -> Path:

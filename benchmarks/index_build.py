@@ -22,7 +22,9 @@ from typing import Any, Iterator
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence_common import peak_rss_mb, run_context, write_results  # noqa: E402
+from evidence_common import run_context, write_results  # noqa: E402
+
+from hfs.utils.process import peak_rss_mb  # noqa: E402
 
 log = logging.getLogger("index_build")
 

@@ -24,7 +24,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evidence_common import run_context, write_results  # noqa: E402
 
-from hfs.utils.process import kill_if_running  # noqa: E402
+from hfs.utils.process import kill_if_running, start_serve_params  # noqa: E402
 
 log = logging.getLogger("paramserver_counters")
 
@@ -82,11 +82,11 @@ def inprocess(cfg, steps: int, warmup: int) -> dict[str, float]:
 
 
 def served(cfg, steps: int, warmup: int) -> dict[str, float]:
-    from hfs.bench.paramserver import prepare_matrix, start_server
+    from hfs.bench.paramserver import prepare_matrix
     from hfs.paramserver.client import ParamClient
 
     with tempfile.TemporaryDirectory(prefix="hfs-ps-counters-") as tmp:
-        proc, address = start_server(Path(tmp))
+        proc, address = start_serve_params(tmp)
         try:
             with ParamClient(address, timeout_s=60, connect_timeout_s=60) as client:
                 prepare_matrix(client, cfg)

@@ -28,8 +28,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence_common import current_rss_mb, peak_rss_mb, run_context, write_results  # noqa: E402
-from scale_10m import free_port, start_server  # noqa: E402
+from evidence_common import run_context, write_results  # noqa: E402
+from scale_10m import start_server  # noqa: E402
+
+from hfs.utils.process import peak_rss_mb, rss_mb  # noqa: E402
 
 log = logging.getLogger("sampled_step_served")
 
@@ -49,14 +51,13 @@ def bench_config(args: argparse.Namespace, address: str):
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from hfs.bench.fc import time_sampled_steps
 
-    port = free_port()
-    server = start_server(workdir / "store", port, workdir / "server.log", hugepages=False)
+    server, address = start_server(workdir / "store", workdir / "server.log", hugepages=False)
     server_rss: list[float] = []
     try:
-        cfg = bench_config(args, f"tcp://127.0.0.1:{port}")
+        cfg = bench_config(args, address)
         t0 = time.perf_counter()
         out = time_sampled_steps(cfg, args.classes, args.batch, args.sample_num, args.steps, warmup=args.warmup,
-                                 wait_index=True, on_step=lambda: server_rss.append(current_rss_mb(server.pid)))
+                                 wait_index=True, on_step=lambda: server_rss.append(rss_mb(pid=server.pid)))
         wall = time.perf_counter() - t0
     finally:
         server.terminate()

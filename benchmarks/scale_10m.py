@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,9 +38,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence_common import current_rss_mb, peak_rss_mb, peak_rss_of_mb, run_context, write_results  # noqa: E402
+from evidence_common import run_context, write_results  # noqa: E402
 
-from hfs.utils.process import kill_if_running  # noqa: E402
+from hfs.utils.process import kill_if_running, peak_rss_mb, rss_mb, start_serve_params  # noqa: E402
 
 log = logging.getLogger("scale_10m")
 
@@ -87,14 +85,9 @@ class SpreadIdentities:
         return self.transform(img), cls
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(snapshot_dir: Path, port: int, log_path: Path, hugepages: bool) -> subprocess.Popen:
-    """`hfs serve-params` on 127.0.0.1:port as a child process (its log goes to log_path).
+def start_server(snapshot_dir: Path, log_path: Path, hugepages: bool) -> tuple[subprocess.Popen, str]:
+    """`hfs serve-params` on a free 127.0.0.1 port as a child process (its log goes to log_path),
+    and its address.
 
     NumPy madvises transparent huge pages (2 MiB) for large arrays; then the momentum, which
     is allocated zeroed and meant to be mapped only where rows are updated, becomes fully
@@ -102,12 +95,9 @@ def start_server(snapshot_dir: Path, port: int, log_path: Path, hugepages: bool)
     D=128). ``hugepages=False`` sets NUMPY_MADVISE_HUGEPAGE=0 for the server so only the
     4 KiB pages of updated rows are mapped.
     """
-    cmd = [sys.executable, "-m", "hfs", "serve-params", "--port", str(port), "--snapshot-dir", str(snapshot_dir),
-           "--set", "paramserver.max_message_mb=4096"]
-    env = dict(os.environ)
-    if not hugepages:
-        env["NUMPY_MADVISE_HUGEPAGE"] = "0"
-    return subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
+    return start_serve_params(snapshot_dir, args=["--set", "paramserver.max_message_mb=4096"],
+                              env=None if hugepages else {"NUMPY_MADVISE_HUGEPAGE": "0"},
+                              stdout=log_path.open("w"), stderr=subprocess.STDOUT)
 
 
 def train_config(args: argparse.Namespace, address: str, output_dir: Path):
@@ -143,9 +133,9 @@ class StepRecorder:
         if "loss" in record:
             self.records.append(dict(record))
         if step % self.every == 0:
-            index = trainer.fc.store.index_stats(trainer.fc.matrix) if hasattr(trainer.fc, "store") else {}
-            self.rss.append({"step": step, "trainer_rss_mb": current_rss_mb(),
-                             "server_rss_mb": current_rss_mb(self.server_pid),
+            index = trainer.fc.index_stats() if hasattr(trainer.fc, "index_stats") else {}
+            self.rss.append({"step": step, "trainer_rss_mb": rss_mb(),
+                             "server_rss_mb": rss_mb(pid=self.server_pid),
                              "index_ready": bool(index.get("index_ready", False)),
                              "index_builds": int(index.get("builds", 0))})
         self.last = time.perf_counter()  # the stats round trip above is the benchmark's, not the step's
@@ -182,9 +172,7 @@ def run_scale(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    server = start_server(workdir / "store", port, workdir / "server.log", args.server_hugepages)
+    server, address = start_server(workdir / "store", workdir / "server.log", args.server_hugepages)
     out: dict[str, Any] = {"server_cmd": " ".join(server.args), "address": address}
     try:
         cfg = train_config(args, address, workdir / "run")
@@ -195,13 +183,13 @@ def run_scale(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             t0 = time.perf_counter()  # create here (what the trainer would do) to time it apart
             client.create("fc", args.classes, args.dim, init="gaussian", std=0.01, seed=0, exist_ok=True)
             out["create_s"] = time.perf_counter() - t0
-            out["server_rss_after_create_mb"] = current_rss_mb(server.pid)
+            out["server_rss_after_create_mb"] = rss_mb(pid=server.pid)
             log.info("matrix %d x %d created in %.1f s; server RSS %.0f MiB", args.classes, args.dim, out["create_s"],
                      out["server_rss_after_create_mb"])
             if args.wait_index:
                 out.update(wait_for_index(client, cfg, args.classes, args.wait_index_s))
-                out["server_rss_with_index_mb"] = current_rss_mb(server.pid)
-                out["server_peak_rss_before_training_mb"] = peak_rss_of_mb(server.pid)
+                out["server_rss_with_index_mb"] = rss_mb(pid=server.pid)
+                out["server_peak_rss_before_training_mb"] = rss_mb("VmHWM", pid=server.pid)
         recorder = StepRecorder(server.pid)
         trainer = Trainer(cfg, datasets=(train_ds, val_ds, args.classes), callbacks=[recorder])
         t0 = time.perf_counter()
@@ -209,7 +197,7 @@ def run_scale(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         out["train_wall_s"] = time.perf_counter() - t0
         out["result"] = {k: getattr(result, k) for k in ("steps", "seconds", "loss", "train_acc", "val_top1",
                                                         "active_classes", "num_classes")}
-        out["server_peak_rss_mb"] = peak_rss_of_mb(server.pid)
+        out["server_peak_rss_mb"] = rss_mb("VmHWM", pid=server.pid)
         out["trainer_peak_rss_mb"] = peak_rss_mb()
         timed = recorder.step_s[args.log_every:]  # the first steps include worker start-up
         out["median_step_s"] = statistics.median(timed)

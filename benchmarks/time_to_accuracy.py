@@ -124,7 +124,7 @@ def split_cell(cell: str, classes: int) -> tuple[str, int, list[str]]:
 
 def cell_config(args: argparse.Namespace, name: str, sample_num: int, output_dir: Path, seed: int,
                 cell_sets: list[str] | tuple[str, ...] = ()):
-    from hfs.config import _merge, config_from_dict, parse_override
+    from hfs.config import apply_overrides, config_from_dict
 
     fc = {"mode": "full"} if name == "full" else {"mode": "sampled", "sample_num": sample_num}
     images = args.regime == "images"
@@ -139,9 +139,8 @@ def cell_config(args: argparse.Namespace, name: str, sample_num: int, output_dir
         "train": {"output_dir": str(output_dir), "batch_size": args.batch, "max_steps": args.steps,
                   "checkpoint_every": 0, "log_every": 100, "seed": seed},
     }
-    for text in [*(args.set or []), *cell_sets]:  # the same --set section.key=value as the hfs commands
-        data = _merge(data, parse_override(text))
-    return config_from_dict(data)
+    # the same --set section.key=value as the hfs commands, then the cell's own
+    return config_from_dict(apply_overrides(data, [*(args.set or []), *cell_sets]))
 
 
 def converged(curve: list[dict[str, float]], steps: int, flat: float) -> bool:

@@ -29,7 +29,9 @@ log = logging.getLogger("hfs")
 
 # Options shared by every command that takes a config.
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (see configs/).")]
-SetOpt = Annotated[List[str], typer.Option("--set", "-s", help="Override a key: section.key=value (repeatable).")]
+SetOpt = Annotated[List[str], typer.Option("--set", "-s", help=(
+    "Override a key: section.key=value (repeatable; applied after --config and after the command's "
+    "own flags, so an explicit --set wins)."))]
 PrintConfigOpt = Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")]
 
 
@@ -64,13 +66,31 @@ def renamed(value, old_value, flag: str, old_flag: str, default=None):
     return default if value is None else value
 
 
-def resolve_config(config: Optional[Path], sets: List[str], print_config: bool) -> HfsConfig:
-    """Load defaults + file + overrides; with --print-config, show the result and exit 0."""
-    cfg = load_config(config, sets or [])
+def command_overrides(flags: dict[str, object], sets: List[str]) -> list[str]:
+    """Every command's order: its flags first, then --set, so an explicit --set wins."""
+    return overrides(flags) + list(sets or [])
+
+
+def resolve_config(config: Optional[Path], sets: List[str], print_config: bool,
+                   flags: Optional[dict[str, object]] = None) -> HfsConfig:
+    """Load defaults + file + the flags' overrides + --set; with --print-config, show the result and exit 0."""
+    cfg = load_config(config, command_overrides(flags or {}, sets))
     if print_config:
         typer.echo(cfg.to_yaml(), nl=False)
         raise typer.Exit(0)
     return cfg
+
+
+def training_run(config: Optional[Path], flags: dict[str, object], sets: List[str], resume: Optional[str],
+                 print_config: bool, *, world_size: Optional[int]):
+    """`hfs train` and `hfs train-dist` resolve their run the same way (``resolve_run``); with
+    --print-config the config is shown, before any --resume, and the command exits."""
+    sets = command_overrides(flags, sets)
+    if print_config:
+        resolve_config(config, sets, print_config)
+    from hfs.train.run_dir import resolve_run
+
+    return resolve_run(config, sets, resume, world_size=world_size)
 
 
 @app.callback()
@@ -125,24 +145,18 @@ def train_cmd(
 
     Example: hfs train --config configs/quickstart_cpu.yaml --sampled --set train.output_dir=runs/qs
     """
-    sugar = (["fc.mode=sampled"] if sampled else []) + ([f"fc.sample_num={sample_num}"] if sample_num else [])
-    cfg = resolve_config(config, sugar + list(set_), print_config)
+    flags = {"fc.mode": "sampled" if sampled else None, "fc.sample_num": sample_num}
+    run = training_run(config, flags, set_, resume, print_config, world_size=1)
     from hfs.eval.hooks import verification_hooks
-    from hfs.train.run_dir import check_train_outputs, place_resumed_run, report_if_complete, resolve_latest
-    from hfs.train.trainer import resume_config, summarize, train
+    from hfs.train.trainer import summarize, train
 
-    checkpoint = None
-    if resume:
-        resume = resolve_latest(resume, cfg, config, sugar + list(set_))
-        checkpoint, cfg = resume_config(resume, config is not None, cfg, sugar + list(set_))
-        cfg = place_resumed_run(cfg, checkpoint, config, sugar + list(set_))
-        if report_if_complete(checkpoint, cfg):
-            return
-    check_train_outputs(cfg)
-    result = train(cfg, resume=checkpoint, hooks=verification_hooks(cfg))
+    if run.complete:
+        return
+    result = train(run.cfg, resume=run.checkpoint, hooks=verification_hooks(run.cfg))
     summarize(result)
     if result.interrupted:
         raise typer.Exit(130)
+
 
 @app.command("train-dist")
 def train_dist_cmd(
@@ -177,23 +191,14 @@ def train_dist_cmd(
     flags = {"dist.nproc": nproc, "dist.backend": backend, "dist.nnodes": nnodes, "dist.node_rank": node_rank,
              "dist.master_addr": master_addr, "dist.master_port": master_port, "fc.sample_num": sample_num,
              "fc.mode": "sampled" if sampled else "sharded" if sharded else None}
-    sugar = [f"{key}={value}" for key, value in flags.items() if value is not None]
-    cfg = resolve_config(config, list(set_) + sugar, print_config)
+    run = training_run(config, flags, set_, resume, print_config, world_size=None)
     from hfs.eval.hooks import verification_hooks
     from hfs.train.launch import run_train_dist
-    from hfs.train.trainer import resume_config, summarize
+    from hfs.train.trainer import summarize
 
-    from hfs.train.run_dir import check_train_outputs, place_resumed_run, report_if_complete, resolve_latest
-
-    checkpoint = None
-    if resume:
-        resume = resolve_latest(resume, cfg, config, list(set_) + sugar)
-        checkpoint, cfg = resume_config(resume, config is not None, cfg, list(set_) + sugar)
-        cfg = place_resumed_run(cfg, checkpoint, config, list(set_) + sugar)
-        if report_if_complete(checkpoint, cfg, world_size=None):
-            return
-    check_train_outputs(cfg)
-    result = run_train_dist(cfg, resume=str(checkpoint) if checkpoint else None,
+    if run.complete:
+        return
+    result = run_train_dist(run.cfg, resume=str(run.checkpoint) if run.checkpoint else None,
                             verbose=int(logging.getLogger().isEnabledFor(logging.DEBUG)), hooks=verification_hooks)
     if result is not None:  # nodes other than 0 leave the report to rank 0
         summarize(result)
@@ -205,6 +210,11 @@ FlipOpt = Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Add t
 BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", callback=key_rule("eval.batch_size"), help="Images per batch (default: eval.batch_size).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 WorkersOpt = Annotated[Optional[int], typer.Option("--num-workers", callback=key_rule("eval.num_workers"), help="Image-decoding workers (default: eval.num_workers).")]
+
+
+def eval_flags(flip: Optional[bool], batch_size: Optional[int], num_workers: Optional[int]) -> dict[str, object]:
+    """The config keys the embedding flags of extract / verify / eval-ijb set."""
+    return {"eval.flip": flip, "eval.batch_size": batch_size, "eval.num_workers": num_workers}
 
 
 @app.command("extract")
@@ -222,15 +232,15 @@ def extract(
 
     Example: hfs extract --checkpoint runs/qs --bin data/synth/val.bin --out runs/qs/feats.npy
     """
-    cfg = resolve_config(config, set_, print_config)
+    cfg = resolve_config(config, set_, print_config, eval_flags(flip, batch_size, num_workers))
     from hfs.eval.evaluate import extract_checkpoint
     from hfs.utils.writable import require_writable_file
 
     require_writable_file(out, "--out")
 
-    extract_checkpoint(checkpoint, out, bin_path=bin_, list_path=list_, prefix=prefix,
-                       flip=cfg.eval.flip if flip is None else flip, batch_size=batch_size or cfg.eval.batch_size,
-                       device=device, num_workers=cfg.eval.num_workers if num_workers is None else num_workers,
+    e = cfg.eval
+    extract_checkpoint(checkpoint, out, bin_path=bin_, list_path=list_, prefix=prefix, flip=e.flip,
+                       batch_size=e.batch_size, device=device, num_workers=e.num_workers,
                        output_dir=cfg.train.output_dir)
 
 
@@ -255,11 +265,12 @@ def verify(
         if path is not None:
             require_writable_file(path, flag)
     flags = {"eval.bins": [str(b) for b in bins] or None, "eval.folds": folds, "eval.batch_size": batch_size,
-             "eval.num_workers": num_workers}
-    cfg = resolve_config(config, list(set_) + overrides(flags), print_config)
+             "eval.num_workers": num_workers, "eval.flip": flip}
+    cfg = resolve_config(config, set_, print_config, flags)
     from hfs.eval.evaluate import run_verify
 
-    run_verify(cfg, features=features, checkpoint=checkpoint, flip=flip, device=device, plot=plot, json_out=json_out)
+    run_verify(cfg, features=features, checkpoint=checkpoint, flip=None if flip is None else cfg.eval.flip,
+               device=device, plot=plot, json_out=json_out)
 
 
 @app.command("export")
@@ -314,7 +325,8 @@ def eval_ijb(
 
     Example: hfs eval-ijb --root IJB_release/IJBC --target IJBC --checkpoint runs/x --json ijbc.json
     """
-    cfg = resolve_config(config, set_, print_config)
+    cfg = resolve_config(config, set_, print_config,
+                         {**eval_flags(flip, batch_size, num_workers), "eval.ijb_far_rule": far_rule})
     from hfs.eval.ijb import IjbSettings, evaluate_ijb, results_table, write_result_json
     from hfs.eval.report import plot_roc, require_matplotlib
     from hfs.utils.log import make_console
@@ -330,10 +342,9 @@ def eval_ijb(
         log.warning("--flip has no effect with --features: flipping happens when the features are made")
     result = evaluate_ijb(IjbSettings(
         root=root, target=target, checkpoint=checkpoint, features=features,
-        flip=cfg.eval.flip if flip is None else flip, score_weight=score_weight, keep_norm=keep_norm,
-        batch_size=batch_size or cfg.eval.batch_size, device=device,
-        num_workers=cfg.eval.num_workers if num_workers is None else num_workers, pair_chunk=pair_chunk,
-        save_features=save_features, far_rule=far_rule or cfg.eval.ijb_far_rule))
+        flip=cfg.eval.flip, score_weight=score_weight, keep_norm=keep_norm,
+        batch_size=cfg.eval.batch_size, device=device, num_workers=cfg.eval.num_workers, pair_chunk=pair_chunk,
+        save_features=save_features, far_rule=cfg.eval.ijb_far_rule))
     make_console().print(results_table(result))
     if json_out:
         write_result_json(json_out, result)
@@ -363,7 +374,7 @@ def serve_params(
     """
     flags = {"paramserver.host": host or None, "paramserver.port": port, "paramserver.shards": shards or None,
              "paramserver.snapshot_dir": str(snapshot_dir) if snapshot_dir else None}
-    cfg = resolve_config(config, list(set_) + overrides(flags), print_config)
+    cfg = resolve_config(config, set_, print_config, flags)
     from hfs.paramserver.server import serve_params as run_serve_params
     from hfs.paramserver.store import ShardSpec
     from hfs.utils.writable import require_writable_dir
@@ -607,7 +618,7 @@ def bench_fc_cmd(
     """
     classes = renamed(classes, classes_old, "--num-classes", "--classes", default=1_000_000)
     batch = renamed(batch, batch_old, "--batch-size", "--batch", default=256)
-    cfg = resolve_config(config, [f"model.embedding_size={dim}"] + list(set_), print_config)
+    cfg = resolve_config(config, set_, print_config, {"model.embedding_size": dim})
     import json
 
     import torch

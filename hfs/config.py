@@ -1,7 +1,8 @@
 """The one YAML configuration schema shared by every ``hfs`` command.
 
-Each section is a typed dataclass. Validation lives in field metadata (``choices``,
-``ge``/``gt``/``le``) so adding a key is one line. Loading merges, in order: the
+Each section is a typed dataclass. Validation lives in the annotations and the field
+metadata (``choices``, ``ge``/``gt``/``le``), applied by :mod:`hfs.utils.typed` (the check the
+wire's fields get too), so adding a key is one line. Loading merges, in order: the
 dataclass defaults, a YAML file, then ``--set section.key=value`` overrides. Unknown keys
 and bad values raise :class:`ConfigError` with a message naming the key. Derived values
 are properties, never written back into the config.
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
+
+from hfs.utils.typed import check_rules, checked, field_specs, hint_name, rules
 
 
 class ConfigError(ValueError):
@@ -27,8 +29,7 @@ class ConfigError(ValueError):
 def _f(default: Any, *, help: str = "", choices: Iterable[Any] | None = None,
        ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
     """A dataclass field with its validation rules and help text in metadata."""
-    meta = {"help": help, "choices": tuple(choices) if choices is not None else None,
-            "ge": ge, "gt": gt, "le": le}
+    meta = rules(choices=choices, ge=ge, gt=gt, le=le, help=help)
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -292,100 +293,47 @@ def _unknown_key(key: str, valid: Iterable[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotated type; ints are accepted where floats are."""
-    origin = typing.get_origin(tp)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if value is None:
-            return []
-        if isinstance(value, str) and "," in value:  # the comma form other flags take: 100,200
-            value = [yaml.safe_load(part) for part in value.split(",") if part.strip()]
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        try:
-            return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
-        except ConfigError as exc:
-            raise ConfigError(f"{exc} ('{key}' is a list: [100,200] or 100,200)") from None
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads 5e-4 (no dot) as a string
-    elif tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
-
-
-def _check_rules(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
-    choices = meta.get("choices")
-    if choices is not None and isinstance(value, list):  # a list key: every item is one of the choices
-        for i, item in enumerate(value):
-            _check_rules(f"{key}[{i}]", item, meta)
-        return
-    from hfs.utils.ranges import range_problem
-
-    problem = range_problem(value, choices=choices, ge=meta.get("ge"), gt=meta.get("gt"), le=meta.get("le"))
-    if problem:
-        raise ConfigError(f"config key '{key}' {problem}")
-
-
 def key_rules(key: str) -> typing.Mapping[str, Any]:
     """The validation metadata of ``section.key``."""
     section, name = key.split(".", 1)
-    cls = typing.get_type_hints(HfsConfig)[section]
-    return {f.name: f for f in dataclasses.fields(cls)}[name].metadata
+    return field_specs(typing.get_type_hints(HfsConfig)[section])[name].meta
 
 
 def check_flag(flag: str, key: str, value: Any) -> None:
     """A command-line flag that sets what config key ``key`` sets obeys the key's rule."""
-    from hfs.utils.ranges import range_problem
-
-    meta = key_rules(key)
-    problem = range_problem(value, choices=meta.get("choices"), ge=meta.get("ge"), gt=meta.get("gt"),
-                            le=meta.get("le"))
-    if problem:
-        raise ConfigError(f"{flag} {problem}")
+    check_rules(flag, value, key_rules(key), error=ConfigError)
 
 
 def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    specs = field_specs(cls)
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         full = f"{name}.{key}"
-        if key not in fields:
-            raise _unknown_key(full, [f"{name}.{k}" for k in fields])
-        if value is False and "off" in (fields[key].metadata.get("choices") or ()):
+        if key not in specs:
+            raise _unknown_key(full, [f"{name}.{k}" for k in specs])
+        if value is False and "off" in (specs[key].meta.get("choices") or ()):
             value = "off"  # YAML 1.1 reads a bare `off` as false
-        coerced = _coerce(full, value, hints[key])
-        _check_rules(full, coerced, fields[key].metadata)
-        kwargs[key] = coerced
+        kwargs[key] = checked(f"config key '{full}'", value, specs[key].hint, specs[key].meta, error=ConfigError,
+                              loose=True)
     return cls(**kwargs)
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` laid over ``base``, section by section (neither is changed)."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = value
     return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """A nested config dict with ``section.key=value`` overrides applied in order (the last one wins)."""
+    for text in overrides:
+        data = merge(data, parse_override(text))
+    return data
 
 
 def parse_override(text: str) -> dict[str, Any]:
@@ -439,19 +387,14 @@ def config_from_dict(data: dict[str, Any]) -> HfsConfig:
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> HfsConfig:
     """Defaults, then the YAML file, then ``section.key=value`` overrides."""
-    data: dict[str, Any] = read_yaml(path) if path else {}
-    for text in overrides:
-        data = _merge(data, parse_override(text))
-    return config_from_dict(data)
+    return config_from_dict(apply_overrides(read_yaml(path) if path else {}, overrides))
 
 
 def describe_keys() -> list[tuple[str, str, Any, str]]:
     """(key, type, default, help) for every key; the configuration reference page comes from this."""
     rows = []
     for section, cls in typing.get_type_hints(HfsConfig).items():
-        hints = typing.get_type_hints(cls)
         defaults = cls()
-        for f in dataclasses.fields(cls):
-            rows.append((f"{section}.{f.name}", _type_name(hints[f.name]), getattr(defaults, f.name),
-                         f.metadata.get("help", "")))
+        for name, spec in field_specs(cls).items():
+            rows.append((f"{section}.{name}", hint_name(spec.hint), getattr(defaults, name), spec.meta.get("help", "")))
     return rows

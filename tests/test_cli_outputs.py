@@ -120,6 +120,7 @@ def test_verify_json_folder_names_the_flag(tmp_path):
     ["bench-sampler", "--num-classes", "10", "--dim", "2", "--samplers", "random", "--json"],
     ["bench-fc", "--num-classes", "10", "--dim", "2", "--json"],
 ])
+@pytest.mark.slow
 def test_bench_json_folder(command, tmp_path):
     line = one_error(hfs(*command, str(tmp_path)))
     assert line.startswith("error: --json ") and "is a folder" in line
@@ -130,6 +131,7 @@ def test_bench_json_folder(command, tmp_path):
     (["eval-ijb", "--root", "nowhere"], "--json"),
     (["bench-loader"], "--json"),
 ])
+@pytest.mark.slow
 def test_newer_commands_check_their_outputs_too(command, flag, tmp_path):
     line = one_error(hfs(*command, flag, str(tmp_path)))
     assert line.startswith(f"error: {flag} ") and "is a folder" in line

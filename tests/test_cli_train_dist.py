@@ -1,5 +1,4 @@
 import json
-import socket
 import subprocess
 import sys
 
@@ -7,22 +6,18 @@ import pytest
 import torch
 
 from hfs import checkpoint as ckpt_io
+from hfs.utils.process import free_port
 
 
 def _hfs(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hfs", *args], capture_output=True, text=True, timeout=300)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
+@pytest.mark.slow
 @pytest.mark.dist
 def test_train_dist_cli_two_nodes_sharded_with_sampled_classes(tmp_path):
     """The training guide's multi-node recipe, both "nodes" on this machine: 2 launchers x 1 worker."""
-    out, port = tmp_path / "run", _free_port()
+    out, port = tmp_path / "run", free_port()
     common = ["train-dist", "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
               "--nproc", "1", "--backend", "gloo", "--sharded", "--sample-num", "8",
               "--set", "data.source=synthetic", "--set", "data.synthetic_classes=16",

@@ -28,7 +28,7 @@ def test_yaml_then_overrides(tmp_path):
     ("trian.max_steps=3", "did you mean 'train'"),
     ("head.type=arcfac", "head.type"),
     ("train.batch_size=-1", "train.batch_size"),
-    ("train.batch_size=abc", "expects int"),
+    ("train.batch_size=abc", "must be int"),
     ("train.hflip=1", "unknown config key 'train.hflip'"),
     ("data.hflip=yes please", "data.hflip"),
     ("optim.milestones=[1, x]", "optim.milestones[1]"),
@@ -138,7 +138,7 @@ def test_float_keys_take_exponents_without_a_dot(tmp_path):
     p.write_text("optim:\n  weight_decay: 5e-4\n  lr: 1E-3\n")  # YAML 1.1 reads these as strings
     cfg = load_config(p)
     assert cfg.optim.weight_decay == 5e-4 and cfg.optim.lr == 1e-3
-    with pytest.raises(ConfigError, match="'optim.lr' expects float"):
+    with pytest.raises(ConfigError, match="'optim.lr' must be float"):
         load_config(None, ["optim.lr=fast"])
 
 

@@ -27,6 +27,7 @@ def test_make_synthetic_val_pairs_and_val_bin_have_bars(tmp_path):
         assert phase in err, err
 
 
+@pytest.mark.slow
 def test_bench_fc_has_bars(tmp_path):
     err = hfs("bench-fc", "--num-classes", "64", "--dim", "4", "--batch-size", "4", "--sample-num", "8",
               "--steps", "2", "--full-steps", "1", "--set", "sampler.type=random").stderr
@@ -34,6 +35,7 @@ def test_bench_fc_has_bars(tmp_path):
         assert phase in err, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights", ["generated"])
 def test_bench_sampler_weight_generation_has_a_bar(weights):
     err = hfs("bench-sampler", "--num-classes", "100", "--dim", "4", "--batch-size", "4", "--sample-num", "10",

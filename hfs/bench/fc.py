@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import resource
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from hfs.config import HfsConfig
+from hfs.utils.process import free_port, memory_status_mb, peak_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -128,23 +127,14 @@ def wait_index_ready(store: Any, matrix: str, timeout_s: float = 3600.0) -> bool
     return False
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def resident_split_mb() -> dict[str, float]:
     """This process's resident memory now, anonymous vs file-backed (Linux; empty elsewhere).
 
     File-backed pages (a memory-mapped annoy index, shared with the page cache) count in
     the peak RSS but the kernel can drop them; anonymous pages are the process's own.
     """
-    try:
-        lines = Path("/proc/self/status").read_text().splitlines()
-    except OSError:
-        return {}
-    fields = dict(line.split(":", 1) for line in lines if line.startswith(("RssAnon", "RssFile", "RssShmem")))
-    return {key.lower() + "_mb": int(value.split()[0]) / 1024.0 for key, value in fields.items()}
+    status = memory_status_mb()
+    return {key.lower() + "_mb": status[key] for key in ("RssAnon", "RssFile", "RssShmem") if key in status}
 
 
 def _phase(bar: Any, name: str, total: int) -> Callable[[], None] | None:
@@ -222,14 +212,6 @@ def render(result: dict[str, Any], console=None) -> None:
 # --------------------------------------------------------------------------- trainer memory
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(port: int) -> None:
     """A throwaway `hfs serve-params` shard without snapshots (nothing to write at exit)."""
     from hfs.paramserver.server import ServeOptions, serve
@@ -265,7 +247,7 @@ def trainer_memory(cfg: HfsConfig, classes: list[int], batch: int, sample_num: i
     ctx = mp.get_context("spawn")
     rows = []
     for num_classes in classes:
-        port = _free_port()
+        port = free_port()
         server = ctx.Process(target=_serve, args=(port,), daemon=True)
         server.start()
         trainer = None

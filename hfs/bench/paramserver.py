@@ -19,21 +19,19 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from hfs.paramserver.base import HParams, WeightStore
 from hfs.utils.errors import HfsError
-from hfs.utils.process import kill_if_running
+from hfs.utils.process import free_port, kill_if_running, memory_status_mb, rss_mb, start_serve_params
 
 log = logging.getLogger(__name__)
 
@@ -180,23 +178,13 @@ def sync_step_latency(address: str, cfg: BenchConfig, workers: int, first_step: 
     return float(np.mean([latency for _, latency, _ in got]))
 
 
-def _rss_status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, value = line.split(":")
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
 def _memory_child(rows: int, dim: int) -> dict[str, int]:
     from hfs.paramserver.store import InProcessStore
 
-    base = _rss_status()["VmRSS"]
+    base = rss_mb("VmRSS")
     store = InProcessStore()
     store.create("fc", rows, dim, init="gaussian", seed=0)
-    after = _rss_status()
+    after = memory_status_mb()
     return {"baseline_rss": base, "rss_after_create": after["VmRSS"], "peak_rss": after["VmHWM"]}
 
 
@@ -208,24 +196,8 @@ def store_memory(rows: int, dim: int) -> dict[str, float]:
     weights = rows * dim * 4
     return {"rows": rows, "dim": dim, "weights_gib": weights / 2**30,
             "bound_gib": 2 * weights / 2**30,  # weights + momentum once every row was updated
-            "rss_gib": (got["rss_after_create"] - got["baseline_rss"]) / 2**30,
-            "peak_gib": (got["peak_rss"] - got["baseline_rss"]) / 2**30}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(snapshot_dir: Path, shards: int = 1) -> tuple[subprocess.Popen, str]:
-    """`hfs serve-params` (``shards`` shard processes) on free loopback ports; the comma-separated
-    address of its shards."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "hfs", "serve-params", "--port", str(port), "--shards", str(shards),
-                             "--snapshot-dir", str(snapshot_dir)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=dict(os.environ))
-    return proc, ",".join(f"tcp://127.0.0.1:{port + i}" for i in range(shards))
+            "rss_gib": (got["rss_after_create"] - got["baseline_rss"]) / 2**10,
+            "peak_gib": (got["peak_rss"] - got["baseline_rss"]) / 2**10}
 
 
 def start_seed_server() -> tuple[subprocess.Popen, str]:
@@ -289,7 +261,7 @@ def interleaved_rates(cfg: BenchConfig, shards: int = 1) -> dict[str, Any]:
     timed = replace(cfg, seconds=cfg.round_seconds)
     rates: dict[str, list[float]] = {p: [] for p in INTERLEAVED_PATHS}
     with tempfile.TemporaryDirectory(prefix="hfs-bench-ps-") as scratch:
-        proc, address = start_server(Path(scratch), shards)
+        proc, address = start_serve_params(scratch, shards=shards)
         local = InProcessStore()
         clients = {"shm_pipelined": ParamClient(address, timeout_s=60, connect_timeout_s=60, shared_memory="auto"),
                    "shm_waiting": ParamClient(address, timeout_s=60, connect_timeout_s=60, shared_memory="auto",
@@ -342,7 +314,7 @@ def run_benchmark(cfg: BenchConfig, progress=None) -> dict:
     results["inprocess_rt_per_s"] = results["inprocess_rt_per_s_by_rule"][cfg.update_rule]
     advance("loopback server, shared memory")
     with tempfile.TemporaryDirectory(prefix="hfs-bench-ps-") as tmp:
-        server, address = start_server(Path(tmp))
+        server, address = start_serve_params(tmp)
         try:
             results.update(shared_memory_round_trips(address, cfg))
             advance("loopback server, frames")

@@ -184,14 +184,9 @@ class PeakRss:
 
     @staticmethod
     def _rss_mb() -> float:
-        try:
-            with open("/proc/self/status") as fh:
-                for line in fh:
-                    if line.startswith("RssAnon:"):
-                        return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return float("nan")
+        from hfs.utils.process import rss_mb
+
+        return rss_mb("RssAnon")
 
     def _poll(self) -> None:
         while not self._stop.wait(self.interval):
@@ -351,13 +346,15 @@ def warm_memory(sampler, weights: np.ndarray, batches: list[Batch], settings: Sa
 # ----------------------------------------------------------------------------- upkeep bench
 
 
-def head_margin(head_type: str, margin: float) -> Callable[[np.ndarray], np.ndarray]:
-    """The positive-logit margin of a head on cosines: arcface cos(theta + m), cosface cos - m."""
-    if head_type == "arcface":
-        return lambda c: np.cos(np.arccos(np.clip(c, -1.0, 1.0)) + margin)
-    if head_type == "cosface":
-        return lambda c: c - margin
-    return lambda c: c
+def head_margin(head_cfg) -> Callable[[np.ndarray], np.ndarray]:
+    """The positive-logit margin of the configured head (``HEADS``) on cosines: the trainer's own
+    ``positive_margin``, ArcFace's fallback past pi - m included."""
+    import torch
+
+    from hfs.models import build_head
+
+    head = build_head(head_cfg)
+    return lambda cos: head.positive_margin(torch.from_numpy(np.asarray(cos))).numpy()
 
 
 def simulate_training(weights: np.ndarray, selector, steps: int, settings: SamplerBenchSettings, *,
@@ -450,7 +447,7 @@ def bench_upkeep(name: str, cfg, weights: np.ndarray, settings: SamplerBenchSett
         base = selector.upkeep()
         run = simulate_training(matrix, selector, settings.upkeep_steps, settings, with_upkeep=with_upkeep,
                                 rng=np.random.default_rng(settings.seed + 7), on_step=on_step,
-                                margin=head_margin(cfg.head.type, cfg.head.margin))
+                                margin=head_margin(cfg.head))
         if with_upkeep:
             up = selector.upkeep()
             results.update(live_wall_s=run["wall_s"], live_step_ms=run["step_ms"],

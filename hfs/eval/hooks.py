@@ -21,18 +21,24 @@ class VerificationHook:
     def on_start(self, trainer: Any) -> None:
         pass
 
-    def on_step_end(self, trainer: Any, stats: dict[str, float], record: dict[str, Any]) -> None:
+    def on_step_end(self, trainer: Any, stats: dict[str, float]) -> dict[str, float]:
         every, step = self.cfg.every, trainer.step
         if every and step % every == 0 and step < trainer.total_steps and trainer.env.is_main:
-            self._verify_into(trainer, record)
+            return self._measure(trainer)
+        return {}
 
-    def on_end(self, trainer: Any, record: dict[str, Any]) -> None:
+    def on_end(self, trainer: Any) -> dict[str, float]:
         if not trainer.result.interrupted and trainer.env.is_main:
-            self._verify_into(trainer, record)
+            return self._measure(trainer)
+        return {}
 
-    def _verify_into(self, trainer: Any, record: dict[str, Any]) -> None:
+    def on_record(self, trainer: Any, record: Any, final: bool) -> None:
+        pass
+
+    def _measure(self, trainer: Any) -> dict[str, float]:
+        """Verify now; the accuracies go into the run's result and, as ``verify_<name>``, the record."""
         trainer.result.verification = self.verify(trainer.backbone, trainer.device)
-        record.update({f"verify_{k}": v for k, v in trainer.result.verification.items()})
+        return {f"verify_{k}": v for k, v in trainer.result.verification.items()}
 
     def verify(self, backbone: Any, device: Any) -> dict[str, float]:
         from hfs.eval.evaluate import evaluate_bins, load_verification_sets

@@ -157,7 +157,7 @@ def build_sampled(cfg: Any, ctx: ClassifierContext) -> SampledFC:
     if ps.keep_snapshots < cfg.train.keep_checkpoints:
         log.warning("paramserver.keep_snapshots=%d < train.keep_checkpoints=%d: the oldest checkpoints "
                     "will name store snapshots that no longer exist", ps.keep_snapshots, cfg.train.keep_checkpoints)
-    store = open_store(ps, plan.snapshot_dir)
+    store = open_store(ps, plan.snapshot_dir, resume_hint=ctx.resume_hint)
     ctx.stack.callback(store.close)
     if env.is_main:  # one rank creates / restores the shared matrix, the others wait for it
         _create_or_restore(store, cfg, ctx)

@@ -81,6 +81,7 @@ class ClassifierContext:
     stack: ExitStack  # closes what the factory opens (a store client, a selector's builds)
     checkpoint: dict[str, Any] | None = None  # the run being resumed: the factory restores its rows
     checkpoint_path: Path | None = None
+    resume_hint: str = ""  # the command that continues this run, named by a store whose server is lost
 
 
 CLASSIFIERS: Registry[ClassifierLayer] = Registry("classifier (fc.mode)")

@@ -35,11 +35,12 @@ def snapshot_dir_for(cfg: "ParamServerConfig", output_dir: str | Path) -> Path:
     return Path(cfg.snapshot_dir or Path(output_dir) / "store")
 
 
-def open_store(cfg: "ParamServerConfig", snapshot_dir: str | Path | None) -> "WeightStore":
+def open_store(cfg: "ParamServerConfig", snapshot_dir: str | Path | None, resume_hint: str = "") -> "WeightStore":
     """The in-process store when ``cfg.address`` is empty, else a client of `hfs serve-params`.
 
     ``snapshot_dir`` is where the in-process store keeps snapshots (see
-    :func:`snapshot_dir_for`); a server keeps its own.
+    :func:`snapshot_dir_for`); a server keeps its own. ``resume_hint``: the command that
+    continues the run, which a client names when its server stops answering.
     """
     if not cfg.address:
         from hfs.paramserver.store import InProcessStore
@@ -51,4 +52,4 @@ def open_store(cfg: "ParamServerConfig", snapshot_dir: str | Path | None) -> "We
 
     return ParamClient(cfg.address, timeout_s=cfg.timeout_s, connect_timeout_s=cfg.connect_timeout_s,
                        secret=resolve_secret(cfg.secret), shared_memory=cfg.shared_memory,
-                       pipeline_pushes=cfg.pipeline_pushes)
+                       pipeline_pushes=cfg.pipeline_pushes, resume_hint=resume_hint)

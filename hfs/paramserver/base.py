@@ -8,19 +8,22 @@ values float32 numpy arrays of shape (len(rows), dim).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
 
+from hfs.utils.typed import rules
+
 
 @dataclass(frozen=True)
 class HParams:
-    """Optimizer hyper-parameters the trainer pushes to the store (its lr schedule)."""
+    """Optimizer hyper-parameters the trainer pushes to the store (its lr schedule); the store
+    holds them to these rules (finite, >= 0)."""
 
-    lr: float
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    lr: float = field(metadata=rules(ge=0.0))
+    momentum: float = field(default=0.9, metadata=rules(ge=0.0))
+    weight_decay: float = field(default=0.0, metadata=rules(ge=0.0))
 
 
 class WeightStore(ABC):

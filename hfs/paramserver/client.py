@@ -98,7 +98,8 @@ class ParamClient(WeightStore):
     """Talks to one or more `hfs serve-params` shards; safe to use from several threads."""
 
     def __init__(self, address: str | Sequence[str], *, timeout_s: float = 60.0, connect_timeout_s: float = 10.0,
-                 secret: bytes | None = None, shared_memory: str = "auto", pipeline_pushes: bool = True) -> None:
+                 secret: bytes | None = None, shared_memory: str = "auto", pipeline_pushes: bool = True,
+                 resume_hint: str = "") -> None:
         import zmq
 
         if shared_memory not in SHARED_MEMORY_MODES:
@@ -129,7 +130,7 @@ class ParamClient(WeightStore):
         self._latency: dict[str, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=4096))
         self.step_timeout_s = timeout_s
         self.warn_after_s = 3.0  # a request unanswered this long is reported while it waits
-        self.resume_hint = ""  # the command that continues the run, named when the server is lost
+        self.resume_hint = resume_hint  # the command that continues the run, named when the server is lost
         self._serve_hint = {"snapshot_dir": ""}
         try:
             self._discover()

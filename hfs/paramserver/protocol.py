@@ -25,12 +25,14 @@ import hmac
 import json
 import math
 import struct
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
 from hfs.utils.errors import HfsError
+from hfs.utils.typed import coerce, field_values, fits, rules
 
 PROTOCOL_VERSION = 1
 MAC_BYTES = 32
@@ -127,23 +129,77 @@ def _dtype_name(dtype: np.dtype) -> str:
     return name
 
 
-def _array_specs(header: dict[str, Any]) -> list[tuple[np.dtype, tuple[int, ...], Any]]:
+@dataclass
+class ArraySpec:
+    """One entry of a header's ``arrays``: a frame's dtype and shape, or where it lies in the segment."""
+
+    dtype: str = field(metadata=rules(choices=tuple(DTYPES)))
+    shape: list[int] = field(metadata=rules(ge=0, lt=2**40))
+    shm: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+
+def _array_specs(header: dict[str, Any]) -> list[ArraySpec]:
     specs = header.get("arrays", [])
     if not isinstance(specs, list) or len(specs) > MAX_ARRAYS:
         raise ProtocolError(f"header field 'arrays' must be a list of at most {MAX_ARRAYS} entries")
-    out = []
-    for i, spec in enumerate(specs):
-        if not isinstance(spec, dict):
-            raise ProtocolError(f"header arrays[{i}] must be an object with dtype and shape")
-        dtype = DTYPES.get(spec.get("dtype")) if isinstance(spec.get("dtype"), str) else None
-        if dtype is None:
-            raise ProtocolError(f"header arrays[{i}].dtype {spec.get('dtype')!r} is not one of {', '.join(DTYPES)}")
-        shape = spec.get("shape")
-        if (not isinstance(shape, list) or not 1 <= len(shape) <= 2
-                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)):
-            raise ProtocolError(f"header arrays[{i}].shape {shape!r} must be a list of 1 or 2 sizes >= 0")
-        out.append((dtype, tuple(shape), spec.get("shm")))
+    out = [ArraySpec(**field_values(ArraySpec, spec, f"header arrays[{i}]", error=ProtocolError, strict=False))
+           for i, spec in enumerate(specs)]
+    for i, spec in enumerate(out):
+        if not 1 <= len(spec.shape) <= 2:
+            raise ProtocolError(f"header arrays[{i}] field 'shape' {spec.shape!r} must be a list of 1 or 2 sizes")
     return out
+
+
+def _verified(views: list[memoryview], secret: bytes | None) -> list[memoryview]:
+    """The frames before the HMAC frame, once the HMAC checks out (all of them without a secret)."""
+    if not secret:
+        return views
+    if len(views) < 2 or views[-1].nbytes != MAC_BYTES:
+        raise ProtocolError("authentication failed: missing HMAC frame (this server needs the shared secret)")
+    if not hmac.compare_digest(sign(views[:-1], secret), views[-1].tobytes()):
+        raise ProtocolError("authentication failed: bad HMAC (wrong shared secret?)")
+    return views[:-1]
+
+
+def _header(view: memoryview) -> dict[str, Any]:
+    """The JSON header of a message, of this protocol version."""
+    if view.nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {view.nbytes} bytes exceeds {MAX_HEADER_BYTES} bytes")
+    try:
+        header = json.loads(view.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"header is not UTF-8 JSON ({exc.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header must be a JSON object")
+    version = header.get("v")
+    if not fits(version, int) or version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})")
+    return header
+
+
+def _framed_array(view: memoryview, i: int, spec: ArraySpec) -> np.ndarray:
+    dtype = DTYPES[spec.dtype]
+    if view.nbytes != spec.nbytes:
+        raise ProtocolError(f"array frame {i + 1} has {view.nbytes} bytes, {dtype.name}{spec.shape} needs {spec.nbytes}")
+    return np.frombuffer(view, dtype=dtype).reshape(spec.shape)
+
+
+def _arrays(data: list[memoryview], specs: list[ArraySpec], segment: Any) -> tuple[list[np.ndarray], list[bool]]:
+    """The message's arrays (views of its frames or of the segment) and which lie in the segment."""
+    framed = sum(1 for spec in specs if spec.shm is None)
+    if len(data) != framed:
+        hint = " (a signed message sent to a server without a secret?)" if len(data) == framed + 1 else ""
+        raise ProtocolError(f"header announces {framed} array frame(s), message has {len(data)}{hint}")
+    if framed < len(specs) and segment is None:
+        raise ProtocolError(NO_SEGMENT_ERROR + " (send op 'shm' first, or the arrays as frames)")
+    frames = iter(data)
+    arrays = [segment.array(DTYPES[spec.dtype], tuple(spec.shape), spec.shm) if spec.shm is not None
+              else _framed_array(next(frames), i, spec) for i, spec in enumerate(specs)]
+    return arrays, [spec.shm is not None for spec in specs]
 
 
 def decode(frames: Sequence[Any], secret: bytes | None = None, max_bytes: int | None = None,
@@ -159,44 +215,11 @@ def decode(frames: Sequence[Any], secret: bytes | None = None, max_bytes: int | 
     total = sum(v.nbytes for v in views)
     if max_bytes is not None and total > max_bytes:
         raise ProtocolError(f"message of {total} bytes exceeds the limit of {max_bytes} bytes")
-    if secret:
-        if len(views) < 2 or views[-1].nbytes != MAC_BYTES:
-            raise ProtocolError("authentication failed: missing HMAC frame (this server needs the shared secret)")
-        if not hmac.compare_digest(sign(views[:-1], secret), views[-1].tobytes()):
-            raise ProtocolError("authentication failed: bad HMAC (wrong shared secret?)")
-        views = views[:-1]
-    if views[0].nbytes > MAX_HEADER_BYTES:
-        raise ProtocolError(f"header of {views[0].nbytes} bytes exceeds {MAX_HEADER_BYTES} bytes")
-    try:
-        header = json.loads(views[0].tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"header is not UTF-8 JSON ({exc.__class__.__name__})") from None
-    if not isinstance(header, dict):
-        raise ProtocolError("header must be a JSON object")
-    version = header.get("v")
-    if type(version) is not int or version != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})")
+    views = _verified(views, secret)
+    header = _header(views[0])
     specs = _array_specs(header)
-    framed = sum(1 for _, _, offset in specs if offset is None)
-    data = iter(views[1:])
-    if len(views) - 1 != framed:
-        hint = " (a signed message sent to a server without a secret?)" if len(views) - 1 == framed + 1 else ""
-        raise ProtocolError(f"header announces {framed} array frame(s), message has {len(views) - 1}{hint}")
-    if framed < len(specs) and segment is None:
-        raise ProtocolError(NO_SEGMENT_ERROR + " (send op 'shm' first, or the arrays as frames)")
-    arrays, in_segment, shared_bytes = [], [], 0
-    for i, (dtype, shape, offset) in enumerate(specs):
-        expected = math.prod(shape) * dtype.itemsize
-        if offset is not None:
-            arrays.append(segment.array(dtype, shape, offset))
-            in_segment.append(True)
-            shared_bytes += expected
-            continue
-        view = next(data)
-        if view.nbytes != expected:
-            raise ProtocolError(f"array frame {i + 1} has {view.nbytes} bytes, {dtype.name}{list(shape)} needs {expected}")
-        arrays.append(np.frombuffer(view, dtype=dtype).reshape(shape))
-        in_segment.append(False)
+    arrays, in_segment = _arrays(views[1:], specs, segment)
+    shared_bytes = sum(spec.nbytes for spec in specs if spec.shm is not None)
     if max_bytes is not None and total + shared_bytes > max_bytes:
         raise ProtocolError(f"message of {total + shared_bytes} bytes (with its shared-memory arrays) exceeds the "
                             f"limit of {max_bytes} bytes")
@@ -204,20 +227,14 @@ def decode(frames: Sequence[Any], secret: bytes | None = None, max_bytes: int | 
 
 
 def field_of(header: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
-    """A header field of the given type, or a ProtocolError naming it."""
-    if key not in header or header[key] is None:
+    """A header field of the given type (a JSON number: finite), or a ProtocolError naming it; a field
+    that is missing or null is ``default`` (none given: an error)."""
+    if header.get(key) is None:
         if default is ...:
             raise ProtocolError(f"header field '{key}' is missing")
         return default
-    value = header[key]
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) and bool not in kinds:
-        raise ProtocolError(f"header field '{key}' must be {'/'.join(k.__name__ for k in kinds)}, got {value!r}")
-    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kinds):
-        raise ProtocolError(f"header field '{key}' must be {'/'.join(k.__name__ for k in kinds)}, got {value!r}")
-    return value
+    hint = typing.Union[kind] if isinstance(kind, tuple) else kind
+    return coerce(f"header field '{key}'", header[key], hint, error=ProtocolError, finite=True)
 
 
 def peek_id(frames: Sequence[Any]) -> int | None:
@@ -229,9 +246,8 @@ def peek_id(frames: Sequence[Any]) -> int | None:
         value = json.loads(view.tobytes().decode("utf-8")).get("id")
     except Exception:
         return None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return value if fits(value, int) else None
 
 
 def error_reply(request_id: Any, message: str) -> dict[str, Any]:
-    return {"id": request_id if isinstance(request_id, int) and not isinstance(request_id, bool) else None,
-            "ok": False, "error": message}
+    return {"id": request_id if fits(request_id, int) else None, "ok": False, "error": message}

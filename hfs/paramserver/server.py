@@ -1,7 +1,8 @@
 """`hfs serve-params`: the weight store behind a ZeroMQ ROUTER socket.
 
-One thread runs the loop: receive a message, check it (`protocol.decode` + per-op field
-checks), call the in-process store, reply (a get or select replies from inside the store's
+One thread runs the loop: receive a message, parse it (`protocol.decode`, then each op's
+header fields by type), call the in-process store (which checks the values' ranges, once for
+every caller), reply (a get or select replies from inside the store's
 read, before the rows' catch-up is written back). A `get` for a step that is not applied yet is
 *deferred*: it waits in a list, the loop keeps serving others, and the reply goes out when
 the step is applied (or fails). A bad message never stops the loop: every error, expected
@@ -29,18 +30,15 @@ import numpy as np
 
 from hfs.paramserver import protocol as proto
 from hfs.paramserver.base import HParams
-from hfs.paramserver.catchup import UPDATE_RULES
-from hfs.paramserver.store import INITS, InProcessStore, ShardSpec
+from hfs.paramserver.store import InProcessStore, ShardSpec
 from hfs.utils.errors import HfsError
+from hfs.utils.typed import fits
 
 if TYPE_CHECKING:
     from hfs.config import HfsConfig
 
 log = logging.getLogger(__name__)
 
-#: Largest matrix a `create` may ask for (rows, dim); memory is checked separately.
-MAX_ROWS = 1 << 40
-MAX_DIM = 1 << 20
 _LATENCY_WINDOW = 4096
 
 
@@ -288,7 +286,7 @@ class ParamServer:
             msg = proto.decode(body, self.secret, self.max_message_bytes, segment=self._segment(envelope))
             request_id = msg.header.get("id")
             self.stats.shm_bytes_in += sum(a.nbytes for a, shared in zip(msg.arrays, msg.in_segment) if shared)
-            if not (isinstance(request_id, int) and not isinstance(request_id, bool)):
+            if not fits(request_id, int):
                 raise proto.ProtocolError("header field 'id' must be an integer")
             op = proto.field_of(msg.header, "op", str)
             handler = self._handlers.get(op)
@@ -376,24 +374,11 @@ class ParamServer:
     def _op_create(self, msg, envelope):
         h = msg.header
         _arrays(msg, [])
-        rows, dim = proto.field_of(h, "rows", int), proto.field_of(h, "dim", int)
-        if not (0 < rows <= MAX_ROWS and 0 < dim <= MAX_DIM):
-            raise proto.ProtocolError(f"rows and dim must be in 1..{MAX_ROWS} and 1..{MAX_DIM}, got {rows} and {dim}")
-        init = proto.field_of(h, "init", str, "gaussian")
-        if init not in INITS:
-            raise proto.ProtocolError(f"header field 'init' must be one of {', '.join(INITS)}, got {init!r}")
-        std = proto.field_of(h, "std", float, 0.01)
-        if not (np.isfinite(std) and std >= 0):
-            raise proto.ProtocolError(f"header field 'std' must be a finite number >= 0, got {std!r}")
-        seed = proto.field_of(h, "seed", int, 0)
-        if not 0 <= seed < 2**63:
-            raise proto.ProtocolError(f"header field 'seed' must be in 0..2**63-1, got {seed}")
-        rule = proto.field_of(h, "update_rule", str, None)
-        if rule is not None and rule not in UPDATE_RULES:
-            raise proto.ProtocolError(f"header field 'update_rule' must be one of {', '.join(UPDATE_RULES)}, "
-                                      f"got {rule!r}")
-        self.store.create(_name(h), rows, dim, init=init, std=std, seed=seed,
-                          exist_ok=proto.field_of(h, "exist_ok", bool, False), update_rule=rule)
+        # the fields' types are checked here, their ranges by the store (MatrixSpec)
+        self.store.create(_name(h), proto.field_of(h, "rows", int), proto.field_of(h, "dim", int),
+                          init=proto.field_of(h, "init", str, "gaussian"), std=proto.field_of(h, "std", float, 0.01),
+                          seed=proto.field_of(h, "seed", int, 0), exist_ok=proto.field_of(h, "exist_ok", bool, False),
+                          update_rule=proto.field_of(h, "update_rule", str, None))
         return {}, []
 
     def _op_get(self, msg, envelope):

@@ -58,10 +58,14 @@ from hfs.samplers.owned import IndexSpec, OwnedIndex
 from hfs.samplers.base import normalise_rows
 from hfs.samplers.selection import Selection, score_with_rows
 from hfs.utils.errors import HfsError
+from hfs.utils.typed import check_fields, rules
 
 log = logging.getLogger(__name__)
 
 INITS = ("gaussian", "uniform", "zeros")
+#: Largest matrix a `create` may ask for (rows, dim); memory is checked separately.
+MAX_ROWS = 1 << 40
+MAX_DIM = 1 << 20
 #: Most candidates a select may ask per query, and most (queries x candidates) per request.
 MAX_SELECT_K = 1 << 16
 MAX_SELECT_CANDIDATES = 1 << 24
@@ -76,6 +80,18 @@ _FAILED_KEEP = 64
 
 class StoreError(HfsError):
     """A request the store refuses (unknown matrix, row out of range, wrong shape, ...)."""
+
+
+@dataclass(frozen=True)
+class MatrixSpec:
+    """What ``create`` asks for, with the rules every caller (in process or over the wire) is held to."""
+
+    rows: int = field(metadata=rules(gt=0, le=MAX_ROWS))
+    dim: int = field(metadata=rules(gt=0, le=MAX_DIM))
+    init: str = field(default="gaussian", metadata=rules(choices=INITS))
+    std: float = field(default=0.01, metadata=rules(ge=0.0))
+    seed: int = field(default=0, metadata=rules(ge=0))
+    update_rule: str | None = field(default=None, metadata=rules(choices=UPDATE_RULES))
 
 
 @dataclass(frozen=True)
@@ -439,14 +455,9 @@ class InProcessStore(WeightStore):
         """See WeightStore.create. An existing matrix kept by ``exist_ok`` switches to ``update_rule``
         when one is given (its rows first caught up under the old rule)."""
         snaps.check_plain_name(name, "matrix name")
-        rule = self.update_rule if update_rule is None else _check_rule(update_rule)
-        if init not in INITS:
-            raise StoreError(f"init must be one of {', '.join(INITS)}; got {init!r}")
-        if int(num_rows) <= 0 or int(dim) <= 0:
-            raise StoreError(f"matrix {name!r} needs positive rows and dim, got ({num_rows}, {dim})")
-        num_rows, dim = int(num_rows), int(dim)
-        if not (int(seed) >= 0 and np.isfinite(std) and std >= 0):
-            raise StoreError(f"matrix {name!r} needs seed >= 0 and a finite std >= 0, got seed {seed}, std {std}")
+        spec = check_fields(MatrixSpec(num_rows, dim, init, std, seed, update_rule), f"matrix {name!r}",
+                            error=StoreError, finite=True)
+        num_rows, dim, rule = spec.rows, spec.dim, spec.update_rule or self.update_rule
         with self._cond:
             if name in self._matrices:
                 have = self._matrices[name]
@@ -467,7 +478,7 @@ class InProcessStore(WeightStore):
                 momentum = lazy_zeros((end - start, dim))
             except MemoryError:
                 raise StoreError(f"not enough memory for matrix {name!r} ({need / 2**30:.1f} GiB)") from None
-            init_rows(weight, start, init, float(std), int(seed))
+            init_rows(weight, start, spec.init, spec.std, spec.seed)
             self._matrices[name] = Matrix(name, num_rows, start, weight, momentum, update_rule=rule)
             self._dirty = True
             log.info("created matrix %s: rows %d..%d of %d, dim %d (%s, update rule %s)", name, start, end,
@@ -635,13 +646,9 @@ class InProcessStore(WeightStore):
     def set_hparams(self, name: str, hparams: HParams) -> None:
         if not isinstance(hparams, HParams):
             raise StoreError(f"hparams must be HParams, got {type(hparams).__name__}")
-        for key in ("lr", "momentum", "weight_decay"):
-            value = getattr(hparams, key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value) or value < 0:
-                raise StoreError(f"hparams.{key} must be a finite number >= 0, got {value!r}")
+        hparams = check_fields(hparams, "hparams", error=StoreError, finite=True)  # plain floats, each >= 0
         with self._cond:
-            self._matrix(name).hparams = HParams(float(hparams.lr), float(hparams.momentum),
-                                                 float(hparams.weight_decay))
+            self._matrix(name).hparams = hparams
 
     def iter_chunks(self, name: str, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
         with self._cond:

@@ -36,6 +36,7 @@ from hfs.samplers.refresh import DriftTracker, IndexBuild, RefreshPolicy
 from hfs.samplers.selection import Scorer
 from hfs.samplers.registry import SAMPLERS
 from hfs.utils.errors import HfsError
+from hfs.utils.typed import field_values, rules
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +64,18 @@ class IndexSpec:
     """
 
     sampler: str
-    kwargs: dict = field(default_factory=dict)
-    refresh: str = "adaptive"
-    interval: int = 100
-    max_interval: int = 10000
-    drift_threshold: float = 0.05
+    kwargs: dict[str, str | int | float | bool | None] = field(default_factory=dict)
+    refresh: str = field(default="adaptive", metadata=rules(choices=REFRESH_MODES))
+    interval: int = field(default=100, metadata=rules(gt=0, lt=2**40))
+    max_interval: int = field(default=10000, metadata=rules(ge=0, lt=2**62))
+    drift_threshold: float = field(default=0.05, metadata=rules(gt=0.0))
     background: bool = True
-    update_threshold: float = 0.1
-    update_budget: int = 16
-    drift_rows: int = 128
-    chunk_rows: int = 32768
+    update_threshold: float = field(default=0.1, metadata=rules(gt=0.0))
+    update_budget: int = field(default=16, metadata=rules(ge=0, lt=2**62))
+    drift_rows: int = field(default=128, metadata=rules(ge=0, lt=2**62))
+    chunk_rows: int = field(default=32768, metadata=rules(gt=0, lt=2**40))
     workdir: str = ""
-    seed: int = 0
+    seed: int = field(default=0, metadata=rules(ge=0, lt=2**62))
 
     @property
     def policy(self) -> RefreshPolicy:
@@ -88,63 +89,21 @@ class IndexSpec:
 
     @classmethod
     def from_json(cls, data: Any) -> "IndexSpec":
-        """A spec from its JSON object, every field checked (unknown or ill-typed: IndexSpecError)."""
-        if not isinstance(data, dict):
-            raise IndexSpecError(f"index spec must be a JSON object, got {type(data).__name__}")
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise IndexSpecError(f"index spec has unknown field(s) {', '.join(unknown)} (known: {', '.join(known)})")
-        if "sampler" not in data:
-            raise IndexSpecError("index spec field 'sampler' is missing")
-        kinds = {"sampler": str, "kwargs": dict, "refresh": str, "interval": int, "max_interval": int,
-                 "drift_threshold": float, "background": bool, "update_threshold": float, "update_budget": int,
-                 "drift_rows": int, "chunk_rows": int, "workdir": str, "seed": int}
-        values = {}
-        for key, value in data.items():
-            values[key] = _checked(f"index spec field '{key}'", value, kinds[key])
-        spec = cls(**values)
+        """A spec from its JSON object, every field checked against its annotation and rules
+        (unknown, ill-typed or out of range: IndexSpecError), then :meth:`check`."""
+        spec = cls(**field_values(cls, data, "index spec", error=IndexSpecError, finite=True))
         spec.check()
         return spec
 
     def check(self) -> None:
-        """Raise IndexSpecError naming the first field out of range or a sampler that does not take ``kwargs``."""
+        """Raise IndexSpecError when ``sampler`` is not registered or does not take ``kwargs``."""
         if self.sampler not in SAMPLERS:
             raise IndexSpecError(f"index spec field 'sampler' {self.sampler!r} is not one of {', '.join(SAMPLERS.names())}")
-        if self.refresh not in REFRESH_MODES:
-            raise IndexSpecError(f"index spec field 'refresh' must be one of {', '.join(REFRESH_MODES)}, got {self.refresh!r}")
-        positive = {"interval": self.interval, "chunk_rows": self.chunk_rows}
-        non_negative = {"max_interval": self.max_interval, "update_budget": self.update_budget,
-                        "drift_rows": self.drift_rows, "seed": self.seed}
-        for key, value in positive.items():
-            if not 0 < value < 2**40:
-                raise IndexSpecError(f"index spec field '{key}' must be a positive integer, got {value}")
-        for key, value in non_negative.items():
-            if not 0 <= value < 2**62:
-                raise IndexSpecError(f"index spec field '{key}' must be an integer >= 0, got {value}")
-        for key in ("drift_threshold", "update_threshold"):
-            value = getattr(self, key)
-            if not (np.isfinite(value) and value > 0):
-                raise IndexSpecError(f"index spec field '{key}' must be a finite number > 0, got {value}")
-        for key, value in self.kwargs.items():
-            if not isinstance(key, str) or not (value is None or isinstance(value, (str, int, float, bool))):
-                raise IndexSpecError(f"index spec field 'kwargs.{key}' must be a string, number or boolean")
         try:
             probe = self.make_sampler()
         except (TypeError, ValueError) as exc:
             raise IndexSpecError(f"index spec field 'kwargs' does not fit sampler {self.sampler!r}: {exc}") from None
         probe.close()
-
-
-def _checked(what: str, value: Any, kind: type) -> Any:
-    """``value`` as ``kind`` (an int is a float too; a bool is nothing else), or IndexSpecError naming ``what``."""
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, bool) and kind is not bool:
-        raise IndexSpecError(f"{what} must be {kind.__name__}, got {value!r}")
-    if not isinstance(value, kind):
-        raise IndexSpecError(f"{what} must be {kind.__name__}, got {value!r}")
-    return value
 
 
 def _reader_of(rows: np.ndarray, values: object) -> Callable[[np.ndarray], np.ndarray]:

@@ -5,20 +5,20 @@ with similarities that are comparable across shards (``ClassSampler.search``), s
 ``k`` over all shards are the best ``k`` of the concatenated answers: :func:`merge_topk`.
 The selection rule travels over the wire as the JSON object of its fields
 (:func:`rule_to_fields`) and is rebuilt, every field checked against the dataclass's own
-annotations, by :func:`rule_from_fields` — the field list is never written out here.
+annotations (:mod:`hfs.utils.typed`), by :func:`rule_from_fields` — the field list is never
+written out here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from typing import Any, Sequence
 
 import numpy as np
 
 from hfs.samplers.selection import SelectionRule
 from hfs.utils.errors import HfsError
+from hfs.utils.typed import field_values
 
 
 class RuleError(HfsError):
@@ -49,40 +49,8 @@ def rule_to_fields(rule: SelectionRule) -> dict[str, Any]:
 
 def rule_from_fields(fields: Any) -> SelectionRule:
     """A SelectionRule from a JSON object of its fields; unknown, missing or ill-typed fields: RuleError."""
-    if not isinstance(fields, dict):
-        raise RuleError(f"selection rule must be a JSON object of its fields, got {type(fields).__name__}")
-    known = {f.name for f in dataclasses.fields(SelectionRule)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise RuleError(f"selection rule has unknown field(s) {', '.join(map(str, unknown))} "
-                        f"(known: {', '.join(sorted(known))})")
-    hints = typing.get_type_hints(SelectionRule)
-    values = {key: _typed(f"selection rule field '{key}'", value, hints.get(key, Any)) for key, value in fields.items()}
+    values = field_values(SelectionRule, fields, "selection rule", error=RuleError, finite=True)
     try:
         return SelectionRule(**values)
     except (TypeError, ValueError) as exc:
         raise RuleError(f"selection rule does not fit: {exc}") from None
-
-
-def _typed(what: str, value: Any, hint: Any) -> Any:
-    """``value`` checked against the annotation ``hint`` (numbers, strings, booleans, None and unions of them)."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    for option in options:
-        if option is Any:
-            return value
-        if option is type(None) and value is None:
-            return None
-        if option is bool and isinstance(value, bool):
-            return value
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            if not -(2**62) < value < 2**62:
-                raise RuleError(f"{what} {value} is out of range")
-            return value
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not np.isfinite(value):
-                raise RuleError(f"{what} must be finite, got {value!r}")
-            return float(value)
-        if option is str and isinstance(value, str):
-            return value
-    names = "/".join(getattr(o, "__name__", str(o)) for o in options)
-    raise RuleError(f"{what} must be {names}, got {value!r}")

@@ -70,11 +70,15 @@ class CpuHintHook:
             t = trainer.cfg.train
             self.hint.before_first_step(trainer.backbone, trainer.cfg.data.image_size, t.batch_size * t.grad_accum)
 
-    def on_step_end(self, trainer, stats, record) -> None:
+    def on_step_end(self, trainer, stats) -> dict:
         if self.hint is not None and trainer.step == self.start + 1:
             self.hint.after_first_step()
+        return {}
 
-    def on_end(self, trainer, record) -> None:
+    def on_end(self, trainer) -> dict:
+        return {}
+
+    def on_record(self, trainer, record, final: bool) -> None:
         pass
 
 

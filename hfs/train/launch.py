@@ -14,11 +14,11 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 from hfs.utils.errors import HfsError
+from hfs.utils.process import free_port
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,6 @@ def visible_gpus() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS says is free now (single-node jobs pick their rendezvous port this way)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def make_plan(dist_cfg: Any) -> LaunchPlan:

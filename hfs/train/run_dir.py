@@ -130,6 +130,59 @@ def resolve_latest(spec: str, cfg: HfsConfig, config_path: str | Path | None, ov
     return str(found)
 
 
+def resume_config(spec: str, config_given: bool, cfg: HfsConfig, overrides: Sequence[str]) -> tuple[Path, HfsConfig]:
+    """The checkpoint to resume and the config to resume with.
+
+    With ``--config`` the given config is used (so e.g. max_steps can be raised); without
+    it, the checkpoint's own config plus the overrides.
+    """
+    from hfs import checkpoint as ckpt_io
+    from hfs.config import apply_overrides, config_from_dict
+
+    path = ckpt_io.resolve_checkpoint(spec, cfg.train.output_dir)
+    if config_given:
+        return path, cfg
+    data = ckpt_io.load_checkpoint(path, mmap=True)["config"]  # the Trainer reads the tensors later
+    return path, config_from_dict(apply_overrides(data, overrides))
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedRun:
+    """What a training command runs: its config and the checkpoint it resumes (None: a fresh run).
+
+    ``complete``: the checkpoint already is the end of the run (said out loud; nothing to do).
+    """
+
+    cfg: HfsConfig
+    checkpoint: Path | None = None
+    complete: bool = False
+
+
+def resolve_run(config_path: str | Path | None, overrides: Sequence[str], resume: str | None = None, *,
+                world_size: int | None = 1) -> ResolvedRun:
+    """The one way `hfs train` and `hfs train-dist` turn their arguments into a run.
+
+    The config is the defaults, then ``config_path``, then ``overrides`` in order (a command
+    puts its flags first and ``--set`` last, so an explicit ``--set`` wins). With ``resume`` ('latest', a run folder or a
+    checkpoint): the checkpoint, its config (without ``--config``: the checkpoint's own plus the
+    overrides), written into its own run folder unless train.output_dir was given; a run already
+    at its end (``world_size`` None: not known yet) is reported and marked complete. Every
+    folder the run writes into is checked before anything is built.
+    """
+    from hfs.config import load_config
+
+    cfg = load_config(config_path, overrides)
+    checkpoint = None
+    if resume:
+        resume = resolve_latest(resume, cfg, config_path, overrides)
+        checkpoint, cfg = resume_config(resume, config_path is not None, cfg, overrides)
+        cfg = place_resumed_run(cfg, checkpoint, config_path, overrides)
+        if report_if_complete(checkpoint, cfg, world_size=world_size):
+            return ResolvedRun(cfg, checkpoint, complete=True)
+    check_train_outputs(cfg)
+    return ResolvedRun(cfg, checkpoint)
+
+
 def warn_ignored_keys(cfg: HfsConfig) -> None:
     """Keys that this fc.mode does not use, said once instead of silently ignored."""
     if cfg.paramserver.address and cfg.fc.mode != "sampled":

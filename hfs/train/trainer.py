@@ -26,6 +26,7 @@ import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -37,7 +38,7 @@ from hfs.dist import DistEnv, all_reduce_sum, eval_indices
 from hfs.fc.layer import ClassifierContext, ClassifierLayer, build_classifier, check_mode_runs_here
 from hfs.models import build_backbone, build_head
 from hfs.train.data_order import BatchStream, DataPosition
-from hfs.train.hooks import StepCallback, default_hooks
+from hfs.train.hooks import StepCallback, default_hooks, gather_record
 from hfs.train.optim import build_optimizer, clip_backbone_grads, store_sgd_hparams
 from hfs.train.run_dir import resume_hint, warn_ignored_keys
 from hfs.train.schedule import lr_at
@@ -69,29 +70,12 @@ class TrainResult:
 
 
 
-def resume_config(spec: str, config_given: bool, cfg: HfsConfig, overrides: Sequence[str]) -> tuple[Path, HfsConfig]:
-    """The checkpoint to resume and the config to resume with.
-
-    With ``--config`` the given config is used (so e.g. max_steps can be raised); without
-    it, the checkpoint's own config plus the ``--set`` overrides.
-    """
-    from hfs.config import _merge, config_from_dict, parse_override
-
-    path = ckpt_io.resolve_checkpoint(spec, cfg.train.output_dir)
-    if config_given:
-        return path, cfg
-    data = ckpt_io.load_checkpoint(path, mmap=True)["config"]  # the Trainer reads the tensors later
-    for text in overrides:
-        data = _merge(data, parse_override(text))
-    return path, config_from_dict(data)
-
-
 class Trainer:
     """Builds everything from the config, then `run()`s; `request_stop()` ends it cleanly.
 
-    ``hooks`` run after each step between validation and the metrics line (see
-    :mod:`hfs.train.hooks`; `hfs train` adds verification this way), ``callbacks`` are plain
-    ``fn(trainer, step, record)`` called last.
+    ``hooks`` measure after each step beside validation, their measures in the step's record
+    (see :mod:`hfs.train.hooks`; `hfs train` adds verification this way), ``callbacks`` are
+    plain ``fn(trainer, step, record)`` called last with the finished record.
     """
 
     def __init__(self, cfg: HfsConfig, *, resume: str | Path | None = None, datasets=None,
@@ -144,13 +128,10 @@ class Trainer:
         self.model = self._data_parallel(self.backbone)
         self.fc: ClassifierLayer = build_classifier(cfg, ClassifierContext(
             num_classes=self.num_classes, head=build_head(cfg.head), device=self.device, env=self.env, stack=stack,
-            checkpoint=self.ckpt, checkpoint_path=self.resume_path))
+            checkpoint=self.ckpt, checkpoint_path=self.resume_path, resume_hint=resume_hint(cfg, self.launched)))
         params = [{"params": list(self.backbone.parameters()), "lr_scale": 1.0}, *self.fc.param_groups()]
         self.optimizer = build_optimizer(cfg, params)
         self.fc.attach_optimizer(self.optimizer)
-        store = getattr(self.fc, "store", None)
-        if hasattr(store, "resume_hint"):  # a server that stops answering names the way back
-            store.resume_hint = resume_hint(cfg, self.launched)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
         self.total_steps = total_steps(cfg.train, len(self.train_ds), self.env.world_size)
@@ -337,9 +318,8 @@ class Trainer:
             for hook in hooks:
                 hook.on_start(self)
             self.result.interrupted = self._loop(hooks)
-            record: dict[str, Any] = {"step": self.step}
-            for hook in hooks:
-                hook.on_end(self, record)
+            record = gather_record({"step": self.step}, hooks, [hook.on_end(self) for hook in hooks])
+            self._publish(hooks, record, final=True)
             if self.result.interrupted and self.env.is_main:
                 command = "hfs train-dist" if self.launched else "hfs train"
                 log.warning("%s: stopped after step %d; continue with `%s --resume %s`",
@@ -356,10 +336,16 @@ class Trainer:
             lr = self._set_lr(self.step)
             stats = self.train_step(self.step)
             self.step += 1
-            record = {"step": self.step, "lr": lr}
-            for hook in hooks:
-                hook.on_step_end(self, stats, record)
+            record = gather_record({"step": self.step, "lr": lr}, hooks,
+                                   [hook.on_step_end(self, stats) for hook in hooks])
+            self._publish(hooks, record, final=False)
         return False
+
+    def _publish(self, hooks: Sequence[Any], record: dict[str, Any], final: bool) -> None:
+        """Every hook reads the finished record (read-only: hooks hand data on only by returning it)."""
+        view = MappingProxyType(record)
+        for hook in hooks:
+            hook.on_record(self, view, final)
 
 
 def train(cfg: HfsConfig, resume: str | Path | None = None, **kwargs) -> TrainResult:

@@ -14,6 +14,7 @@ def test_memory_check_runs_the_configured_index_sampler_against_a_server():
     assert row["rssanon_mb"] > 0 and row["rssfile_mb"] >= 0  # Linux: the split is reported
 
 
+@pytest.mark.slow
 def test_a_dead_memory_child_is_reported_not_waited_for():
     import multiprocessing as mp
 

@@ -56,6 +56,7 @@ def test_cli_writes_json(tmp_path, one_torch_thread):
     assert report["settings"]["batch_size"] == 8 and "images/s" in result.output
 
 
+@pytest.mark.slow
 def test_cli_data_folder_without_rec_is_one_error_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "hfs", "bench-loader", "--data", str(tmp_path), "--decoders", "pil"],
                           capture_output=True, text=True, timeout=60)

@@ -3,9 +3,12 @@
 import subprocess
 import sys
 
+import pytest
+
 from hfs.bench.paramserver import BenchConfig, render, run_benchmark
 
 
+@pytest.mark.slow
 def test_run_benchmark_times_both_update_rules_in_process():
     cfg = BenchConfig(rows=20, dim=8, num_classes=500, seconds=0.2, workers=2, sync_steps=3,
                       memory_rows=1000, memory_dim=8, update_rule="lazy", rounds=2, round_seconds=0.05)
@@ -43,6 +46,7 @@ def test_run_benchmark_times_both_update_rules_in_process():
     assert "median [q1-q3] of 2 interleaved rounds" in text
 
 
+@pytest.mark.slow
 def test_zero_rounds_skip_the_interleaved_measurement():
     cfg = BenchConfig(rows=10, dim=4, num_classes=100, seconds=0.05, workers=2, sync_steps=2,
                       memory_rows=100, memory_dim=4, rounds=0)

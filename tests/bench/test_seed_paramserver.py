@@ -1,21 +1,15 @@
 """The seed-style server (benchmark-only reimplementation): its wire behaviour and its maths."""
 
-import socket
 import threading
 
 import numpy as np
 
 from hfs.bench.seed_paramserver import SeedStyleClient, serve
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from hfs.utils.process import free_port
 
 
 def test_fire_and_forget_pushes_apply_lazy_sgd_with_summed_duplicates():
-    port = _free_port()
+    port = free_port()
     server = threading.Thread(target=serve, args=(port,), daemon=True)
     server.start()
     client = SeedStyleClient(f"tcp://127.0.0.1:{port}", timeout_s=20)

@@ -102,6 +102,7 @@ def test_index_build_times_a_small_annoy_forest():
     assert row["classes"] == 500 and row["build_s"] > 0 and row["query_ms_per_batch"] > 0 and row["trees"] == 2
 
 
+@pytest.mark.slow
 def test_accuracy_script_end_to_end_with_parallel_cells_and_resume(tmp_path):
     out = tmp_path / "acc.json"
     common = ["--classes", "24", "--train-views", "2", "--val-views", "1", "--verify-identities", "8",
@@ -169,6 +170,7 @@ def test_paramserver_counters_cover_every_path_on_a_tiny_matrix():
     assert cpu > 0 and faults > 0
 
 
+@pytest.mark.slow
 def test_sampled_step_served_times_steps_with_the_servers_index(tmp_path):
     import sampled_step_served
 
@@ -181,6 +183,7 @@ def test_sampled_step_served_times_steps_with_the_servers_index(tmp_path):
     assert result["server_rss_mb_max"] > 0 and result["trainer_peak_rss_mb"] > 0
 
 
+@pytest.mark.slow
 def test_scale_run_waits_for_the_servers_index_then_trains_with_it(tmp_path):
     """scale_10m.py --wait-index on a tiny case: the server builds the trainer's index before the
     first step, and every recorded step has it ready."""
@@ -197,6 +200,7 @@ def test_scale_run_waits_for_the_servers_index_then_trains_with_it(tmp_path):
     assert results["result"]["steps"] == 50
 
 
+@pytest.mark.slow
 def test_served_ratio_interleaves_rounds_and_takes_ratios_within_each(tmp_path):
     import served_ratio
 

@@ -160,6 +160,7 @@ def test_verify_with_onnx_scores_like_the_checkpoint(tmp_path, tiny_bin, exporte
     assert b["best_threshold"] == pytest.approx(a["best_threshold"], abs=0.011)  # thresholds step by 0.01
 
 
+@pytest.mark.slow
 def test_cli_export_in_a_subprocess(tmp_path, exported):
     out = tmp_path / "deploy" / "model.onnx"
     proc = subprocess.run([sys.executable, "-m", "hfs", "export", "--checkpoint", str(exported["checkpoint"]),
@@ -178,6 +179,7 @@ def _hfs_error(*args):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_bad_checkpoint_is_one_error_line_in_a_subprocess(tmp_path):
     out = tmp_path / "m.onnx"
     assert _hfs_error("export", "--checkpoint", tmp_path / "nope.pt", "--onnx", out) == \
@@ -244,6 +246,7 @@ def test_missing_onnx_packages_say_how_to_install(tmp_path, exported, monkeypatc
         load_embedding_model(exported["folder"] / "m.onnx")
 
 
+@pytest.mark.slow
 def test_extract_refuses_a_file_that_is_not_onnx(tmp_path, tiny_bin):
     from hfs.eval.evaluate import extract_checkpoint
 

@@ -447,6 +447,7 @@ def test_missing_image_names_the_file(tmp_path, checkpoint):
     assert not list(tmp_path.glob("*.npy"))
 
 
+@pytest.mark.slow
 def test_undecodable_image_stops_the_extraction_with_its_name(tmp_path, checkpoint):
     pytest.importorskip("skimage")
     toy = make_ijb(tmp_path / "IJBC", subjects=2, templates_per_subject=2, images=True)
@@ -461,6 +462,7 @@ def test_undecodable_image_stops_the_extraction_with_its_name(tmp_path, checkpoi
     assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.slow
 def test_a_model_that_returns_nan_stops_cleanly(tmp_path, checkpoint):
     pytest.importorskip("skimage")
     import torch

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -14,14 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from hfs.utils.process import kill_if_running, start_serve_params
+
 REPO = Path(__file__).resolve().parents[2]
 C, D, B = 1_000_000, 8, 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_trainer_memory_at_a_million_classes_does_not_grow_with_c(tmp_path):
@@ -32,13 +24,9 @@ def test_trainer_memory_at_a_million_classes_does_not_grow_with_c(tmp_path):
     from hfs.models.heads import ArcFaceHead
     from hfs.paramserver.client import ParamClient
 
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    server = subprocess.Popen([sys.executable, "-m", "hfs", "serve-params", "--port", str(port), "--snapshot-dir",
-                               str(tmp_path / "snaps")], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    server, address = start_serve_params(tmp_path / "snaps", env={"PYTHONPATH": str(REPO)}, cwd=REPO)
     cfg = load_config(None, [f"model.embedding_size={D}", "sampler.type=annoy", "sampler.annoy_trees=1",
-                             "fc.sample_num=64", f"train.batch_size={B}", f"paramserver.address=tcp://127.0.0.1:{port}"])
+                             "fc.sample_num=64", f"train.batch_size={B}", f"paramserver.address={address}"])
     client = None
     try:
         deadline = time.monotonic() + 60
@@ -71,6 +59,6 @@ def test_trainer_memory_at_a_million_classes_does_not_grow_with_c(tmp_path):
         server.send_signal(signal.SIGTERM)
         try:
             server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        finally:
+            kill_if_running(server)
             server.wait(10)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,31 +14,9 @@ import pytest
 
 from hfs.paramserver.server import ParamServer
 from hfs.paramserver.store import InProcessStore, ShardSpec
+from hfs.utils.process import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_ports(count: int = 1) -> int:
-    """A base port such that base..base+count-1 are free on 127.0.0.1 right now."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count > 65535:
-            continue
-        socks = []
-        try:
-            for i in range(count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no free ports")
 
 
 class ThreadServer:
@@ -74,7 +51,7 @@ def thread_server():
 @pytest.fixture
 def shard_pair(tmp_path):
     """Two in-thread shards of one group, each listing both endpoints as peers."""
-    base = free_ports(2)
+    base = free_port(count=2)
     peers = [f"tcp://127.0.0.1:{base + i}" for i in range(2)]
     servers = [ThreadServer(InProcessStore(tmp_path / f"shard-{i}", timeout_s=10, shard=ShardSpec(i, 2)),
                             peers[i], peers=peers) for i in range(2)]
@@ -118,5 +95,5 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
 
 @pytest.fixture
 def helpers():
-    """free_ports and wait_for for test modules (importlib mode cannot import conftest)."""
-    return type("Helpers", (), {"free_ports": staticmethod(free_ports), "wait_for": staticmethod(wait_for)})
+    """free_port and wait_for for test modules (importlib mode cannot import conftest)."""
+    return type("Helpers", (), {"free_port": staticmethod(free_port), "wait_for": staticmethod(wait_for)})

@@ -13,6 +13,7 @@ from hfs.paramserver.store import InProcessStore
 from hfs.utils.errors import HfsError
 
 
+@pytest.mark.slow
 def test_dead_server_warns_early_then_says_how_to_recover(thread_server, tmp_path, caplog):
     srv = thread_server(InProcessStore(tmp_path / "snaps", timeout_s=10))
     client = ParamClient(srv.endpoint, timeout_s=4.5, connect_timeout_s=5)
@@ -40,6 +41,26 @@ def test_training_sets_the_resume_hint(tiny_cfg_module):
     cfg = tiny_cfg_module("train.output_dir=/x/run")
     assert resume_hint(cfg, launched=False) == "hfs train --resume /x/run"
     assert resume_hint(cfg, launched=True) == "hfs train-dist --resume /x/run"
+
+
+def test_the_sampled_classifier_hands_the_hint_to_its_store_client(thread_server, tiny_cfg_module):
+    """The trainer puts the hint in the classifier's context; it never reaches into the layer's store."""
+    import contextlib
+
+    import torch
+
+    from hfs.dist import DistEnv
+    from hfs.fc.layer import ClassifierContext, build_classifier
+    from hfs.models import build_head
+
+    srv = thread_server()
+    cfg = tiny_cfg_module("fc.mode=sampled", "fc.sample_num=4", "model.embedding_size=4", "sampler.type=random",
+                          f"paramserver.address={srv.endpoint}", "paramserver.shared_memory=off")
+    with contextlib.ExitStack() as stack:
+        fc = build_classifier(cfg, ClassifierContext(num_classes=10, head=build_head(cfg.head),
+                                                     device=torch.device("cpu"), env=DistEnv(), stack=stack,
+                                                     resume_hint="hfs train --resume /x/run"))
+        assert fc.store.resume_hint == "hfs train --resume /x/run"
 
 
 @pytest.fixture

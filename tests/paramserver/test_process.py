@@ -7,6 +7,7 @@ import signal
 import threading
 
 import numpy as np
+import pytest
 
 from hfs.paramserver.base import HParams
 from hfs.paramserver.client import ParamClient
@@ -17,9 +18,10 @@ def _client(port: int, **kw) -> ParamClient:
     return ParamClient(f"tcp://127.0.0.1:{port}", timeout_s=30, connect_timeout_s=30, **kw)
 
 
+@pytest.mark.slow
 def test_kill_during_snapshot_then_resume_latest(processes, helpers, tmp_path):
     snaps = tmp_path / "snaps"
-    port = helpers.free_ports()
+    port = helpers.free_port()
     # The test hook pauses every snapshot after its first array, so the kill lands inside one.
     server = processes("serve-params", "--port", str(port), "--snapshot-dir", str(snaps), env={PAUSE_ENV: "1.5"})
     with _client(port) as client:
@@ -56,7 +58,7 @@ def _snapshot_ignoring_errors(client: ParamClient) -> None:
 
 
 def test_two_shard_group_from_the_cli(processes, helpers, tmp_path):
-    port = helpers.free_ports(2)
+    port = helpers.free_port(count=2)
     group = processes("serve-params", "--shards", "2", "--port", str(port), "--snapshot-dir", str(tmp_path))
     with _client(port) as client:  # one endpoint; the other shard is discovered
         assert client.endpoints == [f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{port + 1}"]
@@ -78,7 +80,7 @@ def test_two_shard_group_from_the_cli(processes, helpers, tmp_path):
 
 def test_resume_latest_without_a_snapshot_is_an_error(processes, helpers, tmp_path):
     """Issue 15 item 16: `--resume latest` with nothing to resume does not start empty; latest-or-new does."""
-    port = helpers.free_ports(1)
+    port = helpers.free_port()
     server = processes("serve-params", "--port", str(port), "--snapshot-dir", str(tmp_path), "--resume", "latest")
     output = server.communicate(timeout=60)[0]
     assert server.returncode == 2, output
@@ -92,13 +94,14 @@ def test_resume_latest_without_a_snapshot_is_an_error(processes, helpers, tmp_pa
     assert server.wait(30) == 0
 
 
+@pytest.mark.slow
 def test_two_shard_processes_over_shared_memory_give_the_store_numbers_bit_for_bit(processes, helpers, tmp_path):
     """Real processes, so the client runs while a shard finishes a get after its reply: pipelined
     pushes of varying sizes through the segment overwrite the request region the get's rows came
     in; the numbers must still be the in-process store's (a shared buffer once crashed a shard)."""
     from hfs.paramserver.store import InProcessStore
 
-    port = helpers.free_ports(2)
+    port = helpers.free_port(count=2)
     group = processes("serve-params", "--shards", "2", "--port", str(port), "--snapshot-dir", str(tmp_path))
     local = InProcessStore()
     rng = np.random.default_rng(5)

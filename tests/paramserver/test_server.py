@@ -140,7 +140,7 @@ def test_cli_refuses_public_bind_before_binding(tmp_path):
 
 
 def test_client_timeout_names_the_missing_server(helpers):
-    port = helpers.free_ports()
+    port = helpers.free_port()
     with pytest.raises(HfsError) as err:
         ParamClient(f"tcp://127.0.0.1:{port}", connect_timeout_s=0.3)
     assert str(err.value) == f"no parameter server at tcp://127.0.0.1:{port} — start one with `hfs serve-params`"

@@ -5,14 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from hfs.paramserver.store import lazy_zeros
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    raise AssertionError("no VmRSS")
+from hfs.utils.process import rss_mb
 
 
 def test_lazy_zeros_is_a_writable_zeroed_float32_array():
@@ -27,8 +20,8 @@ def test_writing_random_rows_maps_only_their_pages():
     # (nearly) all of it; with 4 KiB pages it maps about 200 pages.
     rows, dim = 524_288, 128
     a = lazy_zeros((rows, dim))
-    before = _rss_mib()
+    before = rss_mb()
     picked = np.random.default_rng(0).choice(rows, 200, replace=False)
     a[picked] = 1.0
-    assert _rss_mib() - before < 32
+    assert rss_mb() - before < 32
     assert a[picked].all() and a.sum() == 200 * dim

@@ -10,6 +10,7 @@ from hfs.bench.sampler import ExactReference, queries_near, structured_weights
 from hfs.cli import app
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("baseline", ["--upkeep-baseline", "--no-upkeep-baseline"])
 def test_bench_sampler_end_to_end_writes_json(tmp_path, baseline):
     out = tmp_path / "bench.json"
@@ -30,6 +31,7 @@ def test_bench_sampler_end_to_end_writes_json(tmp_path, baseline):
     assert "coverage" in result.output
 
 
+@pytest.mark.slow
 def test_weights_file_of_another_float_type(tmp_path):
     path = tmp_path / "w.npy"
     np.save(path, structured_weights(400, 8, cluster_size=8).astype(np.float64))
@@ -75,6 +77,7 @@ def test_unknown_sampler_is_a_one_line_error():
     assert proc.stderr.strip().splitlines()[-1] == "error: --samplers: unknown sampler 'anoy' (did you mean 'annoy'?); known: annoy, exact, hnsw, memory, random"
 
 
+@pytest.mark.slow
 def test_query_sweep_measures_one_built_index_at_each_value(tmp_path):
     out = tmp_path / "sweep.json"
     result = CliRunner().invoke(app, [
@@ -107,3 +110,18 @@ def test_bad_query_sweep_is_a_one_line_error(sweep, message):
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: --query-sweep '{sweep}'") and message in last
+
+
+def test_the_simulated_margin_is_the_heads_own_with_arcfaces_fallback():
+    """bench-sampler's training simulation uses the HEADS registry's margin, not a numpy copy of it."""
+    from hfs.bench.sampler import head_margin
+    from hfs.config import load_config
+
+    cos = np.linspace(-0.99, 0.99, 41).astype(np.float32)
+    arc = head_margin(load_config(None, ["head.type=arcface", "head.margin=0.5"]).head)(cos)
+    assert arc.dtype == np.float32 and np.all(np.diff(arc) > 0)  # past pi - m the fallback keeps it monotonic
+    np.testing.assert_allclose(arc[cos > np.cos(np.pi - 0.5)],
+                               np.cos(np.arccos(cos[cos > np.cos(np.pi - 0.5)]) + 0.5), atol=1e-5)
+    np.testing.assert_allclose(head_margin(load_config(None, ["head.type=cosface", "head.margin=0.35"]).head)(cos),
+                               cos - 0.35, atol=1e-6)
+    np.testing.assert_array_equal(head_margin(load_config(None, ["head.type=softmax"]).head)(cos), cos)

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from hfs.utils.process import free_port
 
 
 def _rank_main(local_rank: int, fn: Callable, world: int, port: int, out_dir: str, args: tuple) -> None:

@@ -50,6 +50,7 @@ def _gather_worker(env: DistEnv) -> dict:
             "sum": all_reduce_sum([env.rank, 1.0]), "obj": broadcast_object({"r": env.rank} if env.is_main else None)}
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 def test_all_gather_with_grad_sends_summed_gradients_to_their_owner():
     out = run_ranks(_gather_worker, 2)

@@ -29,6 +29,7 @@ def test_make_plan_defaults_and_checks():
         make_plan(DistConfig(nnodes=2, node_rank=2, master_port=29400))
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.timeout(90)  # the peer stuck in a barrier must be stopped, not waited for
 def test_a_crashing_worker_ends_the_job_with_one_clear_line():

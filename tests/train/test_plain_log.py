@@ -8,11 +8,14 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from hfs.train.plain_log import PlainLog
 
 LINE = re.compile(r"^step (\d+)/4 loss \d+\.\d+ acc \d+\.\d% \d+ img/s upkeep \d+% lr [0-9.e-]+ ETA \d+:\d\d:\d\d$")
 
 
+@pytest.mark.slow
 def test_train_prints_plain_lines_when_stdout_is_a_pipe(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "hfs", "train", "--set", "data.synthetic_classes=8",

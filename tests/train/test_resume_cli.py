@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 BASE = [sys.executable, "-m", "hfs", "train", "--set", "data.synthetic_classes=8",
         "--set", "data.synthetic_images_per_class=4", "--set", "data.synthetic_val_per_class=1",
         "--set", "data.image_size=16", "--set", "data.num_workers=0", "--set", "model.arch=tiny",
@@ -20,6 +22,7 @@ def steps_in(run_dir) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints").glob("step-*.pt"))
 
 
+@pytest.mark.slow
 def test_resume_from_a_copy_writes_into_the_copy(tmp_path):
     """Item 2: the original run keeps its checkpoints; the copy gets the new ones, and the command says so."""
     original, copy = tmp_path / "original", tmp_path / "copy"
@@ -35,6 +38,7 @@ def test_resume_from_a_copy_writes_into_the_copy(tmp_path):
     assert str(copy) in resumed.stderr + resumed.stdout
 
 
+@pytest.mark.slow
 def test_resume_with_an_explicit_output_dir_writes_there(tmp_path):
     original, elsewhere = tmp_path / "original", tmp_path / "elsewhere"
     assert run("--set", f"train.output_dir={original}", "--set", "train.max_steps=1").returncode == 0
@@ -43,6 +47,7 @@ def test_resume_with_an_explicit_output_dir_writes_there(tmp_path):
     assert steps_in(original) == ["step-00000001.pt"] and steps_in(elsewhere) == ["step-00000002.pt"]
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_touches_nothing(tmp_path):
     """Item 4: says the run is complete, exits 0, and leaves checkpoint and metrics as they were."""
     out = tmp_path / "run"

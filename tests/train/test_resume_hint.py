@@ -34,6 +34,7 @@ def test_interrupted_train_dist_worker_names_the_run_folder(monkeypatch, tmp_pat
         train_worker(cfg.to_dict(), None, 0)
 
 
+@pytest.mark.slow
 def test_resume_latest_without_config_finds_the_newest_run(tmp_path):
     """`--resume latest` with no --config and nothing in runs/default resumes the newest run under runs/."""
     base = [sys.executable, "-m", "hfs", "train", "--set", "data.synthetic_classes=8",

@@ -12,6 +12,7 @@ def _losses(path):
     return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
 
 
+@pytest.mark.slow
 def test_sampled_run_learns(tiny_cfg, blobs, tmp_path):
     cfg = tiny_cfg("fc.mode=sampled", "fc.sample_num=9", "sampler.type=annoy", "sampler.background=false",
                    "sampler.refresh=interval", "sampler.interval=5", "sampler.annoy_trees=4", "train.max_steps=40",
@@ -50,6 +51,7 @@ def test_sampled_resume_equals_uninterrupted(tiny_cfg, blobs, tmp_path):
     assert torch.equal(wa, wb)
 
 
+@pytest.mark.slow
 def test_cli_train_sampled_then_resume(tmp_path):
     out = tmp_path / "cli"
     base = [sys.executable, "-m", "hfs", "train", "--sampled", "--sample-num", "8",

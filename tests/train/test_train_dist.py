@@ -16,7 +16,7 @@ from hfs import checkpoint as ckpt_io
 from hfs.train.launch import run_train_dist, train_worker
 from tests.train.conftest import make_blobs
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 
 def _linear_backbone(embedding_size: int, image_size: int, dropout: float = 0.0) -> nn.Module:
@@ -188,14 +188,16 @@ class _ServerIndexStats:
     """Hook: at the end of the run, each rank writes what the store reports about its index."""
 
     def on_start(self, trainer): pass
-    def on_step_end(self, trainer, stats, record): pass
+    def on_step_end(self, trainer, stats): return {}
+    def on_record(self, trainer, record, final): pass
 
-    def on_end(self, trainer, record):
+    def on_end(self, trainer):
         out = Path(trainer.cfg.train.output_dir) / f"index-rank{trainer.env.rank}.json"
         store = trainer.fc.store
         shards = store.server_stats() if hasattr(store, "server_stats") else [{"store": store.stats()}]
         out.write_text(json.dumps([s["store"]["indexes"]["fc"] | {"attaches": s["store"]["index_attaches"]}
                                    for s in shards]))
+        return {}
 
 
 def _index_stats_hooks(cfg):
