@@ -141,7 +141,7 @@ class SamplerConfig:
     hnsw_ef_construction: int = _f(100, gt=0, help="hnsw: ef at build time")
     hnsw_ef: int = _f(16, gt=0, help="hnsw: ef at query time (raised to k when smaller; more: better negatives, slower queries)")
     memory_slots: int = _f(8, gt=0, help="memory: classes remembered per class (C x slots x 8 bytes)")
-    memory_hops: int = _f(2, choices=(1, 2), help="memory: candidates are a class's members (1) and their members too (2)")
+    memory_hops: int = _f(2, choices=(0, 1, 2), help="memory: candidates are a class's members (1) and their members too (2)")
     memory_explore: int = _f(1024, ge=0, help="memory: classes drawn uniformly and scored against the batch per step to learn from")
     memory_symmetric: bool = _f(True, help="memory: a class that scores high against a sample of class c also learns c as its own member")
     exact_chunk: int = _f(65536, gt=0, help="exact: rows per matmul chunk")

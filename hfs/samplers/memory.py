@@ -49,7 +49,7 @@ class MemorySampler(ClassSampler):
 
     def __init__(self, metric: str = "cosine", slots: int = 8, hops: int = 2, explore: int = 1024,
                  symmetric: bool = True, seed: int = 0) -> None:
-        if slots <= 0 or hops not in (1, 2) or explore < 0:
+        if slots <= 0 or hops not in (0, 1, 2) or explore < 0:
             raise ValueError(f"memory needs slots > 0, hops 1 or 2 and explore >= 0, got {slots}, {hops}, {explore}")
         self.metric, self.slots, self.hops, self.explore, self.seed = metric, int(slots), int(hops), int(explore), seed
         self.symmetric = bool(symmetric)
@@ -91,7 +91,11 @@ class MemorySampler(ClassSampler):
         labels = np.asarray(labels, dtype=np.int64)
         if self.ids is None or k <= 0 or not labels.size:
             return empty_answer(len(labels), 0)
-        ids = _without_own(self.candidates(labels), labels)
+        if self.hops == 0:  # EXPERIMENT: no memory, the nearest of a fresh uniform probe
+            probe = np.unique(self._rng.integers(0, self.ids.shape[0], size=max(self.explore, 1)))
+            ids = _without_own(np.broadcast_to(probe, (labels.size, probe.size)).copy(), labels)
+        else:
+            ids = _without_own(self.candidates(labels), labels)
         scores = np.where(ids >= 0, scorer(ids), -np.inf).astype(np.float32)
         self.learn(labels, ids, scores)
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
