@@ -132,6 +132,8 @@ class SamplerConfig:
                            "under the current rows: semi-hard negatives (no collapse while nothing is learnt yet, "
                            "no duplicate identity or mislabelled sample's true class as a negative)")
     ceiling_margin: float = _f(0.0, help="ceiling=positive: similarity a candidate may exceed its query's own class by")
+    ready_probe: int = _f(0, ge=0, help="ceiling=positive: a query takes hard negatives only once its own class scores "
+                                         "above every one of this many uniformly drawn classes (0 = no such test)")
     drift_rows: int = _f(128, ge=0, help="observed rows per step whose drift is measured against the index's own vectors, a random subset (0 = all; reading a vector back costs ~10-25 us)")
     build_threads: int = _f(1, help="threads of an index build (annoy n_jobs, hnsw add_items); -1 = all cores")
     query_threads: int = _f(-1, help="annoy and hnsw: threads answering one batch's queries; -1 = all cores")

@@ -289,6 +289,7 @@ class SelectionRule:
     logq: bool = False
     ceiling: str = "off"
     ceiling_margin: float = 0.0
+    ready_probe: int = 0
 
     def __post_init__(self) -> None:
         problems = []
@@ -308,6 +309,8 @@ class SelectionRule:
             problems.append(f"ceiling must be one of {', '.join(CEILINGS)}, got {self.ceiling!r}")
         if not isinstance(self.ceiling_margin, numbers.Real) or not math.isfinite(self.ceiling_margin):
             problems.append(f"ceiling_margin must be a finite number, got {self.ceiling_margin!r}")
+        if not isinstance(self.ready_probe, numbers.Integral) or self.ready_probe < 0:
+            problems.append(f"ready_probe must be an int >= 0, got {self.ready_probe!r}")
         if problems:
             raise ValueError("selection rule: " + "; ".join(problems))
 
@@ -317,7 +320,8 @@ class SelectionRule:
         return cls(sample_num, seed=seed, hard_after=sampler_cfg.hard_after,
                    hard_fraction=float(sampler_cfg.hard_fraction), candidate_pick=sampler_cfg.candidate_pick,
                    temperature=float(sampler_cfg.temperature), logq=bool(sampler_cfg.logq),
-                   ceiling=sampler_cfg.ceiling, ceiling_margin=float(sampler_cfg.ceiling_margin))
+                   ceiling=sampler_cfg.ceiling, ceiling_margin=float(sampler_cfg.ceiling_margin),
+                   ready_probe=int(sampler_cfg.ready_probe))
 
     @property
     def needs_scorer(self) -> bool:
@@ -328,6 +332,19 @@ class SelectionRule:
     def wants_candidates(self, step: int) -> bool:
         """Whether this step's selection uses the index at all."""
         return step >= self.hard_after and self.hard_fraction > 0.0
+
+    def _only_ready(self, ids: np.ndarray, labels: np.ndarray, num_classes: int, step: int, scorer: Scorer
+                    ) -> tuple[np.ndarray, float]:
+        """``ids`` with no candidates for the queries whose own class does not yet score above every one
+        of ``ready_probe`` uniformly drawn classes (they get uniform negatives), and the share ready."""
+        probe = np.random.default_rng([self.seed, max(int(step), 0), 1]).integers(0, num_classes, self.ready_probe)
+        best = scorer(np.unique(probe)).max(axis=1)
+        own = np.full(labels.size, np.inf)
+        known = labels >= 0
+        if known.any():
+            own[known] = scorer(labels[known][:, None])[:, 0]
+        ready = own > best
+        return np.where(ready[:, None], ids, -1), float(ready.mean())
 
     def rng_for(self, step: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, max(int(step), 0)])
@@ -362,6 +379,8 @@ class SelectionRule:
             ids = np.asarray(ids, dtype=np.int64).reshape(labels.size, -1)
             ids, scores, stats["ceiling_dropped"] = _under_ceiling(ids, np.asarray(scores).reshape(ids.shape),
                                                                    labels, scorer, self.ceiling_margin)
+            if self.ready_probe:
+                ids, stats["ready_share"] = self._only_ready(ids, labels, num_classes, step, scorer)
         drawn = _draw(labels, ids, scores, self.sample_num, num_classes, self.rng_for(step),
                       hard_fraction=self.hard_fraction, pick=self.candidate_pick, temperature=self.temperature)
         if drawn.active.size >= num_classes:
