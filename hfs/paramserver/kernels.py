@@ -53,8 +53,9 @@ PARALLEL_MIN_ELEMENTS = 1 << 18
 RANGE_CHUNK_ROWS = 1 << 16
 #: numba's threading layer unless NUMBA_THREADING_LAYER says otherwise: OpenMP's idle threads
 #: spin after each kernel and took the cores from the numpy and torch work that followed
-#: (2x slower on a 2-core box); the work queue does not spin. It is not thread-safe, so every
-#: parallel launch holds :attr:`NumbaKernel.lock`.
+#: (2x slower on a 2-core box), and GNU OpenMP is not fork-safe (DataLoader workers fork); the
+#: work queue neither spins nor minds a fork. It is not thread-safe, so every parallel launch
+#: holds :attr:`NumbaKernel.lock`.
 NUMBA_THREADING_LAYER = "workqueue"
 
 
@@ -204,10 +205,8 @@ class NumbaKernel:
 
     def __init__(self, kernels: dict, lock: threading.Lock, threads: int) -> None:
         from hfs.paramserver.catchup import MAX_LEVELS
-        from hfs.paramserver.kernels_numba import rows_in_range
 
         self._kernels, self.lock, self.threads = kernels, lock, threads
-        self._rows_in_range = rows_in_range
         # stand-ins for a clock's tables under the lazy rule (no catch-up)
         self._no_ticks = np.zeros(0, dtype=np.int64)
         self._no_history = (np.zeros((0, 2, 2)), np.zeros(MAX_LEVELS, dtype=np.int64), np.zeros((0, 2, 2)))
@@ -222,7 +221,7 @@ class NumbaKernel:
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         if not rows.flags.writeable:  # a message buffer: a copy of the indices saves compiling a variant
             rows = rows.copy()
-        if not self._rows_in_range(rows, num_rows):
+        if rows.size and (rows.min() < 0 or rows.max() >= num_rows):  # the kernels do not check
             raise IndexError(f"row index out of range [0, {num_rows})")
         return rows
 
@@ -291,20 +290,20 @@ class NumbaKernel:
         clock.tick(np.array([0]), zero_grad_transition(hp.lr, hp.momentum, hp.weight_decay))
         rows = np.array([1, 2], dtype=np.int64)
         out = np.empty((2, 2), np.float32)
-        for kind in ("serial", "parallel"):
-            self._kernels[f"read_rows_{kind}"](weight, momentum, clock.row_tick, rows, clock.now,
-                                               *clock.history.tables(), out)
-            self._kernels[f"catch_up_rows_{kind}"](weight, momentum, clock.row_tick, rows, clock.now,
-                                                   *clock.history.tables())
-            self._kernels[f"catch_up_range_{kind}"](weight, momentum, clock.row_tick, 0, 4, clock.now,
-                                                    *clock.history.tables())
-            for g in (grads, frozen):
-                for ticks, now, tables, catch in ((clock.row_tick, clock.now, clock.history.tables(), True),
-                                                  (self._no_ticks, 0, self._no_history, False)):
-                    with self.lock:
-                        self._kernels[f"sgd_rows_{kind}"](weight, momentum, rows, g, np.float32(hp.lr),
-                                                          np.float32(hp.momentum), np.float32(hp.weight_decay),
-                                                          ticks, now, *tables, catch)
+        lr, mu, wd = np.float32(hp.lr), np.float32(hp.momentum), np.float32(hp.weight_decay)
+        with self.lock:
+            for kind in ("serial", "parallel"):
+                self._kernels[f"read_rows_{kind}"](weight, momentum, clock.row_tick, rows, clock.now,
+                                                   *clock.history.tables(), out)
+                self._kernels[f"catch_up_rows_{kind}"](weight, momentum, clock.row_tick, rows, clock.now,
+                                                       *clock.history.tables())
+                self._kernels[f"catch_up_range_{kind}"](weight, momentum, clock.row_tick, 0, 4, clock.now,
+                                                        *clock.history.tables())
+                for g in (grads, frozen):
+                    self._kernels[f"sgd_rows_{kind}"](weight, momentum, rows, g, lr, mu, wd, clock.row_tick,
+                                                      clock.now, *clock.history.tables(), True)
+                    self._kernels[f"sgd_rows_{kind}"](weight, momentum, rows, g, lr, mu, wd, self._no_ticks, 0,
+                                                      *self._no_history, False)
         return time.perf_counter() - t0
 
 

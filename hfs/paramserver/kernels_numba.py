@@ -91,14 +91,6 @@ def coefficients(starts, now, blocks, offsets, recent):
 
 
 @njit(nogil=True)
-def rows_in_range(rows, num_rows):
-    for i in range(rows.shape[0]):
-        if rows[i] < 0 or rows[i] >= num_rows:
-            return False
-    return True
-
-
-@njit(nogil=True)
 def ticks_of(row_tick, rows):
     starts = np.empty(rows.shape[0], np.int64)
     for i in range(rows.shape[0]):
