@@ -258,8 +258,9 @@ class NumbaKernel:
         moved = 0
         for first in range(int(start), int(stop), RANGE_CHUNK_ROWS):  # bounds the kernel's n x 16-byte coefficients
             last = min(first + RANGE_CHUNK_ROWS, int(stop))
-            moved += int(self._run("catch_up_range", (last - first) * weight.shape[1], weight, momentum,
-                                   clock.row_tick, first, last, clock.now, *clock.history.tables()))
+            moved += int(np.count_nonzero(clock.row_tick[first:last] < clock.now))
+            self._run("catch_up_range", (last - first) * weight.shape[1], weight, momentum, clock.row_tick, first,
+                      last, clock.now, *clock.history.tables())
         return moved
 
     def sgd(self, weight: np.ndarray, momentum: np.ndarray, rows: np.ndarray, grads: np.ndarray, hp: "HParams",

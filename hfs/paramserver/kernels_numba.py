@@ -91,11 +91,12 @@ def coefficients(starts, now, blocks, offsets, recent):
 
 
 @njit(nogil=True)
-def ticks_of(row_tick, rows):
+def ticks_and_coefficients(row_tick, rows, now, blocks, offsets, recent):
+    """Each row's start tick (``now`` or more: current) and its coefficients (:func:`coefficients`)."""
     starts = np.empty(rows.shape[0], np.int64)
     for i in range(rows.shape[0]):
         starts[i] = row_tick[rows[i]]
-    return starts
+    return starts, coefficients(starts, now, blocks, offsets, recent)
 
 
 @njit(nogil=True, inline="always")
@@ -127,16 +128,14 @@ def read_one(weight, momentum, rows, starts, now, coef, out, i):
 
 def read_rows_serial(weight, momentum, row_tick, rows, now, blocks, offsets, recent, out):
     """``out[i]`` = row ``rows[i]`` (repeats allowed) as dense SGD has it at tick ``now``."""
-    starts = ticks_of(row_tick, rows)
-    coef = coefficients(starts, now, blocks, offsets, recent)
+    starts, coef = ticks_and_coefficients(row_tick, rows, now, blocks, offsets, recent)
     for i in range(rows.shape[0]):
         read_one(weight, momentum, rows, starts, now, coef, out, i)
 
 
 def read_rows_parallel(weight, momentum, row_tick, rows, now, blocks, offsets, recent, out):
     """:func:`read_rows_serial` over numba's threads (it writes only ``out``, so repeats are safe)."""
-    starts = ticks_of(row_tick, rows)
-    coef = coefficients(starts, now, blocks, offsets, recent)
+    starts, coef = ticks_and_coefficients(row_tick, rows, now, blocks, offsets, recent)
     for i in prange(rows.shape[0]):
         read_one(weight, momentum, rows, starts, now, coef, out, i)
 
@@ -145,10 +144,10 @@ def read_rows_parallel(weight, momentum, row_tick, rows, now, blocks, offsets, r
 
 
 @njit(nogil=True)
-def claim_stale_rows(row_tick, rows, now):
+def claim_stale_rows(row_tick, rows, now, blocks, offsets, recent):
     """Per request row: the tick a stale row starts from (its first occurrence claims it), CURRENT,
-    or REPEAT; and how many of the request's rows are behind (a repeat counts each time, as in
-    the numpy kernel). Serial: it is what makes repeats safe in parallel."""
+    or REPEAT; their coefficients; and how many of the request's rows are behind (a repeat counts
+    each time, as in the numpy kernel). Serial: it is what makes repeats safe in parallel."""
     starts = np.empty(rows.shape[0], np.int64)
     behind = 0
     for i in range(rows.shape[0]):
@@ -163,7 +162,7 @@ def claim_stale_rows(row_tick, rows, now):
             behind += 1
         else:
             starts[i] = CURRENT
-    return starts, behind
+    return starts, coefficients(starts, now, blocks, offsets, recent), behind
 
 
 @njit(nogil=True, inline="always")
@@ -175,8 +174,7 @@ def catch_up_one(weight, momentum, row_tick, rows, starts, now, coef, i):
 
 def catch_up_rows_serial(weight, momentum, row_tick, rows, now, blocks, offsets, recent):
     """Catch ``rows`` (repeats allowed) up to tick ``now`` in place; returns how many were behind."""
-    starts, behind = claim_stale_rows(row_tick, rows, now)
-    coef = coefficients(starts, now, blocks, offsets, recent)
+    starts, coef, behind = claim_stale_rows(row_tick, rows, now, blocks, offsets, recent)
     for i in range(rows.shape[0]):
         catch_up_one(weight, momentum, row_tick, rows, starts, now, coef, i)
     return behind
@@ -184,8 +182,7 @@ def catch_up_rows_serial(weight, momentum, row_tick, rows, now, blocks, offsets,
 
 def catch_up_rows_parallel(weight, momentum, row_tick, rows, now, blocks, offsets, recent):
     """:func:`catch_up_rows_serial` with its per-row loop over numba's threads."""
-    starts, behind = claim_stale_rows(row_tick, rows, now)
-    coef = coefficients(starts, now, blocks, offsets, recent)
+    starts, coef, behind = claim_stale_rows(row_tick, rows, now, blocks, offsets, recent)
     for i in prange(rows.shape[0]):
         catch_up_one(weight, momentum, row_tick, rows, starts, now, coef, i)
     return behind
@@ -193,31 +190,25 @@ def catch_up_rows_parallel(weight, momentum, row_tick, rows, now, blocks, offset
 
 @njit(nogil=True, inline="always")
 def catch_up_at(weight, momentum, row_tick, first, now, coef, i):
-    """Row ``first + i`` of a range to tick ``now`` (1 if it moved)."""
+    """Row ``first + i`` of a range to tick ``now``, if it is behind."""
     r = first + i
-    if row_tick[r] >= now:
-        return 0
-    advance_row(weight[r], momentum[r], coef, i)
-    row_tick[r] = now
-    return 1
+    if row_tick[r] < now:
+        advance_row(weight[r], momentum[r], coef, i)
+        row_tick[r] = now
 
 
 def catch_up_range_serial(weight, momentum, row_tick, start, stop, now, blocks, offsets, recent):
-    """Catch the contiguous rows ``start..stop-1`` up to tick ``now``; returns the rows moved."""
+    """Catch the contiguous rows ``start..stop-1`` up to tick ``now``."""
     coef = coefficients(row_tick[start:stop], now, blocks, offsets, recent)
-    moved = 0
     for i in range(stop - start):
-        moved += catch_up_at(weight, momentum, row_tick, start, now, coef, i)
-    return moved
+        catch_up_at(weight, momentum, row_tick, start, now, coef, i)
 
 
 def catch_up_range_parallel(weight, momentum, row_tick, start, stop, now, blocks, offsets, recent):
     """:func:`catch_up_range_serial` over numba's threads."""
     coef = coefficients(row_tick[start:stop], now, blocks, offsets, recent)
-    moved = 0
     for i in prange(stop - start):
-        moved += catch_up_at(weight, momentum, row_tick, start, now, coef, i)
-    return moved
+        catch_up_at(weight, momentum, row_tick, start, now, coef, i)
 
 
 # --------------------------------------------------------------------------- push
@@ -243,18 +234,25 @@ def sgd_one(weight, momentum, rows, grads, lr, mu, wd, row_tick, starts, now, co
             b_row[d] = b
 
 
+@njit(nogil=True)
+def push_ticks_and_coefficients(row_tick, rows, now, blocks, offsets, recent, catch):
+    """:func:`ticks_and_coefficients` of a push's rows; without ``catch`` (lazy rule) every row current."""
+    if catch:
+        return ticks_and_coefficients(row_tick, rows, now, blocks, offsets, recent)
+    starts = np.full(rows.shape[0], CURRENT, np.int64)
+    return starts, coefficients(starts, now, blocks, offsets, recent)
+
+
 def sgd_rows_serial(weight, momentum, rows, grads, lr, mu, wd, row_tick, now, blocks, offsets, recent, catch):
     """SGD on unique ``rows`` (``catch``: each first caught up to tick ``now``), in place."""
-    starts = ticks_of(row_tick, rows) if catch else np.full(rows.shape[0], CURRENT, np.int64)
-    coef = coefficients(starts, now, blocks, offsets, recent)
+    starts, coef = push_ticks_and_coefficients(row_tick, rows, now, blocks, offsets, recent, catch)
     for i in range(rows.shape[0]):
         sgd_one(weight, momentum, rows, grads, lr, mu, wd, row_tick, starts, now, coef, i)
 
 
 def sgd_rows_parallel(weight, momentum, rows, grads, lr, mu, wd, row_tick, now, blocks, offsets, recent, catch):
     """:func:`sgd_rows_serial` over numba's threads (the rows are unique, so no two threads share one)."""
-    starts = ticks_of(row_tick, rows) if catch else np.full(rows.shape[0], CURRENT, np.int64)
-    coef = coefficients(starts, now, blocks, offsets, recent)
+    starts, coef = push_ticks_and_coefficients(row_tick, rows, now, blocks, offsets, recent, catch)
     for i in prange(rows.shape[0]):
         sgd_one(weight, momentum, rows, grads, lr, mu, wd, row_tick, starts, now, coef, i)
 

@@ -92,7 +92,9 @@ def test_parallel_kernels_equal_the_serial_ones(monkeypatch):
         clock, w, b = _deep_clock("numba")
         rows = np.array([5, 7, 5, 299, 0, 7, 120, 5], dtype=np.int64)
         got = [clock.read(w, b, rows)]
-        clock.catch_up_range(w, b, 100, 250)
+        behind = int(np.count_nonzero(clock.row_tick[100:250] < clock.now))
+        assert behind and clock.catch_up_range(w, b, 100, 250) == behind
+        assert clock.catch_up_range(w, b, 100, 250) == 0
         unique = np.array([1, 2, 3, 150, 298], dtype=np.int64)
         grads = np.linspace(-1, 1, unique.size * 16, dtype=np.float32).reshape(-1, 16)
         clock.step(w, b, unique, grads, HParams(0.1, 0.9, 5e-4))
