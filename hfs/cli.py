@@ -507,6 +507,13 @@ def bench_paramserver(
         "--round-seconds each, the served / in-process ratio taken within each round (robust to a "
         "machine whose speed drifts); 0 skips them."))] = 5,
     round_seconds: Annotated[float, typer.Option(min=0.01, help="Seconds per path in each interleaved round.")] = 1.0,
+    kernel: Annotated[str, typer.Option("--kernel", callback=key_rule("paramserver.kernel"), help=(
+        "Row kernel of the stores and the server (paramserver.kernel); the interleaved rounds also time "
+        "the numpy kernel in process."))] = "auto",
+    scaling_rows: Annotated[List[int], typer.Option("--scaling-rows", min=1, help=(
+        "Rows a call of the in-process rows/s measurement (repeatable; default 1000, 10000, 100000), "
+        "--seconds each, against the memory bandwidth of one np.copyto timed in the same run."))] = [],
+    bandwidth_mib: Annotated[int, typer.Option(min=1, help="MiB copied by the memory-bandwidth measurement.")] = 512,
 ) -> None:
     """Measure the store in process vs over loopback, sync-step cost with N workers, and memory.
 
@@ -524,7 +531,8 @@ def bench_paramserver(
         require_writable_file(out, "--json")
     cfg = BenchConfig(rows=rows, dim=dim, num_classes=num_classes, seconds=seconds, workers=workers,
                       sync_steps=sync_steps, memory_rows=memory_rows, memory_dim=memory_dim, update_rule=update_rule,
-                      rounds=rounds, round_seconds=round_seconds)
+                      rounds=rounds, round_seconds=round_seconds, kernel=kernel,
+                      scaling_rows=tuple(scaling_rows) or BenchConfig.scaling_rows, bandwidth_mib=bandwidth_mib)
     with progress(transient=True) as bar:
         results = run_benchmark(cfg, bar)
     render(results, make_console())

@@ -179,6 +179,11 @@ class ParamServerConfig:
                                "torch's dense SGD does (decay + momentum every step), applied in closed form when "
                                "a row is next used; lazy = nothing (stale momentum replayed later; the rule before "
                                "0.2); dense = every row every step (O(C x D), reference)")
+    kernel: str = _f("auto", choices=("auto", "numba", "numpy"),
+                     help="row kernel of the weight store's catch-up and SGD (and of fc.sharded_momentum=catchup "
+                          "on the CPU): numba = one fused compiled pass per row (the fast extra: pip install "
+                          "numba); numpy = vectorised numpy passes (the fallback; same numbers); auto = numba "
+                          "when it imports, else numpy with one log line")
 
 
 @dataclass

@@ -3,11 +3,14 @@
 Every number is measured in the same run so the ratios hold on a noisy shared machine:
 
 * round trips/s of one sampled step (get rows for step t, push their gradients) through the
-  in-process store (the limit), through a `hfs serve-params` process on 127.0.0.1 (both under
+  in-process store (the limit; catchup and lazy rule, the configured row kernel and the numpy
+  one, in interleaved rounds), through a `hfs serve-params` process on 127.0.0.1 (both under
   the catchup and the lazy rule; arrays as ZeroMQ frames, and again through the same-host
   shared-memory segment, with pushes pipelined and, once, each waiting for its reply), and
   through the seed project's server logic, reimplemented
   for comparison in `hfs.bench.seed_paramserver` (fire-and-forget pushes, per-row merge);
+* rows/s of in-process get + push at 1,000, 10,000 and 100,000 rows a call, set against the
+  memory bandwidth of one large ``np.copyto`` timed in the same run (the physical limit);
 * mean latency of a synchronous step (push, then get for the next step) with 1 worker and
   with N workers (processes, one client each) on the same server;
 * resident memory of a fresh process after creating a C x D matrix.
@@ -52,6 +55,9 @@ class BenchConfig:
     update_rule: str = "catchup"
     rounds: int = 5
     round_seconds: float = 1.0
+    kernel: str = "auto"
+    scaling_rows: tuple[int, ...] = (1000, 10_000, 100_000)
+    bandwidth_mib: int = 512
 
 
 def _row_sets(cfg: BenchConfig, count: int, seed: int) -> list[np.ndarray]:
@@ -61,6 +67,11 @@ def _row_sets(cfg: BenchConfig, count: int, seed: int) -> list[np.ndarray]:
 
 #: the benchmark's optimiser settings (lr, momentum, weight decay), the same for every server
 BENCH_HPARAMS = HParams(0.01, 0.9, 5e-4)
+
+
+def kernel_flag(cfg: BenchConfig) -> tuple[str, ...]:
+    """The `hfs serve-params` flags that give the benchmark's server the configured row kernel."""
+    return ("--set", f"paramserver.kernel={cfg.kernel}")
 
 
 def prepare_matrix(store: WeightStore, cfg: BenchConfig, name: str = "fc") -> None:
@@ -233,8 +244,8 @@ def shared_memory_round_trips(address: str, cfg: BenchConfig) -> dict:
             "loopback_shm_pipelined_over_waiting": rates[cfg.update_rule] / waiting}
 
 
-#: the paths an interleaved round times, in order (see interleaved_rates)
-INTERLEAVED_PATHS = ("inprocess", "shm_pipelined", "shm_waiting")
+#: the served paths an interleaved round times after the in-process ones (see interleaved_rates)
+SERVED_PATHS = ("shm_pipelined", "shm_waiting")
 
 
 def quartiles(values: list[float]) -> dict[str, float]:
@@ -245,76 +256,168 @@ def quartiles(values: list[float]) -> dict[str, float]:
     return {"median": median, "q1": q1, "q3": q3}
 
 
+def inprocess_paths(cfg: BenchConfig, kernel: str) -> dict[str, tuple[str, str]]:
+    """The in-process paths of an interleaved round: name -> (update rule, row kernel).
+
+    ``inprocess`` is the configured rule on the configured kernel (``kernel``, resolved), the
+    served paths' reference; the others pair every timed rule with that kernel and with numpy's
+    (the fallback: the vectorised code the fused kernel replaces).
+    """
+    paths = {"inprocess": (cfg.update_rule, kernel)}
+    for rule in UPDATE_RULES_TIMED:
+        for name in dict.fromkeys((kernel, "numpy")):
+            if (rule, name) != paths["inprocess"]:
+                paths[f"inprocess_{rule}_{name}"] = (rule, name)
+    return paths
+
+
+def _per_round(rates: dict[str, list[float]], paths: dict[str, tuple[str, str]], top: tuple[str, str],
+               bottom: tuple[str, str]) -> list[float]:
+    """Round by round, the rate of in-process path ``top`` (rule, kernel) over ``bottom``'s."""
+    by_key = {key: rates[name] for name, key in paths.items()}
+    return [a / b for a, b in zip(by_key[top], by_key[bottom])]
+
+
 def interleaved_rates(cfg: BenchConfig, shards: int = 1) -> dict[str, Any]:
-    """Served / in-process in ``cfg.rounds`` interleaved rounds, robust to a machine whose speed drifts.
+    """In-process and served rates in ``cfg.rounds`` interleaved rounds, robust to a machine whose speed drifts.
 
     Timing each path once, one after the other, lets a drift of the machine's speed between
     them move the ratio (0.46 to 0.72 for the same code within ten minutes on a 2-core VM).
-    Here every round times the in-process store, then `hfs serve-params` (``shards`` shard
-    processes) over shared memory with pipelined pushes, then the same with every push waiting
-    for its reply, ``cfg.round_seconds`` each with the same traffic, and the ratios are taken
-    within each round: their median and quartiles over rounds.
+    Here every round times the in-process store under each rule and row kernel
+    (:func:`inprocess_paths`), then `hfs serve-params` (``shards`` shard processes) over shared
+    memory with pipelined pushes, then the same with every push waiting for its reply,
+    ``cfg.round_seconds`` each with the same traffic, and the ratios are taken within each
+    round: their median and quartiles over rounds. catchup / lazy is on the configured kernel;
+    kernel / numpy per rule where the configured kernel is not numpy.
     """
     from hfs.paramserver.client import ParamClient
+    from hfs.paramserver.kernels import load_kernel
     from hfs.paramserver.store import InProcessStore
 
     timed = replace(cfg, seconds=cfg.round_seconds)
-    rates: dict[str, list[float]] = {p: [] for p in INTERLEAVED_PATHS}
+    kernel = load_kernel(cfg.kernel).name
+    local_paths = inprocess_paths(cfg, kernel)
+    order = (*local_paths, *SERVED_PATHS)
+    rates: dict[str, list[float]] = {p: [] for p in order}
     with tempfile.TemporaryDirectory(prefix="hfs-bench-ps-") as scratch:
-        proc, address = start_serve_params(scratch, shards=shards)
-        local = InProcessStore()
+        proc, address = start_serve_params(scratch, shards=shards, args=kernel_flag(cfg))
+        locals_ = {name: InProcessStore(kernel=k) for name, (_, k) in local_paths.items()}
         clients = {"shm_pipelined": ParamClient(address, timeout_s=60, connect_timeout_s=60, shared_memory="auto"),
                    "shm_waiting": ParamClient(address, timeout_s=60, connect_timeout_s=60, shared_memory="auto",
                                               pipeline_pushes=False)}
         try:
-            stores = {"inprocess": local, **clients}
+            stores = {**locals_, **clients}
             for path, store in stores.items():
-                prepare_matrix(store, timed, path)
-            steps = dict.fromkeys(INTERLEAVED_PATHS, 0)
+                rule = local_paths[path][0] if path in local_paths else cfg.update_rule
+                prepare_matrix(store, replace(timed, update_rule=rule), path)
+            steps = dict.fromkeys(order, 0)
             for r in range(cfg.rounds):
-                for path in INTERLEAVED_PATHS:
+                for path in order:
                     rate, steps[path] = round_trips_per_second(stores[path], timed, steps[path], name=path)
                     rates[path].append(rate)
                 log.info("round %d: %s", r, {p: round(v[-1]) for p, v in rates.items()})
             used = all(s["server"].get("shm_bytes_in", 0) > 0 for s in clients["shm_pipelined"].server_stats())
+            server_kernel = clients["shm_pipelined"].server_stats()[0]["store"]["kernel"]
             clients["shm_pipelined"].shutdown()
             proc.wait(60)  # an orderly exit; kill_if_running below if it did not come
         finally:
             for client in clients.values():
                 client.close()
-            local.close()
+            for store in locals_.values():
+                store.close()
             kill_if_running(proc)
-    ratios = {p: [a / b for a, b in zip(rates[p], rates["inprocess"])] for p in INTERLEAVED_PATHS[1:]}
+    ratios = {p: [a / b for a, b in zip(rates[p], rates["inprocess"])] for p in order if p != "inprocess"}
     pipelined_over_waiting = [a / b for a, b in zip(rates["shm_pipelined"], rates["shm_waiting"])]
-    return {"rounds": cfg.rounds, "shards": shards, "shm_used": used, "rates": rates,
-            "rate_summary": {p: quartiles(v) for p, v in rates.items()},
+    catchup_over_lazy = _per_round(rates, local_paths, ("catchup", kernel), ("lazy", kernel))
+    kernel_over_numpy = {rule: _per_round(rates, local_paths, (rule, kernel), (rule, "numpy"))
+                         for rule in UPDATE_RULES_TIMED if kernel != "numpy"}
+    return {"rounds": cfg.rounds, "shards": shards, "shm_used": used, "kernel": kernel, "server_kernel": server_kernel,
+            "paths": {name: {"update_rule": rule, "kernel": k} for name, (rule, k) in local_paths.items()},
+            "rates": rates, "rate_summary": {p: quartiles(v) for p, v in rates.items()},
             "over_inprocess": {p: quartiles(v) for p, v in ratios.items()},
-            "pipelined_over_waiting": quartiles(pipelined_over_waiting), "per_round_over_inprocess": ratios}
+            "pipelined_over_waiting": quartiles(pipelined_over_waiting), "per_round_over_inprocess": ratios,
+            "catchup_over_lazy": quartiles(catchup_over_lazy), "per_round_catchup_over_lazy": catchup_over_lazy,
+            "kernel_over_numpy": {rule: quartiles(v) for rule, v in kernel_over_numpy.items()},
+            "per_round_kernel_over_numpy": kernel_over_numpy}
+
+
+#: Row vectors (dim float32 each) a catchup get + push moves per row at the least: the get reads
+#: weight and momentum and writes the answer (3; it writes nothing back), the push reads the
+#: gradient, weight and momentum and writes weight and momentum (5).
+ROW_VECTORS_PER_ROUND_TRIP = 8
+
+
+def copy_bandwidth(mib: int, repeats: int = 5) -> float:
+    """Bytes per second (read + written) of the best of ``repeats`` ``np.copyto`` of ``mib`` MiB:
+    this machine's memory bandwidth for one thread streaming through RAM, the store's physical limit."""
+    src = np.ones(int(mib) << 18, dtype=np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # the pages faulted in before the clock starts
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best
+
+
+def rows_per_second(cfg: BenchConfig, bandwidth: float) -> list[dict[str, float]]:
+    """In-process get + push of each ``cfg.scaling_rows`` rows a call (configured rule and kernel),
+    ``cfg.seconds`` each: rows per second, the bytes they move (ROW_VECTORS_PER_ROUND_TRIP per row)
+    and that as a share of ``bandwidth``. Sizes above the matrix's rows are left out."""
+    from hfs.paramserver.store import InProcessStore
+
+    points = []
+    for rows in cfg.scaling_rows:
+        if rows > cfg.num_classes:
+            log.warning("rows/s at %d rows a call left out: the matrix has %d rows (--num-classes)", rows,
+                        cfg.num_classes)
+            continue
+        sized = replace(cfg, rows=rows)
+        store = InProcessStore(kernel=cfg.kernel)
+        try:
+            prepare_matrix(store, sized)
+            rate, _ = round_trips_per_second(store, sized)
+        finally:
+            store.close()
+        moved = rate * rows * ROW_VECTORS_PER_ROUND_TRIP * 4 * cfg.dim
+        points.append({"rows": rows, "round_trips_per_s": rate, "rows_per_s": rate * rows, "bytes_per_s": moved,
+                       "of_copy_bandwidth": moved / bandwidth})
+    return points
 
 
 def run_benchmark(cfg: BenchConfig, progress=None) -> dict:
     """All measurements of `hfs bench-paramserver`, as a dict (also what --out writes)."""
     from hfs.paramserver.client import ParamClient
+    from hfs.paramserver.kernels import load_kernel
     from hfs.paramserver.store import InProcessStore
 
-    task = progress.add_task("bench-paramserver", total=8, info="in-process") if progress else None
+    task = progress.add_task("bench-paramserver", total=10, info="row kernel") if progress else None
 
     def advance(info: str) -> None:
         if progress:
             progress.update(task, advance=1, info=info)
 
     results: dict = {"config": asdict(cfg), "loadavg_start": list(os.getloadavg()), "loopback_rt_per_s_by_rule": {}}
+    kernel = load_kernel(cfg.kernel)
+    # the first call's compilation (or numba cache load), paid here so no timed call pays it
+    results["kernel"] = {"name": kernel.name, "warm_up_s": kernel.warm_up()}
+    advance(f"memory bandwidth, rows/s at {', '.join(map(str, cfg.scaling_rows))} rows")
+    bandwidth = copy_bandwidth(cfg.bandwidth_mib)
+    results["copy_bandwidth"] = {"mib": cfg.bandwidth_mib, "bytes_per_s": bandwidth}
+    results["rows_per_s"] = rows_per_second(cfg, bandwidth)
+    advance("in-process")
     # every update rule in-process, in this run (the cost of catchup over lazy, same box, same minute)
     results["inprocess_rt_per_s_by_rule"] = {}
     for rule in dict.fromkeys((cfg.update_rule, *UPDATE_RULES_TIMED)):
-        local = InProcessStore()
+        local = InProcessStore(kernel=cfg.kernel)
         prepare_matrix(local, replace(cfg, update_rule=rule))
         results["inprocess_rt_per_s_by_rule"][rule], _ = round_trips_per_second(local, cfg)
         del local
     results["inprocess_rt_per_s"] = results["inprocess_rt_per_s_by_rule"][cfg.update_rule]
     advance("loopback server, shared memory")
     with tempfile.TemporaryDirectory(prefix="hfs-bench-ps-") as tmp:
-        server, address = start_serve_params(tmp)
+        server, address = start_serve_params(tmp, args=kernel_flag(cfg))
         try:
             results.update(shared_memory_round_trips(address, cfg))
             advance("loopback server, frames")
@@ -371,6 +474,35 @@ def run_benchmark(cfg: BenchConfig, progress=None) -> dict:
     return results
 
 
+def _quartile_text(q: dict[str, float]) -> str:
+    from rich.markup import escape
+
+    return escape(f"{q['median']:.2f} [{q['q1']:.2f}-{q['q3']:.2f}]")
+
+
+def _render_kernel_rounds(table, inter: dict) -> None:
+    """catchup / lazy and the kernel's speed-up over numpy, median [q1-q3] of the interleaved rounds."""
+    from rich.markup import escape
+
+    table.add_row(escape(f"in-process catchup / lazy, median [q1-q3] of {inter['rounds']} interleaved rounds "
+                         f"({inter['kernel']} kernel)"), _quartile_text(inter["catchup_over_lazy"]), ">= 0.9")
+    for rule, q in inter["kernel_over_numpy"].items():
+        table.add_row(f"  in-process {rule}: {inter['kernel']} kernel / numpy kernel", _quartile_text(q),
+                      ">= 1 (lazy no slower)" if rule == "lazy" else "the fused pass's gain")
+
+
+def _render_rows_per_second(table, results: dict, cfg: dict) -> None:
+    """rows/s of get + push per call size, against the copy bandwidth measured in the same run."""
+    bandwidth = results["copy_bandwidth"]
+    table.add_row(f"memory bandwidth: np.copyto of {bandwidth['mib']} MiB (read + write, GB/s)",
+                  f"{bandwidth['bytes_per_s'] / 1e9:.1f}", "the physical limit")
+    for point in results["rows_per_s"]:
+        table.add_row(f"  in-process get+push, {point['rows']} rows a call ({cfg['update_rule']}, "
+                      f"{results['kernel']['name']}): M rows/s | GB/s moved | of copy bandwidth",
+                      f"{point['rows_per_s'] / 1e6:.2f} | {point['bytes_per_s'] / 1e9:.1f} | "
+                      f"{point['of_copy_bandwidth']:.0%}", f"{ROW_VECTORS_PER_ROUND_TRIP} x dim x 4 bytes per row")
+
+
 def render(results: dict, console) -> None:
     """The results as a rich table, with the issue's targets beside the ratios."""
     from rich.markup import escape
@@ -383,12 +515,18 @@ def render(results: dict, console) -> None:
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_column("target")
+    kernel = results["kernel"]
+    table.add_row(f"row kernel {kernel['name']}: first call (compile or numba cache load), s",
+                  f"{kernel['warm_up_s']:.2f}", "paid once per process")
     table.add_row(f"in-process get+push round trips/s ({cfg['update_rule']})", f"{results['inprocess_rt_per_s']:.0f}",
                   "the limit")
     by_rule = results["inprocess_rt_per_s_by_rule"]
     if "catchup" in by_rule and "lazy" in by_rule:
         table.add_row("in-process: catchup / lazy rule", f"{by_rule['catchup'] / by_rule['lazy']:.2f}",
                       "cost of dense SGD's numbers")
+    if "interleaved" in results:
+        _render_kernel_rounds(table, results["interleaved"])
+    _render_rows_per_second(table, results, cfg)
     table.add_row(f"loopback get+push round trips/s ({cfg['update_rule']})", f"{results['loopback_rt_per_s']:.0f}", "")
     sequential = ">= 0.6 (timed in sequence)" if "interleaved" in results else ">= 0.6"
     table.add_row(f"loopback / in-process ({cfg['update_rule']})", f"{results['loopback_over_inprocess']:.2f}", sequential)

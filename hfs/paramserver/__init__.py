@@ -47,7 +47,8 @@ def open_store(cfg: "ParamServerConfig", snapshot_dir: str | Path | None, resume
 
         return InProcessStore(snapshot_dir, keep_snapshots=cfg.keep_snapshots,
                               timeout_s=cfg.timeout_s, snapshot_every_steps=cfg.snapshot_every_steps,
-                              snapshot_every_s=cfg.snapshot_every_s, update_rule=cfg.update_rule)
+                              snapshot_every_s=cfg.snapshot_every_s, update_rule=cfg.update_rule,
+                              kernel=cfg.kernel)
     from hfs.paramserver.client import ParamClient
 
     return ParamClient(cfg.address, timeout_s=cfg.timeout_s, connect_timeout_s=cfg.connect_timeout_s,

@@ -20,19 +20,24 @@ any suffix is at most ~2 log2(n) block products, batched over the distinct ``a``
 request. The products are float64; no inverse is ever taken (``det M = mu`` would make
 inverses blow up as ``mu^-n``).
 
-:class:`RowClock` keeps, per row, the tick it is current at and applies the catch-up to a
-set of rows in place. The history is forgotten whenever every row is current (after a
-snapshot or a restore), so its memory (64 bytes per tick) is bounded by the steps between
-snapshots.
+:class:`RowClock` keeps, per row, the tick it is current at; its kernel
+(:mod:`hfs.paramserver.kernels`) applies the catch-up to a set of rows in place. The history
+is forgotten whenever every row is current (after a snapshot or a restore), so its memory
+(64 to 128 bytes per tick) is bounded by the steps between snapshots.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from hfs.paramserver.scratch import Scratch, take_rows
+from hfs.paramserver.kernels import NumpyKernel
+from hfs.paramserver.scratch import Scratch
+
+if TYPE_CHECKING:
+    from hfs.paramserver.base import HParams
+    from hfs.paramserver.kernels import RowKernel
 
 #: The update rules of a weight-store matrix (``paramserver.update_rule``).
 UPDATE_RULES = ("catchup", "lazy", "dense")
@@ -44,43 +49,66 @@ def zero_grad_transition(lr: float, momentum: float, weight_decay: float) -> np.
                      [weight_decay, momentum]], dtype=np.float64)
 
 
+#: Levels of the block table (ticks between two snapshots stay far below 2^62).
+MAX_LEVELS = 63
+
+
+def _level_offsets(capacity: int) -> np.ndarray:
+    """Where each level starts in a block table for ``capacity`` ticks: level k holds capacity >> k blocks."""
+    sizes = np.array([capacity >> k for k in range(MAX_LEVELS)], dtype=np.int64)
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+
+
 #: Suffix products of this many most recent start ticks are kept ready (rows touched lately are the
 #: common case: they skip the block-tree walk).
 RECENT_TICKS = 64
 
 
 class StepHistory:
-    """Zero-gradient transitions of the applied ticks, with batched suffix products."""
+    """Zero-gradient transitions of the applied ticks, with batched suffix products.
+
+    The block products live in one float64 array, level after level (``blocks[offsets[k] + j]``
+    is the product over ticks ``[j * 2^k, (j + 1) * 2^k)``, the later ticks on the left), so a
+    compiled kernel walks the same tables as :meth:`suffix_products` (:meth:`tables`).
+    """
 
     def __init__(self) -> None:
         self.num_ticks = 0
-        # levels[k][j] = M over ticks [j * 2^k, (j + 1) * 2^k), the later ticks on the left
-        self._levels: list[np.ndarray] = []
+        self._capacity = 16  # ticks the block table has room for (a power of two)
+        self._offsets = _level_offsets(self._capacity)
+        self._blocks = np.empty((2 * self._capacity, 2, 2), dtype=np.float64)
         # recent[i] = M_{n-1} ... M_{n-1-i}: the suffix product from start n-1-i (first min(n, RECENT_TICKS) valid)
         self._recent = np.empty((RECENT_TICKS, 2, 2), dtype=np.float64)
 
-    def _slot(self, level: int, index: int) -> np.ndarray:
-        while len(self._levels) <= level:
-            self._levels.append(np.empty((16, 2, 2), dtype=np.float64))
-        table = self._levels[level]
-        if index >= table.shape[0]:
-            grown = np.empty((max(2 * table.shape[0], index + 1), 2, 2), dtype=np.float64)
-            grown[:table.shape[0]] = table
-            self._levels[level] = table = grown
-        return table
+    def _grow(self) -> None:
+        """Double the room; every level's complete blocks move to their new offsets."""
+        capacity = 2 * self._capacity
+        offsets = _level_offsets(capacity)
+        blocks = np.empty((2 * capacity, 2, 2), dtype=np.float64)
+        for level in range(int(self.num_ticks).bit_length()):
+            count = self.num_ticks >> level
+            blocks[offsets[level]:offsets[level] + count] = self._blocks[self._offsets[level]:self._offsets[level] + count]
+        self._capacity, self._offsets, self._blocks = capacity, offsets, blocks
 
     def append(self, transition: np.ndarray) -> None:
         """Record the next tick's transition; complete the aligned blocks it closes."""
         tick = self.num_ticks
-        self._slot(0, tick)[tick] = transition
+        if tick >= self._capacity:
+            self._grow()
+        blocks, offsets = self._blocks, self._offsets
+        blocks[tick] = transition  # level 0 starts at offset 0
         level, index = 0, tick
         while index % 2 == 1:  # this block closes a block of the next level
-            below = self._levels[level]
+            below = offsets[level]
             level, index = level + 1, index // 2
-            self._slot(level, index)[index] = below[2 * index + 1] @ below[2 * index]
+            blocks[offsets[level] + index] = blocks[below + 2 * index + 1] @ blocks[below + 2 * index]
         self._recent[1:] = transition @ self._recent[:-1]  # every recent suffix gains this tick on the left
         self._recent[0] = transition
         self.num_ticks = tick + 1
+
+    def tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(block products, level offsets, valid recent suffixes): what a compiled kernel walks."""
+        return self._blocks, self._offsets, self._recent[:min(self.num_ticks, RECENT_TICKS)]
 
     def suffix_products(self, starts: np.ndarray) -> np.ndarray:
         """``M_{n-1} ... M_a`` for each ``a`` in ``starts`` (identity where ``a == n``), shape (len, 2, 2)."""
@@ -103,7 +131,7 @@ class StepHistory:
             level = np.log2(size).astype(np.int64)
             for k in np.unique(level):
                 sel = level == k
-                blocks = self._levels[int(k)][x[sel] >> k]
+                blocks = self._blocks[self._offsets[k] + (x[sel] >> k)]
                 out[active[sel]] = blocks @ out[active[sel]]
             pos[active] = x + size
             active = active[pos[active] < n]
@@ -111,11 +139,16 @@ class StepHistory:
 
 
 class RowClock:
-    """Per-row tick bookkeeping of the catch-up rule for one matrix (rows local to a shard)."""
+    """Per-row tick bookkeeping of the catchup rule for one matrix (rows local to a shard).
 
-    def __init__(self, num_rows: int) -> None:
+    The arithmetic on the rows is its ``kernel``'s (:mod:`hfs.paramserver.kernels`: the fused
+    numba pass or the numpy fallback); the clock holds the history and the ticks.
+    """
+
+    def __init__(self, num_rows: int, kernel: "RowKernel | None" = None) -> None:
         self.history = StepHistory()
         self.row_tick = np.zeros(int(num_rows), dtype=np.int64)
+        self.kernel = NumpyKernel() if kernel is None else kernel
 
     @property
     def now(self) -> int:
@@ -128,71 +161,36 @@ class RowClock:
     def catch_up(self, weight: np.ndarray, momentum: np.ndarray, rows: np.ndarray,
                  scratch: Scratch | None = None) -> int:
         """Bring ``rows`` (local indices in range; repeats are harmless) of ``weight``/``momentum`` to
-        the current tick, in place. Returns how many rows moved. Rows already current cost one
-        comparison each. ``scratch`` holds the four work arrays between calls (else fresh ones).
+        the current tick, in place. Returns how many rows moved. ``scratch`` holds the numpy
+        kernel's work arrays between calls (else fresh ones).
         """
-        rows = self.stale(np.asarray(rows, dtype=np.int64))
-        if rows.size:
-            scratch = Scratch() if scratch is None else scratch
-            self._advance(weight, momentum, rows, scratch, scratch.get(2, rows.size, weight.shape[1]))
-        return int(rows.size)
+        return self.kernel.catch_up(self, weight, momentum, np.asarray(rows, dtype=np.int64), scratch)
 
     def read(self, weight: np.ndarray, momentum: np.ndarray, rows: np.ndarray,
              scratch: Scratch | None = None, out: np.ndarray | None = None,
              answer: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
-        """``weight[rows]`` as dense SGD has them now (a new array, or ``out``), caught up in place first.
+        """``weight[rows]`` as dense SGD has them now (a new array, or ``out``); repeats are harmless.
 
-        When most rows are behind (the usual sampled read) all of them go through the
-        catch-up, the current ones with the identity (exact: ``w * 1 + buf * 0``), and the
-        caught-up weights are written straight into the answer: one gather fewer. ``out``
-        (float32 (n, dim), C order) lets the server write them straight into a reply buffer.
-        ``answer`` is called with the values as soon as they are known, before the caught-up
-        rows are written back into ``weight``/``momentum``: a server sends its reply there, so
-        that write-back overlaps the client's work instead of delaying the reply.
+        Nothing is written back: a stale row's weights are computed into the answer from its
+        weight and momentum, and the row catches up in place when it is next pushed, set,
+        scanned or snapshotted, from the same tick with the same product, so to the same bits.
+        (A sampled get + push thus moves each row's weight and momentum once each way.) ``out``
+        (float32 (n, dim), C order) lets the server write them straight into a reply buffer;
+        ``answer`` is called with the values as soon as they are known (the server sends its
+        reply there).
         """
-        rows = np.asarray(rows, dtype=np.int64)
-        behind = int(np.count_nonzero(self.row_tick[rows] < self.now))
-        if 2 * behind < rows.size or behind == 0:
-            self.catch_up(weight, momentum, rows, scratch)
-            values = np.take(weight, rows, axis=0) if out is None else take_rows(weight, rows, out)
-            if answer is not None:
-                answer(values)
-            return values
-        if out is None:
-            out = np.empty((rows.size, weight.shape[1]), dtype=weight.dtype)
-        self._advance(weight, momentum, rows, Scratch() if scratch is None else scratch, out, answer)
-        return out
-
-    def _advance(self, weight: np.ndarray, momentum: np.ndarray, rows: np.ndarray, scratch: Scratch,
-                 new_w: np.ndarray, answer: Callable[[np.ndarray], None] | None = None) -> None:
-        """The catch-up of ``rows`` (a current row's product is the identity), the new weights also
-        left in ``new_w`` (and handed to ``answer`` before they are written back); work arrays in
-        slots 0, 1 and 3 of ``scratch``."""
-        starts, which = np.unique(self.row_tick[rows], return_inverse=True)
-        # products in float64, applied in float32 (the rows' own precision)
-        coef = self.history.suffix_products(starts).astype(np.float32)[which]
-        n, dim = rows.size, weight.shape[1]
-        w = take_rows(weight, rows, scratch.get(0, n, dim))
-        buf = take_rows(momentum, rows, scratch.get(1, n, dim))
-        np.multiply(w, coef[:, 0, 0, None], out=new_w)
-        new_w += np.multiply(buf, coef[:, 0, 1, None], out=scratch.get(3, n, dim))
-        buf *= coef[:, 1, 1, None]
-        w *= coef[:, 1, 0, None]
-        buf += w
-        if answer is not None:
-            answer(new_w)
-        weight[rows] = new_w
-        momentum[rows] = buf
-        self.row_tick[rows] = self.now
+        return self.kernel.read(self, weight, momentum, np.asarray(rows, dtype=np.int64), scratch, out, answer)
 
     def catch_up_range(self, weight: np.ndarray, momentum: np.ndarray, start: int, stop: int,
-                       scratch: Scratch | None = None, chunk_rows: int = 8192) -> int:
-        """Catch up the contiguous local rows ``start..stop-1``, a bounded chunk at a time."""
-        moved = 0
-        for first in range(start, stop, chunk_rows):
-            moved += self.catch_up(weight, momentum, np.arange(first, min(first + chunk_rows, stop), dtype=np.int64),
-                                   scratch)
-        return moved
+                       scratch: Scratch | None = None) -> int:
+        """Catch up the contiguous local rows ``start..stop-1``."""
+        return self.kernel.catch_up_range(self, weight, momentum, start, stop, scratch)
+
+    def step(self, weight: np.ndarray, momentum: np.ndarray, rows: np.ndarray, grads: np.ndarray, hp: "HParams",
+             scratch: Scratch | None = None) -> None:
+        """One applied step: unique ``rows`` caught up and given SGD with ``grads``, the tick recorded."""
+        self.kernel.sgd(weight, momentum, rows, grads, hp, scratch, clock=self)
+        self.tick(rows, zero_grad_transition(hp.lr, hp.momentum, hp.weight_decay))
 
     def tick(self, rows: np.ndarray, transition: np.ndarray) -> None:
         """Record one applied step whose real update touched ``rows`` (already current before it)."""

@@ -3,7 +3,7 @@
 One thread runs the loop: receive a message, parse it (`protocol.decode`, then each op's
 header fields by type), call the in-process store (which checks the values' ranges, once for
 every caller), reply (a get or select replies from inside the store's
-read, before the rows' catch-up is written back). A `get` for a step that is not applied yet is
+read, as soon as the rows' values are known). A `get` for a step that is not applied yet is
 *deferred*: it waits in a list, the loop keeps serving others, and the reply goes out when
 the step is applied (or fails). A bad message never stops the loop: every error, expected
 or not, becomes an error reply and nothing in the store changes.
@@ -409,8 +409,8 @@ class ParamServer:
 
     def _answered_early(self, msg, envelope, op: str, read: Callable[[Callable | None], Any]) -> bool:
         """Answer a get or select now if its step allows: ``read(answer)`` is the store call, which
-        hands ``answer`` the reply (header, arrays) before it writes the rows' catch-up back into
-        the matrix, so that write-back overlaps the client's next move instead of delaying this
+        hands ``answer`` the reply (header, arrays) as soon as the rows' values are known, so any
+        work the store does after it overlaps the client's next move instead of delaying this
         reply. False: the step is not applied yet (nothing was sent)."""
         sent = []
 
@@ -423,7 +423,7 @@ class ParamServer:
         except Exception:
             if not sent:
                 raise
-            log.exception("a %s's write-back failed after its reply went out", op)  # one reply per request
+            log.exception("a %s failed after its reply went out", op)  # one reply per request
         return bool(sent)
 
     def _op_index(self, msg, envelope):
@@ -544,6 +544,7 @@ class ServeOptions:
     insecure: bool = False
     max_message_bytes: int = 1 << 30
     shared_memory: bool = True
+    kernel: str = "auto"
 
     def to_json(self) -> str:
         """Everything but the secret, for a shard process's command line (:meth:`from_json`)."""
@@ -573,7 +574,8 @@ def serve_options(cfg: "HfsConfig", *, host: str | None = None, port: int | None
         snapshot_dir=snapshot_dir_for(ps, cfg.train.output_dir), keep_snapshots=ps.keep_snapshots,
         timeout_s=ps.timeout_s, snapshot_every_steps=ps.snapshot_every_steps, snapshot_every_s=ps.snapshot_every_s,
         resume=resume, secret=resolve_secret(ps.secret, secret_file), insecure=insecure,
-        max_message_bytes=int(ps.max_message_mb * 2**20), shared_memory=ps.shared_memory != "off")
+        max_message_bytes=int(ps.max_message_mb * 2**20), shared_memory=ps.shared_memory != "off",
+        kernel=ps.kernel)
 
 
 def serve_params(cfg: "HfsConfig", *, resume: str | None = None, secret_file: str | Path | None = None,
@@ -602,7 +604,8 @@ def build_server(opts: ServeOptions) -> ParamServer:
     # index builds write to the system temp folder, never to a path a client names
     store = InProcessStore(shard_snapshot_dir(opts.snapshot_dir, opts.shard), keep_snapshots=opts.keep_snapshots,
                            timeout_s=opts.timeout_s, snapshot_every_steps=opts.snapshot_every_steps,
-                           snapshot_every_s=opts.snapshot_every_s, shard=opts.shard, index_workdir="")
+                           snapshot_every_s=opts.snapshot_every_s, shard=opts.shard, index_workdir="",
+                           kernel=opts.kernel)
     if opts.resume:
         _resume(store, opts.resume)
     host = f"[{opts.host}]" if ":" in opts.host else opts.host

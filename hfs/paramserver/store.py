@@ -3,7 +3,8 @@
 It is the default store of `hfs train` (no server needed) and the engine inside every
 `hfs serve-params` process. Memory is the weights and the momentum, C x D x 4 bytes each
 (momentum is allocated zeroed, so the OS maps its pages only when rows are first updated);
-nothing else grows with C. Every hot path is vectorised over the rows of a request.
+nothing else grows with C. The arithmetic of every hot path runs in the store's row kernel
+(``kernels.py``: one compiled pass per row with numba, else vectorised numpy).
 
 Update rule, per touched row (``torch.optim.SGD`` with dampening 0 and nesterov off)::
 
@@ -15,9 +16,9 @@ What happens to the rows a step does not touch is the matrix's ``update_rule``:
 
 - ``catchup`` (default): what ``torch.optim.SGD`` does to the whole matrix, where an idle row
   still decays and coasts on its momentum every step, at sparse cost: each row remembers the
-  step it is current at and, when it is next read, pushed, set, scanned or snapshotted,
-  first catches up in closed form on the steps it missed (`catchup.py`). Equal to dense SGD
-  to float32 round-off.
+  step it is current at; a read computes its caught-up values in closed form from the steps
+  it missed (`catchup.py`), and it catches up in place when it is next pushed, set, scanned
+  or snapshotted. Equal to dense SGD to float32 round-off.
 - ``lazy``: idle rows keep their weight *and* momentum; a row's stale momentum is replayed
   when it is next active (the rule of earlier versions; kept for comparison).
 - ``dense``: every row is updated every step, O(C x D) per step: the reference, for tests
@@ -51,8 +52,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from hfs.paramserver.base import HParams, WeightStore
-from hfs.paramserver.catchup import UPDATE_RULES, RowClock, zero_grad_transition
+from hfs.paramserver.catchup import UPDATE_RULES, RowClock
 from hfs.paramserver import snapshots as snaps
+from hfs.paramserver.kernels import NumpyKernel, RowKernel, load_kernel, sgd_rows
 from hfs.paramserver.scratch import Scratch, take_rows
 from hfs.samplers.owned import IndexSpec, OwnedIndex
 from hfs.samplers.base import normalise_rows
@@ -151,35 +153,6 @@ def sum_duplicate_rows(rows: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray,
     return sorted_rows[starts], summed
 
 
-def sgd_rows(weight: np.ndarray, momentum: np.ndarray, rows: np.ndarray | slice, grads: np.ndarray,
-             hp: HParams, work: Scratch | None = None) -> None:
-    """Apply torch.optim.SGD's rule to unique ``rows`` of ``weight``/``momentum`` in place.
-
-    One work array is reused for ``g`` and ``lr * buf`` (this is memory-bound); with ``work``
-    (index rows only) the gathered rows and that array live in reused buffers.
-    """
-    if work is None or isinstance(rows, slice):
-        w, buf = weight[rows], momentum[rows]
-        scratch = np.empty_like(w)
-    else:
-        n, dim = grads.shape
-        w = take_rows(weight, rows, work.get(0, n, dim))
-        buf = take_rows(momentum, rows, work.get(1, n, dim))
-        scratch = work.get(2, n, dim)
-    if hp.weight_decay:
-        np.multiply(w, np.float32(hp.weight_decay), out=scratch)
-        scratch += grads  # g = grad + wd * w (addition commutes exactly)
-        g = scratch
-    else:
-        g = grads
-    buf *= np.float32(hp.momentum)
-    buf += g
-    np.multiply(buf, np.float32(hp.lr), out=scratch)
-    w -= scratch
-    weight[rows] = w
-    momentum[rows] = buf
-
-
 def sgd_dense(weight: np.ndarray, momentum: np.ndarray, rows: np.ndarray, grads: np.ndarray,
               hp: HParams) -> None:
     """torch.optim.SGD on the whole matrix: ``rows`` get ``grads``, every other row a zero gradient."""
@@ -254,10 +227,11 @@ class Matrix:
     failed: dict[int, str] = field(default_factory=dict)
     clock: RowClock | None = None
     work: Scratch = field(default_factory=Scratch, repr=False)
+    kernel: RowKernel = field(default_factory=NumpyKernel, repr=False)
 
     def __post_init__(self) -> None:
         if self.update_rule == "catchup" and self.clock is None:
-            self.clock = RowClock(self.weight.shape[0])
+            self.clock = RowClock(self.weight.shape[0], self.kernel)
 
     def catch_up(self, local_rows: np.ndarray) -> None:
         """Bring unique local rows to the last applied step (catchup rule; no-op otherwise)."""
@@ -266,14 +240,22 @@ class Matrix:
 
     def read(self, local_rows: np.ndarray, out: np.ndarray | None = None,
              answer: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
-        """The current values of local rows (a new array, or ``out``), caught up first under the
-        catchup rule; ``answer`` gets them before the catch-up is written back (RowClock.read)."""
+        """The current values of local rows (a new array, or ``out``): under the catchup rule computed
+        caught up, nothing written back (RowClock.read); ``answer`` gets them once they are known."""
         if self.clock is not None:
             return self.clock.read(self.weight, self.momentum, local_rows, self.work, out, answer)
         values = np.take(self.weight, local_rows, axis=0) if out is None else take_rows(self.weight, local_rows, out)
         if answer is not None:
             answer(values)
         return values
+
+    def apply_sgd(self, unique: np.ndarray, summed: np.ndarray) -> None:
+        """One SGD step with the gradients of ``unique`` rows (catchup: caught up in the same pass,
+        the step recorded; lazy: the rows alone)."""
+        if self.clock is not None:
+            self.clock.step(self.weight, self.momentum, unique, summed, self.hparams, self.work)
+        else:
+            self.kernel.sgd(self.weight, self.momentum, unique, summed, self.hparams, self.work)
 
     def catch_up_range(self, start: int, stop: int) -> None:
         if self.clock is not None:
@@ -289,7 +271,7 @@ class Matrix:
         if rule != self.update_rule:
             self.catch_up_all()
             self.update_rule = rule
-            self.clock = RowClock(self.weight.shape[0]) if rule == "catchup" else None
+            self.clock = RowClock(self.weight.shape[0], self.kernel) if rule == "catchup" else None
 
     def info(self) -> dict:
         return {"rows": self.num_rows, "dim": self.dim, "row_start": self.row_start, "row_end": self.row_end,
@@ -356,14 +338,17 @@ class InProcessStore(WeightStore):
     ``timeout_s`` bounds a synchronous step; ``snapshot_dir`` (optional) enables snapshots,
     of which the newest ``keep_snapshots`` automatic ones are kept; ``snapshot_every_steps``
     / ``snapshot_every_s`` (0 = off) take automatic snapshots after applied steps;
-    ``update_rule`` is the rule of matrices created without one (see the module docstring).
+    ``update_rule`` is the rule of matrices created without one (see the module docstring);
+    ``kernel`` (auto | numba | numpy) the row kernels of the catch-up and SGD
+    (:mod:`hfs.paramserver.kernels`).
     """
 
     def __init__(self, snapshot_dir: str | Path | None = None, *, keep_snapshots: int = 3,
                  timeout_s: float = 60.0, snapshot_every_steps: int = 0, snapshot_every_s: float = 0.0,
                  shard: ShardSpec = ShardSpec(), update_rule: str = "catchup",
-                 index_workdir: str | Path | None = None) -> None:
+                 index_workdir: str | Path | None = None, kernel: str = "auto") -> None:
         self.update_rule = _check_rule(update_rule)
+        self.kernel = load_kernel(kernel)
         # where index builds put their files; set (a server), it replaces every spec's workdir
         self.index_workdir = str(index_workdir) if index_workdir is not None else None
         self._indexes: dict[str, OwnedIndex] = {}
@@ -479,7 +464,8 @@ class InProcessStore(WeightStore):
             except MemoryError:
                 raise StoreError(f"not enough memory for matrix {name!r} ({need / 2**30:.1f} GiB)") from None
             init_rows(weight, start, spec.init, spec.std, spec.seed)
-            self._matrices[name] = Matrix(name, num_rows, start, weight, momentum, update_rule=rule)
+            self._matrices[name] = Matrix(name, num_rows, start, weight, momentum, update_rule=rule,
+                                          kernel=self.kernel)
             self._dirty = True
             log.info("created matrix %s: rows %d..%d of %d, dim %d (%s, update rule %s)", name, start, end,
                      num_rows, dim, init, rule)
@@ -503,10 +489,10 @@ class InProcessStore(WeightStore):
                      answer: Callable[[np.ndarray], None] | None = None) -> np.ndarray | None:
         """Rows' values, or None while a step before ``step`` is still pending (never blocks).
         ``out``: a float32 (n, dim) C-order array to write them into (the server's reply buffer).
-        ``answer``: called with the values, under the store's lock, before the catch-up's
-        write-back into the matrix (the server sends its reply there; see RowClock.read). The
-        write-back works on its own copy of ``rows``: once the reply is out, a same-host client
-        may already be writing its next request over the buffer they came in."""
+        ``answer``: called with the values, under the store's lock, as soon as they are known (the
+        server sends its reply there; see RowClock.read). A read writes nothing back, so nothing
+        after ``answer`` uses ``rows``: once the reply is out, a same-host client may already be
+        writing its next request over the buffer they came in."""
         with self._cond:
             m = self._matrix(name)
             local = self._local_rows(m, rows)
@@ -518,8 +504,6 @@ class InProcessStore(WeightStore):
                                  f"{out.dtype}{list(out.shape)}")
             self._counters["gets"] += 1
             self._counters["rows_read"] += local.size
-            if answer is not None:
-                local = local.copy()
             return m.read(local, out, answer)
 
     def try_get_range(self, name: str, start: int, stop: int, step: int | None = None) -> np.ndarray | None:
@@ -632,16 +616,10 @@ class InProcessStore(WeightStore):
     @staticmethod
     def _apply_rule(m: Matrix, unique: np.ndarray, summed: np.ndarray) -> None:
         """One SGD step with the gradients of ``unique`` rows, under the matrix's update rule."""
-        hp = m.hparams
-        if m.update_rule == "lazy" and unique.size == 0:
-            return
         if m.update_rule == "dense":
-            sgd_dense(m.weight, m.momentum, unique, summed, hp)
-            return
-        m.catch_up(unique)
-        sgd_rows(m.weight, m.momentum, unique, summed, hp, m.work)
-        if m.clock is not None:
-            m.clock.tick(unique, zero_grad_transition(hp.lr, hp.momentum, hp.weight_decay))
+            sgd_dense(m.weight, m.momentum, unique, summed, m.hparams)
+        elif unique.size or m.update_rule == "catchup":  # an empty step still ticks the catchup clock
+            m.apply_sgd(unique, summed)
 
     def set_hparams(self, name: str, hparams: HParams) -> None:
         if not isinstance(hparams, HParams):
@@ -734,7 +712,7 @@ class InProcessStore(WeightStore):
                 raise StoreError(f"snapshot {folder} belongs to shard {shard['index']} of {shard['count']}, "
                                  f"this store is shard {self.shard.index} of {self.shard.count}")
             step = int(manifest["step"])
-            loaded = self._load_matrices(folder, manifest)
+            loaded = self._load_matrices(folder, manifest, self.kernel)
             learnt = {name: (info["sampler"], {key: snaps.load_array(folder, manifest["files"][f"{name}.index.{key}"])
                                                for key in info["arrays"]})
                       for name, info in manifest.get("indexes", {}).items()}
@@ -753,7 +731,7 @@ class InProcessStore(WeightStore):
         return step
 
     @staticmethod
-    def _load_matrices(folder: Path, manifest: dict) -> dict[str, Matrix]:
+    def _load_matrices(folder: Path, manifest: dict, kernel: RowKernel) -> dict[str, Matrix]:
         files = manifest["files"]
         loaded: dict[str, Matrix] = {}
         for name, info in manifest["matrices"].items():
@@ -765,7 +743,8 @@ class InProcessStore(WeightStore):
             # snapshots before update rules existed were written by the lazy rule
             rule = _check_rule(info.get("update_rule", "lazy"))
             loaded[name] = Matrix(name, int(info["rows"]), int(info["row_start"]), weight, momentum,
-                                  HParams(**hp) if hp else None, int(info.get("last_applied", -1)), rule)
+                                  HParams(**hp) if hp else None, int(info.get("last_applied", -1)), rule,
+                                  kernel=kernel)
         return loaded
 
     def _maybe_periodic_snapshot(self) -> None:
@@ -797,6 +776,7 @@ class InProcessStore(WeightStore):
     def stats(self) -> dict:
         with self._cond:
             return {"step": self.step, "workers": sorted(self._workers), "matrices": self.matrices(),
+                    "kernel": self.kernel.name,
                     "indexes": {name: index.upkeep() for name, index in self._indexes.items()},
                     "bytes_held": int(sum(m.weight.nbytes + m.momentum.nbytes for m in self._matrices.values())),
                     "pending_steps": sum(len(m.pending) for m in self._matrices.values()),
@@ -945,8 +925,8 @@ class InProcessStore(WeightStore):
                    with_rows: bool = True, answer: Callable[[Selection, np.ndarray], None] | None = None
                    ) -> tuple[Selection, np.ndarray | None] | None:
         """``select`` without blocking: None while a step before ``step`` is pending. ``answer``
-        (with rows): called with the selection and the rows' values before the catch-up's
-        write-back, as in :meth:`try_get_rows`."""
+        (with rows): called with the selection and the rows' values as soon as they are known, as
+        in :meth:`try_get_rows`."""
         with self._cond:
             m = self._matrix(name)
             labels = _as_rows(labels, "labels")

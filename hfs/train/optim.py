@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 
-from hfs.paramserver.catchup import StepHistory, zero_grad_transition
+from hfs.paramserver.catchup import RowClock, StepHistory, zero_grad_transition
+from hfs.paramserver.kernels import load_kernel
 from hfs.utils.errors import HfsError
 
 if TYPE_CHECKING:
     from hfs.config import HfsConfig
+    from hfs.paramserver.kernels import RowKernel
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +35,40 @@ RowsFn = Callable[[], "torch.Tensor | None"]
 
 class TorchRowClock:
     """The catchup rule for one torch parameter: the tick each row is current at, and the
-    closed-form catch-up of rows that missed ticks (the maths of hfs/paramserver/catchup.py)."""
+    closed-form catch-up of rows that missed ticks (the maths of hfs/paramserver/catchup.py).
 
-    def __init__(self, num_rows: int, device: torch.device) -> None:
-        self.history = StepHistory()
-        self.row_tick = torch.zeros(num_rows, dtype=torch.long, device=device)
+    A float32 parameter on the CPU is caught up by the weight store's own :class:`RowClock` on
+    numpy views of the parameter and its momentum (its kernel: the fused numba pass, or the numpy
+    fallback; ``paramserver.kernel``); elsewhere (CUDA, other dtypes) by torch ops on the
+    parameter's device. The ticks are one tensor either way (on the CPU, the clock's array).
+    """
+
+    def __init__(self, num_rows: int, device: torch.device, kernel: "RowKernel | None" = None) -> None:
+        self.host = RowClock(num_rows, kernel)  # the history; on the CPU also the ticks and the kernel
+        on_cpu = torch.device(device).type == "cpu"
+        self.row_tick = (torch.from_numpy(self.host.row_tick) if on_cpu
+                         else torch.zeros(num_rows, dtype=torch.long, device=device))
+
+    @property
+    def history(self):
+        return self.host.history
 
     @torch.no_grad()
     def catch_up(self, param: torch.Tensor, buf: torch.Tensor | None, rows: torch.Tensor | None) -> None:
         """Bring ``rows`` (None: all) of ``param`` and its momentum ``buf`` to the current tick, in place."""
-        now = self.history.num_ticks
-        if now == 0:
+        if self.history.num_ticks == 0:
             return
+        if _host_kernel_fits(param, buf):
+            weight, momentum = param.detach().numpy(), buf.numpy()
+            if rows is None:
+                self.host.catch_up_range(weight, momentum, 0, weight.shape[0])
+            else:
+                self.host.catch_up(weight, momentum, rows.to("cpu", torch.long).numpy())
+            return
+        self._catch_up_torch(param, buf, rows)
+
+    def _catch_up_torch(self, param: torch.Tensor, buf: torch.Tensor | None, rows: torch.Tensor | None) -> None:
+        now = self.history.num_ticks
         rows = torch.arange(param.shape[0], device=param.device) if rows is None else rows.to(param.device)
         stale = rows[self.row_tick[rows] < now]
         if stale.numel() == 0:
@@ -65,8 +89,15 @@ class TorchRowClock:
 
     def forget_history(self) -> None:
         """Every row is current (after :meth:`catch_up` of all rows): drop the recorded ticks."""
-        self.history = StepHistory()
+        self.host.history = StepHistory()
         self.row_tick.zero_()
+
+
+def _host_kernel_fits(param: torch.Tensor, buf: torch.Tensor | None) -> bool:
+    """The store's kernels take C-contiguous float32 host arrays, momentum included."""
+    return (buf is not None and param.device.type == "cpu" and buf.device.type == "cpu"
+            and param.dtype == torch.float32 and buf.dtype == torch.float32
+            and param.is_contiguous() and buf.is_contiguous())
 
 
 class RowSparseSGD(torch.optim.SGD):
@@ -77,13 +108,15 @@ class RowSparseSGD(torch.optim.SGD):
     ``catch_up=True``, are moved as torch's dense SGD moves them, in closed form, when
     :meth:`catch_up` is asked for them (before a forward reads them) or they are updated:
     equal to dense SGD to float32 round-off. Momentum buffers are full-size tensors under the
-    same state key as torch's, so checkpoints do not change.
+    same state key as torch's, so checkpoints do not change. ``kernel`` (``paramserver.kernel``:
+    auto, numba or numpy) is the row kernel of the catch-up on the CPU.
     """
 
-    def __init__(self, params: Iterable, **kwargs) -> None:
+    def __init__(self, params: Iterable, *, kernel: str = "auto", **kwargs) -> None:
         super().__init__(params, **kwargs)
         self._rows_fn: dict[torch.Tensor, RowsFn] = {}
         self._clocks: dict[torch.Tensor, TorchRowClock] = {}
+        self._kernel_name = kernel
 
     def update_rows_of(self, param: torch.Tensor, rows_fn: RowsFn, *, catch_up: bool = False) -> None:
         """From now on ``param`` (2-D, in one of the groups) is updated on ``rows_fn()``'s rows each
@@ -97,7 +130,7 @@ class RowSparseSGD(torch.optim.SGD):
             group = self._group_of(param)
             if group["dampening"] or group["nesterov"] or group["maximize"]:
                 raise ValueError("catch-up needs SGD without dampening, nesterov or maximize")
-            self._clocks[param] = TorchRowClock(param.shape[0], param.device)
+            self._clocks[param] = TorchRowClock(param.shape[0], param.device, load_kernel(self._kernel_name))
 
     @torch.no_grad()
     def catch_up(self, param: torch.Tensor, rows: torch.Tensor | None = None) -> None:
@@ -183,7 +216,8 @@ def build_optimizer(cfg: "HfsConfig", groups: list[dict]) -> torch.optim.Optimiz
     """
     o = cfg.optim
     if o.name == "sgd":
-        return RowSparseSGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        return RowSparseSGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                            kernel=cfg.paramserver.kernel)
     if cfg.fc.mode == "sharded" and cfg.fc.sharded_momentum == "lazy":
         raise HfsError("config key 'fc.sharded_momentum' is 'lazy', the weight store's old SGD rule on active rows; "
                        "optim.name=adamw updates the sharded classifier densely: set fc.sharded_momentum=dense "

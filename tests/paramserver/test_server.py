@@ -165,16 +165,16 @@ def test_create_carries_the_update_rule(thread_server):
         assert "other" not in srv.server.store.matrices()
 
 
-def test_a_get_is_answered_before_its_write_back_and_a_late_failure_sends_no_second_reply(thread_server, caplog):
-    """The server sends a get's reply from inside the store's read (before the catch-up is written
-    back); if the store fails after that, the error is logged and the client sees one reply only."""
+def test_a_get_is_answered_from_inside_the_read_and_a_late_failure_sends_no_second_reply(thread_server, caplog):
+    """The server sends a get's reply from inside the store's read (as soon as the values are
+    known); if the store fails after that, the error is logged and the client sees one reply only."""
     store = InProcessStore(timeout_s=10)
     srv = thread_server(store)
     read = store.try_get_rows
 
     def answer_then_fail(*args, **kw):
         read(*args, **kw)
-        raise RuntimeError("write-back broke")
+        raise RuntimeError("the store broke after answering")
 
     with ParamClient(srv.endpoint, timeout_s=10) as client:
         client.create("fc", 20, 4, init="gaussian", std=0.1, seed=2)
@@ -188,4 +188,4 @@ def test_a_get_is_answered_before_its_write_back_and_a_late_failure_sends_no_sec
         np.testing.assert_array_equal(got, want)
         np.testing.assert_array_equal(client.get_rows("fc", np.arange(3)), want[:3])  # the next reply is its own
         assert client.ping()[0]["shard"] == 0
-    assert "write-back failed after its reply went out" in caplog.text
+    assert "get failed after its reply went out" in caplog.text

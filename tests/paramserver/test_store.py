@@ -282,10 +282,10 @@ def test_duplicate_sum_matches_a_dense_reference(repeats):
     np.testing.assert_allclose(summed, dense[uniq], rtol=1e-5, atol=1e-5)
 
 
-def test_a_get_answered_early_owns_its_rows():
+def test_a_get_answered_early_owns_its_rows(kernel):
     """Once ``answer`` has run, the caller may overwrite the rows it passed (a same-host client
-    writes its next request over that buffer): the write-back still lands on the rows that were read."""
-    store, ref = InProcessStore(), InProcessStore()
+    writes its next request over that buffer): the values and the matrix stay those of the rows read."""
+    store, ref = InProcessStore(kernel=kernel), InProcessStore(kernel=kernel)
     for s in (store, ref):
         s.create("fc", 50, 8, init="gaussian", std=0.1, seed=1, update_rule="catchup")
         s.set_hparams("fc", HParams(0.1, 0.9, 1e-3))

@@ -167,13 +167,14 @@ def test_split_state_rows_touches_per_row_tensors_only():
     assert split_state_rows({"state": {}}, 1, 6, lambda t: t) == {"state": {}}
 
 
-def test_catch_up_equals_torch_dense_sgd_for_a_row_sparse_parameter():
-    """fc.sharded_momentum=catchup: sparse updates plus catch-up on read equal torch's dense SGD."""
+def test_catch_up_equals_torch_dense_sgd_for_a_row_sparse_parameter(kernel):
+    """fc.sharded_momentum=catchup: sparse updates plus catch-up on read equal torch's dense SGD
+    (on the CPU through the weight store's row kernel, numba or numpy)."""
     gen = torch.Generator().manual_seed(3)
     start = torch.randn(12, 4, generator=gen)
     dense_w, sparse_w = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
     dense = torch.optim.SGD([dense_w], **HP)
-    sparse = RowSparseSGD([sparse_w], **HP)
+    sparse = RowSparseSGD([sparse_w], kernel=kernel, **HP)
     active = [torch.tensor([0, 3]), torch.tensor([3, 5, 7]), torch.tensor([], dtype=torch.long), torch.tensor([0, 11])]
     pending = iter(active * 5)
     sparse.update_rows_of(sparse_w, lambda: next(pending), catch_up=True)
