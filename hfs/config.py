@@ -102,7 +102,7 @@ class FCConfig:
 
 @dataclass
 class SamplerConfig:
-    type: str = _f("exact", choices=("annoy", "hnsw", "exact", "random", "memory"),
+    type: str = _f("exact", choices=("annoy", "hnsw", "ivf", "exact", "random", "memory"),
                    help="how hard negatives are found: exact (current rows, B x C x D per step), annoy/hnsw "
                         "(approximate, rebuilt in the background), random (Partial FC's rule)")
     metric: str = _f("auto", choices=("auto", "cosine", "dot"),
@@ -146,6 +146,8 @@ class SamplerConfig:
     memory_hops: int = _f(2, choices=(0, 1, 2), help="memory: candidates are a class's members (1) and their members too (2)")
     memory_explore: int = _f(1024, ge=0, help="memory: classes drawn uniformly and scored against the batch per step to learn from")
     memory_symmetric: bool = _f(True, help="memory: a class that scores high against a sample of class c also learns c as its own member")
+    ivf_nlist: int = _f(0, ge=0, help="ivf: k-means lists of the inverted file (0 = about 4 sqrt(C))")
+    ivf_nprobe: int = _f(8, gt=0, help="ivf: lists scanned per query (more: better negatives, slower queries)")
     exact_chunk: int = _f(65536, gt=0, help="exact: rows per matmul chunk")
     exact_device: str = _f("auto", help="exact: torch device of the matrix copy (auto = cuda when available)")
     workdir: str = _f("", help="folder for rebuild snapshot files (C x D x 4 bytes) and annoy index files of the in-process store and the sharded classifier; empty = system temp (hfs serve-params always uses its system temp)")

@@ -74,7 +74,7 @@ def test_unknown_sampler_is_a_one_line_error():
     proc = subprocess.run([sys.executable, "-m", "hfs", "bench-sampler", "--num-classes", "100", "--dim", "4",
                            "--samplers", "anoy"], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == "error: --samplers: unknown sampler 'anoy' (did you mean 'annoy'?); known: annoy, exact, hnsw, memory, random"
+    assert proc.stderr.strip().splitlines()[-1] == "error: --samplers: unknown sampler 'anoy' (did you mean 'annoy'?); known: annoy, exact, hnsw, ivf, memory, random"
 
 
 @pytest.mark.slow
@@ -99,7 +99,7 @@ def test_query_sweep_measures_one_built_index_at_each_value(tmp_path):
 
 
 @pytest.mark.parametrize("sweep, message", [
-    ("hnsw_m=4,8", "KEY one of annoy_search_k, exact_chunk, hnsw_ef, query_threads"),
+    ("hnsw_m=4,8", "KEY one of annoy_search_k, exact_chunk, hnsw_ef, ivf_nprobe, query_threads"),
     ("hnsw_ef", "expected KEY=V1,V2"),
     ("hnsw_ef=a", "values must be integers"),
     ("hnsw_ef=", "no values given"),

@@ -10,7 +10,7 @@ K = 10
 # floors sit below what is reached (annoy ~0.8 cosine / ~0.65 dot: its dot metric works
 # through an extra augmented dimension; hnsw ~1.0) so that they fail only on a real bug.
 FLOORS = {("annoy", "cosine"): 0.7, ("annoy", "dot"): 0.55, ("hnsw", "cosine"): 0.9, ("hnsw", "dot"): 0.9,
-          ("exact", "cosine"): 1.0, ("exact", "dot"): 1.0}
+          ("ivf", "cosine"): 0.7, ("ivf", "dot"): 0.7, ("exact", "cosine"): 1.0, ("exact", "dot"): 1.0}
 
 
 def _exact_topk(weights, queries, metric):
@@ -30,7 +30,7 @@ def _built(name, weights, metric="cosine", **overrides):
     return sampler
 
 
-@pytest.mark.parametrize("name", ["annoy", "hnsw", "exact"])
+@pytest.mark.parametrize("name", ["annoy", "hnsw", "ivf", "exact"])
 @pytest.mark.parametrize("metric", ["cosine", "dot"])
 def test_recall_on_structured_weights_is_above_floor(name, metric, small_world):
     weights, _, queries = small_world
@@ -49,7 +49,7 @@ def test_random_sampler_has_no_candidates(small_world):
     assert sampler.candidates(queries, K).shape == (len(queries), 0)
 
 
-@pytest.mark.parametrize("name", ["hnsw", "exact"])
+@pytest.mark.parametrize("name", ["hnsw", "ivf", "exact"])
 def test_in_place_update_moves_a_row(name, small_world):
     weights, _, queries = small_world
     sampler = _built(name, weights)
@@ -104,7 +104,7 @@ def test_annoy_threaded_queries_answer_exactly_as_one_thread(threads, small_worl
     one.close()
 
 
-@pytest.mark.parametrize("name", ["annoy", "hnsw", "exact"])
+@pytest.mark.parametrize("name", ["annoy", "hnsw", "ivf", "exact"])
 @pytest.mark.parametrize("metric", ["cosine", "dot"])
 def test_search_similarities_are_the_true_ones_best_first(name, metric, small_world):
     """Shards merge answers by similarity, so every index must report the same quantity."""
@@ -124,3 +124,23 @@ def test_search_similarities_are_the_true_ones_best_first(name, metric, small_wo
 def test_random_sampler_searches_nothing():
     ids, sims = build_sampler("random", load_config(None, []).sampler, "cosine").search(np.ones((3, 4), np.float32), 5)
     assert ids.shape == sims.shape == (3, 0)
+
+
+def test_ivf_without_faiss_is_a_one_line_error_naming_the_install(small_world, monkeypatch):
+    import sys
+
+    from hfs.utils.errors import HfsError
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # what an install without faiss-cpu sees
+    with pytest.raises(HfsError, match="sampler 'ivf' needs the faiss package: pip install faiss-cpu"):
+        _built("ivf", small_world[0])
+
+
+def test_ivf_reads_back_what_it_holds_and_sizes_its_lists():
+    from hfs.samplers.ivf import auto_nlist
+
+    assert auto_nlist(1_000_000) == 4000 and auto_nlist(2000) == 51 and auto_nlist(10) == 1
+    weights = np.random.default_rng(0).standard_normal((500, 8)).astype(np.float32)
+    sampler = _built("ivf", weights)
+    np.testing.assert_allclose(sampler.indexed_rows(np.array([4, 2])), normalise_rows(weights[[4, 2]]), atol=1e-6)
+    assert sampler.indexed_rows(np.array([], dtype=np.int64)).shape == (0, 8)
