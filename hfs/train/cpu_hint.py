@@ -28,13 +28,23 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
-def slow_cpu_message(device: torch.device, step_seconds: float, steps_left: int, how: str = "first step") -> str | None:
-    """The warning for ``steps_left`` steps of ``step_seconds`` on ``device``, or None."""
+#: backbones already as small as the quick config's: suggesting it to their users would help nobody
+SMALL_ARCHES = ("tiny", "mlp")
+
+
+def slow_cpu_message(device: torch.device, step_seconds: float, steps_left: int, how: str = "first step", *,
+                     arch: str = "") -> str | None:
+    """The warning for ``steps_left`` steps of ``step_seconds`` on ``device``, or None; the advice fits
+    what was run: a large backbone hears of the quick config, a small one of what else makes a run long."""
     total = step_seconds * steps_left
     if device.type != "cpu" or total < SLOW_RUN_S:
         return None
-    return (f"training on CPU at {step_seconds:.3g} s/step ({how}): about {format_duration(total)} "
-            f"for {steps_left} steps; for a quick CPU run use `hfs train --config {QUICK_CONFIG}` "
+    said = f"training on CPU at {step_seconds:.3g} s/step ({how}): about {format_duration(total)} for {steps_left} steps"
+    if arch in SMALL_ARCHES:
+        return (f"{said}; the backbone ({arch}) is already a small one: fewer steps (train.max_steps), a smaller "
+                "train.batch_size or fewer classes (fc.sample_num with fc.mode=sampled) shorten the run, a GPU "
+                "(train.device) runs it as it is")
+    return (f"{said}; for a quick CPU run use `hfs train --config {QUICK_CONFIG}` "
             "(tiny backbone, HF-softmax, minutes)")
 
 
@@ -65,7 +75,8 @@ class CpuHintHook:
 
     def on_start(self, trainer) -> None:
         self.start = trainer.step
-        self.hint = CpuHint(trainer.device, trainer.total_steps - trainer.step) if trainer.env.is_main else None
+        self.hint = (CpuHint(trainer.device, trainer.total_steps - trainer.step, trainer.cfg.model.arch)
+                     if trainer.env.is_main else None)
         if self.hint is not None:  # the defaults on a CPU take hours: say so before they start
             t = trainer.cfg.train
             self.hint.before_first_step(trainer.backbone, trainer.cfg.data.image_size, t.batch_size * t.grad_accum)
@@ -85,8 +96,8 @@ class CpuHintHook:
 class CpuHint:
     """Warns once per run: before the first step from the estimate, else after it if it was slow."""
 
-    def __init__(self, device: torch.device, steps_left: int) -> None:
-        self.device, self.steps_left, self.said = device, steps_left, False
+    def __init__(self, device: torch.device, steps_left: int, arch: str = "") -> None:
+        self.device, self.steps_left, self.arch, self.said = device, steps_left, arch, False
         self.t0 = time.perf_counter()
 
     def before_first_step(self, backbone: nn.Module, image_size: int, images_per_step: int) -> None:
@@ -96,12 +107,13 @@ class CpuHint:
             except (RuntimeError, ValueError) as exc:  # a backbone whose input is not an image (e.g. mlp)
                 log.debug("no CPU time estimate before the first step: %s", exc)
             else:
-                self._say(slow_cpu_message(self.device, seconds, self.steps_left, "estimated from a forward pass"))
+                self._say(slow_cpu_message(self.device, seconds, self.steps_left, "estimated from a forward pass",
+                                           arch=self.arch))
         self.t0 = time.perf_counter()
 
     def after_first_step(self) -> None:
         if not self.said:
-            self._say(slow_cpu_message(self.device, time.perf_counter() - self.t0, self.steps_left))
+            self._say(slow_cpu_message(self.device, time.perf_counter() - self.t0, self.steps_left, arch=self.arch))
 
     def _say(self, message: str | None) -> None:
         if message:

@@ -11,7 +11,7 @@ from hfs.train.trainer import Trainer
 
 
 def hints(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if "quickstart_cpu.yaml" in r.getMessage()]
+    return [r.getMessage() for r in caplog.records if "training on CPU at" in r.getMessage()]
 
 
 def test_slow_cpu_run_warns_before_its_first_step(tiny_cfg, blobs, caplog, monkeypatch):
@@ -47,6 +47,13 @@ def test_message_for_the_default_config_on_cpu():
     assert text is not None and "94 s/step" in text and "3 h 55 min" in text
     assert "hfs train --config configs/quickstart_cpu.yaml" in text
     assert cpu_hint.slow_cpu_message(torch.device("cuda"), 94.0, 150) is None
+
+
+def test_a_user_already_on_a_small_backbone_is_not_sent_to_the_quick_config():
+    text = cpu_hint.slow_cpu_message(torch.device("cpu"), 2.0, 6000, arch="tiny")
+    assert text is not None and "3 h 20 min" in text
+    assert "quickstart_cpu" not in text and "already a small one" in text and "train.max_steps" in text
+    assert "quickstart_cpu" in cpu_hint.slow_cpu_message(torch.device("cpu"), 2.0, 6000, arch="iresnet50")
 
 
 def test_a_backbone_that_takes_no_images_gets_the_after_first_step_measure(caplog):
