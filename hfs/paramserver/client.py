@@ -685,7 +685,7 @@ class ParamClient(WeightStore):
         one parallel ``get`` of the active rows."""
         from hfs.samplers.registry import SAMPLERS
         from hfs.samplers.shards import merge_topk, rule_to_fields
-        from hfs.samplers.selection import Selection
+        from hfs.samplers.selection import Selection, reranked
 
         features = np.ascontiguousarray(features, dtype=np.float32)
         labels = self._rows(labels)
@@ -709,7 +709,7 @@ class ParamClient(WeightStore):
             spec = self._index_specs.get(name)
             scorer = self._scorer(name, features, spec.kwargs.get("metric", "cosine") if spec else "cosine")
             if spec is None or not SAMPLERS.get(spec.sampler).fresh_scores:
-                sims = scorer(ids)
+                ids, sims = reranked(ids, scorer(ids))
         chosen = rule.select(labels, ids if found else None, sims if found else None, num_rows, int(step), scorer)
         return chosen, (self.get_rows(name, chosen.active) if with_rows else None)
 

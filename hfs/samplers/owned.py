@@ -33,7 +33,7 @@ import numpy as np
 
 from hfs.samplers.base import ClassSampler, empty_answer
 from hfs.samplers.refresh import DriftTracker, IndexBuild, RefreshPolicy
-from hfs.samplers.selection import Scorer
+from hfs.samplers.selection import Scorer, reranked
 from hfs.samplers.registry import SAMPLERS
 from hfs.utils.errors import HfsError
 from hfs.utils.typed import field_values, rules
@@ -173,7 +173,8 @@ class OwnedIndex:
                fresh: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """A step's (B, k') candidates and similarities, whatever the index: a memory answers by label
         (and explores), any other by feature; ``fresh``: similarities under the current rows, an index
-        that answers from stale rows being re-scored with ``scorer``. Everything holder-local."""
+        that answers from stale rows being re-scored with ``scorer`` and re-ranked by them (its list is
+        a pool to pick from, not a ranking). Everything holder-local."""
         if self.by_label:
             if labels is None or scorer is None:
                 return empty_answer(len(features), 0)
@@ -182,7 +183,7 @@ class OwnedIndex:
             return ids, sims
         ids, sims = self.search(features, k)
         if fresh and ids.shape[1] and not self.fresh_scores and scorer is not None:
-            sims = scorer(ids)
+            ids, sims = reranked(ids, scorer(ids))
         return ids, sims
 
     def search_labels(self, labels: np.ndarray, k: int, scorer: Scorer) -> tuple[np.ndarray, np.ndarray]:

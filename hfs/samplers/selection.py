@@ -392,6 +392,14 @@ class SelectionRule:
         return Selection(drawn.active, drawn.local, adjust, log_q, stats=stats)
 
 
+def reranked(ids: np.ndarray, sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's candidates in the order of their fresh similarities, best first (-1: last): what
+    an index answering from stale rows hands the rule once its holder re-scored them."""
+    sims = np.where(ids >= 0, sims, -np.inf)
+    order = np.argsort(-sims, axis=1, kind="stable")
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(sims, order, 1)
+
+
 def score_with_rows(queries: np.ndarray, ids: np.ndarray, rows_of: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """A :data:`Scorer`'s answer from the (already normalised, for cosine) ``queries`` (B, D) and
     ``rows_of(unique ids) -> (U, D)`` values prepared the same way: one read of each distinct class."""

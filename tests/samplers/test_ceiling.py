@@ -98,3 +98,38 @@ def test_the_store_skips_classes_closer_than_the_own_one_under_its_current_rows(
     hard = chosen.active[1:][chosen.log_q[1:] == 0.0]  # picked with certainty: the index's candidates
     assert hard.size >= 3 and 1 not in hard and 2 not in hard  # (a uniform fill may still draw them)
     assert chosen.stats["ceiling_dropped"] == pytest.approx(2 / 6)
+
+
+def test_reranked_orders_each_querys_candidates_by_their_fresh_scores():
+    from hfs.samplers.selection import reranked
+
+    ids = np.array([[4, 5, -1, 6], [7, 8, 9, 1]])
+    fresh = np.array([[0.1, 0.5, 9.0, 0.3], [0.2, 0.2, 0.9, -0.5]])
+    got_ids, got = reranked(ids, fresh)
+    assert got_ids.tolist() == [[5, 6, 4, -1], [9, 7, 8, 1]]  # ties keep the index's order; -1 last
+    assert got[0, -1] == -np.inf and got[1, 0] == pytest.approx(0.9)
+
+
+def test_a_stale_index_hands_the_rule_its_candidates_in_their_order_now():
+    """hnsw built when class 5 was the query's nearest; class 5 has since moved far and class 9 close:
+    re-ranked under the current rows, 9 comes first and 5 last."""
+    from hfs.config import load_config
+    from hfs.samplers import index_spec
+    from hfs.samplers.owned import OwnedIndex
+    from hfs.samplers.base import array_chunks, normalise_rows
+    from hfs.samplers.selection import score_with_rows
+
+    rng = np.random.default_rng(3)
+    rows = normalise_rows(rng.standard_normal((40, 8)).astype(np.float32))
+    rows[9] = normalise_rows((rows[5] + 0.4 * rows[20])[None, :])[0]  # the query's second nearest
+    query = rows[5]
+    cfg = load_config(None, ["sampler.type=hnsw", "sampler.background=false"])
+    index = OwnedIndex(index_spec(cfg.sampler, "cosine", seed=0), rows.shape, lambda: array_chunks(rows, 16))
+    now = rows.copy()
+    now[9], now[5] = rows[5], -rows[5]
+    scorer = lambda ids: score_with_rows(normalise_rows(query[None, :]), ids, lambda u: normalise_rows(now[u]))
+    stale_ids, _ = index.answer(query[None, :], None, 4, scorer)
+    fresh_ids, fresh = index.answer(query[None, :], None, 4, scorer, fresh=True)
+    assert stale_ids[0, 0] == 5 and 9 in stale_ids[0]
+    assert fresh_ids[0, 0] == 9 and fresh_ids[0, -1] == 5 and np.all(np.diff(fresh[0]) <= 0)
+    index.close()
