@@ -119,7 +119,8 @@ class SamplerConfig:
                                      "(false: rebuild in the training thread, stalling it)")
     snapshot_rows: int = _f(32768, gt=0, help="rows per step the store (in process, or each shard of hfs serve-params) appends to a rebuild's snapshot file of its own rows")
     update_threshold: float = _f(0.1, gt=0.0, help="hnsw: relative change of a row that earns an in-place update")
-    update_budget: int = _f(16, ge=0, help="hnsw: most rows updated in place per step (0 = none)")
+    update_budget: int = _f(-1, ge=-1, help="hnsw/ivf: most rows updated in place per step (0 = none, -1 = the "
+                                              "sampler's own: hnsw 16, ivf 128)")
     hard_after: int = _f(0, ge=0, help="steps of uniform negatives (Partial FC's rule) before the index's hard negatives are used; the index is built meanwhile")
     hard_fraction: float = _f(1.0, ge=0.0, le=1.0, help="share of the free slots (sample_num minus the batch's labels) the index's candidates may take; the rest are uniform negatives")
     candidate_pick: str = _f("topk", choices=("topk", "score"),
@@ -146,7 +147,7 @@ class SamplerConfig:
     memory_hops: int = _f(2, choices=(0, 1, 2), help="memory: candidates are a class's members (1) and their members too (2)")
     memory_explore: int = _f(1024, ge=0, help="memory: classes drawn uniformly and scored against the batch per step to learn from")
     memory_symmetric: bool = _f(True, help="memory: a class that scores high against a sample of class c also learns c as its own member")
-    ivf_nlist: int = _f(0, ge=0, help="ivf: k-means lists of the inverted file (0 = about 4 sqrt(C))")
+    ivf_nlist: int = _f(0, ge=0, help="ivf: k-means lists of the inverted file (0 = about sqrt(C))")
     ivf_nprobe: int = _f(8, gt=0, help="ivf: lists scanned per query (more: better negatives, slower queries)")
     exact_chunk: int = _f(65536, gt=0, help="exact: rows per matmul chunk")
     exact_device: str = _f("auto", help="exact: torch device of the matrix copy (auto = cuda when available)")

@@ -54,6 +54,8 @@ class ClassSampler(ABC):
     needs_index: bool = True
     #: False for samplers that never answer candidates (random): their holder keeps no index at all.
     has_candidates: bool = True
+    #: rows a ``costly`` sampler moves in place per step when ``sampler.update_budget`` is -1 (auto)
+    default_update_budget: int = 16
     #: True when ``search`` answers similarities under the rows as they are now (an index updated in
     #: place with every changed row, a memory that scores through its holder); False: the holder
     #: re-scores candidates when the selection rule compares them (``SelectionRule.needs_scorer``).

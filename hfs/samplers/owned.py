@@ -71,7 +71,7 @@ class IndexSpec:
     drift_threshold: float = field(default=0.05, metadata=rules(gt=0.0))
     background: bool = True
     update_threshold: float = field(default=0.1, metadata=rules(gt=0.0))
-    update_budget: int = field(default=16, metadata=rules(ge=0, lt=2**62))
+    update_budget: int = field(default=-1, metadata=rules(ge=-1, lt=2**62))
     drift_rows: int = field(default=128, metadata=rules(ge=0, lt=2**62))
     chunk_rows: int = field(default=32768, metadata=rules(gt=0, lt=2**40))
     workdir: str = ""
@@ -145,6 +145,7 @@ class OwnedIndex:
         self.uses_index = probe.needs_index and self.num_rows > 0
         self.by_label = bool(getattr(probe, "by_label", False)) and self.num_rows > 0
         self.fresh_scores, self.metric = probe.fresh_scores, probe.metric
+        self._default_budget = probe.default_update_budget
         probe.close()
         if self.by_label:  # a memory: live at once, nothing to build
             self._sampler = spec.make_sampler()
@@ -235,10 +236,11 @@ class OwnedIndex:
                 rows = rows[np.sort(self._drift_rng.choice(len(rows), self.spec.drift_rows, replace=False))]
             values = np.asarray(read(rows), dtype=np.float32)
             moved = self._tracker.observe(rows, values, self._sampler.indexed_rows(rows))
-            if self.update_cost == "costly" and self.spec.update_budget > 0:
+            budget = self.spec.update_budget if self.spec.update_budget >= 0 else self._default_budget
+            if self.update_cost == "costly" and budget > 0:
                 big = np.flatnonzero(moved >= self.spec.update_threshold)
                 if big.size:
-                    big = big[np.argsort(-moved[big], kind="stable")[:self.spec.update_budget]]
+                    big = big[np.argsort(-moved[big], kind="stable")[:budget]]
                     self._update_in_place(rows[big], values[big])
         self._fg_seconds += time.perf_counter() - t0
 

@@ -139,7 +139,7 @@ def test_ivf_without_faiss_is_a_one_line_error_naming_the_install(small_world, m
 def test_ivf_reads_back_what_it_holds_and_sizes_its_lists():
     from hfs.samplers.ivf import auto_nlist
 
-    assert auto_nlist(1_000_000) == 4000 and auto_nlist(2000) == 51 and auto_nlist(10) == 1
+    assert auto_nlist(1_000_000) == 1000 and auto_nlist(2000) == 45 and auto_nlist(10) == 1
     weights = np.random.default_rng(0).standard_normal((500, 8)).astype(np.float32)
     sampler = _built("ivf", weights)
     np.testing.assert_allclose(sampler.indexed_rows(np.array([4, 2])), normalise_rows(weights[[4, 2]]), atol=1e-6)
