@@ -558,9 +558,6 @@ def bench_sampler(
     upkeep_samplers: Annotated[str, typer.Option(help="Comma-separated samplers for the upkeep simulation.")] = "annoy,hnsw",
     upkeep_baseline: Annotated[bool, typer.Option(help="Upkeep simulation: also run the same loop with a never-refreshed index, for the measured added wall time.")] = True,
     lr: Annotated[float, typer.Option(help="Upkeep simulation: SGD learning rate on the active rows.", min=0.0)] = 0.1,
-    memory_rounds: Annotated[int, typer.Option(help=(
-        "memory sampler: passes over the batches' labels (fresh queries each time) it learns from before it "
-        "is measured, i.e. how often each class was in a batch."), min=0)] = 5,
     query_sweep: Annotated[List[str], typer.Option("--query-sweep", help=(
         "KEY=V1,V2,...: also measure each built index with these values of a query-time sampler "
         "setting, without rebuilding (annoy_search_k, hnsw_ef, query_threads, exact_chunk; repeatable)."))] = [],
@@ -590,7 +587,7 @@ def bench_sampler(
         samplers=[s.strip() for s in samplers.split(",") if s.strip()], weights=weights, scale=scale,
         batches=batches, cluster_size=cluster_size, spread=spread, noise=noise, seed=seed,
         upkeep_steps=upkeep_steps, upkeep_samplers=[s.strip() for s in upkeep_samplers.split(",") if s.strip()],
-        upkeep_baseline=upkeep_baseline, lr=lr, memory_rounds=memory_rounds, query_sweep=parse_query_sweep(query_sweep))
+        upkeep_baseline=upkeep_baseline, lr=lr, query_sweep=parse_query_sweep(query_sweep))
     console = make_console()
     report = run_sampler_bench(cfg, settings, console=make_console(stderr=True))
     render_report(report, console)

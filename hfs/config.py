@@ -102,7 +102,7 @@ class FCConfig:
 
 @dataclass
 class SamplerConfig:
-    type: str = _f("exact", choices=("annoy", "hnsw", "ivf", "exact", "random", "memory"),
+    type: str = _f("exact", choices=("annoy", "hnsw", "ivf", "exact", "random"),
                    help="how hard negatives are found: exact (current rows, B x C x D per step), annoy/hnsw "
                         "(approximate, rebuilt in the background), random (Partial FC's rule)")
     metric: str = _f("auto", choices=("auto", "cosine", "dot"),
@@ -143,10 +143,6 @@ class SamplerConfig:
     hnsw_m: int = _f(16, gt=0, help="hnsw: graph degree M")
     hnsw_ef_construction: int = _f(100, gt=0, help="hnsw: ef at build time")
     hnsw_ef: int = _f(16, gt=0, help="hnsw: ef at query time (raised to k when smaller; more: better negatives, slower queries)")
-    memory_slots: int = _f(8, gt=0, help="memory: classes remembered per class (C x slots x 8 bytes)")
-    memory_hops: int = _f(2, choices=(0, 1, 2), help="memory: candidates are a class's members (1) and their members too (2)")
-    memory_explore: int = _f(1024, ge=0, help="memory: classes drawn uniformly and scored against the batch per step to learn from")
-    memory_symmetric: bool = _f(True, help="memory: a class that scores high against a sample of class c also learns c as its own member")
     ivf_nlist: int = _f(0, ge=0, help="ivf: k-means lists of the inverted file (0 = about sqrt(C))")
     ivf_nprobe: int = _f(8, gt=0, help="ivf: lists scanned per query (more: better negatives, slower queries)")
     exact_chunk: int = _f(65536, gt=0, help="exact: rows per matmul chunk")

@@ -114,7 +114,7 @@ def test_configuration_reference_shows_every_key_with_its_rule():
     rows = {line.split("|")[1].strip(" `"): line.split("|")[4].strip()
             for line in render_config_reference().splitlines() if line.startswith("| `")}
     assert list(rows) == [key for key, *_ in describe_keys()]
-    assert rows["sampler.type"] == "`annoy`, `hnsw`, `ivf`, `exact`, `random`, `memory`"
+    assert rows["sampler.type"] == "`annoy`, `hnsw`, `ivf`, `exact`, `random`"
     assert rows["optim.adamw_beta2"] == ">= 0.0, <= 1.0"
     assert rows["paramserver.port"] == "> 0, <= 65535" and rows["data.root"] == ""
 

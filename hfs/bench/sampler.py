@@ -57,9 +57,6 @@ class SamplerBenchSettings:
     upkeep_samplers: list[str] = field(default_factory=lambda: ["annoy", "hnsw"])
     upkeep_baseline: bool = True
     lr: float = 0.1
-    #: a memory (``by_label`` sampler) learns from this many passes over the batches' labels, with
-    #: fresh queries, before it is measured: its recall after a class was in that many batches
-    memory_rounds: int = 5
     #: query-time ``sampler`` keys -> values each built index is also measured with (no rebuild)
     query_sweep: dict[str, list[int]] = field(default_factory=dict)
 
@@ -276,15 +273,12 @@ def bench_one_sampler(name: str, cfg, weights_path: str, batches: list[Batch], s
     num_classes, dim = weights.shape
     uses_index = settings.sample_num < num_classes
     sampler = build_sampler(name, cfg.sampler, cfg.sampler_metric)
-    by_label = getattr(sampler, "by_label", False)
     configured = {attr: getattr(sampler, attr) for attr in sampler.query_knobs.values()}
     rows = []
     with PeakRss() as memory:
         t0 = time.perf_counter()
-        if uses_index and (sampler.needs_index or by_label):
+        if uses_index and sampler.needs_index:
             sampler.rebuild(array_chunks(weights), num_classes, dim)
-        if uses_index and by_label:
-            warm_memory(sampler, weights, batches, settings, cfg.sampler_metric)
         build_s = time.perf_counter() - t0
         for label, change in query_variants(sampler, settings.query_sweep):
             for attr, value in {**configured, **change}.items():
@@ -293,15 +287,10 @@ def bench_one_sampler(name: str, cfg, weights_path: str, batches: list[Batch], s
             times, recalls, coverages = [], [], []
             for batch in [batches[0]] + batches:  # the first batch once more, untimed: warm-up
                 t0 = time.perf_counter()
-                if uses_index and by_label:  # a step of a memory: answer by label, then explore
-                    scorer = array_scorer(weights, batch.features, cfg.sampler_metric)
-                    cands = sampler.search_labels(batch.labels, k, scorer)[0]
-                    sampler.explore_and_learn(batch.labels, scorer)
-                else:
-                    cands = sampler.candidates(batch.features, k) if uses_index else None
+                cands = sampler.candidates(batch.features, k) if uses_index else None
                 active, _ = select_active_classes(batch.labels, cands, settings.sample_num, num_classes, rng)
                 times.append(time.perf_counter() - t0)
-                if (sampler.needs_index or by_label) and cands is not None:
+                if sampler.needs_index and cands is not None:
                     recalls.append(batch.reference.recall(cands))
                 coverages.append(batch.reference.coverage(weights, active))
             rows.append({"sampler": name, "setting": label or "as configured", "build_s": build_s,
@@ -312,35 +301,6 @@ def bench_one_sampler(name: str, cfg, weights_path: str, batches: list[Batch], s
     for row in rows:
         row["peak_mem_mb"] = memory.peak_mb
     return rows
-
-
-def array_scorer(weights: np.ndarray, features: np.ndarray, metric: str):
-    """The selection rule's scorer over a numpy matrix (what a store answers from its rows)."""
-    from hfs.samplers.base import normalise_rows
-    from hfs.samplers.selection import score_with_rows
-
-    cosine = metric == "cosine"
-    queries = normalise_rows(features) if cosine else np.asarray(features, dtype=np.float32)
-
-    def rows_of(ids: np.ndarray) -> np.ndarray:
-        rows = np.asarray(weights[ids], dtype=np.float32)
-        return normalise_rows(rows) if cosine else rows
-
-    return lambda ids: score_with_rows(queries, ids, rows_of)
-
-
-def warm_memory(sampler, weights: np.ndarray, batches: list[Batch], settings: SamplerBenchSettings,
-                metric: str) -> None:
-    """Let a memory learn as training would: ``memory_rounds`` passes over the batches' labels, each
-    time with fresh queries near their classes (so it is measured on queries it never saw)."""
-    rng = np.random.default_rng(settings.seed + 3)
-    k = max(1, sampler.slots)
-    for _ in range(settings.memory_rounds):
-        for batch in batches:
-            features = queries_near(weights[batch.labels], settings.noise, rng)
-            scorer = array_scorer(weights, features, metric)
-            sampler.search_labels(batch.labels, k, scorer)
-            sampler.explore_and_learn(batch.labels, scorer)
 
 
 # ----------------------------------------------------------------------------- upkeep bench

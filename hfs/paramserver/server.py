@@ -455,7 +455,7 @@ class ParamServer:
 
         def attempt():
             if not with_rows:
-                found = self.store.try_search(name, features, k, step, labels)
+                found = self.store.try_search(name, features, k, step)
                 return None if found is None else ({}, list(found))
             found = select(None)
             return None if found is None else _selection_reply(*found)

@@ -352,7 +352,6 @@ class InProcessStore(WeightStore):
         # where index builds put their files; set (a server), it replaces every spec's workdir
         self.index_workdir = str(index_workdir) if index_workdir is not None else None
         self._indexes: dict[str, OwnedIndex] = {}
-        self._learnt: dict[str, tuple[str, dict[str, np.ndarray]]] = {}  # restored index states, until attached
         self._last_index_tick = 0.0
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
         self.keep_snapshots = keep_snapshots
@@ -685,12 +684,6 @@ class InProcessStore(WeightStore):
             for m in self._matrices.values():
                 arrays[f"{m.name}.weight"] = m.weight
                 arrays[f"{m.name}.momentum"] = m.momentum
-            meta["indexes"] = {}
-            for matrix, index in self._indexes.items():  # what an index learnt (a memory); built ones are rebuilt
-                state = index.state()
-                if state:
-                    meta["indexes"][matrix] = {"sampler": index.spec.sampler, "arrays": sorted(state)}
-                    arrays.update({f"{matrix}.index.{key}": value for key, value in state.items()})
             t0 = time.monotonic()
             snaps.write_snapshot(directory, name, meta, arrays)
             self._counters["snapshots"] += 1
@@ -721,7 +714,6 @@ class InProcessStore(WeightStore):
                                       f"({exc.__class__.__name__}: {exc})") from None
         with self._cond:
             self._matrices = loaded
-            self._learnt = learnt  # applied when each matrix's index is (re)attached
             self._last_snapshot_step = step
             self._last_snapshot_time = time.monotonic()
             self._dirty = False
@@ -815,14 +807,6 @@ class InProcessStore(WeightStore):
         # `index` must not stall its loop for a C x D x 4-byte write
         index = OwnedIndex(spec, m.weight.shape, lambda: self._local_chunks(name, spec.chunk_rows),
                            snapshot_at_once=False)
-        sampler, state = self._learnt.pop(name, (None, {}))
-        if state and sampler == spec.sampler:
-            try:
-                index.load_state(state)
-                log.info("matrix %s: its %s index resumes what it learnt before the snapshot", name, sampler)
-            except ValueError as exc:
-                log.warning("matrix %s: the snapshot's %s index does not fit this one (%s); it starts empty",
-                            name, sampler, exc)
         if index.uses_index:
             log.info("matrix %s: building a %s index over rows %d..%d%s", name, spec.sampler, m.row_start, m.row_end,
                      " in the background; uniform negatives until it is ready" if not index.ready else "")
@@ -898,11 +882,11 @@ class InProcessStore(WeightStore):
             raise StoreError(f"{arr.shape[0]} queries x k={k} exceeds {MAX_SELECT_CANDIDATES} candidates per request")
         return arr, int(k)
 
-    def try_search(self, name: str, features: np.ndarray, k: int, step: int | None = None,
-                   labels: np.ndarray | None = None, *, fresh: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
+    def try_search(self, name: str, features: np.ndarray, k: int, step: int | None = None, *,
+                   fresh: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
         """(B, k') global ids and similarities of this store's best rows per query (k' = 0 while no
-        index is ready), or None while a step before ``step`` is pending. ``labels``: the queries'
-        classes (a memory answers by them); ``fresh``: similarities under the current rows."""
+        index is ready), or None while a step before ``step`` is pending; ``fresh``: similarities
+        under the current rows (see ``OwnedIndex.answer``)."""
         with self._cond:
             m = self._matrix(name)
             features, k = self._select_inputs(m, features, k)
@@ -913,12 +897,7 @@ class InProcessStore(WeightStore):
             if index is None or not index.ready or k == 0:
                 return np.empty((len(features), 0), dtype=np.int64), np.empty((len(features), 0), dtype=np.float32)
             scorer = self._scorer(m, features, index.metric)
-            local = None if labels is None else self._local(m, labels)
-            found: list = []
-            self._index_upkeep(name, lambda idx: found.append(idx.answer(
-                features, local, k, lambda ids: scorer(self._global(m, ids)), fresh=fresh)))
-            ids, sims = found[0] if found else (np.empty((len(features), 0), dtype=np.int64),
-                                                np.empty((len(features), 0), dtype=np.float32))
+            ids, sims = index.answer(features, k, lambda local: scorer(self._global(m, local)), fresh=fresh)
             return self._global(m, ids), sims
 
     def try_select(self, name: str, features: np.ndarray, labels: np.ndarray, step: int, rule, k: int, *,
@@ -938,7 +917,7 @@ class InProcessStore(WeightStore):
             if with_rows and (m.row_start, m.row_end) != (0, m.num_rows):
                 raise StoreError(f"select with rows needs the whole matrix {m.name!r}; this shard holds rows "
                                  f"{m.row_start}..{m.row_end}: ask every shard for candidates and merge them")
-            found = self.try_search(name, features, k if rule.wants_candidates(step) else 0, step, labels,
+            found = self.try_search(name, features, k if rule.wants_candidates(step) else 0, step,
                                     fresh=rule.needs_scorer)
             if found is None:
                 return None
@@ -955,12 +934,6 @@ class InProcessStore(WeightStore):
             local = chosen.active - m.row_start if m.row_start else chosen.active
             self._counters["rows_read"] += local.size
             return chosen, m.read(local, answer=None if answer is None else lambda values: answer(chosen, values))
-
-    @staticmethod
-    def _local(m: Matrix, ids: np.ndarray) -> np.ndarray:
-        """Global ids as this shard's local ids (-1 where not held here)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        return np.where((ids >= m.row_start) & (ids < m.row_end), ids - m.row_start, -1)
 
     @staticmethod
     def _global(m: Matrix, local: np.ndarray) -> np.ndarray:

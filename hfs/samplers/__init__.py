@@ -4,7 +4,7 @@
 (``hfs.fc.factories``) sends to the weight store, which owns the index over its rows
 (:class:`OwnedIndex`) and answers ``select``; ``build_selector(...)`` wraps the same index
 with the selection rule for a holder that asks its own index (the sharded classifier, the
-benchmarks). Samplers: ``annoy``, ``hnsw``, ``ivf``, ``exact``, ``random``, ``memory`` (see ``SAMPLERS``).
+benchmarks). Samplers: ``annoy``, ``hnsw``, ``ivf``, ``exact``, ``random`` (see ``SAMPLERS``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from hfs.samplers.base import ClassSampler
 from hfs.samplers.exact import ExactSampler
 from hfs.samplers.hnsw import HnswSampler
 from hfs.samplers.ivf import IvfSampler
-from hfs.samplers.memory import MemorySampler
 from hfs.samplers.owned import IndexSpec, OwnedIndex
 from hfs.samplers.random_negatives import RandomSampler
 from hfs.samplers.refresh import RefreshPolicy
@@ -28,7 +27,7 @@ if TYPE_CHECKING:
     from hfs.config import SamplerConfig
 
 __all__ = ["ActiveClassSelector", "AnnoySampler", "ClassSampler", "ExactSampler", "HnswSampler", "IndexSpec",
-           "IvfSampler", "MemorySampler", "OwnedIndex", "RandomSampler", "RefreshPolicy", "SAMPLERS", "Selection", "SelectionRule", "auto_neighbours",
+           "IvfSampler", "OwnedIndex", "RandomSampler", "RefreshPolicy", "SAMPLERS", "Selection", "SelectionRule", "auto_neighbours",
            "build_sampler", "build_selector", "index_spec", "neighbours_for", "refresh_policy",
            "select_active_classes", "sampler_kwargs"]
 
@@ -46,8 +45,6 @@ def sampler_kwargs(name: str, scfg: "SamplerConfig", metric: str, seed: int | No
         "ivf": dict(nlist=scfg.ivf_nlist, nprobe=scfg.ivf_nprobe, seed=seed, build_threads=scfg.build_threads,
                     query_threads=scfg.query_threads),
         "random": {},
-        "memory": dict(slots=scfg.memory_slots, hops=scfg.memory_hops, explore=scfg.memory_explore,
-                       symmetric=scfg.memory_symmetric, seed=seed),
     }
     return dict(metric=metric, **per_sampler.get(name, {}))
 

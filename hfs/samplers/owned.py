@@ -143,13 +143,9 @@ class OwnedIndex:
         probe = spec.make_sampler()
         self.update_cost = probe.update_cost
         self.uses_index = probe.needs_index and self.num_rows > 0
-        self.by_label = bool(getattr(probe, "by_label", False)) and self.num_rows > 0
         self.fresh_scores, self.metric = probe.fresh_scores, probe.metric
         self._default_budget = probe.default_update_budget
         probe.close()
-        if self.by_label:  # a memory: live at once, nothing to build
-            self._sampler = spec.make_sampler()
-            self._sampler.rebuild((), self.num_rows, self.dim)
         if not self.uses_index:
             return
         t0 = time.perf_counter()
@@ -170,49 +166,15 @@ class OwnedIndex:
         self._fg_seconds += time.perf_counter() - t0
         return ids, sims
 
-    def answer(self, features: np.ndarray, labels: np.ndarray | None, k: int, scorer: Scorer | None, *,
+    def answer(self, features: np.ndarray, k: int, scorer: Scorer | None = None, *,
                fresh: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """A step's (B, k') candidates and similarities, whatever the index: a memory answers by label
-        (and explores), any other by feature; ``fresh``: similarities under the current rows, an index
+        """A step's (B, k') candidates and similarities; ``fresh``: under the current rows, an index
         that answers from stale rows being re-scored with ``scorer`` and re-ranked by them (its list is
-        a pool to pick from, not a ranking). Everything holder-local."""
-        if self.by_label:
-            if labels is None or scorer is None:
-                return empty_answer(len(features), 0)
-            ids, sims = self.search_labels(labels, k, scorer)
-            self.explore(labels, scorer)
-            return ids, sims
+        a pool to pick from, not a ranking). Holder-local ids."""
         ids, sims = self.search(features, k)
         if fresh and ids.shape[1] and not self.fresh_scores and scorer is not None:
             ids, sims = reranked(ids, scorer(ids))
         return ids, sims
-
-    def search_labels(self, labels: np.ndarray, k: int, scorer: Scorer) -> tuple[np.ndarray, np.ndarray]:
-        """A by-label index (the confusion memory): (B, k) holder-local candidate ids of each query's
-        class (``labels`` holder-local, -1: not here) and their fresh scores (``scorer`` over holder-local ids)."""
-        if not self.by_label or k <= 0:
-            return empty_answer(len(labels), 0)
-        t0 = time.perf_counter()
-        ids, sims = self._sampler.search_labels(labels, min(int(k), self.num_rows), scorer)
-        self._fg_seconds += time.perf_counter() - t0
-        return ids, sims
-
-    def explore(self, labels: np.ndarray, scorer: Scorer) -> None:
-        """A by-label index scores classes drawn at random against the batch and learns from them
-        (``labels`` and ``scorer`` holder-local, as for :meth:`search_labels`)."""
-        if not self.by_label:
-            return
-        t0 = time.perf_counter()
-        self._sampler.explore_and_learn(labels, scorer)
-        self._fg_seconds += time.perf_counter() - t0
-
-    def state(self) -> dict[str, np.ndarray]:
-        """What a snapshot keeps of this index: a memory's members ({} for a rebuilt index)."""
-        return self._sampler.state() if self.by_label else {}
-
-    def load_state(self, state: dict[str, np.ndarray]) -> None:
-        if self.by_label and state:
-            self._sampler.load_state(state)
 
     # -- the holder's updates --------------------------------------------------------------
     def rows_changed(self, rows: np.ndarray, values: np.ndarray | Callable[[np.ndarray], np.ndarray]) -> None:

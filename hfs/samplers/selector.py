@@ -48,12 +48,12 @@ class ActiveClassSelector:
 
         ``features`` may be None when ``uses_index`` is False (no index queries them)."""
         rule, ids, scores, scorer = self.rule, None, None, None
-        wants = (self.uses_index or self.index.by_label) and self.index.ready and rule.wants_candidates(step)
+        wants = self.uses_index and self.index.ready and rule.wants_candidates(step)
         if wants or rule.needs_scorer:
             scorer = self._scorer(features)
         if wants:
-            ids, scores = self.index.answer(np.asarray(features, dtype=np.float32), np.asarray(labels, dtype=np.int64),
-                                            self.neighbours, scorer, fresh=rule.needs_scorer)
+            ids, scores = self.index.answer(np.asarray(features, dtype=np.float32), self.neighbours, scorer,
+                                            fresh=rule.needs_scorer)
             if not ids.shape[1]:
                 ids = scores = None
         chosen = rule.select(labels, ids, scores, self.num_classes, step, scorer)

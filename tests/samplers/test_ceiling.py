@@ -128,8 +128,8 @@ def test_a_stale_index_hands_the_rule_its_candidates_in_their_order_now():
     now = rows.copy()
     now[9], now[5] = rows[5], -rows[5]
     scorer = lambda ids: score_with_rows(normalise_rows(query[None, :]), ids, lambda u: normalise_rows(now[u]))
-    stale_ids, _ = index.answer(query[None, :], None, 4, scorer)
-    fresh_ids, fresh = index.answer(query[None, :], None, 4, scorer, fresh=True)
+    stale_ids, _ = index.answer(query[None, :], 4, scorer)
+    fresh_ids, fresh = index.answer(query[None, :], 4, scorer, fresh=True)
     assert stale_ids[0, 0] == 5 and 9 in stale_ids[0]
     assert fresh_ids[0, 0] == 9 and fresh_ids[0, -1] == 5 and np.all(np.diff(fresh[0]) <= 0)
     index.close()
