@@ -74,3 +74,30 @@ def test_out_of_range_settings_name_the_setting(regime, needle):
 def test_out_of_range_indices_raise():
     with pytest.raises(IndexError):
         LabelPlan(3, 2).train_items(np.array([6]))
+
+
+def test_the_latent_and_synthetic_sources_take_the_regime_from_the_config():
+    from hfs.config import load_config
+    from hfs.data.datasets import build_datasets
+
+    for source, size in (("latent", 16), ("synthetic", 16)):
+        cfg = load_config(None, [f"data.source={source}", f"data.image_size={size}", "data.synthetic_classes=50",
+                                 "data.synthetic_images_per_class=6", "data.synthetic_val_per_class=1",
+                                 "data.synthetic_duplicates=0.2", "data.synthetic_label_noise=0.3",
+                                 "data.synthetic_min_views=2"])
+        train, val, classes = build_datasets(cfg)
+        counts = train.plan.counts()
+        assert classes == 50 and len(train) == counts.sum() and counts.min() >= 2 and len(val) == 50
+        labels = train.labels()
+        clean = np.repeat(np.arange(50), counts)
+        assert 0.1 < (labels != clean).mean() < 0.5  # about 30% mislabelled
+        assert int(train[len(train) - 1][1]) == labels[-1]
+
+
+def test_a_min_views_above_the_images_per_class_names_the_config_key():
+    from hfs.config import load_config
+    from hfs.data.datasets import build_datasets
+
+    cfg = load_config(None, ["data.source=latent", "data.synthetic_images_per_class=4", "data.synthetic_min_views=9"])
+    with pytest.raises(HfsError, match="config key 'data.synthetic_min_views' must be in \\[0, 4\\]"):
+        build_datasets(cfg)

@@ -72,6 +72,32 @@ def test_write_synthetic_rec_matches_generator(tmp_path):
     assert header.label == 1.0 and data == encode_png(faces.image(11, 1))
 
 
+def test_make_synthetic_writes_the_messy_regimes_as_the_label_plan_lays_them_out(tmp_path):
+    from typer.testing import CliRunner
+
+    from hfs.cli import app
+    from hfs.data.plan import LabelPlan, Regime
+
+    result = CliRunner().invoke(app, ["make-synthetic", "--out", str(tmp_path / "m"), "--num-classes", "20",
+                                      "--images-per-class", "5", "--image-size", "16", "--seed", "3", "--format", "png",
+                                      "--duplicates", "0.2", "--label-noise", "0.25", "--min-views", "2"])
+    assert result.exit_code == 0, result.output
+    plan = LabelPlan(20, 5, Regime(0.2, 0.25, 2), val_views=0, seed=3)
+    rec = RecordFile(tmp_path / "m/train.rec", tmp_path / "m/train.idx")
+    layout = read_layout(rec)
+    identity, view, label = plan.train_items(np.arange(plan.train_size))
+    order = np.argsort(label, kind="stable")  # each label's images together, a mislabelled one with its label's
+    identity, view, label = identity[order], view[order], label[order]
+    assert layout.labels.tolist() == label.tolist() and len(layout.labels) < 100
+    twin = int(np.flatnonzero(plan.identity_of(np.arange(20))[0] != np.arange(20))[0])
+    first = int(np.flatnonzero((identity == plan.identity_of([twin])[0][0]) & (view >= 5))[0])
+    _, data = rec.read_image(int(layout.image_keys[first]))
+    assert data == encode_png(SyntheticFaces(seed=3, image_size=16).image(int(identity[first]), int(view[first])))
+    bad = CliRunner().invoke(app, ["make-synthetic", "--out", str(tmp_path / "x"), "--num-classes", "4",
+                                   "--images-per-class", "3", "--min-views", "5"])
+    assert bad.exit_code != 0 and "--min-views must be in [0, 3]" in str(bad.exception)
+
+
 def test_verification_pairs_balanced_and_deterministic():
     images, issame = synthetic_verification_pairs(10, first_class=100, num_classes=8, image_size=24, seed=0)
     again, issame2 = synthetic_verification_pairs(10, first_class=100, num_classes=8, image_size=24, seed=0)
