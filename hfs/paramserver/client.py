@@ -685,7 +685,7 @@ class ParamClient(WeightStore):
         one parallel ``get`` of the active rows."""
         from hfs.samplers.registry import SAMPLERS
         from hfs.samplers.shards import merge_topk, rule_to_fields
-        from hfs.samplers.selection import Selection, reranked
+        from hfs.samplers.selection import Selection, find_candidates, reranked
 
         features = np.ascontiguousarray(features, dtype=np.float32)
         labels = self._rows(labels)
@@ -699,29 +699,34 @@ class ParamClient(WeightStore):
             arrays = reply.arrays
             adjust = _owned(arrays[3]) if reply.header.get("logit_adjust") and len(arrays) > 3 else None
             return Selection(_owned(arrays[0]), _owned(arrays[1]), adjust), _owned(arrays[2])
-        if not rule.wants_candidates(step):
-            header["k"] = 0
-        replies = self._all_with(dict(header, rows=False), [features, labels], timeout)
-        ids, sims = merge_topk([(m.arrays[0], m.arrays[1]) for m in replies], k)
-        found = ids.shape[1] > 0
-        scorer = None
-        if found and rule.needs_scorer:  # the rule compares candidates with positives under the current rows
-            spec = self._index_specs.get(name)
-            scorer = self._scorer(name, features, spec.kwargs.get("metric", "cosine") if spec else "cosine")
-            if spec is None or not SAMPLERS.get(spec.sampler).fresh_scores:
-                ids, sims = reranked(ids, scorer(ids))
-        chosen = rule.select(labels, ids if found else None, sims if found else None, num_rows, int(step), scorer)
-        return chosen, (self.get_rows(name, chosen.active) if with_rows else None)
+        spec = self._index_specs.get(name)
+        metric = spec.kwargs.get("metric", "cosine") if spec else "cosine"
+        stale = spec is None or not SAMPLERS.get(spec.sampler).fresh_scores
 
-    def _scorer(self, name: str, features: np.ndarray, metric: str):
-        """The selection rule's scorer over the shards' current rows (one ``get`` per call)."""
+        def search(asking: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """Every shard's best rows for the asking queries, merged by similarity (re-ranked under the
+            current rows when the rule compares and the index answers from old ones)."""
+            unlabelled = np.full(len(asking), -1, dtype=np.int64)
+            replies = self._all_with(dict(header, rows=False), [asking, unlabelled], timeout)
+            ids, sims = merge_topk([(m.arrays[0], m.arrays[1]) for m in replies], k)
+            if ids.shape[1] and rule.needs_scorer and stale:
+                ids, sims = reranked(ids, self._scorer(name, asking, metric, step)(ids))
+            return ids, sims
+
+        scorer = self._scorer(name, features, metric, step)
+        ids, sims, measured = find_candidates(rule, labels, features, num_rows, int(step), search, scorer)
+        chosen = rule.select(labels, ids, sims, num_rows, int(step), scorer, measured)
+        return chosen, (self.get_rows(name, chosen.active, step) if with_rows else None)
+
+    def _scorer(self, name: str, features: np.ndarray, metric: str, step: int):
+        """The selection rule's scorer over the shards' rows as step ``step`` sees them (one ``get`` per call)."""
         from hfs.samplers.base import normalise_rows
         from hfs.samplers.selection import score_with_rows
 
         queries = normalise_rows(features) if metric == "cosine" else features
 
         def rows_of(ids: np.ndarray) -> np.ndarray:
-            values = self.get_rows(name, ids)
+            values = self.get_rows(name, ids, step)
             return normalise_rows(values) if metric == "cosine" else values
 
         return lambda ids: score_with_rows(queries, ids, rows_of)

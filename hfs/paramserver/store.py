@@ -58,7 +58,7 @@ from hfs.paramserver.kernels import NumpyKernel, RowKernel, load_kernel, sgd_row
 from hfs.paramserver.scratch import Scratch, take_rows
 from hfs.samplers.owned import IndexSpec, OwnedIndex
 from hfs.samplers.base import normalise_rows
-from hfs.samplers.selection import Selection, score_with_rows
+from hfs.samplers.selection import Selection, find_candidates, score_with_rows
 from hfs.utils.errors import HfsError
 from hfs.utils.typed import check_fields, rules
 
@@ -893,12 +893,16 @@ class InProcessStore(WeightStore):
             if step is not None and not self._ready(m, int(step)):
                 return None
             self._counters["selects"] += 1
-            index = self._indexes.get(name)
-            if index is None or not index.ready or k == 0:
-                return np.empty((len(features), 0), dtype=np.int64), np.empty((len(features), 0), dtype=np.float32)
-            scorer = self._scorer(m, features, index.metric)
-            ids, sims = index.answer(features, k, lambda local: scorer(self._global(m, local)), fresh=fresh)
-            return self._global(m, ids), sims
+            return self._search(m, features, k, fresh=fresh)
+
+    def _search(self, m: Matrix, features: np.ndarray, k: int, *, fresh: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The matrix's index answer for ``features`` (global ids), or (B, 0) without a ready index."""
+        index = self._indexes.get(m.name)
+        if index is None or not index.ready or k == 0:
+            return np.empty((len(features), 0), dtype=np.int64), np.empty((len(features), 0), dtype=np.float32)
+        scorer = self._scorer(m, features, index.metric)
+        ids, sims = index.answer(features, k, lambda local: scorer(self._global(m, local)), fresh=fresh)
+        return self._global(m, ids), sims
 
     def try_select(self, name: str, features: np.ndarray, labels: np.ndarray, step: int, rule, k: int, *,
                    with_rows: bool = True, answer: Callable[[Selection, np.ndarray], None] | None = None
@@ -917,16 +921,20 @@ class InProcessStore(WeightStore):
             if with_rows and (m.row_start, m.row_end) != (0, m.num_rows):
                 raise StoreError(f"select with rows needs the whole matrix {m.name!r}; this shard holds rows "
                                  f"{m.row_start}..{m.row_end}: ask every shard for candidates and merge them")
-            found = self.try_search(name, features, k if rule.wants_candidates(step) else 0, step,
-                                    fresh=rule.needs_scorer)
-            if found is None:
+            features, k = self._select_inputs(m, features, k)
+            if not self._ready(m, int(step)):
                 return None
-            ids, sims = found
+            self._counters["selects"] += 1
             index = self._indexes.get(name)
-            scorer = self._scorer(m, features, index.metric if index is not None else "cosine")
+            metric = index.metric if index is not None else "cosine"
+
+            def search(asking: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                return self._search(m, asking, k, fresh=rule.needs_scorer)
+
             try:
-                chosen = rule.select(labels, ids if ids.shape[1] else None, sims if ids.shape[1] else None,
-                                     m.num_rows, int(step), scorer=scorer)
+                scorer = self._scorer(m, features, metric)
+                ids, sims, measured = find_candidates(rule, labels, features, m.num_rows, int(step), search, scorer)
+                chosen = rule.select(labels, ids, sims, m.num_rows, int(step), scorer=scorer, measured=measured)
             except ValueError as exc:
                 raise StoreError(f"select on matrix {m.name!r}: {exc}") from None
             if not with_rows:

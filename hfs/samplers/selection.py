@@ -325,37 +325,46 @@ class SelectionRule:
 
     @property
     def needs_scorer(self) -> bool:
-        """Whether :meth:`select` compares candidates with the queries' own classes: its caller must then
-        give candidate similarities under the current rows and a ``scorer`` for the positives."""
-        return self.ceiling != "off"
+        """Whether the rule compares candidates or queries with the queries' own classes: its caller must
+        then give candidate similarities under the current rows and a ``scorer`` for the positives."""
+        return self.ceiling != "off" or self.ready_probe > 0
 
     def wants_candidates(self, step: int) -> bool:
         """Whether this step's selection uses the index at all."""
         return step >= self.hard_after and self.hard_fraction > 0.0
 
-    def _only_ready(self, ids: np.ndarray, labels: np.ndarray, num_classes: int, step: int, scorer: Scorer
-                    ) -> tuple[np.ndarray, float]:
-        """``ids`` with no candidates for the queries whose own class does not yet score above every one
-        of ``ready_probe`` uniformly drawn classes (they get uniform negatives), and the share ready."""
+    def asking(self, labels: np.ndarray, num_classes: int, step: int, scorer: Scorer | None
+               ) -> tuple[np.ndarray, dict]:
+        """Which queries ask the index for candidates this step (bool (B,)), and what the rule measured.
+
+        None before ``hard_after`` or with no hard share; with ``ready_probe`` only the queries
+        whose own class already scores above every one of that many uniformly drawn classes (the
+        others are not yet told apart from random classes: uniform negatives are what they need).
+        The holder searches for the asking queries alone (see :func:`find_candidates`).
+        """
+        labels = np.asarray(labels, dtype=np.int64)
+        if not self.wants_candidates(step) or self.sample_num >= num_classes:
+            return np.zeros(labels.size, dtype=bool), {}
+        if not self.ready_probe or not labels.size:
+            return np.ones(labels.size, dtype=bool), {}
+        if scorer is None:
+            raise ValueError("a selection rule with ready_probe needs a scorer")
         probe = np.random.default_rng([self.seed, max(int(step), 0), 1]).integers(0, num_classes, self.ready_probe)
         best = scorer(np.unique(probe)).max(axis=1)
-        own = np.full(labels.size, np.inf)
-        known = labels >= 0
-        if known.any():
-            own[known] = scorer(labels[known][:, None])[:, 0]
-        ready = own > best
-        return np.where(ready[:, None], ids, -1), float(ready.mean())
+        ready = _own_scores(labels, scorer) > best
+        return ready, {"ready_share": float(ready.mean())}
 
     def rng_for(self, step: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, max(int(step), 0)])
 
     def select(self, labels: np.ndarray, ids: np.ndarray | None, scores: np.ndarray | None, num_classes: int,
-               step: int, scorer: Scorer | None = None) -> Selection:
+               step: int, scorer: Scorer | None = None, measured: dict | None = None) -> Selection:
         """Active classes of one batch from its labels and the index's (B, k) ids and similarities.
 
         With a ``ceiling`` the caller gives ``scores`` under the current rows (the holder of an
         index that answers from stale rows re-scores them first) and a ``scorer`` (see
-        :data:`Scorer`) for the queries' own classes. With ``logq`` the answer carries
+        :data:`Scorer`) for the queries' own classes; ``measured``: what :meth:`asking` measured,
+        reported with the answer's own ``stats``. With ``logq`` the answer carries
         ``logit_adjust = -log q`` per active class, q being the
         probability that the class is in the active set under this mixture proposal: 1 for a
         top-k pick, ``fill / free`` for a uniform fill (fill slots over the classes it draws
@@ -372,15 +381,13 @@ class SelectionRule:
         if not self.wants_candidates(step) or ids is None or not np.size(ids):
             ids = scores = None
         labels = _checked_labels(labels, num_classes)
-        stats = {}
-        if ids is not None and self.needs_scorer and labels.size and self.sample_num < num_classes:
+        stats = dict(measured or {})
+        if ids is not None and self.ceiling != "off" and labels.size and self.sample_num < num_classes:
             if scorer is None or scores is None:
                 raise ValueError("a selection rule with a ceiling needs the candidates' similarities and a scorer")
             ids = np.asarray(ids, dtype=np.int64).reshape(labels.size, -1)
             ids, scores, stats["ceiling_dropped"] = _under_ceiling(ids, np.asarray(scores).reshape(ids.shape),
                                                                    labels, scorer, self.ceiling_margin)
-            if self.ready_probe:
-                ids, stats["ready_share"] = self._only_ready(ids, labels, num_classes, step, scorer)
         drawn = _draw(labels, ids, scores, self.sample_num, num_classes, self.rng_for(step),
                       hard_fraction=self.hard_fraction, pick=self.candidate_pick, temperature=self.temperature)
         if drawn.active.size >= num_classes:
@@ -417,6 +424,35 @@ def score_with_rows(queries: np.ndarray, ids: np.ndarray, rows_of: Callable[[np.
     return out
 
 
+def _own_scores(labels: np.ndarray, scorer: Scorer) -> np.ndarray:
+    """Each query's similarity with its own class (+inf for a query without one here: label -1)."""
+    own = np.full(labels.size, np.inf)
+    known = labels >= 0
+    if known.any():
+        own[known] = scorer(labels[known][:, None])[:, 0]
+    return own
+
+
+def find_candidates(rule: "SelectionRule", labels: np.ndarray, features: np.ndarray | None, num_classes: int,
+                    step: int, search: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+                    scorer: Scorer | None) -> tuple[np.ndarray | None, np.ndarray | None, dict]:
+    """A step's (B, k) candidates and similarities for :meth:`SelectionRule.select` (None: none), and
+    what the rule measured: ``search(features of the asking queries) -> (n, k) ids, similarities``
+    is the holder's index (in its fresh form when the rule compares, see ``OwnedIndex.answer``);
+    the queries that do not ask get none. One flow for every holder of an index."""
+    labels = np.asarray(labels, dtype=np.int64)
+    ask, measured = rule.asking(labels, num_classes, step, scorer)
+    if features is None or not ask.any():
+        return None, None, measured
+    found, sims = search(np.asarray(features, dtype=np.float32)[ask])
+    if not found.shape[1]:
+        return None, None, measured
+    ids = np.full((labels.size, found.shape[1]), -1, dtype=np.int64)
+    scores = np.full(ids.shape, -np.inf, dtype=np.float32)
+    ids[ask], scores[ask] = found, sims
+    return ids, scores, measured
+
+
 def _under_ceiling(ids: np.ndarray, scores: np.ndarray, labels: np.ndarray, scorer: Scorer,
                    margin: float) -> tuple[np.ndarray, np.ndarray, float]:
     """``ids`` and ``scores`` without the candidates that score above their query's own class +
@@ -427,10 +463,7 @@ def _under_ceiling(ids: np.ndarray, scores: np.ndarray, labels: np.ndarray, scor
     duplicate of its identity or the true class of a mislabelled sample. A query without a
     positive here (label -1) keeps every candidate.
     """
-    own = np.full(labels.size, np.inf)
-    known = labels >= 0
-    if known.any():
-        own[known] = scorer(labels[known][:, None])[:, 0]
+    own = _own_scores(labels, scorer)
     valid = ids >= 0
     over = valid & (scores > own[:, None] + margin)
     order = np.argsort(over, axis=1, kind="stable")  # kept candidates first, in their order

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from hfs.samplers.owned import IndexSpec, OwnedIndex
-from hfs.samplers.selection import Selection, SelectionRule
+from hfs.samplers.selection import Selection, SelectionRule, find_candidates
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +47,16 @@ class ActiveClassSelector:
         logit adjustment (unpacks as ``active, local``).
 
         ``features`` may be None when ``uses_index`` is False (no index queries them)."""
-        rule, ids, scores, scorer = self.rule, None, None, None
-        wants = self.uses_index and self.index.ready and rule.wants_candidates(step)
-        if wants or rule.needs_scorer:
-            scorer = self._scorer(features)
-        if wants:
-            ids, scores = self.index.answer(np.asarray(features, dtype=np.float32), self.neighbours, scorer,
-                                            fresh=rule.needs_scorer)
-            if not ids.shape[1]:
-                ids = scores = None
-        chosen = rule.select(labels, ids, scores, self.num_classes, step, scorer)
+        rule = self.rule
+        scorer = self._scorer(features)
+
+        def search(asking: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            if not (self.uses_index and self.index.ready):
+                return np.empty((len(asking), 0), dtype=np.int64), np.empty((len(asking), 0), dtype=np.float32)
+            return self.index.answer(asking, self.neighbours, self._scorer(asking), fresh=rule.needs_scorer)
+
+        ids, scores, measured = find_candidates(rule, labels, features, self.num_classes, step, search, scorer)
+        chosen = rule.select(labels, ids, scores, self.num_classes, step, scorer, measured)
         if len(chosen.active) > rule.sample_num and not self._warned_overflow:
             self._warned_overflow = True
             log.warning("batch at step %d has %d distinct labels, more than sampler sample_num=%d: keeping all "

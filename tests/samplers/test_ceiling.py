@@ -133,3 +133,36 @@ def test_a_stale_index_hands_the_rule_its_candidates_in_their_order_now():
     assert stale_ids[0, 0] == 5 and 9 in stale_ids[0]
     assert fresh_ids[0, 0] == 9 and fresh_ids[0, -1] == 5 and np.all(np.diff(fresh[0]) <= 0)
     index.close()
+
+
+def test_a_query_asks_for_candidates_once_its_class_beats_the_random_ones():
+    """ready_probe: query 0's own class (0.9) beats every drawn class (at most 0.5), query 1's (0.3) does
+    not; only query 0 is searched, query 1 gets uniform negatives, and the share is reported."""
+    from hfs.samplers.selection import find_candidates
+
+    own = {0: 0.9, 1: 0.3}
+
+    def scorer(ids):
+        ids = np.asarray(ids)
+        if ids.ndim == 2:  # the queries' own classes
+            return np.array([[own[int(ids[0, 0])]], [own[int(ids[1, 0])]]], dtype=np.float32)
+        return np.full((2, ids.size), 0.5, dtype=np.float32)
+
+    searched = []
+
+    def search(asking):
+        searched.append(asking.copy())
+        return np.array([[7, 8]]), np.array([[0.6, 0.4]], dtype=np.float32)
+
+    rule = SelectionRule(6, ceiling="positive", ready_probe=16)
+    features = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    ids, sims, measured = find_candidates(rule, LABELS, features, 100, 0, search, scorer)
+    assert len(searched) == 1 and searched[0].tolist() == [[1.0, 0.0]]
+    assert ids.tolist() == [[7, 8], [-1, -1]] and measured == {"ready_share": 0.5}
+    chosen = rule.select(LABELS, ids, sims, 100, 0, scorer, measured)
+    assert chosen.active[2:4].tolist() == [7, 8] and chosen.stats["ready_share"] == 0.5
+    # before hard_after nobody asks and the index is not searched at all
+    late = SelectionRule(6, ceiling="positive", ready_probe=16, hard_after=5)
+    assert find_candidates(late, LABELS, features, 100, 0, search, scorer)[0] is None and len(searched) == 1
+    with pytest.raises(ValueError, match="ready_probe needs a scorer"):
+        find_candidates(rule, LABELS, features, 100, 0, search, None)
