@@ -9,7 +9,7 @@ Several result files of one regime (e.g. runs of other seeds or cells) are read 
 Two panels (held-out top-1 over all classes; TAR at the run's FAR on unseen identities),
 one line per cell: at each evaluation step the median over seeds of the metric against the
 median time, with a band from the seeds' minimum to maximum. Colour is the sampler, line
-style the sample_num. The look is `hfs verify --plot`'s (hfs.utils.plotting).
+style the rest of the cell (its sample_num and its own overrides, e.g. a ceiling). The look is `hfs verify --plot`'s (hfs.utils.plotting).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-COLOURS = {"full": "black", "annoy": "tab:blue", "hnsw": "tab:green", "exact": "tab:purple", "random": "tab:red"}
+COLOURS = {"full": "black", "annoy": "tab:blue", "hnsw": "tab:green", "exact": "tab:purple", "random": "tab:red",
+           "ivf": "tab:orange"}
 STYLES = ("-", "--", ":", "-.")
 PANELS = (("val_top1", "held-out top-1 (all classes)"), ("tar", "TAR @ FAR {far:g}, unseen identities"))
 
@@ -86,11 +87,11 @@ def plot(paths: str | Path | list[str | Path], out: str | Path, clock: str = "cp
     data = load(paths if isinstance(paths, list) else [paths])
     far = data["context"]["args"].get("far", 1e-4)
     curves = cell_curves(data["results"], clock)
-    rates = sorted({c["rate"] for c in curves if c["sampler"] != "full"})
+    variants = list(dict.fromkeys(_variant(c["cell"]) for c in curves if c["sampler"] != "full"))
     with figure(1, 2, figsize=(11.0, 4.6), needed_by="plot_time_to_accuracy.py") as (fig, axes):
         for ax, (key, title) in zip(axes, PANELS):
             for c in curves:
-                style = "-" if c["sampler"] == "full" else STYLES[rates.index(c["rate"]) % len(STYLES)]
+                style = "-" if c["sampler"] == "full" else STYLES[variants.index(_variant(c["cell"])) % len(STYLES)]
                 colour = COLOURS.get(c["sampler"], "tab:gray")
                 label = f"{c['cell']} ({c['seeds']} seed{'s' if c['seeds'] > 1 else ''})"
                 ax.plot(c["time"], c[key]["median"], style, color=colour, label=label, lw=1.4)
@@ -103,9 +104,17 @@ def plot(paths: str | Path | list[str | Path], out: str | Path, clock: str = "cp
                   else f"{args['steps']} steps")
         regime = (f"rendered faces {args['image_size']} px, tiny CNN, " if args.get("regime") == "images"
                   else "")
+        messy = [f"{label} {args[key]:g}" for key, label in (("duplicates", "duplicates"), ("label_noise", "label noise"),
+                                                             ("min_views", "min views")) if args.get(key)]
+        regime += "".join(f"{m}, " for m in messy)
         fig.suptitle(f"{regime}C = {args['classes']:,}, batch {args['batch']}, {length} "
                      "(median over seeds, band: min-max)")
         return save_png(fig, out)
+
+
+def _variant(cell: str) -> str:
+    """What sets a cell's line style: its rate and its own overrides (colour is the sampler)."""
+    return cell.split(":", 1)[-1]
 
 
 def main(argv: list[str] | None = None) -> None:
