@@ -25,7 +25,7 @@ def test_config_choices_name_exactly_what_the_registries_hold():
     from hfs.fc.layer import CLASSIFIERS
     from hfs.models import HEADS
     from hfs.paramserver.catchup import UPDATE_RULES
-    from hfs.paramserver.store import INITS
+    from hfs.paramserver.matrix import INITS
     from hfs.samplers import SAMPLERS
 
     expected = {"head.type": HEADS.names(), "fc.mode": CLASSIFIERS.names(), "sampler.type": SAMPLERS.names(),

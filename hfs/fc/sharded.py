@@ -49,6 +49,7 @@ from hfs.dist import (all_gather_no_grad, all_gather_with_grad, get_rank, get_wo
                       scale_grad)
 from hfs.fc.common import adjusted
 from hfs.fc.layer import selector_upkeep
+from hfs.paramserver.sharding import ShardSpec
 
 if TYPE_CHECKING:
     from hfs.config import SamplerConfig
@@ -56,8 +57,9 @@ if TYPE_CHECKING:
 
 
 def shard_bounds(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Rows ``[start, end)`` of rank ``rank``: contiguous, sizes differ by at most one."""
-    return rank * num_classes // world_size, (rank + 1) * num_classes // world_size
+    """Rows ``[start, end)`` of rank ``rank``: contiguous, sizes differ by at most one; the weight
+    store's row split (:mod:`hfs.paramserver.sharding`), so a rank's shard is that store shard's rows."""
+    return ShardSpec(rank, world_size).row_range(num_classes)
 
 
 def shard_sample_num(sample_num: int, num_classes: int, shard_rows: int) -> int:

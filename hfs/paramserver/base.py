@@ -13,7 +13,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from hfs.utils.errors import HfsError
 from hfs.utils.typed import rules
+
+
+class StoreError(HfsError):
+    """A request the store refuses (unknown matrix, row out of range, wrong shape, ...)."""
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ import numpy as np
 from hfs.paramserver import protocol as proto
 from hfs.paramserver import shm
 from hfs.paramserver.base import HParams, WeightStore
-from hfs.paramserver.store import ShardSpec
+from hfs.paramserver.sharding import row_bounds
 from hfs.utils.errors import HfsError
 
 log = logging.getLogger(__name__)
@@ -558,7 +558,7 @@ class ParamClient(WeightStore):
         count = len(self.endpoints)
         if count == 1:
             return [(0, None)]
-        bounds = ShardSpec(0, count).bounds(self.shape(name)[0])
+        bounds = row_bounds(self.shape(name)[0], count)
         shard_of = np.searchsorted(bounds[1:-1], rows, side="right")
         order = np.argsort(shard_of, kind="stable")
         cuts = np.cumsum(np.bincount(shard_of, minlength=count))[:-1]
@@ -659,7 +659,7 @@ class ParamClient(WeightStore):
 
     def iter_chunks(self, name: str, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
         num_rows = self.shape(name)[0]
-        bounds = ShardSpec(0, len(self.endpoints)).bounds(num_rows)
+        bounds = row_bounds(num_rows, len(self.endpoints))
         for first in range(0, num_rows, max(1, int(chunk_rows))):
             stop = min(first + chunk_rows, num_rows)
             asks = []

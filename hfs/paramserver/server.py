@@ -30,7 +30,8 @@ import numpy as np
 
 from hfs.paramserver import protocol as proto
 from hfs.paramserver.base import HParams
-from hfs.paramserver.store import InProcessStore, ShardSpec
+from hfs.paramserver.sharding import ShardSpec
+from hfs.paramserver.store import InProcessStore
 from hfs.utils.errors import HfsError
 from hfs.utils.typed import fits
 

@@ -59,7 +59,7 @@ def test_the_store_index_holds_the_rows_a_step_updated(overlap):
     sampled.settle()
     after = store.get_rows("fc", np.arange(C))
     assert not np.allclose(after, before)
-    indexed = store._indexes["fc"].sampler.indexed_rows(np.arange(C))
+    indexed = store._indexes.get("fc").sampler.indexed_rows(np.arange(C))
     np.testing.assert_allclose(indexed, normalise_rows(after), atol=1e-6)
     assert sampled.index_stats()["builds"] == 1
     sampled.close()

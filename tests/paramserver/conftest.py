@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from hfs.paramserver.server import ParamServer
-from hfs.paramserver.store import InProcessStore, ShardSpec
+from hfs.paramserver.sharding import ShardSpec
+from hfs.paramserver.store import InProcessStore
 from hfs.utils.process import free_port
 
 REPO = Path(__file__).resolve().parents[2]

@@ -4,7 +4,8 @@ serve, a client of it, and an exact index spec that builds in the foreground."""
 from __future__ import annotations
 
 from hfs.paramserver.base import HParams
-from hfs.paramserver.store import InProcessStore, ShardSpec
+from hfs.paramserver.sharding import ShardSpec
+from hfs.paramserver.store import InProcessStore
 from hfs.samplers.owned import IndexSpec
 
 EXACT = IndexSpec(sampler="exact", kwargs={"metric": "cosine", "chunk": 64, "device": "cpu"}, background=False,

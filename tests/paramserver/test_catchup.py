@@ -10,7 +10,8 @@ from hfs.paramserver.base import HParams
 from hfs.paramserver.catchup import RECENT_TICKS, RowClock, StepHistory, zero_grad_transition
 from hfs.paramserver.kernels import load_kernel
 from hfs.paramserver.scratch import Scratch
-from hfs.paramserver.store import InProcessStore, ShardSpec, StoreError
+from hfs.paramserver.sharding import ShardSpec
+from hfs.paramserver.store import InProcessStore, StoreError
 
 LR_SCHEDULE = (0.3, 0.05, 0.2, 0.01)  # a changing lr: one value per quarter of the run
 
@@ -61,8 +62,9 @@ def _torch_dense(w0: np.ndarray, schedule: list[tuple[np.ndarray, np.ndarray]], 
 
 
 def _store_run(rule: str, w0: np.ndarray, schedule, lrs, momentum: float, wd: float, *,
-               read_every: int = 0, shards: int = 1, kernel: str = "auto") -> list[InProcessStore]:
-    stores = [InProcessStore(update_rule=rule, shard=ShardSpec(i, shards), kernel=kernel) for i in range(shards)]
+               read_every: int = 0, shards: int = 1, kernel: str = "auto", snapshot_dir=None) -> list[InProcessStore]:
+    stores = [InProcessStore(snapshot_dir, update_rule=rule, shard=ShardSpec(i, shards), kernel=kernel)
+              for i in range(shards)]
     num_rows, dim = w0.shape
     for store in stores:
         store.create("fc", num_rows, dim, init="zeros")
@@ -158,8 +160,7 @@ def test_snapshot_holds_caught_up_rows_and_restores(tmp_path, kernel):
     lrs = [0.1] * steps
     w0 = rng.standard_normal((num_rows, dim)).astype(np.float32)
     want_w, _ = _torch_dense(w0, schedule, lrs, 0.9, 5e-4)
-    store = _store_run("catchup", w0, schedule, lrs, 0.9, 5e-4, kernel=kernel)[0]
-    store.snapshot_dir = tmp_path
+    store = _store_run("catchup", w0, schedule, lrs, 0.9, 5e-4, kernel=kernel, snapshot_dir=tmp_path)[0]
     store.snapshot("t")
     clock = store._matrices["fc"].clock
     assert clock.now == 0 and not clock.row_tick.any()  # the history was forgotten

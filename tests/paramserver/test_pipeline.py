@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from hfs.paramserver.base import HParams
-from hfs.paramserver.store import InProcessStore, ShardSpec
+from hfs.paramserver.sharding import ShardSpec
+from hfs.paramserver.store import InProcessStore
 from hfs.utils.errors import HfsError
 
 from tests.paramserver.helpers import EXACT, catchup_store, select_into, served_client  # noqa: E402

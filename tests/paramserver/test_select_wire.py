@@ -8,7 +8,8 @@ import pytest
 
 from hfs.paramserver import protocol as proto
 from hfs.paramserver.base import HParams
-from hfs.paramserver.store import InProcessStore, ShardSpec
+from hfs.paramserver.sharding import ShardSpec
+from hfs.paramserver.store import InProcessStore
 from hfs.samplers.owned import IndexSpec
 from hfs.samplers.selection import SelectionRule
 from hfs.samplers.shards import rule_to_fields

@@ -9,7 +9,7 @@ from hfs.config import load_config
 from hfs.paramserver import SECRET_ENV
 from hfs.paramserver import server as server_mod
 from hfs.paramserver.server import ServeOptions, serve_options, start_shard
-from hfs.paramserver.store import ShardSpec
+from hfs.paramserver.sharding import ShardSpec
 
 
 def test_serve_options_come_from_the_config_once(tmp_path):

@@ -18,7 +18,8 @@ import pytest
 from hfs.paramserver import protocol as proto
 from hfs.paramserver import shm
 from hfs.paramserver.base import HParams
-from hfs.paramserver.store import InProcessStore, ShardSpec
+from hfs.paramserver.sharding import ShardSpec
+from hfs.paramserver.store import InProcessStore
 
 from tests.paramserver.helpers import EXACT, catchup_store, select_into, served_client  # noqa: E402
 

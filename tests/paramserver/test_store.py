@@ -10,7 +10,9 @@ import pytest
 
 from hfs.paramserver.base import HParams
 from hfs.paramserver.snapshots import SnapshotError, check_plain_name
-from hfs.paramserver.store import InProcessStore, ShardSpec, StoreError, sum_duplicate_rows
+from hfs.paramserver.matrix import sum_duplicate_rows
+from hfs.paramserver.sharding import ShardSpec
+from hfs.paramserver.store import InProcessStore, StoreError
 
 
 def _store(tmp_path=None, **kw) -> InProcessStore:

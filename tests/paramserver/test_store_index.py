@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from hfs.paramserver.base import HParams
-from hfs.paramserver.store import InProcessStore, ShardSpec, StoreError
+from hfs.paramserver.sharding import ShardSpec
+from hfs.paramserver.store import InProcessStore, StoreError
 from hfs.samplers.owned import IndexSpec
 from hfs.samplers.selection import SelectionRule
 from hfs.samplers.shards import merge_topk

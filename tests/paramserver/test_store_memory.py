@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hfs.paramserver.store import lazy_zeros
+from hfs.paramserver.matrix import lazy_zeros
 from hfs.utils.process import rss_mb
 
 
