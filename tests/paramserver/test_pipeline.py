@@ -76,9 +76,9 @@ def test_push_returns_before_its_reply_and_the_next_request_collects_it(thread_s
         rows = np.arange(0, C, 7)
         client.get_rows("fc", rows, step=0)
         client.push_grads("fc", rows, np.ones((rows.size, D), np.float32), 0)
-        assert [len(p) for p in client._local.pending] == [1]
+        assert [c.pending is not None for c in client._wire.connections()] == [True]
         after = client.get_rows("fc", rows, step=1)  # sent behind the push: sees it applied
-        assert [len(p) for p in client._local.pending] == [0]
+        assert [c.pending is not None for c in client._wire.connections()] == [False]
         assert srv.server.store.last_applied("fc") == 0
         np.testing.assert_array_equal(after, srv.server.store.get_rows("fc", rows))
 
@@ -178,7 +178,7 @@ def test_close_reports_a_push_a_lost_server_never_answered(thread_server):
     started = time.monotonic()
     with pytest.raises(HfsError, match=r"did not answer 'push for step 0'"):
         client.close()
-    assert time.monotonic() - started < 5.0 and client._closed
+    assert time.monotonic() - started < 5.0 and client._wire.closed
 
 
 def test_the_in_process_store_has_nothing_to_flush():
@@ -197,7 +197,7 @@ def test_shutdown_collects_a_pending_push_and_leaves_nothing_to_detach(thread_se
         client.push_grads("fc", np.arange(10), np.ones((10, D), np.float32), 0)
         client.shutdown()  # the push is answered before the shutdown (same connection)
         assert srv.server.store.last_applied("fc") == 0
-        assert client._local.segments == [None]  # the stopping server unmaps it: close sends no detach
+        assert [c.segment for c in client._wire.connections()] == [None]  # the stopping server unmaps it: close sends no detach
     finally:
         client.close()
     assert srv.server.stats.count.get("detach", 0) == 0

@@ -132,7 +132,7 @@ def test_a_refused_segment_falls_back_to_frames(thread_server, tmp_path, caplog,
         with _client(srv.endpoint) as client, _client(reference.endpoint, "off") as frames:
             assert [a.tobytes() for a in _traffic(client, with_select=False)] == \
                    [a.tobytes() for a in _traffic(frames, with_select=False)]
-            assert client._no_shm == {srv.endpoint}
+            assert client._wire.no_shm == {srv.endpoint}
     said = [r.message for r in caplog.records if "shared memory with" in r.message]
     assert len(said) == 1 and srv.endpoint in said[0]
     assert srv.server.stats.errors["shm"] == 1 and srv.server.stats.shm_bytes_in == 0
@@ -404,7 +404,7 @@ def test_a_full_shm_folder_falls_back_to_frames(thread_server, monkeypatch):
     srv = thread_server(_store())
     with _client(srv.endpoint) as client:
         got = client.get_rows("fc", np.arange(C))
-        assert client._no_shm == {srv.endpoint} and not _leftovers(os.getpid())
+        assert client._wire.no_shm == {srv.endpoint} and not _leftovers(os.getpid())
     assert got.tobytes() == srv.server.store.get_rows("fc", np.arange(C)).tobytes()
 
 
@@ -428,7 +428,7 @@ def test_a_segment_that_cannot_grow_keeps_serving_small_arrays(thread_server, mo
             assert client.get_rows("big", every).tobytes() == store.get_rows("big", every).tobytes()
         before = srv.server.stats.shm_bytes_out
         assert client.get_rows("big", np.arange(8)).tobytes() == small.tobytes()
-        assert srv.server.stats.shm_bytes_out > before and not client._no_shm
+        assert srv.server.stats.shm_bytes_out > before and not client._wire.no_shm
         assert srv.server.stats.count["shm"] == attached and not _leftovers(os.getpid())
 
 
