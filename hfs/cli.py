@@ -375,7 +375,7 @@ def serve_params(
     flags = {"paramserver.host": host or None, "paramserver.port": port, "paramserver.shards": shards or None,
              "paramserver.snapshot_dir": str(snapshot_dir) if snapshot_dir else None}
     cfg = resolve_config(config, set_, print_config, flags)
-    from hfs.paramserver.server import serve_params as run_serve_params
+    from hfs.paramserver.launch import serve_params as run_serve_params
     from hfs.paramserver.sharding import ShardSpec
     from hfs.utils.writable import require_writable_dir
 

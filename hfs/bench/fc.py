@@ -214,7 +214,7 @@ def render(result: dict[str, Any], console=None) -> None:
 
 def _serve(port: int) -> None:
     """A throwaway `hfs serve-params` shard without snapshots (nothing to write at exit)."""
-    from hfs.paramserver.server import ServeOptions, serve
+    from hfs.paramserver.launch import ServeOptions, serve
 
     serve(ServeOptions(port=port, snapshot_dir=None))
 

@@ -1,7 +1,7 @@
 """One shard process of `hfs serve-params --shards N`: serialised options in, a serving shard out.
 
 Run as ``python -m hfs.paramserver.shard_worker OPTIONS_JSON VERBOSE`` by
-``hfs.paramserver.server.start_shard``: ``OPTIONS_JSON`` is ``ServeOptions.to_json()`` (this
+``hfs.paramserver.launch.start_shard``: ``OPTIONS_JSON`` is ``ServeOptions.to_json()`` (this
 shard's port, index, peers, snapshot folder, resume), the secret comes from
 ``HFS_PS_SECRET``. The parent resolved the config once, so a shard never re-reads it and
 never goes through the command line parser.
@@ -16,7 +16,7 @@ import sys
 def main(argv: list[str]) -> int:
     """Serve one shard until SIGTERM/SIGINT or a `shutdown` op; a user error is one `error:` line, exit 2."""
     from hfs.paramserver import SECRET_ENV
-    from hfs.paramserver.server import ServeOptions, serve
+    from hfs.paramserver.launch import ServeOptions, serve
     from hfs.utils.errors import HfsError
     from hfs.utils.log import prefix_log_lines, setup_logging
 

@@ -233,7 +233,7 @@ def job_param_server(cfg: Any, plan: LaunchPlan) -> Iterator[str]:
     """
     import threading
 
-    from hfs.paramserver.server import build_server, serve_options
+    from hfs.paramserver.launch import build_server, serve_options
 
     ps = cfg.paramserver
     multi = plan.nnodes > 1

@@ -10,7 +10,7 @@ import pytest
 from hfs.paramserver import open_store
 from hfs.paramserver.base import HParams
 from hfs.paramserver.client import ParamClient, ServerError
-from hfs.paramserver.server import check_bind_allowed
+from hfs.paramserver.launch import check_bind_allowed
 from hfs.paramserver.store import InProcessStore
 from hfs.config import ParamServerConfig
 from hfs.utils.errors import HfsError

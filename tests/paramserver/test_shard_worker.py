@@ -7,8 +7,8 @@ import sys
 
 from hfs.config import load_config
 from hfs.paramserver import SECRET_ENV
-from hfs.paramserver import server as server_mod
-from hfs.paramserver.server import ServeOptions, serve_options, start_shard
+from hfs.paramserver import launch as launch_mod
+from hfs.paramserver.launch import ServeOptions, serve_options, start_shard
 from hfs.paramserver.sharding import ShardSpec
 
 
@@ -40,7 +40,7 @@ def test_a_shard_process_runs_the_shard_worker_with_its_own_options(monkeypatch,
         def __init__(self, argv, env):
             started.append((argv, env))
 
-    monkeypatch.setattr(server_mod.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(launch_mod.subprocess, "Popen", FakePopen)
     monkeypatch.delenv(SECRET_ENV, raising=False)
     peers = ["tcp://127.0.0.1:7000", "tcp://127.0.0.1:7001"]
     start_shard(ServeOptions(port=7000, snapshot_dir=tmp_path, secret=b"s3cret"), 1, 2, peers)

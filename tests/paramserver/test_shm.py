@@ -371,7 +371,7 @@ def test_decode_refuses_shared_arrays_without_a_segment():
 def test_the_config_key_reaches_server_and_client(thread_server):
     from hfs.config import ConfigError, load_config
     from hfs.paramserver import open_store
-    from hfs.paramserver.server import ServeOptions, serve_options
+    from hfs.paramserver.launch import ServeOptions, serve_options
 
     off = load_config(None, ["paramserver.shared_memory=off"])
     opts = serve_options(off)
