@@ -290,50 +290,70 @@ def interleaved_rates(cfg: BenchConfig, shards: int = 1) -> dict[str, Any]:
     round: their median and quartiles over rounds. catchup / lazy is on the configured kernel;
     kernel / numpy per rule where the configured kernel is not numpy.
     """
-    from hfs.paramserver.client import ParamClient
     from hfs.paramserver.kernels import load_kernel
-    from hfs.paramserver.store import InProcessStore
 
     timed = replace(cfg, seconds=cfg.round_seconds)
     kernel = load_kernel(cfg.kernel).name
     local_paths = inprocess_paths(cfg, kernel)
-    order = (*local_paths, *SERVED_PATHS)
-    rates: dict[str, list[float]] = {p: [] for p in order}
+    with interleaved_stores(cfg, local_paths, shards) as (stores, served):
+        for path, store in stores.items():
+            rule = local_paths[path][0] if path in local_paths else cfg.update_rule
+            prepare_matrix(store, replace(timed, update_rule=rule), path)
+        rates = time_rounds(stores, timed, cfg.rounds)
+        used = all(s["server"].get("shm_bytes_in", 0) > 0 for s in served.server_stats())
+        server_kernel = served.server_stats()[0]["store"]["kernel"]
+    return {"rounds": cfg.rounds, "shards": shards, "shm_used": used, "kernel": kernel, "server_kernel": server_kernel,
+            "paths": {name: {"update_rule": rule, "kernel": k} for name, (rule, k) in local_paths.items()},
+            **round_ratios(rates, local_paths, kernel)}
+
+
+@contextlib.contextmanager
+def interleaved_stores(cfg: BenchConfig, local_paths: dict[str, tuple[str, str]], shards: int
+                       ) -> Iterator[tuple[dict[str, WeightStore], Any]]:
+    """({path: store} in timing order: an in-process store per ``local_paths`` entry, then a client per
+    :data:`SERVED_PATHS` of a fresh `hfs serve-params` of ``shards`` shards; the pipelined client).
+    On exit the server is shut down (killed if it does not stop) and every store closed."""
+    from hfs.paramserver.client import ParamClient
+    from hfs.paramserver.store import InProcessStore
+
     with tempfile.TemporaryDirectory(prefix="hfs-bench-ps-") as scratch:
         proc, address = start_serve_params(scratch, shards=shards, args=kernel_flag(cfg))
         locals_ = {name: InProcessStore(kernel=k) for name, (_, k) in local_paths.items()}
-        clients = {"shm_pipelined": ParamClient(address, timeout_s=60, connect_timeout_s=60, shared_memory="auto"),
-                   "shm_waiting": ParamClient(address, timeout_s=60, connect_timeout_s=60, shared_memory="auto",
-                                              pipeline_pushes=False)}
+        clients = {path: ParamClient(address, timeout_s=60, connect_timeout_s=60, shared_memory="auto",
+                                     pipeline_pushes=path == "shm_pipelined") for path in SERVED_PATHS}
         try:
-            stores = {**locals_, **clients}
-            for path, store in stores.items():
-                rule = local_paths[path][0] if path in local_paths else cfg.update_rule
-                prepare_matrix(store, replace(timed, update_rule=rule), path)
-            steps = dict.fromkeys(order, 0)
-            for r in range(cfg.rounds):
-                for path in order:
-                    rate, steps[path] = round_trips_per_second(stores[path], timed, steps[path], name=path)
-                    rates[path].append(rate)
-                log.info("round %d: %s", r, {p: round(v[-1]) for p, v in rates.items()})
-            used = all(s["server"].get("shm_bytes_in", 0) > 0 for s in clients["shm_pipelined"].server_stats())
-            server_kernel = clients["shm_pipelined"].server_stats()[0]["store"]["kernel"]
+            yield {**locals_, **clients}, clients["shm_pipelined"]
             clients["shm_pipelined"].shutdown()
             proc.wait(60)  # an orderly exit; kill_if_running below if it did not come
         finally:
-            for client in clients.values():
-                client.close()
-            for store in locals_.values():
+            for store in (*clients.values(), *locals_.values()):
                 store.close()
             kill_if_running(proc)
-    ratios = {p: [a / b for a, b in zip(rates[p], rates["inprocess"])] for p in order if p != "inprocess"}
+
+
+def time_rounds(stores: dict[str, WeightStore], timed: BenchConfig, rounds: int) -> dict[str, list[float]]:
+    """Per path, its round trips/s in each of ``rounds`` rounds; a round times every store in turn
+    (``timed.seconds`` each, matrix named after its path), so a drift of the machine hits all alike."""
+    rates: dict[str, list[float]] = {path: [] for path in stores}
+    steps = dict.fromkeys(stores, 0)
+    for r in range(rounds):
+        for path, store in stores.items():
+            rate, steps[path] = round_trips_per_second(store, timed, steps[path], name=path)
+            rates[path].append(rate)
+        log.info("round %d: %s", r, {p: round(v[-1]) for p, v in rates.items()})
+    return rates
+
+
+def round_ratios(rates: dict[str, list[float]], local_paths: dict[str, tuple[str, str]], kernel: str
+                 ) -> dict[str, Any]:
+    """The rates and their round-by-round ratios (each path over ``inprocess``, pipelined over waiting
+    pushes, catchup over lazy, ``kernel`` over numpy per rule), with median and quartiles of each."""
+    ratios = {p: [a / b for a, b in zip(v, rates["inprocess"])] for p, v in rates.items() if p != "inprocess"}
     pipelined_over_waiting = [a / b for a, b in zip(rates["shm_pipelined"], rates["shm_waiting"])]
     catchup_over_lazy = _per_round(rates, local_paths, ("catchup", kernel), ("lazy", kernel))
     kernel_over_numpy = {rule: _per_round(rates, local_paths, (rule, kernel), (rule, "numpy"))
                          for rule in UPDATE_RULES_TIMED if kernel != "numpy"}
-    return {"rounds": cfg.rounds, "shards": shards, "shm_used": used, "kernel": kernel, "server_kernel": server_kernel,
-            "paths": {name: {"update_rule": rule, "kernel": k} for name, (rule, k) in local_paths.items()},
-            "rates": rates, "rate_summary": {p: quartiles(v) for p, v in rates.items()},
+    return {"rates": rates, "rate_summary": {p: quartiles(v) for p, v in rates.items()},
             "over_inprocess": {p: quartiles(v) for p, v in ratios.items()},
             "pipelined_over_waiting": quartiles(pipelined_over_waiting), "per_round_over_inprocess": ratios,
             "catchup_over_lazy": quartiles(catchup_over_lazy), "per_round_catchup_over_lazy": catchup_over_lazy,
