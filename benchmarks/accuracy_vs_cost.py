@@ -35,7 +35,7 @@ from typing import Any, Iterator
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence_common import run_context, write_results  # noqa: E402
+from evidence_common import console_logging, script_parser, start_run, write_results  # noqa: E402
 
 log = logging.getLogger("accuracy_vs_cost")
 
@@ -229,7 +229,7 @@ def run_cell(args: argparse.Namespace, cell: str, images: np.ndarray, bin_path: 
 
 def _run_cell_from_file(args: argparse.Namespace, cell: str, images_path: Path, bin_path: Path, workdir: Path,
                         seed: int) -> dict[str, Any]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    console_logging()
     return run_cell(args, cell, np.load(images_path, mmap_mode="r"), bin_path, workdir, seed)
 
 
@@ -264,7 +264,7 @@ def previous_run(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--classes", type=int, default=10_000, help="training identities C")
     p.add_argument("--cells", nargs="+", default=["full", "annoy:0.01", "annoy:0.1", "hnsw:0.01", "exact:0.01",
                                                   "random:0.01", "random:0.1"], help="full or SAMPLER:RATE")
@@ -300,9 +300,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
-    context = {**run_context(), "args": vars(args)}
+    context = start_run(args)
     cache = Path(args.cache)
     t0 = time.perf_counter()
     images_path = pregenerate(cache, args.classes, args.train_views + args.val_views, args.image_size, args.seed,

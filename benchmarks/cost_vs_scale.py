@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence_common import run_context, write_results  # noqa: E402
+from evidence_common import script_parser, start_run, write_results  # noqa: E402
 
 from hfs.utils.process import peak_rss_mb  # noqa: E402
 
@@ -145,7 +145,7 @@ def run_grid(classes: list[int], dims: list[int], batch: int, sample_num: int, s
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--classes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="class counts C")
     p.add_argument("--dims", type=int, nargs="+", default=[128, 256], help="embedding sizes D")
     p.add_argument("--batch", type=int, default=256, help="batch size B")
@@ -165,10 +165,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
-    context = run_context()
-    context = {**context, "args": vars(args)}
+    context = start_run(args)
     rows = run_grid(args.classes, args.dims, args.batch, args.sample_num, args.samplers, args.steps, args.warmup,
                     args.full_max_gb, args.annoy_trees, args.annoy_max_classes, args.interval, args.threads,
                     full_steps=args.full_steps, on_row=lambda done: write_results(args.out, context, done))

@@ -6,15 +6,44 @@ load average at the start and the end of the run, and the exact command that pro
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
+import logging
 import os
 import platform
 import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
+
+
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """An evidence script's parser: the first paragraph of its docstring as the description, the
+    example command in it kept as written."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def console_logging() -> None:
+    """INFO lines with the time and the logger's name: what every evidence script (and its worker processes) logs."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
+def start_run(args: argparse.Namespace) -> dict[str, Any]:
+    """Console logging on, and the context its results file records: :func:`run_context` with the script's arguments."""
+    console_logging()
+    return {**run_context(), "args": vars(args)}
+
+
+def record_each(path: str | Path, context: dict[str, Any], rows: Iterable[Any]) -> list[Any]:
+    """Collect ``rows`` as they are measured, rewriting the results file after each: a run cut short
+    keeps every row it finished."""
+    done: list[Any] = []
+    for row in rows:
+        done.append(row)
+        write_results(path, context, done)
+    return done
 
 
 def run_context() -> dict[str, Any]:

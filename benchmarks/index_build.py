@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence_common import run_context, write_results  # noqa: E402
+from evidence_common import record_each, script_parser, start_run  # noqa: E402
 
 from hfs.utils.process import peak_rss_mb  # noqa: E402
 
@@ -56,7 +56,7 @@ def build_once(name: str, classes: int, dim: int, trees: int, probe_batch: int =
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--classes", type=int, nargs="+", default=[1_000_000], help="class counts C")
     p.add_argument("--dim", type=int, default=128, help="embedding size D")
     p.add_argument("--sampler", default="annoy", help="sampler whose index is built (annoy, hnsw, exact)")
@@ -66,15 +66,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
-    context = {**run_context(), "args": vars(args)}
-    rows = []
-    for classes in args.classes:
-        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-            rows.append(pool.submit(build_once, args.sampler, classes, args.dim, args.annoy_trees).result())
-        log.info("%s", rows[-1])
-        write_results(args.out, context, rows)
+    context = start_run(args)
+    record_each(args.out, context, (build_in_fresh_process(args, classes) for classes in args.classes))
+
+
+def build_in_fresh_process(args: argparse.Namespace, classes: int) -> dict[str, Any]:
+    """:func:`build_once` for ``classes`` rows in a spawned process (its peak RSS is the build's alone)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        row = pool.submit(build_once, args.sampler, classes, args.dim, args.annoy_trees).result()
+    log.info("%s", row)
+    return row
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence_common import run_context, write_results  # noqa: E402
+from evidence_common import record_each, script_parser, start_run  # noqa: E402
 from time_to_accuracy import add_regime_args, cell_config, parse_cell, regime_data  # noqa: E402
 
 log = logging.getLogger("index_freshness")
@@ -115,7 +115,7 @@ def run_cell(args: argparse.Namespace, cell: str) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--classes", type=int, default=100_000, help="training identities C")
     p.add_argument("--cells", nargs="+", default=["annoy:0.01", "exact:0.01"], help="SAMPLER:RATE")
     p.add_argument("--steps", type=int, default=3000, help="training steps (the cosine schedule's length)")
@@ -133,13 +133,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
-    context = {**run_context(), "args": vars(args)}
-    rows = []
-    for cell in args.cells:
-        rows.append(run_cell(args, cell))
-        write_results(args.out, context, rows)
+    context = start_run(args)
+    record_each(args.out, context, (run_cell(args, cell) for cell in args.cells))
     log.info("wrote %s", args.out)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence_common import run_context, write_results  # noqa: E402
+from evidence_common import script_parser, start_run, write_results  # noqa: E402
 
 log = logging.getLogger("run_all_components")
 
@@ -87,7 +87,7 @@ def run_components(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--num-classes", type=int, default=100_000, help="classes C of both benchmarks")
     p.add_argument("--dim", type=int, default=256, help="embedding size D")
     p.add_argument("--batch-size", type=int, default=256, help="queries per batch B (sampler)")
@@ -107,9 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
-    context = {**run_context(), "args": vars(args)}
+    context = start_run(args)
     results = run_components(args)
     print(results["table_markdown"])
     log.info("wrote %s", write_results(args.out, context, results))

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence_common import run_context, write_results  # noqa: E402
+from evidence_common import console_logging, run_context, write_results  # noqa: E402
 from scale_10m import start_server  # noqa: E402
 
 from hfs.utils.process import peak_rss_mb, rss_mb  # noqa: E402
@@ -97,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    console_logging()
     args = parse_args(argv)
     if args.threads:
         import torch

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence_common import run_context, write_results  # noqa: E402
+from evidence_common import script_parser, start_run, write_results  # noqa: E402
 
 from hfs.utils.process import kill_if_running, peak_rss_mb, rss_mb, start_serve_params  # noqa: E402
 
@@ -216,7 +216,7 @@ def run_scale(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--classes", type=int, default=10_000_000, help="classes C held by the server")
     p.add_argument("--dim", type=int, default=128, help="embedding size D")
     p.add_argument("--identities", type=int, default=8192, help="trained identities, spread over [0, C)")
@@ -244,9 +244,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
-    context = run_context()
+    context = start_run(args)
     if args.workdir:
         workdir = Path(args.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -254,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         with tempfile.TemporaryDirectory(prefix="hfs-scale-") as tmp:
             results = run_scale(args, Path(tmp))
-    log.info("wrote %s", write_results(args.out, {**context, "args": vars(args)}, results))
+    log.info("wrote %s", write_results(args.out, context, results))
 
 
 if __name__ == "__main__":

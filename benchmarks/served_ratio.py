@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence_common import run_context, write_results  # noqa: E402
+from evidence_common import script_parser, start_run, write_results  # noqa: E402
 
 log = logging.getLogger("served_ratio")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (every path once per round)")
     p.add_argument("--seconds", type=float, default=1.0, help="seconds per path per round")
     p.add_argument("--rows", type=int, default=1000, help="rows per get/push")
@@ -40,14 +40,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from hfs.bench.paramserver import BenchConfig, interleaved_rates
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
+    context = start_run(args)
     if args.rounds < 1 or args.seconds <= 0 or args.shards < 1:
         raise SystemExit("error: --rounds and --shards must be >= 1 and --seconds > 0")
     cfg = BenchConfig(rows=args.rows, dim=args.dim, num_classes=args.num_classes, rounds=args.rounds,
                       round_seconds=args.seconds)
     result = interleaved_rates(cfg, args.shards)
-    write_results(args.out, {**run_context(), "args": vars(args)}, [result])
+    write_results(args.out, context, [result])
     summary = result["over_inprocess"]
     log.info("served / in-process, median [q1-q3] over %d rounds: pipelined %.3f [%.3f-%.3f], waiting %.3f; "
              "pipelined / waiting %.3f", args.rounds, summary["shm_pipelined"]["median"], summary["shm_pipelined"]["q1"],

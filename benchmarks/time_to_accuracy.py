@@ -68,7 +68,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_vs_cost import parse_cell, previous_run  # noqa: E402
-from evidence_common import run_context, write_results  # noqa: E402
+from evidence_common import script_parser, start_run, write_results  # noqa: E402
 
 log = logging.getLogger("time_to_accuracy")
 
@@ -350,7 +350,7 @@ def add_regime_args(p: argparse.ArgumentParser, *, batch: int) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--classes", type=int, default=20_000, help="training identities C")
     p.add_argument("--cells", nargs="+", default=["full", "random:0.01", "annoy:0.01", "hnsw:0.01", "exact:0.01"],
                    help="full or SAMPLER:RATE, each optionally followed by its own overrides: "
@@ -380,9 +380,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
-    context = {**run_context(), "args": vars(args)}
+    context = start_run(args)
     rows, earlier = previous_run(Path(args.out)) if args.resume else ([], [])
     if earlier:
         context["earlier_runs"] = earlier

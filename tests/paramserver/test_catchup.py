@@ -26,7 +26,11 @@ def test_suffix_products_match_stepping():
     for _ in range(777):
         mats.append(zero_grad_transition(rng.uniform(0.0, 0.5), rng.uniform(0.0, 0.99), rng.uniform(0, 1e-3)))
         history.append(mats[-1])
-    starts = np.array([0, 1, 2, 3, 255, 256, 257, 511, 512, 700, 776, 777])
+    assert_suffix_products(history, mats, np.array([0, 1, 2, 3, 255, 256, 257, 511, 512, 700, 776, 777]))
+
+
+def assert_suffix_products(history: StepHistory, mats: list[np.ndarray], starts: np.ndarray) -> None:
+    """Each start's suffix product from ``history`` equals stepping through ``mats[start:]`` one by one."""
     for start, got in zip(starts, history.suffix_products(starts)):
         want = np.eye(2)
         for m in mats[start:]:
@@ -254,12 +258,8 @@ def test_recent_suffix_products_match_the_block_tree():
     for m in mats:
         history.append(m)
     n = len(mats)
-    starts = np.array([0, 1, n - RECENT_TICKS - 1, n - RECENT_TICKS, n - 5, n - 1, n], dtype=np.int64)
-    for start, got in zip(starts, history.suffix_products(starts)):
-        want = np.eye(2)
-        for m in mats[start:]:
-            want = m @ want
-        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    assert_suffix_products(history, mats,
+                           np.array([0, 1, n - RECENT_TICKS - 1, n - RECENT_TICKS, n - 5, n - 1, n], dtype=np.int64))
 
 
 def test_scratch_reuse_changes_nothing():

@@ -141,13 +141,19 @@ def test_three_threads_make_one_synchronous_step():
     assert store.stats()["steps_applied"] == 1
 
 
-def test_missing_worker_fails_the_step_with_its_name():
-    store = _store(timeout_s=0.3)
-    store.create("fc", 4, 2, init="zeros")
+def _step_waiting_for(late: str, *, timeout_s: float, num_rows: int, row: int) -> InProcessStore:
+    """A store (zeros num_rows x 2, lr 1) whose step 0 has worker "a"'s push of ``row`` and waits for ``late``."""
+    store = _store(timeout_s=timeout_s)
+    store.create("fc", num_rows, 2, init="zeros")
     store.set_hparams("fc", HParams(1.0))
     store.register("a")
-    store.register("slow")
-    store.push_grads("fc", np.array([0]), np.ones((1, 2), np.float32), 0, worker="a")
+    store.register(late)
+    store.push_grads("fc", np.array([row]), np.ones((1, 2), np.float32), 0, worker="a")
+    return store
+
+
+def test_missing_worker_fails_the_step_with_its_name():
+    store = _step_waiting_for("slow", timeout_s=0.3, num_rows=4, row=0)
     assert store.try_get_rows("fc", np.array([0]), step=1) is None
     with pytest.raises(StoreError, match="worker\\(s\\) slow did not push"):
         store.get_rows("fc", np.array([0]), step=1)
@@ -160,12 +166,7 @@ def test_missing_worker_fails_the_step_with_its_name():
 
 
 def test_leave_completes_a_waiting_step():
-    store = _store(timeout_s=30)
-    store.create("fc", 2, 2, init="zeros")
-    store.set_hparams("fc", HParams(1.0))
-    store.register("a")
-    store.register("b")
-    store.push_grads("fc", np.array([1]), np.ones((1, 2), np.float32), 0, worker="a")
+    store = _step_waiting_for("b", timeout_s=30, num_rows=2, row=1)
     store.leave("b")
     np.testing.assert_array_equal(store.get_rows("fc", np.array([1]), step=1), [[-1.0, -1.0]])
 
@@ -219,12 +220,22 @@ def test_corrupt_snapshot_is_detected(tmp_path):
         store.restore("s")
 
 
-def test_periodic_snapshots_every_n_steps(tmp_path):
-    store = _store(tmp_path, snapshot_every_steps=2, keep_snapshots=10)
+def _snapshotting_store(tmp_path, **every) -> InProcessStore:
+    """A store taking periodic snapshots (``every``: snapshot_every_steps / _s) of a 3 x 2 matrix with a learning rate."""
+    store = _store(tmp_path, keep_snapshots=10, **every)
     store.create("fc", 3, 2)
     store.set_hparams("fc", HParams(0.1))
+    return store
+
+
+def _push_step(store: InProcessStore, step: int) -> None:
+    store.push_grads("fc", np.array([0]), np.ones((1, 2), np.float32), step)
+
+
+def test_periodic_snapshots_every_n_steps(tmp_path):
+    store = _snapshotting_store(tmp_path, snapshot_every_steps=2)
     for step in range(5):
-        store.push_grads("fc", np.array([0]), np.ones((1, 2), np.float32), step)
+        _push_step(store, step)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000002", "step-000000004"]
 
 
@@ -234,11 +245,9 @@ def test_a_failed_periodic_snapshot_neither_fails_the_push_nor_raises(tmp_path, 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    store = _store(tmp_path, snapshot_every_steps=1, keep_snapshots=10)
-    store.create("fc", 3, 2)
-    store.set_hparams("fc", HParams(0.1))
+    store = _snapshotting_store(tmp_path, snapshot_every_steps=1)
     monkeypatch.setattr(snapshots, "_write_snapshot_files", disk_full)
-    store.push_grads("fc", np.array([0]), np.ones((1, 2), np.float32), 0)  # applied, no exception
+    _push_step(store, 0)  # applied, no exception
     np.testing.assert_allclose(store.get_rows("fc", np.array([0]), step=1), store.get_rows("fc", np.array([0])))
     assert "periodic snapshot failed" in caplog.text and "No space left on device" in caplog.text
     with pytest.raises(SnapshotError, match="cannot write snapshot .*No space left on device"):
@@ -246,10 +255,8 @@ def test_a_failed_periodic_snapshot_neither_fails_the_push_nor_raises(tmp_path, 
 
 
 def test_periodic_snapshots_every_n_seconds(tmp_path):
-    store = _store(tmp_path, snapshot_every_s=0.05, keep_snapshots=10)
-    store.create("fc", 3, 2)
-    store.set_hparams("fc", HParams(0.1))
-    store.push_grads("fc", np.array([0]), np.ones((1, 2), np.float32), 0)
+    store = _snapshotting_store(tmp_path, snapshot_every_s=0.05)
+    _push_step(store, 0)
     assert not list(tmp_path.iterdir())  # not due yet
     time.sleep(0.1)
     store.tick()  # what the server loop calls between messages
