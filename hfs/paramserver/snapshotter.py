@@ -77,6 +77,11 @@ class Snapshotter:
         log.info("snapshot %s (step %d) written in %.2f s%s", name, step, seconds,
                  f"; removed {', '.join(removed)}" if removed else "")
 
+    @property
+    def periodic(self) -> bool:
+        """Whether periodic snapshots are on (a folder, and a spacing in steps or seconds)."""
+        return self.folder is not None and bool(self.every_steps or self.every_s)
+
     def take_if_due(self, step: int, take: Callable[[], object]) -> None:
         """Call ``take`` (the store's snapshot) when a periodic snapshot is due at ``step``. A failure is
         logged, not raised: the step that triggered it is applied, and a failed periodic snapshot

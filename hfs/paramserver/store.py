@@ -299,7 +299,8 @@ class InProcessStore(WeightStore):
         self._counters["rows_applied"] += unique.size
         self._counters["steps_applied"] += 1
         self._snapshots.dirty = True
-        self._snapshots.take_if_due(self.step, self.snapshot)
+        if self._snapshots.periodic:
+            self._snapshots.take_if_due(self.step, self.snapshot)
 
     # -- synchronous-step deadlines ----------------------------------------------------
     def next_deadline(self) -> float | None:
@@ -343,7 +344,8 @@ class InProcessStore(WeightStore):
         index builds in flight (one snapshot chunk per ``INDEX_TICK_S``, a finished build swapped in)."""
         self.expire()
         with self._cond:
-            self._snapshots.take_if_due(self.step, self.snapshot)
+            if self._snapshots.periodic:
+                self._snapshots.take_if_due(self.step, self.snapshot)
             self._indexes.advance_all()
 
     def stats(self) -> dict:
