@@ -22,7 +22,8 @@ from typing import Any, Iterable
 def script_parser(doc: str) -> argparse.ArgumentParser:
     """An evidence script's parser: the first paragraph of its docstring as the description, the
     example command in it kept as written."""
-    return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def console_logging() -> None:

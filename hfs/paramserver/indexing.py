@@ -161,7 +161,8 @@ class MatrixIndexes:
             self._upkeep(m.name, lambda index: index.rows_changed(changed, lambda rows: m.weight[rows]))
 
     def advance_all(self) -> None:
-        """Between requests (a server's idle loop): one snapshot chunk per ``INDEX_TICK_S``, a finished build swapped in."""
+        """Between requests (a server's idle loop): one snapshot chunk per ``INDEX_TICK_S``, a finished
+        build swapped in."""
         now = time.monotonic()
         if self._indexes and now - self._last_tick >= INDEX_TICK_S:
             self._last_tick = now

@@ -71,7 +71,8 @@ class Transport:
         """This thread's connection to each shard, opened on first use."""
         conns = getattr(self._local, "connections", None)
         if conns is None or len(conns) != len(self.endpoints):
-            conns = self._local.connections = [Connection(i, ep, self._socket(ep)) for i, ep in enumerate(self.endpoints)]
+            conns = [Connection(i, ep, self._socket(ep)) for i, ep in enumerate(self.endpoints)]
+            self._local.connections = conns
             with self._lock:
                 self._all.extend(conns)
         return conns

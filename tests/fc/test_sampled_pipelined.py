@@ -30,7 +30,8 @@ def _train(store, steps: int = 4, accum: int = 2) -> np.ndarray:
                 (sampled(feats[i], labels[i], step, last_micro=i == accum - 1).loss / accum).backward()
             sampled.after_backward()
             if getattr(store, "pipeline_pushes", False):
-                assert sampled._pool is None and sum(c.pending is not None for c in store._wire.connections()) == 1  # sent, not waited for
+                pending = [c.pending is not None for c in store._wire.connections()]
+                assert sampled._pool is None and sum(pending) == 1  # sent, not waited for
             sampled.end_step(step)
         return np.concatenate([rows for _, rows in sampled.iter_chunks()])  # flushes the last push
     finally:

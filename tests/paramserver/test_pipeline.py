@@ -197,7 +197,8 @@ def test_shutdown_collects_a_pending_push_and_leaves_nothing_to_detach(thread_se
         client.push_grads("fc", np.arange(10), np.ones((10, D), np.float32), 0)
         client.shutdown()  # the push is answered before the shutdown (same connection)
         assert srv.server.store.last_applied("fc") == 0
-        assert [c.segment for c in client._wire.connections()] == [None]  # the stopping server unmaps it: close sends no detach
+        # the stopping server unmaps it: close sends no detach
+        assert [c.segment for c in client._wire.connections()] == [None]
     finally:
         client.close()
     assert srv.server.stats.count.get("detach", 0) == 0

@@ -221,7 +221,8 @@ def test_corrupt_snapshot_is_detected(tmp_path):
 
 
 def _snapshotting_store(tmp_path, **every) -> InProcessStore:
-    """A store taking periodic snapshots (``every``: snapshot_every_steps / _s) of a 3 x 2 matrix with a learning rate."""
+    """A store of a 3 x 2 matrix with a learning rate, taking periodic snapshots (``every``:
+    ``snapshot_every_steps`` or ``snapshot_every_s``)."""
     store = _store(tmp_path, keep_snapshots=10, **every)
     store.create("fc", 3, 2)
     store.set_hparams("fc", HParams(0.1))
