@@ -256,3 +256,26 @@ def test_init_shard_rows_do_not_depend_on_the_world_size():
     parts = [init_shard_rows(*shard_bounds(23, r, 3), 4, "gaussian", 0.1, seed=5, block_rows=8) for r in range(3)]
     assert torch.equal(torch.cat(parts), whole)
     assert whole.std() > 0.05
+
+
+def test_the_shard_selector_applies_the_ceiling_under_the_shards_live_rows():
+    """One rank, an exact index: class 1 is the feature's direction, its own class 0 is not, so class 1
+    never becomes a hard negative; the selector reads the rows through its ShardView."""
+    rows = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
+    rows[:, 0] = 0.0
+    rows = rows / rows.norm(dim=1, keepdim=True)
+    rows[2:, 0] = 0.1
+    rows[0] = 0.0
+    rows[0, 0], rows[0, 1] = 0.6, 0.8
+    rows[1] = 0.0
+    rows[1, 0] = 1.0
+    fc = ShardedFC(rows.clone(), 40, CosMarginHead(), sample_num=8)
+    cfg = load_config(None, ["sampler.type=exact", "sampler.background=false", "sampler.ceiling=positive",
+                             "fc.sample_num=8"])
+    selector = build_shard_selector(cfg.sampler, fc, 1, seed=0, metric="cosine")
+    feature = torch.zeros(1, 8)
+    feature[0, 0] = 1.0
+    chosen = selector.select(feature.numpy(), np.array([0]), 0)
+    hard = chosen.active[1:][chosen.log_q[1:] == 0.0]
+    assert hard.size >= 1 and 1 not in hard and chosen.stats["ceiling_dropped"] > 0
+    selector.close()
