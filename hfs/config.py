@@ -103,8 +103,9 @@ class FCConfig:
 @dataclass
 class SamplerConfig:
     type: str = _f("exact", choices=("annoy", "hnsw", "ivf", "exact", "random"),
-                   help="how hard negatives are found: exact (current rows, B x C x D per step), annoy/hnsw "
-                        "(approximate, rebuilt in the background), random (Partial FC's rule)")
+                   help="how hard negatives are found: exact (current rows, B x C x D per step), annoy/hnsw/ivf "
+                        "(approximate, rebuilt in the background, re-scored under the current rows), random "
+                        "(Partial FC's rule)")
     metric: str = _f("auto", choices=("auto", "cosine", "dot"),
                      help="similarity; auto = cosine for margin heads, dot for softmax")
     k: int = _f(0, ge=0, help="nearest classes asked per query; 0 = auto (2 x ceil(sample_num / batch) + 1)")
@@ -128,13 +129,14 @@ class SamplerConfig:
                                   "replacement with probability ~ exp(similarity / temperature)")
     temperature: float = _f(0.05, gt=0.0, help="candidate_pick=score: similarity temperature (1 / head.scale mirrors the softmax itself)")
     logq: bool = _f(False, help="sampled-softmax correction: add -log(probability a class is active) to each active negative's logit (training loss only)")
-    ceiling: str = _f("off", choices=("off", "positive"),
+    ceiling: str = _f("positive", choices=("off", "positive"),
                       help="positive: skip a query's candidates that score above its own class (+ ceiling_margin) "
                            "under the current rows: semi-hard negatives (no collapse while nothing is learnt yet, "
-                           "no duplicate identity or mislabelled sample's true class as a negative)")
+                           "no duplicate identity or mislabelled sample's true class as a negative); off: the "
+                           "nearest classes whatever they score")
     ceiling_margin: float = _f(0.0, help="ceiling=positive: similarity a candidate may exceed its query's own class by")
-    ready_probe: int = _f(0, ge=0, help="ceiling=positive: a query takes hard negatives only once its own class scores "
-                                         "above every one of this many uniformly drawn classes (0 = no such test)")
+    ready_probe: int = _f(0, ge=0, help="a query asks the index for hard negatives only once its own class scores "
+                                         "above every one of this many uniformly drawn classes (0 = every query asks)")
     drift_rows: int = _f(128, ge=0, help="observed rows per step whose drift is measured against the index's own vectors, a random subset (0 = all; reading a vector back costs ~10-25 us)")
     build_threads: int = _f(1, help="threads of an index build (annoy n_jobs, hnsw add_items); -1 = all cores")
     query_threads: int = _f(-1, help="annoy and hnsw: threads answering one batch's queries; -1 = all cores")

@@ -3,8 +3,8 @@
 1. write a few hundred synthetic identities as an InsightFace ``train.rec`` (+ ``.idx``,
    ``property``) and a verification ``.bin`` of held-out identities;
 2. ``hfs convert`` the ``.rec`` into images + train/val lists;
-3. train the tiny backbone with HF-softmax (``fc.mode=sampled``, annoy sampler, in-process
-   weight store) from the converted list;
+3. train the tiny backbone with HF-softmax (``fc.mode=sampled``, the default sampler: exact
+   nearest classes under the similarity ceiling, in-process weight store) from the converted list;
 4. extract features of the ``.bin`` images with the trained checkpoint and verify them;
 5. print a short summary.
 
@@ -66,7 +66,6 @@ def demo_overrides(out: Path, sizes: DemoSizes, data_root: Path) -> list[str]:
         "model.arch=tiny", "model.embedding_size=64",
         "head.type=arcface", "head.scale=32", "head.margin=0.3",
         "fc.mode=sampled", f"fc.sample_num={sizes.sample_num}", "fc.init_std=0.01",
-        "sampler.type=annoy", "sampler.annoy_trees=10", "sampler.refresh=interval", "sampler.interval=50",
         "optim.lr=0.1", "optim.schedule=cosine", f"optim.warmup_steps={max(sizes.steps // 20, 1)}",
         "optim.weight_decay=0.0005",
         f"train.output_dir={out / 'train'}", f"train.batch_size={sizes.batch_size}", f"train.max_steps={sizes.steps}",

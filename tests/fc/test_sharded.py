@@ -100,7 +100,8 @@ def _hard_problem():
 
 def _exact_cfg(sample_num: int, k: int = 0):
     return load_config(None, ["sampler.type=exact", "sampler.metric=cosine", "sampler.background=false",
-                              "sampler.exact_device=cpu", f"sampler.k={k}", f"fc.sample_num={sample_num}"])
+                              "sampler.exact_device=cpu", f"sampler.k={k}", f"fc.sample_num={sample_num}",
+                              "sampler.ceiling=off"])  # the nearest rows, to check against a brute-force top-k
 
 
 def _selector_case(env: DistEnv, problem, num_classes: int, sample_num: int, k: int = 0) -> dict:

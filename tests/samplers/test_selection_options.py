@@ -32,8 +32,10 @@ def test_defaults_keep_the_rule_of_before_and_travel_as_json():
         assert chosen.logit_adjust is None
     wire = json.loads(json.dumps(dataclasses.asdict(rule)))
     assert SelectionRule(**wire) == rule
-    cfg = load_config(None, ["fc.sample_num=12"]).sampler
+    cfg = load_config(None, ["fc.sample_num=12", "sampler.ceiling=off"]).sampler
     assert SelectionRule.from_config(cfg, 12, 5) == rule
+    # the configured default adds the ceiling to the plain rule
+    assert SelectionRule.from_config(load_config(None, []).sampler, 12, 5) == SelectionRule(12, seed=5, ceiling="positive")
 
 
 def test_selection_unpacks_as_the_pair_selectors_answered_before():
@@ -182,7 +184,7 @@ def test_selector_applies_the_configured_rule():
 
     cfg = load_config(None, ["sampler.type=exact", "sampler.background=false", "sampler.exact_device=cpu",
                              "sampler.hard_fraction=0.5", "sampler.candidate_pick=score", "sampler.logq=true",
-                             "sampler.temperature=0.1", "fc.sample_num=20"])
+                             "sampler.temperature=0.1", "fc.sample_num=20", "sampler.ceiling=off"])
     weights = np.random.default_rng(0).standard_normal((200, 8)).astype(np.float32)
     selector = build_selector(cfg.sampler, store=Matrix(weights), num_classes=200, sample_num=20,
                               queries_per_step=4, seed=3, metric="cosine")
