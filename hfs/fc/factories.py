@@ -89,8 +89,9 @@ def exact_scan_warning(cfg: Any, num_classes: int, plan: ClassifierPlan) -> str 
     if not on_cpu or macs < EXACT_CPU_WARN_MACS:
         return None
     return (f"sampler.type=exact scans all {num_classes:,} classes for each of the step's {plan.queries_per_step} "
-            f"features on the CPU: {macs / 1e9:.0f}G multiply-adds per step. Set sampler.type=annoy or hnsw "
-            "for cheaper (staler) negatives, or random for uniform ones (docs: 'Which sampler should I use?')")
+            f"features on the CPU: {macs / 1e9:.0f}G multiply-adds per step. At this cost on a CPU uniform negatives "
+            "(sampler.type=random, Partial FC's rule) trained better models for the same CPU time; scan on a GPU "
+            "(sampler.exact_device) to keep hard ones (docs: 'Which sampler should I use?')")
 
 
 def attach_sampled_index(cfg: Any, store: Any, num_classes: int, plan: ClassifierPlan) -> bool:

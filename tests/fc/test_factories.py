@@ -21,6 +21,7 @@ def test_exact_on_a_cpu_warns_only_when_the_scan_is_large():
     cfg = _cfg()
     warning = factories.exact_scan_warning(cfg, big, factories.plan_classifier(cfg, big, 0))
     assert warning and "1,000,000 classes" in warning and "33G multiply-adds" in warning
+    assert "sampler.type=random" in warning and "sampler.exact_device" in warning
     assert factories.exact_scan_warning(cfg, small, factories.plan_classifier(cfg, small, 0)) is None
     annoy = _cfg("annoy")
     assert factories.exact_scan_warning(annoy, big, factories.plan_classifier(annoy, big, 0)) is None
