@@ -23,7 +23,7 @@ import numpy as np
 
 COLOURS = {"full": "black", "annoy": "tab:blue", "hnsw": "tab:green", "exact": "tab:purple", "random": "tab:red",
            "ivf": "tab:orange"}
-STYLES = ("-", "--", ":", "-.")
+STYLES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 3, 2, 3)))
 PANELS = (("val_top1", "held-out top-1 (all classes)"), ("tar", "TAR @ FAR {far:g}, unseen identities"))
 
 
@@ -94,11 +94,12 @@ def plot(paths: str | Path | list[str | Path], out: str | Path, clock: str = "cp
                 style = "-" if c["sampler"] == "full" else STYLES[variants.index(_variant(c["cell"])) % len(STYLES)]
                 colour = COLOURS.get(c["sampler"], "tab:gray")
                 label = f"{c['cell']} ({c['seeds']} seed{'s' if c['seeds'] > 1 else ''})"
-                ax.plot(c["time"], c[key]["median"], style, color=colour, label=label, lw=1.4)
+                ax.plot(c["time"], c[key]["median"], linestyle=style, color=colour, label=label, lw=1.4)
                 ax.fill_between(c["time"], c[key]["min"], c[key]["max"], color=colour, alpha=0.15, lw=0)
             ax.set_title(title.format(far=far))
             ax.set_xlabel("training CPU seconds" if clock == "cpu_s" else "training wall seconds")
-        axes[0].legend(loc="lower right")
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, frameon=False)
         args = data["context"]["args"]
         length = (f"equal CPU budget {args['budget_cpu_s']:g} s" if args.get("budget_cpu_s")
                   else f"{args['steps']} steps")
