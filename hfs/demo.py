@@ -114,7 +114,14 @@ def run_demo(out: Path, sizes: DemoSizes = DemoSizes()) -> dict:
     return {"identities": sizes.identities, "train_images": converted.images - converted.val_images,
             "val_images": converted.val_images, "verify_pairs": sizes.verify_pairs,
             "verify_identities": sizes.verify_identities, "result": result, "verification": accuracy,
+            "negatives": negatives_in_words(cfg.sampler),
             "seconds": time.perf_counter() - t0, "out": out}
+
+
+def negatives_in_words(sampler) -> str:
+    """How the run chose its negatives, for the summary: read from the config it trained with."""
+    ceiling = " under the similarity ceiling" if sampler.ceiling == "positive" else ""
+    return f"{sampler.type} negatives{ceiling}"
 
 
 def print_summary(summary: dict, console=None) -> None:
@@ -128,7 +135,7 @@ def print_summary(summary: dict, console=None) -> None:
                           f"{summary['val_images']} validation images (InsightFace .rec -> hfs convert)")
     table.add_row("model", "tiny CNN, 64-d embedding, ArcFace (s=32, m=0.3)")
     table.add_row("classifier", f"HF-softmax: {r.active_classes} of {r.num_classes} classes per step "
-                                "(annoy hashing forest, in-process weight store)")
+                                f"({summary['negatives']}, in-process weight store)")
     table.add_row("training", f"{r.steps} steps in {r.seconds:.0f} s, last loss {r.loss:.3f}")
     table.add_row("validation top-1", f"{r.val_top1:.1%} (over all {r.num_classes} classes)"
                   if r.val_top1 is not None else "n/a")

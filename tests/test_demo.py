@@ -20,3 +20,12 @@ def test_demo_pipeline_runs_end_to_end(tmp_path, capsys):
     assert (tmp_path / "demo" / "verify_features.npy").is_file()
     print_summary(summary)
     assert "HF-softmax" in capsys.readouterr().out
+    assert summary["negatives"] == "exact negatives under the similarity ceiling"  # what it ran, not a fixed text
+
+
+def test_the_summary_names_the_sampler_the_run_used():
+    from hfs.config import config_from_dict
+    from hfs.demo import negatives_in_words
+
+    assert negatives_in_words(config_from_dict({"sampler": {"type": "annoy", "ceiling": "off"}}).sampler) == \
+        "annoy negatives"
