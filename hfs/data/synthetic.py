@@ -304,8 +304,9 @@ def write_synthetic_rec(out_folder: str | Path, num_classes: int, images_per_cla
     faces = SyntheticFaces(seed, image_size, cluster_size)
     total_bytes = 0
     identities, views, labels = plan.train_items(np.arange(plan.train_size))
-    order = np.argsort(labels, kind="stable")  # the layout keeps a label's images together: a mislabelled
-    identities, views, labels = identities[order], views[order], labels[order]  # image sits with its label's
+    # records sorted by label, as a release lays them out: a mislabelled image sits among its label's images
+    order = np.argsort(labels, kind="stable")
+    identities, views, labels = identities[order], views[order], labels[order]
     with InsightFaceWriter(out / "train.rec", out / "train.idx") as writer:
         for identity, view, label in zip(identities.tolist(), views.tolist(), labels.tolist()):
             data = encode(faces.image(start_class + identity, view))

@@ -319,17 +319,17 @@ class ParamClient(WeightStore):
             unlabelled = np.full(len(asking), -1, dtype=np.int64)
             replies = self._all(dict(header, rows=False), timeout, [asking, unlabelled])
             ids, sims = merge_topk([(m.arrays[0], m.arrays[1]) for m in replies], k)
-            if ids.shape[1] and rule.needs_scorer and stale:
+            if ids.shape[1] and rule.compares_candidates and stale:
                 ids, sims = reranked(ids, self._scorer(name, asking, metric, step)(ids))
             return ids, sims
 
-        scorer = self._scorer(name, features, metric, step)
+        scorer = self._scorer(name, features, metric, step) if rule.needs_scorer else None
         ids, sims, measured = find_candidates(rule, labels, features, num_rows, int(step), search, scorer)
         return rule.select(labels, ids, sims, num_rows, int(step), scorer, measured)
 
     def _scorer(self, name: str, features: np.ndarray, metric: str, step: int):
         """The selection rule's scorer over the shards' rows as step ``step`` sees them (one ``get`` per call)."""
-        from hfs.paramserver.indexing import rows_scorer
+        from hfs.samplers.selection import rows_scorer
 
         return rows_scorer(features, metric, lambda ids: self.get_rows(name, ids, step))
 

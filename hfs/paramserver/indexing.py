@@ -9,7 +9,7 @@ that fails is dropped, not the step that fed it: selection falls back to uniform
 :class:`MatrixIndexes` keeps them; :meth:`MatrixIndexes.search` answers queries' candidates as
 global row ids and :meth:`MatrixIndexes.choose` runs the selection rule's flow over it
 (``find_candidates``, then the rule), with the rule's scorer over the store's current rows
-(:func:`rows_scorer`). It takes no lock: the
+(:func:`~hfs.samplers.selection.rows_scorer`). It takes no lock: the
 store calls it under its own.
 """
 
@@ -26,8 +26,8 @@ import numpy as np
 from hfs.paramserver.base import StoreError
 from hfs.paramserver.matrix import Matrix, as_rows
 from hfs.samplers.owned import IndexSpec, OwnedIndex
-from hfs.samplers.base import normalise_rows
-from hfs.samplers.selection import Scorer, Selection, find_candidates, score_with_rows
+from hfs.samplers.base import empty_answer
+from hfs.samplers.selection import Scorer, Selection, find_candidates, rows_scorer
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +39,6 @@ INDEX_TICK_S = 0.05
 
 #: ``chunks(name, chunk_rows)``: the store's caught-up rows of a matrix, (first local row, copy) each
 ChunkReader = Callable[[str, int], Iterator[tuple[int, np.ndarray]]]
-
-
-def rows_scorer(features: np.ndarray, metric: str, read: Callable[[np.ndarray], np.ndarray]) -> Scorer:
-    """The selection rule's :data:`~hfs.samplers.selection.Scorer`: ``features`` against the current
-    rows ``read(ids)`` returns (one read per call), both normalised under the cosine metric."""
-    queries = normalise_rows(features) if metric == "cosine" else np.asarray(features, dtype=np.float32)
-
-    def rows_of(ids: np.ndarray) -> np.ndarray:
-        values = read(ids)
-        return normalise_rows(values) if metric == "cosine" else values
-
-    return lambda ids: score_with_rows(queries, ids, rows_of)
 
 
 def matrix_scorer(m: Matrix, features: np.ndarray, metric: str) -> Scorer:
@@ -203,9 +191,12 @@ class MatrixIndexes:
         while no index is ready); ``fresh``: similarities under the current rows (``OwnedIndex.answer``)."""
         index = self._indexes.get(m.name)
         if index is None or not index.ready or k == 0:
-            return np.empty((len(features), 0), dtype=np.int64), np.empty((len(features), 0), dtype=np.float32)
-        scorer = matrix_scorer(m, features, index.metric)
-        ids, sims = index.answer(features, k, lambda local: scorer(m.global_ids(local)), fresh=fresh)
+            return empty_answer(len(features), 0)
+        local_scorer = None
+        if fresh:  # re-scoring reads every candidate row: only for a rule that compares them
+            scorer = matrix_scorer(m, features, index.metric)
+            local_scorer = lambda local: scorer(m.global_ids(local))  # noqa: E731
+        ids, sims = index.answer(features, k, local_scorer, fresh=fresh)
         return m.global_ids(ids), sims
 
     def choose(self, m: Matrix, features: np.ndarray, labels: np.ndarray, k: int, step: int, rule) -> Selection:
@@ -216,10 +207,10 @@ class MatrixIndexes:
         metric = index.metric if index is not None else "cosine"
 
         def search(asking: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            return self.search(m, asking, k, fresh=rule.needs_scorer)
+            return self.search(m, asking, k, fresh=rule.compares_candidates)
 
         try:
-            scorer = matrix_scorer(m, features, metric)
+            scorer = matrix_scorer(m, features, metric) if rule.needs_scorer else None
             ids, sims, measured = find_candidates(rule, labels, features, m.num_rows, int(step), search, scorer)
             return rule.select(labels, ids, sims, m.num_rows, int(step), scorer=scorer, measured=measured)
         except ValueError as exc:

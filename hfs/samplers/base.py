@@ -58,7 +58,7 @@ class ClassSampler(ABC):
     default_update_budget: int = 16
     #: True when ``search`` answers similarities under the rows as they are now (an index updated in
     #: place with every changed row, a memory that scores through its holder); False: the holder
-    #: re-scores candidates when the selection rule compares them (``SelectionRule.needs_scorer``).
+    #: re-scores candidates when the selection rule compares them (``SelectionRule.compares_candidates``).
     fresh_scores: bool = False
     #: ``sampler`` config keys that change only how queries run, mapped to the attribute they
     #: set: a built index answers with a new value at once (``hfs bench-sampler --query-sweep``).

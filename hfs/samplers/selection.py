@@ -325,9 +325,15 @@ class SelectionRule:
 
     @property
     def needs_scorer(self) -> bool:
-        """Whether the rule compares candidates or queries with the queries' own classes: its caller must
-        then give candidate similarities under the current rows and a ``scorer`` for the positives."""
-        return self.ceiling != "off" or self.ready_probe > 0
+        """Whether the rule reads the current rows at all (the ceiling, the readiness test): its holder
+        builds a ``scorer`` for it only then."""
+        return self.compares_candidates or self.ready_probe > 0
+
+    @property
+    def compares_candidates(self) -> bool:
+        """Whether the rule compares each candidate with its query's own class (the ceiling): only then
+        must the candidates' similarities be under the current rows (a stale index's re-scored)."""
+        return self.ceiling != "off"
 
     def wants_candidates(self, step: int) -> bool:
         """Whether this step's selection uses the index at all."""
@@ -382,7 +388,7 @@ class SelectionRule:
             ids = scores = None
         labels = _checked_labels(labels, num_classes)
         stats = dict(measured or {})
-        if ids is not None and self.ceiling != "off" and labels.size and self.sample_num < num_classes:
+        if ids is not None and self.compares_candidates and labels.size and self.sample_num < num_classes:
             if scorer is None or scores is None:
                 raise ValueError("a selection rule with a ceiling needs the candidates' similarities and a scorer")
             ids = np.asarray(ids, dtype=np.int64).reshape(labels.size, -1)
@@ -422,6 +428,23 @@ def score_with_rows(queries: np.ndarray, ids: np.ndarray, rows_of: Callable[[np.
         where = np.nonzero(valid)
         out[where] = np.einsum("nd,nd->n", queries[where[0]], rows[inverse])
     return out
+
+
+def rows_scorer(features: np.ndarray, metric: str, read: Callable[[np.ndarray], np.ndarray]) -> Scorer:
+    """The selection rule's :data:`Scorer`: ``features`` against the current rows ``read(ids)``
+    returns (one read per call), both normalised under the cosine metric. Every holder of rows
+    (the store, a client of served shards, the sharded classifier's selector) builds it here."""
+    from hfs.samplers.base import normalise_rows
+
+    cosine = metric == "cosine"
+    features = np.asarray(features, dtype=np.float32)
+    queries = normalise_rows(features) if cosine else features
+
+    def rows_of(ids: np.ndarray) -> np.ndarray:
+        values = np.asarray(read(ids), dtype=np.float32)
+        return normalise_rows(values) if cosine else values
+
+    return lambda ids: score_with_rows(queries, ids, rows_of)
 
 
 def _own_scores(labels: np.ndarray, scorer: Scorer) -> np.ndarray:

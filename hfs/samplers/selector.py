@@ -16,7 +16,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from hfs.samplers.owned import IndexSpec, OwnedIndex
-from hfs.samplers.selection import Selection, SelectionRule, find_candidates
+from hfs.samplers.base import empty_answer
+from hfs.samplers.selection import Selection, SelectionRule, find_candidates, rows_scorer
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,13 @@ class ActiveClassSelector:
 
         ``features`` may be None when ``uses_index`` is False (no index queries them)."""
         rule = self.rule
-        scorer = self._scorer(features)
+        scorer = self._scorer(features) if rule.needs_scorer else None
 
         def search(asking: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             if not (self.uses_index and self.index.ready):
-                return np.empty((len(asking), 0), dtype=np.int64), np.empty((len(asking), 0), dtype=np.float32)
-            return self.index.answer(asking, self.neighbours, self._scorer(asking), fresh=rule.needs_scorer)
+                return empty_answer(len(asking), 0)
+            fresh = rule.compares_candidates
+            return self.index.answer(asking, self.neighbours, self._scorer(asking) if fresh else None, fresh=fresh)
 
         ids, scores, measured = find_candidates(rule, labels, features, self.num_classes, step, search, scorer)
         chosen = rule.select(labels, ids, scores, self.num_classes, step, scorer, measured)
@@ -67,18 +69,7 @@ class ActiveClassSelector:
         """The rule's scorer over the holder's current rows (None when the holder gave no reader)."""
         if self._read_rows is None or features is None:
             return None
-        from hfs.samplers.base import normalise_rows
-        from hfs.samplers.selection import score_with_rows
-
-        cosine = self.index.metric == "cosine"
-        features = np.asarray(features, dtype=np.float32)
-        queries = normalise_rows(features) if cosine else features
-
-        def rows_of(ids: np.ndarray) -> np.ndarray:
-            values = np.asarray(self._read_rows(ids), dtype=np.float32)
-            return normalise_rows(values) if cosine else values
-
-        return lambda ids: score_with_rows(queries, ids, rows_of)
+        return rows_scorer(features, self.index.metric, self._read_rows)
 
     def observe(self, rows: np.ndarray, values: np.ndarray) -> None:
         """Fresh values of rows that changed in the holder (see ``OwnedIndex.rows_changed``)."""

@@ -135,3 +135,14 @@ def test_image_regime_trains_the_cnn_on_rendered_faces(tmp_path):
     assert not np.allclose(verify_a.numpy(), verify_b.numpy())  # two different views
     cache = list((tmp_path / "cache").glob("*.npy"))
     assert len(cache) == 1 and np.load(cache[0], mmap_mode="r").shape[:2] == (36, 3)  # C + U identities, views + 1
+
+
+def test_a_regime_flag_out_of_range_is_named_as_the_flag():
+    from hfs.utils.errors import HfsError
+
+    args = time_to_accuracy.parse_args(["--views", "8", "--min-views", "9"])
+    with pytest.raises(HfsError, match="--min-views must be in \\[0, 8\\]"):
+        time_to_accuracy.label_plan(args)
+    plan = time_to_accuracy.label_plan(time_to_accuracy.parse_args(["--classes", "50", "--views", "4",
+                                                                     "--label-noise", "0.25"]))
+    assert plan.regime.label_noise == 0.25

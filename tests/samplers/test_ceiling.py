@@ -166,3 +166,28 @@ def test_a_query_asks_for_candidates_once_its_class_beats_the_random_ones():
     assert find_candidates(late, LABELS, features, 100, 0, search, scorer)[0] is None and len(searched) == 1
     with pytest.raises(ValueError, match="ready_probe needs a scorer"):
         find_candidates(rule, LABELS, features, 100, 0, search, None)
+
+
+@pytest.mark.parametrize("ceiling, fresh", [("positive", True), ("off", False)])
+def test_only_a_rule_that_compares_candidates_has_them_re_scored(monkeypatch, ceiling, fresh):
+    """Re-scoring a stale index's candidates costs a read of every candidate row: the store asks for it
+    when the ceiling compares them with the query's class, not for the readiness test alone."""
+    from hfs.config import load_config
+    from hfs.samplers import index_spec
+    from hfs.samplers.owned import OwnedIndex
+
+    rows = np.eye(8, dtype=np.float32)[np.arange(40) % 8] + 0.01 * np.arange(40, dtype=np.float32)[:, None]
+    store = _store_with(rows)
+    cfg = load_config(None, ["sampler.type=hnsw", "sampler.background=false"])
+    store.attach_index("fc", index_spec(cfg.sampler, "cosine", seed=0))
+    asked = []
+    answer = OwnedIndex.answer
+
+    def recording(self, features, k, scorer=None, *, fresh=False):
+        asked.append(fresh)
+        return answer(self, features, k, scorer, fresh=fresh)
+
+    monkeypatch.setattr(OwnedIndex, "answer", recording)
+    rule = SelectionRule(10, ceiling=ceiling, ready_probe=2)
+    store.select("fc", rows[:2].copy(), np.array([0, 1]), 0, rule, 4)
+    assert asked and set(asked) == {fresh}
